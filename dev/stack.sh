@@ -1,0 +1,359 @@
+#!/usr/bin/env bash
+# The local stack, with no Docker engine: real Apache Kafka (KRaft, Maven Central jars on the JDK),
+# ClickHouse (Debian's package), MinIO (go install), k6 (go install), and Tally's own services.
+# Everything listens on 127.0.0.1 and keeps its state under .dev/; downloads and builds are cached
+# under $TALLY_CACHE so a second run is fast. Every command is idempotent.
+#
+#   dev/stack.sh install            install whatever is missing
+#   dev/stack.sh infra-up           start kafka, clickhouse, minio (and create topics, bucket)
+#   dev/stack.sh up                 infra-up + build + start services + demo org, key and traffic
+#   dev/stack.sh down | status | clean
+#   dev/stack.sh restart NAME       restart one component (ingest, consumer, query-api, kafka, ...)
+#   dev/stack.sh start|stop NAME    start or stop one component
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEV="$ROOT/.dev"
+TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
+BIN_DIR="$TALLY_CACHE/bin"
+
+KAFKA_VERSION="4.1.1"
+K6_VERSION="v1.8.1"
+# MinIO publishes no semver tags; this is the module version of its 2026-02-12 commit.
+MINIO_VERSION="v0.0.0-20260212201848-7aac2a2c5b7c"
+KAFKA_LIBS="$TALLY_CACHE/kafka-$KAFKA_VERSION-$(sha256sum "$ROOT/dev/kafka/pom.xml" | cut -c1-12)/libs"
+
+KAFKA_BROKERS="127.0.0.1:9092"
+CLICKHOUSE_URL="http://127.0.0.1:8123"
+MINIO_ENDPOINT="http://127.0.0.1:9100"
+MINIO_USER="tally"
+MINIO_PASSWORD="tally-dev-secret"
+MINIO_BUCKET="tally-archive"
+INGEST_ADDR="127.0.0.1:8080"
+QUERY_ADDR="127.0.0.1:8081"
+CONSUMER_ADDR="127.0.0.1:8082"
+EVENTS_TOPIC="tally.events.v1"
+DLQ_TOPIC="tally.events.dlq.v1"
+EVENTS_PARTITIONS=8
+
+log() { printf '\033[1m[stack]\033[0m %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+mkdir -p "$DEV/run" "$DEV/log" "$BIN_DIR"
+
+# ---------------------------------------------------------------- process helpers
+
+pid_of() { local f="$DEV/run/$1.pid"; [[ -f $f ]] && cat "$f" || true; }
+
+is_running() {
+  local pid; pid="$(pid_of "$1")"
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+}
+
+# start_bg NAME CMD...: runs CMD in its own session, stdout/stderr to .dev/log/NAME.log
+start_bg() {
+  local name="$1"; shift
+  setsid nohup "$@" >>"$DEV/log/$name.log" 2>&1 < /dev/null &
+  echo $! >"$DEV/run/$name.pid"
+}
+
+stop_proc() {
+  local name="$1" pid
+  pid="$(pid_of "$name")"
+  if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then rm -f "$DEV/run/$name.pid"; return 0; fi
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then log "$name did not stop in 20 s, killing"; kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -f "$DEV/run/$name.pid"
+}
+
+wait_http() { # wait_http NAME URL SECONDS
+  local name="$1" url="$2" secs="$3"
+  for _ in $(seq 1 $((secs * 5))); do
+    if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then return 0; fi
+    is_running "$name" || { tail -n 30 "$DEV/log/$name.log" >&2 || true; die "$name exited during start-up (log: .dev/log/$name.log)"; }
+    sleep 0.2
+  done
+  tail -n 30 "$DEV/log/$name.log" >&2 || true
+  die "$name not answering at $url after ${secs}s"
+}
+
+wait_port() { # wait_port NAME PORT SECONDS
+  local name="$1" port="$2" secs="$3"
+  for _ in $(seq 1 $((secs * 5))); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    is_running "$name" || { tail -n 30 "$DEV/log/$name.log" >&2 || true; die "$name exited during start-up (log: .dev/log/$name.log)"; }
+    sleep 0.2
+  done
+  die "$name not listening on $port after ${secs}s"
+}
+
+# ---------------------------------------------------------------- installs
+
+install_clickhouse() {
+  command -v clickhouse-server >/dev/null 2>&1 || [[ -x /usr/sbin/clickhouse-server ]] && command -v clickhouse-client >/dev/null 2>&1 && return 0
+  log "installing clickhouse-server and clickhouse-client from Debian"
+  if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q clickhouse-server clickhouse-client >"$DEV/log/apt-clickhouse.log" 2>&1 \
+    || { tail -n 20 "$DEV/log/apt-clickhouse.log" >&2; die "apt-get install clickhouse failed"; }
+}
+
+install_kafka() {
+  [[ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" && -f "$KAFKA_LIBS/kafka-tools-$KAFKA_VERSION.jar" ]] && return 0
+  log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central"
+  mvn -q -B -f "$ROOT/dev/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" dependency:copy-dependencies \
+    -DoutputDirectory="$KAFKA_LIBS" -DincludeScope=runtime >"$DEV/log/mvn-kafka.log" 2>&1 \
+    || { tail -n 30 "$DEV/log/mvn-kafka.log" >&2; die "mvn could not fetch the Kafka jars"; }
+}
+
+go_install() { # go_install BINARY MODULE@VERSION
+  local bin="$1" module="$2" stamp="$BIN_DIR/.$1.version"
+  [[ -x "$BIN_DIR/$bin" && -f $stamp && $(cat "$stamp") == "$module" ]] && return 0
+  log "building $bin with go install $module (first time only, a few minutes)"
+  GOBIN="$BIN_DIR" GOFLAGS="-trimpath" go install "$module" >"$DEV/log/go-install-$bin.log" 2>&1 \
+    || { tail -n 30 "$DEV/log/go-install-$bin.log" >&2; die "go install $module failed"; }
+  echo "$module" >"$stamp"
+}
+
+install_minio() { go_install minio "github.com/minio/minio@$MINIO_VERSION"; }
+install_k6() { go_install k6 "go.k6.io/k6@$K6_VERSION"; }
+
+install_all() {
+  command -v java >/dev/null || die "a JDK (17+) is required"
+  command -v go >/dev/null || die "Go is required (for MinIO and k6)"
+  command -v cargo >/dev/null || die "Rust (rustup) is required"
+  install_clickhouse
+  install_kafka
+  install_minio
+  install_k6
+}
+
+# ---------------------------------------------------------------- components
+
+start_clickhouse() {
+  if is_running clickhouse; then return 0; fi
+  if curl -fsS -o /dev/null --max-time 1 "$CLICKHOUSE_URL/ping" 2>/dev/null; then
+    die "something else already answers on $CLICKHOUSE_URL; stop it first"
+  fi
+  install_clickhouse
+  local dir="$DEV/clickhouse"
+  mkdir -p "$dir/data/tmp" "$dir/data/user_files" "$dir/data/format_schemas"
+  sed -e "s#@DATA@#$dir/data#g" -e "s#@LOG@#$DEV/log#g" "$ROOT/dev/clickhouse/config.xml" >"$dir/config.xml"
+  cp "$ROOT/dev/clickhouse/users.xml" "$dir/users.xml"
+  log "starting clickhouse on 127.0.0.1:8123 (http) and :9000 (native)"
+  local server=clickhouse-server
+  command -v clickhouse-server >/dev/null 2>&1 || server=/usr/sbin/clickhouse-server
+  start_bg clickhouse "$server" --config-file="$dir/config.xml"
+  wait_http clickhouse "$CLICKHOUSE_URL/ping" 60
+}
+
+start_kafka() {
+  if is_running kafka; then return 0; fi
+  install_kafka
+  local dir="$DEV/kafka"
+  mkdir -p "$dir/data"
+  sed -e "s#@DATA@#$dir/data#g" "$ROOT/dev/kafka/server.properties" >"$dir/server.properties"
+  local cp="$KAFKA_LIBS/*"
+  if [[ ! -f "$dir/data/meta.properties" ]]; then
+    local cluster_id
+    cluster_id="$(java -cp "$cp" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)"
+    log "formatting kafka storage (cluster $cluster_id)"
+    java -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.properties" -cp "$cp" kafka.tools.StorageTool format \
+      -t "$cluster_id" -c "$dir/server.properties" >>"$DEV/log/kafka.log" 2>&1 || die "kafka storage format failed"
+  fi
+  log "starting kafka $KAFKA_VERSION (KRaft) on $KAFKA_BROKERS"
+  start_bg kafka java -Xms256m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.properties" -cp "$cp" kafka.Kafka "$dir/server.properties"
+  wait_port kafka 9092 90
+  create_topic "$EVENTS_TOPIC" "$EVENTS_PARTITIONS"
+  create_topic "$DLQ_TOPIC" 2
+}
+
+# create_topic NAME PARTITIONS [BOOTSTRAP]: idempotent
+create_topic() {
+  local topic="$1" partitions="$2" tries
+  for tries in 1 2 3 4 5 6 7 8 9 10; do
+    if java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.properties" \
+        org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --create --if-not-exists \
+        --topic "$topic" --partitions "$partitions" --replication-factor 1 \
+        --config min.insync.replicas=1 >>"$DEV/log/kafka-topics.log" 2>&1; then
+      return 0
+    fi
+    sleep 2
+  done
+  tail -n 20 "$DEV/log/kafka-topics.log" >&2
+  die "could not create topic $topic"
+}
+
+start_minio() {
+  if is_running minio; then return 0; fi
+  install_minio
+  mkdir -p "$DEV/minio/data"
+  log "starting minio on $MINIO_ENDPOINT (console 127.0.0.1:9101)"
+  MINIO_ROOT_USER="$MINIO_USER" MINIO_ROOT_PASSWORD="$MINIO_PASSWORD" MINIO_BROWSER=on \
+    start_bg minio "$BIN_DIR/minio" server "$DEV/minio/data" --address 127.0.0.1:9100 --console-address 127.0.0.1:9101 --quiet
+  wait_http minio "$MINIO_ENDPOINT/minio/health/live" 60
+  # Bucket creation with a SigV4-signed PUT: 200 when created, 409 when it exists already.
+  local code
+  code="$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" \
+    --user "$MINIO_USER:$MINIO_PASSWORD" "$MINIO_ENDPOINT/$MINIO_BUCKET")"
+  [[ $code == 200 || $code == 409 ]] || die "could not create bucket $MINIO_BUCKET (HTTP $code)"
+}
+
+admin_token() {
+  local f="$DEV/admin.token"
+  [[ -s $f ]] || (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$f")
+  cat "$f"
+}
+
+build_services() {
+  log "building the services (cargo build --release, target dir $CARGO_TARGET_DIR)"
+  (cd "$ROOT" && cargo build --release --locked --bins -q) || die "cargo build failed"
+}
+
+service_env() { # the TALLY_* configuration every service gets on the local stack
+  echo "TALLY_KAFKA_BROKERS=$KAFKA_BROKERS"
+  echo "TALLY_CLICKHOUSE_URL=$CLICKHOUSE_URL"
+  echo "TALLY_CLICKHOUSE_DATABASE=${TALLY_CLICKHOUSE_DATABASE:-tally}"
+  echo "TALLY_EVENTS_TOPIC=$EVENTS_TOPIC"
+  echo "TALLY_DLQ_TOPIC=$DLQ_TOPIC"
+  echo "TALLY_ADMIN_TOKEN=$(admin_token)"
+  echo "TALLY_LOG_FORMAT=json"
+}
+
+start_service() { # start_service NAME BINARY ADDR
+  local name="$1" binary="$2" addr="$3"
+  if is_running "$name"; then return 0; fi
+  local exe="$CARGO_TARGET_DIR/release/$binary"
+  [[ -x $exe ]] || build_services
+  log "starting $name on $addr"
+  # shellcheck disable=SC2046
+  start_bg "$name" env $(service_env) TALLY_LISTEN_ADDR="$addr" "$exe"
+  wait_http "$name" "http://$addr/healthz" 30
+}
+
+start_one() {
+  case "$1" in
+    clickhouse) start_clickhouse ;;
+    kafka) start_kafka ;;
+    minio) start_minio ;;
+    ingest) start_service ingest tally-ingest "$INGEST_ADDR" ;;
+    consumer) start_service consumer tally-consumer "$CONSUMER_ADDR" ;;
+    query-api) start_service query-api tally-query-api "$QUERY_ADDR" ;;
+    *) die "unknown component $1 (clickhouse kafka minio ingest consumer query-api)" ;;
+  esac
+}
+
+SERVICES=(query-api consumer ingest)
+INFRA=(clickhouse kafka minio)
+
+infra_up() {
+  install_all
+  start_clickhouse
+  start_kafka
+  start_minio
+}
+
+write_demo_env() {
+  local key="$1"
+  cat >"$DEV/demo.env" <<EOF
+TALLY_INGEST_URL=http://$INGEST_ADDR
+TALLY_QUERY_URL=http://$QUERY_ADDR
+TALLY_DEMO_API_KEY=$key
+TALLY_ADMIN_TOKEN=$(admin_token)
+TALLY_CLICKHOUSE_URL=$CLICKHOUSE_URL
+TALLY_KAFKA_BROKERS=$KAFKA_BROKERS
+TALLY_S3_ENDPOINT=$MINIO_ENDPOINT
+TALLY_S3_BUCKET=$MINIO_BUCKET
+EOF
+  chmod 600 "$DEV/demo.env"
+}
+
+demo_org() {
+  local key=""
+  if [[ -f "$DEV/demo.env" ]]; then
+    key="$(sed -n 's/^TALLY_DEMO_API_KEY=//p' "$DEV/demo.env")"
+    if [[ -n $key ]] && curl -fsS -o /dev/null -H "X-API-Key: $key" "http://$QUERY_ADDR/api/telemetry/status"; then
+      write_demo_env "$key"; return 0
+    fi
+  fi
+  log "creating the demo org and its API key"
+  local body
+  body="$(curl -fsS -X POST -H "Authorization: Bearer $(admin_token)" -H 'Content-Type: application/json' \
+    -d '{"name":"demo","plan":"ENTERPRISE"}' "http://$QUERY_ADDR/admin/orgs")" || die "POST /admin/orgs failed"
+  key="$(sed -n 's/.*"apiKey":"\([^"]*\)".*/\1/p' <<<"$body")"
+  [[ -n $key ]] || die "POST /admin/orgs returned no apiKey: $body"
+  write_demo_env "$key"
+}
+
+demo_traffic() {
+  local key; key="$(sed -n 's/^TALLY_DEMO_API_KEY=//p' "$DEV/demo.env")"
+  # The ingest refreshes its key set in the background; wait until it knows the demo key.
+  for _ in $(seq 1 50); do
+    local code
+    code="$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $key" -H 'Content-Type: application/json' \
+      -d '{"events":[]}' "http://$INGEST_ADDR/v1/ingest")"
+    [[ $code != 401 ]] && break
+    sleep 0.2
+  done
+  log "sending demo traffic with k6 (loadtest/k6/demo.js)"
+  TALLY_INGEST_URL="http://$INGEST_ADDR" TALLY_API_KEY="$key" "$BIN_DIR/k6" run --quiet --no-usage-report \
+    "$ROOT/loadtest/k6/demo.js" >"$DEV/log/k6-demo.log" 2>&1 || { tail -n 30 "$DEV/log/k6-demo.log" >&2; die "demo traffic failed"; }
+}
+
+up() {
+  infra_up
+  build_services
+  for s in "${SERVICES[@]}"; do start_one "$s"; done
+  demo_org
+  demo_traffic
+  local key; key="$(sed -n 's/^TALLY_DEMO_API_KEY=//p' "$DEV/demo.env")"
+  cat <<EOF
+
+Tally is up.
+  ingest      http://$INGEST_ADDR   (POST /v1/ingest, POST /analytics/events)
+  query-api   http://$QUERY_ADDR   (GET /api/telemetry/status, /api/costs/summary, admin /admin/orgs)
+  consumer    http://$CONSUMER_ADDR   (/metrics, /readyz)
+  clickhouse  $CLICKHOUSE_URL   (database tally; clickhouse-client --port 9000; read-only user analyst/analyst)
+  kafka       $KAFKA_BROKERS   (topics $EVENTS_TOPIC, $DLQ_TOPIC)
+  minio (S3)  $MINIO_ENDPOINT   (bucket $MINIO_BUCKET, user $MINIO_USER; console http://127.0.0.1:9101)
+  logs        .dev/log/      pids .dev/run/      settings .dev/demo.env
+
+Try:
+  source .dev/demo.env
+  curl -s -H "X-API-Key: \$TALLY_DEMO_API_KEY" \$TALLY_QUERY_URL/api/telemetry/status
+EOF
+}
+
+down() {
+  for s in "${SERVICES[@]}"; do stop_proc "$s"; done
+  for s in minio kafka clickhouse; do stop_proc "$s"; done
+}
+
+status() {
+  local name pid
+  for name in "${INFRA[@]}" "${SERVICES[@]}"; do
+    pid="$(pid_of "$name")"
+    if is_running "$name"; then printf '%-11s running  pid %s\n' "$name" "$pid"; else printf '%-11s stopped\n' "$name"; fi
+  done
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  install) install_all ;;
+  infra-up) infra_up ;;
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  build) build_services ;;
+  start) start_one "${1:?component}" ;;
+  stop) stop_proc "${1:?component}" ;;
+  restart) stop_proc "${1:?component}"; [[ ${1} == ingest || ${1} == consumer || ${1} == query-api ]] && build_services; start_one "$1" ;;
+  clean) down; rm -rf "$DEV"; log "removed .dev/" ;;
+  env) service_env ;;
+  create-topic) create_topic "${1:?topic}" "${2:-4}" ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,12 @@
+//! Tally's shared contracts: the normalized usage event and its validation bounds, the parsers of
+//! the two SDK dialects, the Kafka record formats, pricing, API key hashing and the ClickHouse schema.
+
+pub mod event;
+pub mod keys;
+pub mod limits;
+pub mod migrations;
+pub mod parse;
+pub mod pricing;
+pub mod record;
+
+pub use event::{CostSource, Event, Status};
