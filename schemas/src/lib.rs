@@ -6,6 +6,7 @@ pub mod keys;
 pub mod limits;
 pub mod migrations;
 pub mod parse;
+pub mod plan;
 pub mod pricing;
 pub mod record;
 

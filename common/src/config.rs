@@ -1,0 +1,88 @@
+//! Typed configuration from an environment map. Binaries pass the process environment once at
+//! start; tests pass their own map. Nothing else reads the environment.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key} is required")]
+    Missing { key: String },
+    #[error("{key}={value:?} is invalid: {reason}")]
+    Invalid { key: String, value: String, reason: String },
+}
+
+/// An immutable view of `TALLY_*` settings.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    values: HashMap<String, String>,
+}
+
+impl Env {
+    /// The process environment; call once, in `main`.
+    pub fn from_process() -> Self {
+        Env { values: std::env::vars().filter(|(k, _)| k.starts_with("TALLY_")).collect() }
+    }
+
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Env { values: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
+    }
+
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.values.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn string(&self, key: &str, default: &str) -> String {
+        self.values.get(key).cloned().unwrap_or_else(|| default.to_owned())
+    }
+
+    pub fn optional(&self, key: &str) -> Option<String> {
+        self.values.get(key).filter(|v| !v.is_empty()).cloned()
+    }
+
+    pub fn required(&self, key: &str) -> Result<String, ConfigError> {
+        self.optional(key).ok_or_else(|| ConfigError::Missing { key: key.to_owned() })
+    }
+
+    pub fn parse<T>(&self, key: &str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(value) => value.parse().map_err(|e: T::Err| ConfigError::Invalid {
+                key: key.to_owned(),
+                value: value.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// A duration given in milliseconds.
+    pub fn millis(&self, key: &str, default_ms: u64) -> Result<std::time::Duration, ConfigError> {
+        Ok(std::time::Duration::from_millis(self.parse(key, default_ms)?))
+    }
+}
+
+/// Settings every service shares.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    pub listen_addr: std::net::SocketAddr,
+    pub clickhouse: crate::ch::ChConfig,
+    pub log_format: crate::telemetry::LogFormat,
+    /// How long graceful shutdown may take before the process exits anyway.
+    pub shutdown_timeout: std::time::Duration,
+}
+
+impl CommonConfig {
+    pub fn from_env(env: &Env, default_addr: &str) -> Result<Self, ConfigError> {
+        Ok(CommonConfig {
+            listen_addr: env.parse("TALLY_LISTEN_ADDR", default_addr.parse().expect("default address parses"))?,
+            clickhouse: crate::ch::ChConfig::from_env(env)?,
+            log_format: env.parse("TALLY_LOG_FORMAT", crate::telemetry::LogFormat::Text)?,
+            shutdown_timeout: env.millis("TALLY_SHUTDOWN_TIMEOUT_MS", 30_000)?,
+        })
+    }
+}

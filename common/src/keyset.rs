@@ -1,0 +1,149 @@
+//! The active API keys, held in memory and refreshed from ClickHouse in the background, so
+//! authenticating a request costs a SHA-256 and a hash-map lookup, never a round trip. A revoked
+//! key disappears at the next refresh (every few seconds; the bound is the refresh interval).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use clickhouse::Row;
+use serde::Deserialize;
+use tally_schemas::keys;
+use tally_schemas::plan::Plan;
+use tokio_util::sync::CancellationToken;
+
+use crate::ch::ChConfig;
+
+/// What a valid key tells about its org.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgInfo {
+    pub org_id: Arc<str>,
+    pub name: String,
+    pub plan: Plan,
+    /// Events per minute, the org's override or its plan's default.
+    pub events_per_minute: u32,
+    /// Burst in events; 0 means "same as the per-minute limit".
+    pub burst: u32,
+}
+
+#[derive(Row, Deserialize)]
+struct KeyRow {
+    key_hash: String,
+    owner: String,
+    is_revoked: u8,
+}
+
+#[derive(Row, Deserialize)]
+struct OrgRow {
+    org_id: String,
+    org_name: String,
+    org_plan: String,
+    org_limit: u32,
+    org_burst: u32,
+    is_deleted: u8,
+}
+
+/// The latest version of every org that is not deleted.
+pub async fn load_orgs(config: &ChConfig) -> Result<Vec<OrgInfo>, clickhouse::error::Error> {
+    let sql = format!(
+        "SELECT org_id, argMax(name, version) AS org_name, toString(argMax(plan, version)) AS org_plan, \
+         argMax(rate_limit_per_min, version) AS org_limit, argMax(rate_limit_burst, version) AS org_burst, \
+         argMax(deleted, version) AS is_deleted FROM {} GROUP BY org_id ORDER BY org_id",
+        config.table("orgs")
+    );
+    let rows: Vec<OrgRow> = config.client().query(&sql).fetch_all().await?;
+    Ok(rows
+        .into_iter()
+        .filter(|row| row.is_deleted == 0)
+        .map(|row| {
+            let plan = row.org_plan.parse().unwrap_or(Plan::Free);
+            OrgInfo {
+                org_id: Arc::from(row.org_id),
+                name: row.org_name,
+                plan,
+                events_per_minute: if row.org_limit > 0 { row.org_limit } else { plan.default_events_per_minute() },
+                burst: row.org_burst,
+            }
+        })
+        .collect())
+}
+
+#[derive(Debug, Default)]
+pub struct KeySet {
+    by_hash: RwLock<Arc<HashMap<String, OrgInfo>>>,
+    loaded: AtomicBool,
+}
+
+impl KeySet {
+    pub fn new() -> Arc<Self> {
+        Arc::new(KeySet::default())
+    }
+
+    /// The org of a presented key, if the key is active.
+    pub fn lookup(&self, presented: &str) -> Option<OrgInfo> {
+        if !keys::looks_valid(presented) {
+            return None;
+        }
+        let hash = keys::hash(presented);
+        let map = Arc::clone(&self.by_hash.read().unwrap_or_else(|e| e.into_inner()));
+        map.get(&hash).cloned()
+    }
+
+    /// Has at least one refresh succeeded? Until then every key is unknown.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reloads every active key with its org; returns how many there are.
+    pub async fn refresh(&self, config: &ChConfig) -> Result<usize, clickhouse::error::Error> {
+        let orgs: HashMap<Arc<str>, OrgInfo> =
+            load_orgs(config).await?.into_iter().map(|org| (Arc::clone(&org.org_id), org)).collect();
+        let sql = format!(
+            "SELECT key_hash, argMax(org_id, version) AS owner, argMax(revoked, version) AS is_revoked FROM {} GROUP BY key_hash",
+            config.table("api_keys")
+        );
+        let rows: Vec<KeyRow> = config.client().query(&sql).fetch_all().await?;
+        let map: HashMap<String, OrgInfo> = rows
+            .into_iter()
+            .filter(|row| row.is_revoked == 0)
+            .filter_map(|row| orgs.get(row.owner.as_str()).map(|org| (row.key_hash, org.clone())))
+            .collect();
+        let count = map.len();
+        *self.by_hash.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+        self.loaded.store(true, Ordering::Release);
+        Ok(count)
+    }
+
+    /// Refreshes every `interval` until `shutdown`; failures keep the last good set and are logged.
+    pub fn spawn_refresher(
+        self: &Arc<Self>,
+        config: ChConfig,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let keyset = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                match keyset.refresh(&config).await {
+                    Ok(count) => tracing::debug!(keys = count, "refreshed api keys"),
+                    Err(error) => tracing::warn!(error = %error, "api key refresh failed, keeping the previous set"),
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! Applies the schema migrations of `tally_schemas::migrations` to a database, recording each in
+//! `schema_migrations`. Safe to run from several processes at once: ClickHouse has no
+//! transactions, so a runner takes a lock by creating the table `schema_migrations_lock` (creation
+//! fails for everyone but one), and every statement is idempotent (`IF NOT EXISTS`, seeds into
+//! ReplacingMergeTree), so even a lock broken after a crash cannot corrupt the schema.
+
+use std::time::{Duration, Instant};
+
+use clickhouse::Row;
+use serde::Deserialize;
+use tally_schemas::migrations::{Migration, MIGRATIONS};
+
+use crate::ch::{error_code, ChConfig, CODE_TABLE_ALREADY_EXISTS};
+
+/// A lock older than this is considered left behind by a crashed runner and broken.
+const STALE_LOCK_AFTER_S: u32 = 120;
+const LOCK_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} != {current})")]
+    Changed { version: u32, name: &'static str, applied: String, current: String },
+    #[error("migration {version} ({name}) failed on statement {statement}: {source}")]
+    Statement { version: u32, name: &'static str, statement: usize, source: clickhouse::error::Error },
+    #[error("timed out after {0:?} waiting for the migration lock")]
+    LockTimeout(Duration),
+}
+
+#[derive(Row, Deserialize)]
+struct Applied {
+    version: u32,
+    checksum: String,
+}
+
+/// Applies what is missing and returns the versions this call applied.
+pub async fn migrate(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
+    let client = config.client();
+    let db = &config.database;
+    client.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
+    acquire_lock(config).await?;
+    let result = apply_missing(config).await;
+    let released = client.query(&format!("DROP TABLE IF EXISTS {db}.schema_migrations_lock")).execute().await;
+    let applied = result?;
+    released?;
+    Ok(applied)
+}
+
+async fn acquire_lock(config: &ChConfig) -> Result<(), MigrateError> {
+    let client = config.client();
+    let db = &config.database;
+    let started = Instant::now();
+    loop {
+        let create = format!("CREATE TABLE {db}.schema_migrations_lock (owner String) ENGINE = Log");
+        match client.query(&create).execute().await {
+            Ok(()) => return Ok(()),
+            Err(e) if error_code(&e) == Some(CODE_TABLE_ALREADY_EXISTS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let age: Option<u32> = client
+            .query("SELECT toUInt32(now() - metadata_modification_time) FROM system.tables WHERE database = ? AND name = 'schema_migrations_lock'")
+            .bind(db.as_str())
+            .fetch_optional()
+            .await?;
+        if age.is_some_and(|seconds| seconds > STALE_LOCK_AFTER_S) {
+            tracing::warn!(database = %db, "breaking a stale migration lock");
+            client.query(&format!("DROP TABLE IF EXISTS {db}.schema_migrations_lock")).execute().await?;
+            continue;
+        }
+        if started.elapsed() > LOCK_WAIT {
+            return Err(MigrateError::LockTimeout(LOCK_WAIT));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn apply_missing(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
+    let client = config.client();
+    let db = &config.database;
+    client
+        .query(&format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, checksum String, applied_at DateTime('UTC')) ENGINE = MergeTree() ORDER BY version"
+        ))
+        .execute()
+        .await?;
+    let applied: Vec<Applied> =
+        client.query(&format!("SELECT version, checksum FROM {db}.schema_migrations")).fetch_all().await?;
+    let mut newly_applied = Vec::new();
+    for migration in MIGRATIONS {
+        let current = migration.checksum();
+        let mut records = applied.iter().filter(|a| a.version == migration.version).peekable();
+        if records.peek().is_some() {
+            if let Some(changed) = records.find(|a| a.checksum != current) {
+                return Err(MigrateError::Changed {
+                    version: migration.version,
+                    name: migration.name,
+                    applied: changed.checksum.clone(),
+                    current,
+                });
+            }
+            continue;
+        }
+        apply(config, migration).await?;
+        newly_applied.push(migration.version);
+    }
+    Ok(newly_applied)
+}
+
+async fn apply(config: &ChConfig, migration: &Migration) -> Result<(), MigrateError> {
+    let client = config.client();
+    for (index, statement) in migration.statements(&config.database).iter().enumerate() {
+        client.query_raw(statement).execute().await.map_err(|source| MigrateError::Statement {
+            version: migration.version,
+            name: migration.name,
+            statement: index + 1,
+            source,
+        })?;
+    }
+    let record = format!(
+        "INSERT INTO {}.schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, now())",
+        config.database
+    );
+    client.query(&record).bind(migration.version).bind(migration.name).bind(migration.checksum()).execute().await?;
+    tracing::info!(version = migration.version, name = migration.name, database = %config.database, "applied migration");
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Migrations and the API key set against the real ClickHouse of the local stack.
+
+use clickhouse::Row;
+use serde::Deserialize;
+use tally_common::keyset::KeySet;
+use tally_common::migrate::migrate;
+use tally_common::testing::{drop_database, migrated_database, new_database_config};
+use tally_schemas::keys;
+use tally_schemas::migrations::MIGRATIONS;
+
+#[derive(Row, Deserialize)]
+struct Count {
+    n: u64,
+}
+
+#[tokio::test]
+async fn migrations_run_concurrently_and_only_once() {
+    let config = new_database_config("mig");
+    let (a, b, c) = tokio::join!(migrate(&config), migrate(&config), migrate(&config));
+    let mut applied: Vec<u32> = [a.unwrap(), b.unwrap(), c.unwrap()].concat();
+    applied.sort_unstable();
+    let expected: Vec<u32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(applied, expected, "each migration applied by exactly one runner");
+    assert!(migrate(&config).await.unwrap().is_empty(), "a later run applies nothing");
+
+    let client = config.client();
+    let recorded: Count =
+        client.query(&format!("SELECT count() AS n FROM {}", config.table("schema_migrations"))).fetch_one().await.unwrap();
+    assert_eq!(recorded.n, MIGRATIONS.len() as u64);
+    let prices: Count = client
+        .query(&format!("SELECT count() AS n FROM {} FINAL", config.table("model_prices")))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(prices.n, 13, "seed 000's price table");
+    let lock: Count = client
+        .query("SELECT count() AS n FROM system.tables WHERE database = ? AND name = 'schema_migrations_lock'")
+        .bind(config.database.as_str())
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(lock.n, 0, "the lock is released");
+    drop_database(&config).await;
+}
+
+#[tokio::test]
+async fn changed_migration_is_refused() {
+    let config = migrated_database("chk").await;
+    config
+        .client()
+        .query(&format!("INSERT INTO {} (version, name, checksum) VALUES (3, 'admin', 'tampered')", config.table("schema_migrations")))
+        .execute()
+        .await
+        .unwrap();
+    let error = migrate(&config).await.unwrap_err().to_string();
+    assert!(error.contains("was changed after it was applied"), "{error}");
+    drop_database(&config).await;
+}
+
+async fn insert_org(config: &tally_common::ch::ChConfig, org: &str, plan: &str, limit: u32, deleted: u8, version: u64) {
+    config
+        .client()
+        .query(&format!(
+            "INSERT INTO {} (org_id, name, plan, rate_limit_per_min, rate_limit_burst, created_at, deleted, version) VALUES (?, ?, ?, ?, 0, now(), ?, ?)",
+            config.table("orgs")
+        ))
+        .bind(org)
+        .bind(format!("{org} inc"))
+        .bind(plan)
+        .bind(limit)
+        .bind(deleted)
+        .bind(version)
+        .execute()
+        .await
+        .unwrap();
+}
+
+async fn insert_key(config: &tally_common::ch::ChConfig, key: &keys::NewKey, org: &str, revoked: u8, version: u64) {
+    config
+        .client()
+        .query(&format!(
+            "INSERT INTO {} (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES (?, ?, ?, 'k', now(), ?, ?)",
+            config.table("api_keys")
+        ))
+        .bind(&key.hash)
+        .bind(&key.display_prefix)
+        .bind(org)
+        .bind(revoked)
+        .bind(version)
+        .execute()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn keyset_follows_orgs_keys_and_revocations() {
+    let config = migrated_database("keys").await;
+    let (a, b, gone) = (keys::generate(), keys::generate(), keys::generate());
+    insert_org(&config, "org-a", "STARTUP", 0, 0, 1).await;
+    insert_org(&config, "org-b", "FREE", 0, 0, 1).await;
+    insert_org(&config, "org-b", "ENTERPRISE", 5000, 0, 2).await; // an update: latest version wins
+    insert_org(&config, "org-gone", "FREE", 0, 1, 1).await;
+    insert_key(&config, &a, "org-a", 0, 1).await;
+    insert_key(&config, &b, "org-b", 0, 1).await;
+    insert_key(&config, &gone, "org-gone", 0, 1).await;
+
+    let keyset = KeySet::new();
+    assert!(!keyset.is_loaded());
+    assert_eq!(keyset.refresh(&config).await.unwrap(), 2);
+    let org_a = keyset.lookup(&a.secret).expect("key a is active");
+    assert_eq!((&*org_a.org_id, org_a.events_per_minute), ("org-a", 1000));
+    let org_b = keyset.lookup(&b.secret).expect("key b is active");
+    assert_eq!((org_b.plan.as_str(), org_b.events_per_minute), ("ENTERPRISE", 5000));
+    assert!(keyset.lookup(&gone.secret).is_none(), "a deleted org's keys do not authenticate");
+    assert!(keyset.lookup(&keys::generate().secret).is_none());
+    assert!(keyset.lookup("garbage").is_none());
+
+    insert_key(&config, &a, "org-a", 1, 2).await; // revoke
+    keyset.refresh(&config).await.unwrap();
+    assert!(keyset.lookup(&a.secret).is_none(), "revoked at the next refresh");
+    assert!(keyset.lookup(&b.secret).is_some());
+    drop_database(&config).await;
+}
