@@ -1,0 +1,311 @@
+//! The consumer: Kafka `tally.events.v1` → ClickHouse `tally.events`. It reads a batch (rows or
+//! time bound), inserts it as one INSERT, and commits the offsets only after ClickHouse confirmed;
+//! a failure in between means the batch is read again, never skipped. Records that cannot be
+//! decoded, or whose rows ClickHouse refuses permanently, go to the dead-letter topic.
+
+pub mod config;
+pub mod metrics;
+pub mod row;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use prometheus::Registry;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tally_common::ch::{self, ChConfig};
+use tally_common::server::{self, OpsState, Readiness};
+use tally_schemas::record::{decode_events, DeadLetter, SourcePosition, Stage};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConsumerConfig;
+use crate::metrics::ConsumerMetrics;
+use crate::row::EventRow;
+
+/// One Kafka record of the batch, decoded (or not).
+struct Pending {
+    partition: i32,
+    offset: i64,
+    original: Vec<u8>,
+    decoded: Result<Vec<EventRow>, String>,
+}
+
+/// ClickHouse error codes that mean "these rows will never be accepted": retrying cannot help, so
+/// the records are isolated and dead-lettered. Everything else (network, timeouts, too many
+/// parts, memory) is transient and retried without committing.
+const PERMANENT_CODES: &[u32] = &[6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 130, 131];
+
+fn is_permanent(error: &clickhouse::error::Error) -> bool {
+    ch::error_code(error).is_some_and(|code| PERMANENT_CODES.contains(&code))
+}
+
+struct Worker {
+    config: ConsumerConfig,
+    consumer: StreamConsumer,
+    dlq: FutureProducer,
+    clickhouse: clickhouse::Client,
+    table: String,
+    metrics: ConsumerMetrics,
+}
+
+impl Worker {
+    async fn collect_batch(&self, shutdown: &CancellationToken) -> Vec<Pending> {
+        let mut batch = Vec::new();
+        let mut rows = 0usize;
+        let mut deadline: Option<Instant> = None;
+        while rows < self.config.batch_max_rows {
+            let wait = deadline.map_or(Duration::from_millis(200), |d| d.saturating_duration_since(Instant::now()));
+            if deadline.is_some() && wait.is_zero() {
+                break;
+            }
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                received = tokio::time::timeout(wait, self.consumer.recv()) => received,
+            };
+            let message = match message {
+                Err(_elapsed) if batch.is_empty() => continue,
+                Err(_elapsed) => break,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, "kafka receive failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Ok(Ok(message)) => message,
+            };
+            deadline.get_or_insert_with(|| Instant::now() + self.config.batch_max_wait);
+            let (partition, offset) = (message.partition(), message.offset());
+            let original = message.payload().unwrap_or_default().to_vec();
+            let decoded = decode_events(&original)
+                .map(|events| {
+                    events
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, event)| EventRow::new(event, partition, offset, index as u32))
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|error| error.to_string());
+            if let Ok(decoded_rows) = &decoded {
+                rows += decoded_rows.len();
+            }
+            batch.push(Pending { partition, offset, original, decoded });
+        }
+        batch
+    }
+
+    async fn insert(&self, rows: &[&EventRow]) -> Result<(), clickhouse::error::Error> {
+        let started = Instant::now();
+        // One INSERT statement; max_insert_block_size above the batch bound keeps it one block.
+        let mut insert = self
+            .clickhouse
+            .insert_unescaped::<EventRow>(&self.table)
+            .await?
+            .with_setting("max_insert_block_size", "1048576");
+        for row in rows {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        self.metrics.insert_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn dead_letter(&self, pending: &Pending, reason: &str, detail: String) {
+        let letter = DeadLetter {
+            stage: Stage::Consume,
+            reason: reason.to_owned(),
+            detail,
+            org_id: String::new(),
+            request_id: String::new(),
+            index: None,
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            source: Some(SourcePosition {
+                topic: self.config.events_topic.clone(),
+                partition: pending.partition,
+                offset: pending.offset,
+            }),
+            original: None,
+            original_hex: None,
+        }
+        .with_original(&pending.original);
+        let payload = serde_json::to_vec(&letter).unwrap_or_default();
+        // Never commit past a record whose dead letter is not durable: retry until it is.
+        loop {
+            let record = FutureRecord::<(), _>::to(&self.config.dlq_topic).payload(&payload);
+            match self.dlq.send(record, Timeout::After(Duration::from_secs(10))).await {
+                Ok(_) => break,
+                Err((error, _)) => {
+                    tracing::warn!(error = %error, "dead letter produce failed, retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.metrics.dead_letters.with_label_values(&[reason]).inc();
+    }
+
+    /// Stores a batch: one insert, or, when ClickHouse refuses it permanently, one insert per record
+    /// so the bad records can be dead-lettered and the rest stored. Returns false on shutdown.
+    async fn store(&self, batch: &[Pending], shutdown: &CancellationToken) -> bool {
+        for pending in batch {
+            if let Err(detail) = &pending.decoded {
+                self.dead_letter(pending, "undecodable_record", detail.clone()).await;
+            }
+        }
+        let good: Vec<&Pending> = batch.iter().filter(|p| p.decoded.is_ok()).collect();
+        let rows: Vec<&EventRow> = good.iter().flat_map(|p| p.decoded.as_ref().map(|r| r.iter()).into_iter().flatten()).collect();
+        if rows.is_empty() {
+            return true;
+        }
+        match self.insert_with_retry(&rows, shutdown).await {
+            Some(Ok(())) => {}
+            None => return false,
+            Some(Err(error)) => {
+                tracing::warn!(error = %error, records = good.len(), "batch refused permanently, isolating records");
+                for pending in good {
+                    let record_rows: Vec<&EventRow> = pending.decoded.as_ref().map(|r| r.iter().collect()).unwrap_or_default();
+                    match self.insert_with_retry(&record_rows, shutdown).await {
+                        Some(Ok(())) => {}
+                        None => return false,
+                        Some(Err(error)) => self.dead_letter(pending, "rejected_by_clickhouse", error.to_string()).await,
+                    }
+                }
+            }
+        }
+        self.metrics.rows_inserted.inc_by(rows.len() as u64);
+        self.metrics.batch_rows.observe(rows.len() as f64);
+        true
+    }
+
+    /// Retries transient failures with capped exponential backoff. `None` on shutdown.
+    async fn insert_with_retry(
+        &self,
+        rows: &[&EventRow],
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(), clickhouse::error::Error>> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.insert(rows).await {
+                Ok(()) => return Some(Ok(())),
+                Err(error) if is_permanent(&error) => return Some(Err(error)),
+                Err(error) => {
+                    self.metrics.insert_retries.inc();
+                    tracing::warn!(error = %error, backoff_ms = backoff.as_millis() as u64, "insert failed, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn commit(&self, batch: &[Pending]) -> Result<(), rdkafka::error::KafkaError> {
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        for pending in batch {
+            let entry = next.entry(pending.partition).or_insert(0);
+            *entry = (*entry).max(pending.offset + 1);
+        }
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in next {
+            list.add_partition_offset(&self.config.events_topic, partition, Offset::Offset(offset))?;
+        }
+        self.consumer.commit(&list, CommitMode::Sync)
+    }
+
+    async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let batch = self.collect_batch(&shutdown).await;
+            if batch.is_empty() {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if !self.store(&batch, &shutdown).await {
+                tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
+                return Ok(());
+            }
+            // A failed commit is safe to leave: the batch is re-read (issue: exactly-once recovery).
+            if let Err(error) = self.commit(&batch) {
+                tracing::warn!(error = %error, "offset commit failed");
+            }
+            self.metrics.batches.inc();
+        }
+    }
+}
+
+struct ConsumerReadiness {
+    clickhouse: clickhouse::Client,
+}
+
+impl Readiness for ConsumerReadiness {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if ch::ping(&self.clickhouse).await {
+                Ok(())
+            } else {
+                Err("clickhouse unreachable".into())
+            }
+        })
+    }
+}
+
+fn kafka_consumer(config: &ConsumerConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000")
+        .set("fetch.max.bytes", "52428800")
+        .create()
+}
+
+fn dlq_producer(config: &ConsumerConfig) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "lz4")
+        .create()
+}
+
+/// Runs the consumer until `shutdown`, serving `/healthz`, `/readyz`, `/metrics` on `listener`.
+/// On shutdown the batch in hand is inserted and committed before returning.
+pub async fn run(config: ConsumerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let clickhouse_config: ChConfig = config.common.clickhouse.clone();
+    if config.migrate {
+        tally_common::migrate::migrate(&clickhouse_config).await?;
+    }
+    let registry = Registry::new();
+    let metrics = ConsumerMetrics::register(&registry)?;
+    let consumer = kafka_consumer(&config)?;
+    consumer.subscribe(&[&config.events_topic])?;
+    let worker = Worker {
+        dlq: dlq_producer(&config)?,
+        clickhouse: clickhouse_config.client(),
+        table: clickhouse_config.table("events"),
+        consumer,
+        metrics,
+        config,
+    };
+    let ops = OpsState {
+        registry,
+        readiness: Arc::new(ConsumerReadiness { clickhouse: clickhouse_config.client() }),
+        shutdown: shutdown.clone(),
+    };
+    let http_shutdown = CancellationToken::new();
+    let http = tokio::spawn(server::serve(listener, server::ops_routes(ops), http_shutdown.clone()));
+    tracing::info!(topic = %worker.config.events_topic, group = %worker.config.group_id, "consumer started");
+    let result = worker.run(shutdown).await;
+    http_shutdown.cancel();
+    let _ = http.await;
+    result
+}

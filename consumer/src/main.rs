@@ -1,1 +1,17 @@
-fn main() {}
+//! `tally-consumer`: load configuration, set up logging, run until SIGINT/SIGTERM.
+
+use anyhow::Context;
+use tally_common::config::Env;
+use tally_consumer::config::ConsumerConfig;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let env = Env::from_process();
+    let config = ConsumerConfig::from_env(&env).context("invalid configuration")?;
+    tally_common::telemetry::init(config.common.log_format, env.optional("TALLY_LOG").as_deref());
+    let listener = tokio::net::TcpListener::bind(config.common.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.common.listen_addr))?;
+    let shutdown = tally_common::server::shutdown_on_signal();
+    tally_consumer::run(config, listener, shutdown).await
+}

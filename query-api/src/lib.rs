@@ -1,0 +1,86 @@
+//! The query API: org-scoped reads over ClickHouse (an org's key sees only its own data) and the
+//! admin surface. Handlers live in one module per area.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod status;
+
+use std::sync::Arc;
+
+use axum::routing::{delete, get, post};
+use axum::{middleware, Router};
+use futures::future::BoxFuture;
+use prometheus::Registry;
+use tally_common::ch::{self, ChConfig};
+use tally_common::keyset::KeySet;
+use tally_common::server::{self, HttpMetrics, OpsState, Readiness};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::QueryConfig;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub clickhouse: ChConfig,
+    pub keys: Arc<KeySet>,
+    pub admin_token: Arc<str>,
+}
+
+pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
+    Router::new()
+        .route("/api/telemetry/status", get(status::telemetry_status))
+        .route("/admin/orgs", post(admin::create_org).get(admin::list_orgs))
+        .route("/admin/orgs/{org_id}/keys", post(admin::create_key))
+        .route("/admin/keys/{key_id}", delete(admin::revoke_key))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(http_metrics, server::track_http))
+        .layer(middleware::from_fn(server::request_id))
+}
+
+struct QueryReadiness {
+    clickhouse: clickhouse::Client,
+    keys: Arc<KeySet>,
+}
+
+impl Readiness for QueryReadiness {
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if !self.keys.is_loaded() {
+                return Err("api keys not loaded from clickhouse yet".into());
+            }
+            if !ch::ping(&self.clickhouse).await {
+                return Err("clickhouse unreachable".into());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Runs the query API on `listener` until `shutdown`, then finishes in-flight requests.
+pub async fn run(config: QueryConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let clickhouse = config.common.clickhouse.clone();
+    if config.migrate {
+        tally_common::migrate::migrate(&clickhouse).await?;
+    }
+    let registry = Registry::new();
+    let http_metrics = HttpMetrics::register(&registry)?;
+    let keys = KeySet::new();
+    if let Err(error) = keys.refresh(&clickhouse).await {
+        tracing::warn!(error = %error, "api keys not loaded yet, will retry");
+    }
+    let background = CancellationToken::new();
+    keys.spawn_refresher(clickhouse.clone(), config.key_refresh_interval, background.clone());
+    let state = AppState { clickhouse: clickhouse.clone(), keys: Arc::clone(&keys), admin_token: Arc::from(config.admin_token) };
+    let ops = OpsState {
+        registry,
+        readiness: Arc::new(QueryReadiness { clickhouse: clickhouse.client(), keys }),
+        shutdown: shutdown.clone(),
+    };
+    let router = app(state, http_metrics).merge(server::ops_routes(ops));
+    tracing::info!(addr = %listener.local_addr()?, "query api listening");
+    server::serve(listener, router, shutdown).await?;
+    background.cancel();
+    Ok(())
+}

@@ -1,0 +1,38 @@
+# Tally's two commands are `make up` and `make test`; the rest are for working on it.
+SHELL := /bin/bash
+export TALLY_CACHE ?= $(HOME)/.cache/tally
+export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
+
+.PHONY: up down status restart clean install test test-unit test-integration compat lint fmt build
+
+up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
+	@bash dev/stack.sh up
+
+down: ## stop everything `make up` started
+	@bash dev/stack.sh down
+
+status: ## show each component
+	@bash dev/stack.sh status
+
+restart: ## restart one component: make restart SERVICE=ingest
+	@test -n "$(SERVICE)" || { echo "usage: make restart SERVICE=<ingest|consumer|query-api|kafka|clickhouse|minio>"; exit 2; }
+	@bash dev/stack.sh restart $(SERVICE)
+
+clean: ## stop everything and delete .dev/ (all local data)
+	@bash dev/stack.sh clean
+
+install: ## install the local stack's components without starting them
+	@bash dev/stack.sh install
+
+build:
+	cargo build --release --locked --bins
+
+test: ## every test against the real local stack (started if needed), then the ClickHouse compatibility check
+	@bash dev/test.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	cargo fmt --all

@@ -1,0 +1,42 @@
+//! The consumer's Prometheus metrics, declared in one place.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    pub rows_inserted: IntCounter,
+    pub batches: IntCounter,
+    pub batch_rows: Histogram,
+    pub insert_seconds: Histogram,
+    pub insert_retries: IntCounter,
+    pub dead_letters: IntCounterVec,
+}
+
+impl ConsumerMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = ConsumerMetrics {
+            rows_inserted: IntCounter::new("tally_consumer_rows_inserted_total", "rows inserted into tally.events")?,
+            batches: IntCounter::new("tally_consumer_batches_total", "batches inserted and committed")?,
+            batch_rows: Histogram::with_opts(
+                HistogramOpts::new("tally_consumer_batch_rows", "rows per inserted batch")
+                    .buckets(prometheus::exponential_buckets(1.0, 4.0, 10)?),
+            )?,
+            insert_seconds: Histogram::with_opts(
+                HistogramOpts::new("tally_consumer_insert_seconds", "ClickHouse insert latency per batch")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )?,
+            insert_retries: IntCounter::new("tally_consumer_insert_retries_total", "inserts retried after a transient failure")?,
+            dead_letters: IntCounterVec::new(
+                Opts::new("tally_consumer_dead_letters_total", "records sent to the dead-letter topic, by reason"),
+                &["reason"],
+            )?,
+        };
+        registry.register(Box::new(metrics.rows_inserted.clone()))?;
+        registry.register(Box::new(metrics.batches.clone()))?;
+        registry.register(Box::new(metrics.batch_rows.clone()))?;
+        registry.register(Box::new(metrics.insert_seconds.clone()))?;
+        registry.register(Box::new(metrics.insert_retries.clone()))?;
+        registry.register(Box::new(metrics.dead_letters.clone()))?;
+        Ok(metrics)
+    }
+}

@@ -1,0 +1,68 @@
+//! The ingest's configuration, from `TALLY_*` settings, validated at start.
+
+use std::time::Duration;
+
+use tally_common::config::{CommonConfig, ConfigError, Env};
+use tally_schemas::record::{DLQ_TOPIC, EVENTS_TOPIC};
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `TALLY_KAFKA_BROKERS`, comma-separated host:port.
+    pub brokers: String,
+    pub events_topic: String,
+    pub dlq_topic: String,
+    /// Longest a produce may take, queueing and delivery together, before the request gets 503.
+    pub produce_timeout: Duration,
+    /// Bound of the producer's in-memory queue, in KiB: beyond it requests get 503, memory stays flat.
+    pub queue_max_kbytes: u32,
+    /// `lz4` or `zstd`.
+    pub compression: String,
+    pub linger: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub common: CommonConfig,
+    pub kafka: KafkaConfig,
+    /// Largest request body accepted, in bytes (after decompression).
+    pub max_body_bytes: usize,
+    /// How often the API key set and the price book are reloaded from ClickHouse.
+    pub key_refresh_interval: Duration,
+    pub price_refresh_interval: Duration,
+}
+
+impl IngestConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let compression = env.string("TALLY_KAFKA_COMPRESSION", "lz4");
+        if !matches!(compression.as_str(), "lz4" | "zstd" | "none") {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_KAFKA_COMPRESSION".into(),
+                value: compression,
+                reason: "expected lz4, zstd or none".into(),
+            });
+        }
+        let config = IngestConfig {
+            common: CommonConfig::from_env(env, "127.0.0.1:8080")?,
+            kafka: KafkaConfig {
+                brokers: env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
+                events_topic: env.string("TALLY_EVENTS_TOPIC", EVENTS_TOPIC),
+                dlq_topic: env.string("TALLY_DLQ_TOPIC", DLQ_TOPIC),
+                produce_timeout: env.millis("TALLY_PRODUCE_TIMEOUT_MS", 10_000)?,
+                queue_max_kbytes: env.parse("TALLY_KAFKA_QUEUE_MAX_KBYTES", 262_144)?,
+                compression,
+                linger: env.millis("TALLY_KAFKA_LINGER_MS", 5)?,
+            },
+            max_body_bytes: env.parse("TALLY_MAX_BODY_BYTES", 8 * 1024 * 1024)?,
+            key_refresh_interval: env.millis("TALLY_KEY_REFRESH_MS", 5_000)?,
+            price_refresh_interval: env.millis("TALLY_PRICE_REFRESH_MS", 30_000)?,
+        };
+        if config.key_refresh_interval > Duration::from_secs(30) {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_KEY_REFRESH_MS".into(),
+                value: config.key_refresh_interval.as_millis().to_string(),
+                reason: "must be at most 30000 so a revoked key stops working within 30 s".into(),
+            });
+        }
+        Ok(config)
+    }
+}

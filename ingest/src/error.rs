@@ -1,0 +1,62 @@
+//! The ingest's whole-request errors and the one place that maps them to HTTP responses.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("missing API key: send it as X-API-Key or Authorization: Bearer")]
+    MissingKey,
+    #[error("unknown or revoked API key")]
+    InvalidKey,
+    #[error("{0}")]
+    Malformed(String),
+    #[error("body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("{0}")]
+    TooManyEvents(String),
+    #[error("unsupported media: {0}")]
+    Unsupported(String),
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error("not ready: {0}")]
+    NotReady(String),
+}
+
+impl IngestError {
+    fn status_and_code(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            IngestError::MissingKey => (StatusCode::UNAUTHORIZED, "missing_api_key", "send your API key"),
+            IngestError::InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_api_key", "check the key or create a new one"),
+            IngestError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_body", "fix the JSON body and resend"),
+            IngestError::TooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "split the batch into smaller requests")
+            }
+            IngestError::TooManyEvents(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too_many_events", "send at most 1000 events per request")
+            }
+            IngestError::Unsupported(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media",
+                "send Content-Type: application/json",
+            ),
+            IngestError::Unavailable(_) | IngestError::NotReady(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "retry after the delay in Retry-After")
+            }
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let (status, code, hint) = self.status_and_code();
+        let body = json!({"error": {"code": code, "message": self.to_string(), "hint": hint}});
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

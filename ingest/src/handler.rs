@@ -1,0 +1,172 @@
+//! `POST /v1/ingest` (seed-000 SDK batches) and `POST /analytics/events` (seed-004 documents):
+//! authenticate from the in-memory key set, split the body, validate and price each event on its
+//! own, produce the accepted ones as one Kafka record and each rejected one as a dead letter, and
+//! answer 202 only once Kafka acknowledged.
+
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Serialize;
+use tally_common::server::RequestId;
+use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
+use tally_schemas::parse::{parse_event, split_events, BodyError, Dialect, RequestContext};
+use tally_schemas::record::{encode_event, DeadLetter, Stage};
+
+use crate::error::IngestError;
+use crate::sink::Topic;
+use crate::AppState;
+
+#[derive(Serialize)]
+struct Rejected {
+    index: usize,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct Accepted {
+    accepted: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rejected: Vec<Rejected>,
+    message: &'static str,
+}
+
+pub async fn ingest_sdk(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    handle(state, Dialect::Sdk, request_id, headers, body).await
+}
+
+pub async fn ingest_analytics(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    handle(state, Dialect::Analytics, request_id, headers, body).await
+}
+
+/// The key from `X-API-Key`, else from `Authorization: Bearer`.
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(value.trim());
+    }
+    let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let essence = content_type.to_str().unwrap_or("").split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(IngestError::Unsupported(format!("content type {essence:?}; send application/json")));
+        }
+    }
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+        let encoding = encoding.to_str().unwrap_or("");
+        if !encoding.eq_ignore_ascii_case("identity") {
+            return Err(IngestError::Unsupported(format!("content encoding {encoding:?}")));
+        }
+    }
+    Ok(())
+}
+
+async fn handle(
+    state: AppState,
+    dialect: Dialect,
+    request_id: RequestId,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let key = presented_key(&headers).ok_or(IngestError::MissingKey)?;
+    if !state.keys.is_loaded() {
+        return Err(IngestError::NotReady("api keys not loaded yet".into()));
+    }
+    let org = state.keys.lookup(key).ok_or(IngestError::InvalidKey)?;
+    check_media(&headers)?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(text) if !text.is_empty() && text.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(text),
+            _ => {
+                return Err(IngestError::Malformed(format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+                )))
+            }
+        },
+    };
+    let bytes = to_bytes(body, state.max_body_bytes)
+        .await
+        .map_err(|_| IngestError::TooLarge { limit: state.max_body_bytes })?;
+    let raw_events = split_events(dialect, &bytes).map_err(|error| match error {
+        BodyError::Malformed(_) => IngestError::Malformed(error.to_string()),
+        BodyError::TooManyEvents { .. } => IngestError::TooManyEvents(error.to_string()),
+    })?;
+
+    let received_at_ms = (state.clock)();
+    let context = RequestContext { org_id: &org.org_id, received_at_ms, idempotency_key };
+    let prices = state.prices.current();
+    let mut payload = Vec::with_capacity(raw_events.len() * 480);
+    let mut accepted = 0usize;
+    let mut rejected = Vec::new();
+    let mut dead_letters = Vec::new();
+    for (index, raw) in raw_events.iter().enumerate() {
+        match parse_event(dialect, raw, index, &context) {
+            Ok(mut event) => {
+                prices.price(&mut event);
+                encode_event(&event, &mut payload);
+                accepted += 1;
+            }
+            Err(rejection) => {
+                state.metrics.events_rejected.with_label_values(&[rejection.code]).inc();
+                let letter = DeadLetter {
+                    stage: Stage::Ingest,
+                    reason: rejection.code.to_owned(),
+                    detail: rejection.detail.clone(),
+                    org_id: org.org_id.to_string(),
+                    request_id: request_id.0.to_string(),
+                    index: Some(index),
+                    received_at_ms,
+                    source: None,
+                    original: None,
+                    original_hex: None,
+                }
+                .with_original(raw.get().as_bytes());
+                dead_letters.push(serde_json::to_vec(&letter).map_err(|e| IngestError::Malformed(e.to_string()))?);
+                rejected.push(Rejected { index, reason: rejection.to_string() });
+            }
+        }
+    }
+
+    let dead_letter_sends = futures::future::join_all(dead_letters.into_iter().map(|letter| {
+        state.sink.produce(Topic::DeadLetters, Arc::clone(&org.org_id), letter, Arc::clone(&request_id.0))
+    }));
+    if accepted > 0 {
+        let events_send = state.sink.produce(Topic::Events, Arc::clone(&org.org_id), payload, Arc::clone(&request_id.0));
+        let (events_result, dead_letter_results) = futures::join!(events_send, dead_letter_sends);
+        events_result.map_err(|error| IngestError::Unavailable(error.to_string()))?;
+        report_dead_letter_failures(&state, &dead_letter_results);
+        state.metrics.events_accepted.inc_by(accepted as u64);
+    } else {
+        let dead_letter_results = dead_letter_sends.await;
+        report_dead_letter_failures(&state, &dead_letter_results);
+    }
+    let body = Accepted { accepted, rejected, message: "Events queued for processing" };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// The accepted events are durable, so a failed dead letter does not fail the request: the
+/// response already tells the client each rejection and its reason; the loss is logged and counted.
+fn report_dead_letter_failures(state: &AppState, results: &[Result<(), crate::sink::SinkError>]) {
+    for error in results.iter().filter_map(|r| r.as_ref().err()) {
+        state.metrics.dead_letter_failures.inc();
+        tracing::error!(error = %error, "dead letter not produced");
+    }
+}

@@ -1,0 +1,34 @@
+//! The query API's configuration, from `TALLY_*` settings, validated at start.
+
+use std::time::Duration;
+
+use tally_common::config::{CommonConfig, ConfigError, Env};
+
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    pub common: CommonConfig,
+    /// Bearer token of the admin surface (`/admin/*`). Required; at least 16 characters.
+    pub admin_token: String,
+    pub key_refresh_interval: Duration,
+    /// Apply the ClickHouse migrations at start (safe with several replicas).
+    pub migrate: bool,
+}
+
+impl QueryConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let admin_token = env.required("TALLY_ADMIN_TOKEN")?;
+        if admin_token.len() < 16 {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_ADMIN_TOKEN".into(),
+                value: "(hidden)".into(),
+                reason: "must be at least 16 characters".into(),
+            });
+        }
+        Ok(QueryConfig {
+            common: CommonConfig::from_env(env, "127.0.0.1:8081")?,
+            admin_token,
+            key_refresh_interval: env.millis("TALLY_KEY_REFRESH_MS", 5_000)?,
+            migrate: env.parse("TALLY_MIGRATE", true)?,
+        })
+    }
+}
