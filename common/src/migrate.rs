@@ -89,16 +89,16 @@ async fn apply_missing(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
     let mut newly_applied = Vec::new();
     for migration in MIGRATIONS {
         let current = migration.checksum();
-        let mut records = applied.iter().filter(|a| a.version == migration.version).peekable();
-        if records.peek().is_some() {
-            if let Some(changed) = records.find(|a| a.checksum != current) {
-                return Err(MigrateError::Changed {
-                    version: migration.version,
-                    name: migration.name,
-                    applied: changed.checksum.clone(),
-                    current,
-                });
-            }
+        let records: Vec<&Applied> = applied.iter().filter(|a| a.version == migration.version).collect();
+        if let Some(changed) = records.iter().find(|a| a.checksum != current) {
+            return Err(MigrateError::Changed {
+                version: migration.version,
+                name: migration.name,
+                applied: changed.checksum.clone(),
+                current,
+            });
+        }
+        if !records.is_empty() {
             continue;
         }
         apply(config, migration).await?;

@@ -34,3 +34,62 @@ pub async fn migrated_database(prefix: &str) -> ChConfig {
 pub async fn drop_database(config: &ChConfig) {
     let _ = config.client().query(&format!("DROP DATABASE IF EXISTS {}", config.database)).execute().await;
 }
+
+/// Creates a topic on the local Kafka (waits until it exists).
+pub async fn create_topic(name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("kafka admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10))))
+        .await
+        .expect("create_topics request");
+    for result in results {
+        if let Err((topic, code)) = result {
+            assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "creating topic {topic}");
+        }
+    }
+}
+
+pub async fn delete_topics(names: &[&str]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("kafka admin client");
+    let _ = admin.delete_topics(names, &AdminOptions::new()).await;
+}
+
+/// Inserts an org and an active key for it straight into the admin tables; returns the key.
+pub async fn create_org_with_key(config: &ChConfig, org_id: &str, plan: &str, events_per_minute: u32) -> String {
+    let key = tally_schemas::keys::generate();
+    config
+        .client()
+        .query(&format!(
+            "INSERT INTO {} (org_id, name, plan, rate_limit_per_min, rate_limit_burst, created_at, deleted, version) VALUES (?, ?, ?, ?, 0, now(), 0, 1)",
+            config.table("orgs")
+        ))
+        .bind(org_id)
+        .bind(org_id)
+        .bind(plan)
+        .bind(events_per_minute)
+        .execute()
+        .await
+        .expect("insert org");
+    config
+        .client()
+        .query(&format!(
+            "INSERT INTO {} (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES (?, ?, ?, 'test', now(), 0, 1)",
+            config.table("api_keys")
+        ))
+        .bind(&key.hash)
+        .bind(&key.display_prefix)
+        .bind(org_id)
+        .execute()
+        .await
+        .expect("insert key");
+    key.secret
+}

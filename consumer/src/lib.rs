@@ -155,8 +155,14 @@ impl Worker {
                 self.dead_letter(pending, "undecodable_record", detail.clone()).await;
             }
         }
-        let good: Vec<&Pending> = batch.iter().filter(|p| p.decoded.is_ok()).collect();
-        let rows: Vec<&EventRow> = good.iter().flat_map(|p| p.decoded.as_ref().map(|r| r.iter()).into_iter().flatten()).collect();
+        let mut good: Vec<(&Pending, &[EventRow])> = Vec::with_capacity(batch.len());
+        let mut rows: Vec<&EventRow> = Vec::new();
+        for pending in batch {
+            if let Ok(record_rows) = &pending.decoded {
+                good.push((pending, record_rows.as_slice()));
+                rows.extend(record_rows.iter());
+            }
+        }
         if rows.is_empty() {
             return true;
         }
@@ -165,8 +171,8 @@ impl Worker {
             None => return false,
             Some(Err(error)) => {
                 tracing::warn!(error = %error, records = good.len(), "batch refused permanently, isolating records");
-                for pending in good {
-                    let record_rows: Vec<&EventRow> = pending.decoded.as_ref().map(|r| r.iter().collect()).unwrap_or_default();
+                for (pending, record_rows) in good {
+                    let record_rows: Vec<&EventRow> = record_rows.iter().collect();
                     match self.insert_with_retry(&record_rows, shutdown).await {
                         Some(Ok(())) => {}
                         None => return false,

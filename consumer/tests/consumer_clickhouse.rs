@@ -1,0 +1,191 @@
+//! The consumer against the real local Kafka and ClickHouse, each test in its own topics,
+//! consumer group and database.
+
+use std::time::Duration;
+
+use clickhouse::Row;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use serde::Deserialize;
+use tally_common::ch::ChConfig;
+use tally_common::config::Env;
+use tally_common::testing::{create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name};
+use tally_consumer::config::ConsumerConfig;
+use tally_schemas::record::{encode_event, DeadLetter, Stage};
+use tally_schemas::{CostSource, Event, Status};
+use tokio_util::sync::CancellationToken;
+
+fn sample_event(org: &str, n: u32) -> Event {
+    let now = chrono::Utc::now().timestamp_millis();
+    Event {
+        event_id: uuid::Uuid::now_v7(),
+        org_id: org.into(),
+        received_at_ms: now,
+        timestamp_ms: now - i64::from(n) * 61_000 - 7,
+        provider: "openai".into(),
+        model: if n % 2 == 0 { "gpt-4o".into() } else { "gpt-4o-mini".into() },
+        prompt_tokens: 100 + n,
+        completion_tokens: 50 + n,
+        total_tokens: 150 + 2 * n,
+        cost_nanos: 1_000_000_007 + i64::from(n),
+        cost_source: CostSource::Client,
+        latency_ms: 100 * n,
+        status: if n % 3 == 0 { Status::Error } else { Status::Success },
+        http_status: 0,
+        error: String::new(),
+        execution_id: format!("exec-{n}"),
+        agent_id: String::new(),
+        user_id: format!("user-{}", n % 2),
+        service: "chat".into(),
+        action: String::new(),
+        request_id: String::new(),
+        input_bytes: 0,
+        output_bytes: 0,
+        metadata: vec![("k".into(), format!("v{n}"))],
+    }
+}
+
+async fn produce(topic: &str, key: &str, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
+    producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10)).await.unwrap();
+}
+
+struct Consumer_ {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_consumer(clickhouse: &ChConfig, topic: &str, dlq: &str, group: &str) -> Consumer_ {
+    let env = Env::from_pairs([
+        ("TALLY_KAFKA_BROKERS", kafka_brokers()),
+        ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
+        ("TALLY_CLICKHOUSE_DATABASE", clickhouse.database.clone()),
+        ("TALLY_EVENTS_TOPIC", topic.to_owned()),
+        ("TALLY_DLQ_TOPIC", dlq.to_owned()),
+        ("TALLY_CONSUMER_GROUP", group.to_owned()),
+        ("TALLY_BATCH_MAX_WAIT_MS", "200".to_owned()),
+    ]);
+    let config = ConsumerConfig::from_env(&env).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tally_consumer::run(config, listener, shutdown.clone()));
+    Consumer_ { shutdown, task }
+}
+
+impl Consumer_ {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[derive(Row, Deserialize, Debug, PartialEq)]
+struct Totals {
+    rows: u64,
+    ids: u64,
+    positions: u64,
+    tokens: u64,
+    cost: i64,
+    errors: u64,
+}
+
+async fn raw_totals(clickhouse: &ChConfig) -> Totals {
+    clickhouse
+        .client()
+        .query(&format!(
+            "SELECT count() AS rows, uniqExact(event_id) AS ids, uniqExact(kafka_partition, kafka_offset, kafka_index) AS positions, \
+             sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost, toUInt64(countIf(status = 'error')) AS errors FROM {}",
+            clickhouse.table("events")
+        ))
+        .fetch_one()
+        .await
+        .unwrap()
+}
+
+async fn rollup_totals(clickhouse: &ChConfig, table: &str) -> (u64, u64, i64, u64) {
+    #[derive(Row, Deserialize)]
+    struct R {
+        rows: u64,
+        tokens: u64,
+        cost: i64,
+        errors: u64,
+    }
+    let r: R = clickhouse
+        .client()
+        .query(&format!(
+            "SELECT toUInt64(countMerge(events)) AS rows, sumMerge(total_tokens_sum) AS tokens, sumMerge(cost_nanos_sum) AS cost, sumMerge(errors) AS errors FROM {}",
+            clickhouse.table(table)
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    (r.rows, r.tokens, r.cost, r.errors)
+}
+
+async fn wait_for_rows(clickhouse: &ChConfig, expected: u64) {
+    for _ in 0..150 {
+        if raw_totals(clickhouse).await.rows >= expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("rows never reached {expected}: {:?}", raw_totals(clickhouse).await);
+}
+
+#[tokio::test]
+async fn stores_records_once_dead_letters_poison_and_commits_after_insert() {
+    let clickhouse = migrated_database("consumer").await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, 2).await;
+    create_topic(&dlq, 1).await;
+    for (record, org) in ["org-a", "org-b", "org-c"].iter().enumerate() {
+        let mut payload = Vec::new();
+        for n in 0..5 {
+            encode_event(&sample_event(org, record as u32 * 5 + n), &mut payload);
+        }
+        produce(&topic, org, &payload).await;
+    }
+    produce(&topic, "org-a", b"\xff\x00 this is not json").await;
+
+    let consumer = start_consumer(&clickhouse, &topic, &dlq, &group).await;
+    wait_for_rows(&clickhouse, 15).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!((totals.rows, totals.ids, totals.positions), (15, 15, 15));
+    let expected_tokens: u64 = (0..15).map(|n| 150 + 2 * n).sum();
+    let expected_cost: i64 = (0..15).map(|n| 1_000_000_007 + n).sum();
+    assert_eq!((totals.tokens, totals.cost, totals.errors), (expected_tokens, expected_cost, 5));
+    for rollup in ["rollup_hourly", "rollup_daily"] {
+        assert_eq!(rollup_totals(&clickhouse, rollup).await, (15, expected_tokens, expected_cost, 5), "{rollup} equals raw");
+    }
+
+    // The poison record is in the dead-letter topic with its position and original bytes.
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dlq]).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(15), reader.recv()).await.unwrap().unwrap();
+    let letter: DeadLetter = serde_json::from_slice(message.payload().unwrap()).unwrap();
+    assert_eq!(letter.stage, Stage::Consume);
+    assert_eq!(letter.reason, "undecodable_record");
+    assert_eq!(letter.source.as_ref().unwrap().topic, topic);
+    assert_eq!(letter.original_bytes().unwrap(), b"\xff\x00 this is not json");
+    consumer.stop().await;
+
+    // Offsets were committed after the insert: the same group resumes after them, storing nothing twice.
+    let again = start_consumer(&clickhouse, &topic, &dlq, &group).await;
+    let mut payload = Vec::new();
+    encode_event(&sample_event("org-d", 99), &mut payload);
+    produce(&topic, "org-d", &payload).await;
+    wait_for_rows(&clickhouse, 16).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!((totals.rows, totals.ids), (16, 16), "nothing re-inserted after restart");
+    again.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
+    drop_database(&clickhouse).await;
+}
