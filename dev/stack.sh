@@ -80,10 +80,12 @@ wait_http() { # wait_http NAME URL SECONDS
   die "$name not answering at $url after ${secs}s"
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 wait_port() { # wait_port NAME PORT SECONDS
   local name="$1" port="$2" secs="$3"
   for _ in $(seq 1 $((secs * 5))); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if port_open "$port"; then return 0; fi
     is_running "$name" || { tail -n 30 "$DEV/log/$name.log" >&2 || true; die "$name exited during start-up (log: .dev/log/$name.log)"; }
     sleep 0.2
   done
@@ -136,7 +138,7 @@ install_all() {
 start_clickhouse() {
   if is_running clickhouse; then return 0; fi
   if curl -fsS -o /dev/null --max-time 1 "$CLICKHOUSE_URL/ping" 2>/dev/null; then
-    die "something else already answers on $CLICKHOUSE_URL; stop it first"
+    log "reusing the ClickHouse already answering on $CLICKHOUSE_URL (not started by this checkout)"; return 0
   fi
   install_clickhouse
   local dir="$DEV/clickhouse"
@@ -152,6 +154,7 @@ start_clickhouse() {
 
 start_kafka() {
   if is_running kafka; then return 0; fi
+  if port_open 9092; then log "reusing the Kafka already listening on $KAFKA_BROKERS (not started by this checkout)"; return 0; fi
   install_kafka
   local dir="$DEV/kafka"
   mkdir -p "$dir/data"
@@ -190,6 +193,7 @@ create_topic() {
 
 start_minio() {
   if is_running minio; then return 0; fi
+  if port_open 9100; then log "reusing the S3 server already listening on $MINIO_ENDPOINT (not started by this checkout)"; return 0; fi
   install_minio
   mkdir -p "$DEV/minio/data"
   log "starting minio on $MINIO_ENDPOINT (console 127.0.0.1:9101)"

@@ -61,5 +61,8 @@ pub const CODE_UNKNOWN_DATABASE: u32 = 81;
 
 /// Is the server reachable? A `SELECT 1` with a short timeout.
 pub async fn ping(client: &clickhouse::Client) -> bool {
-    matches!(tokio::time::timeout(Duration::from_secs(2), client.query("SELECT 1").execute()).await, Ok(Ok(())))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), client.query("SELECT 1").execute()).await,
+        Ok(Ok(()))
+    )
 }

@@ -79,7 +79,8 @@ pub struct CommonConfig {
 impl CommonConfig {
     pub fn from_env(env: &Env, default_addr: &str) -> Result<Self, ConfigError> {
         Ok(CommonConfig {
-            listen_addr: env.parse("TALLY_LISTEN_ADDR", default_addr.parse().expect("default address parses"))?,
+            listen_addr: env
+                .parse("TALLY_LISTEN_ADDR", default_addr.parse().expect("default address parses"))?,
             clickhouse: crate::ch::ChConfig::from_env(env)?,
             log_format: env.parse("TALLY_LOG_FORMAT", crate::telemetry::LogFormat::Text)?,
             shutdown_timeout: env.millis("TALLY_SHUTDOWN_TIMEOUT_MS", 30_000)?,

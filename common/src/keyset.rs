@@ -62,7 +62,11 @@ pub async fn load_orgs(config: &ChConfig) -> Result<Vec<OrgInfo>, clickhouse::er
                 org_id: Arc::from(row.org_id),
                 name: row.org_name,
                 plan,
-                events_per_minute: if row.org_limit > 0 { row.org_limit } else { plan.default_events_per_minute() },
+                events_per_minute: if row.org_limit > 0 {
+                    row.org_limit
+                } else {
+                    plan.default_events_per_minute()
+                },
                 burst: row.org_burst,
             }
         })
@@ -141,7 +145,9 @@ impl KeySet {
                 }
                 match keyset.refresh(&config).await {
                     Ok(count) => tracing::debug!(keys = count, "refreshed api keys"),
-                    Err(error) => tracing::warn!(error = %error, "api key refresh failed, keeping the previous set"),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "api key refresh failed, keeping the previous set")
+                    }
                 }
             }
         })

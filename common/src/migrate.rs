@@ -20,7 +20,9 @@ const LOCK_WAIT: Duration = Duration::from_secs(300);
 pub enum MigrateError {
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
-    #[error("migration {version} ({name}) was changed after it was applied (checksum {applied} != {current})")]
+    #[error(
+        "migration {version} ({name}) was changed after it was applied (checksum {applied} != {current})"
+    )]
     Changed { version: u32, name: &'static str, applied: String, current: String },
     #[error("migration {version} ({name}) failed on statement {statement}: {source}")]
     Statement { version: u32, name: &'static str, statement: usize, source: clickhouse::error::Error },
@@ -121,7 +123,13 @@ async fn apply(config: &ChConfig, migration: &Migration) -> Result<(), MigrateEr
         "INSERT INTO {}.schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, now())",
         config.database
     );
-    client.query(&record).bind(migration.version).bind(migration.name).bind(migration.checksum()).execute().await?;
+    client
+        .query(&record)
+        .bind(migration.version)
+        .bind(migration.name)
+        .bind(migration.checksum())
+        .execute()
+        .await?;
     tracing::info!(version = migration.version, name = migration.name, database = %config.database, "applied migration");
     Ok(())
 }

@@ -52,7 +52,9 @@ impl HttpMetrics {
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new("tally_http_request_duration_seconds", "HTTP request latency by route")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
             &["route"],
         )?;
         registry.register(Box::new(requests.clone()))?;
@@ -94,13 +96,17 @@ pub fn ops_routes(state: OpsState) -> Router {
 
 async fn readyz(State(state): State<OpsState>) -> Response {
     if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": "shutting down"})))
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"ready": false, "reason": "shutting down"})),
+        )
             .into_response();
     }
     match state.readiness.check().await {
         Ok(()) => Json(serde_json::json!({"ready": true})).into_response(),
         Err(reason) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": reason}))).into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false, "reason": reason})))
+                .into_response()
         }
     }
 }
@@ -145,6 +151,10 @@ pub fn shutdown_on_signal() -> CancellationToken {
 }
 
 /// Serves `router` on `listener` until `shutdown`, then finishes in-flight requests.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }

@@ -23,7 +23,8 @@ impl FromStr for LogFormat {
 
 /// Installs the global subscriber; a second call (tests) is a no-op.
 pub fn init(format: LogFormat, filter: Option<&str>) {
-    let filter = EnvFilter::try_new(filter.unwrap_or("info,rdkafka=warn")).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(filter.unwrap_or("info,rdkafka=warn")).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -21,7 +21,12 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Config for a new database that does not exist yet.
 pub fn new_database_config(prefix: &str) -> ChConfig {
-    ChConfig { url: clickhouse_url(), database: unique_name(prefix), user: "default".into(), password: String::new() }
+    ChConfig {
+        url: clickhouse_url(),
+        database: unique_name(prefix),
+        user: "default".into(),
+        password: String::new(),
+    }
 }
 
 /// A new database with every migration applied.
@@ -44,7 +49,10 @@ pub async fn create_topic(name: &str, partitions: i32) {
         ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("kafka admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let results = admin
-        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10))))
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10))),
+        )
         .await
         .expect("create_topics request");
     for result in results {
@@ -64,7 +72,12 @@ pub async fn delete_topics(names: &[&str]) {
 }
 
 /// Inserts an org and an active key for it straight into the admin tables; returns the key.
-pub async fn create_org_with_key(config: &ChConfig, org_id: &str, plan: &str, events_per_minute: u32) -> String {
+pub async fn create_org_with_key(
+    config: &ChConfig,
+    org_id: &str,
+    plan: &str,
+    events_per_minute: u32,
+) -> String {
     let key = tally_schemas::keys::generate();
     config
         .client()

@@ -1,5 +1,7 @@
 //! Migrations and the API key set against the real ClickHouse of the local stack.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use clickhouse::Row;
 use serde::Deserialize;
 use tally_common::keyset::KeySet;
@@ -24,8 +26,11 @@ async fn migrations_run_concurrently_and_only_once() {
     assert!(migrate(&config).await.unwrap().is_empty(), "a later run applies nothing");
 
     let client = config.client();
-    let recorded: Count =
-        client.query(&format!("SELECT count() AS n FROM {}", config.table("schema_migrations"))).fetch_one().await.unwrap();
+    let recorded: Count = client
+        .query(&format!("SELECT count() AS n FROM {}", config.table("schema_migrations")))
+        .fetch_one()
+        .await
+        .unwrap();
     assert_eq!(recorded.n, MIGRATIONS.len() as u64);
     let prices: Count = client
         .query(&format!("SELECT count() AS n FROM {} FINAL", config.table("model_prices")))
@@ -34,7 +39,9 @@ async fn migrations_run_concurrently_and_only_once() {
         .unwrap();
     assert_eq!(prices.n, 13, "seed 000's price table");
     let lock: Count = client
-        .query("SELECT count() AS n FROM system.tables WHERE database = ? AND name = 'schema_migrations_lock'")
+        .query(
+            "SELECT count() AS n FROM system.tables WHERE database = ? AND name = 'schema_migrations_lock'",
+        )
         .bind(config.database.as_str())
         .fetch_one()
         .await
@@ -48,7 +55,10 @@ async fn changed_migration_is_refused() {
     let config = migrated_database("chk").await;
     config
         .client()
-        .query(&format!("INSERT INTO {} (version, name, checksum) VALUES (3, 'admin', 'tampered')", config.table("schema_migrations")))
+        .query(&format!(
+            "INSERT INTO {} (version, name, checksum) VALUES (3, 'admin', 'tampered')",
+            config.table("schema_migrations")
+        ))
         .execute()
         .await
         .unwrap();
@@ -57,7 +67,14 @@ async fn changed_migration_is_refused() {
     drop_database(&config).await;
 }
 
-async fn insert_org(config: &tally_common::ch::ChConfig, org: &str, plan: &str, limit: u32, deleted: u8, version: u64) {
+async fn insert_org(
+    config: &tally_common::ch::ChConfig,
+    org: &str,
+    plan: &str,
+    limit: u32,
+    deleted: u8,
+    version: u64,
+) {
     config
         .client()
         .query(&format!(
@@ -75,7 +92,13 @@ async fn insert_org(config: &tally_common::ch::ChConfig, org: &str, plan: &str, 
         .unwrap();
 }
 
-async fn insert_key(config: &tally_common::ch::ChConfig, key: &keys::NewKey, org: &str, revoked: u8, version: u64) {
+async fn insert_key(
+    config: &tally_common::ch::ChConfig,
+    key: &keys::NewKey,
+    org: &str,
+    revoked: u8,
+    version: u64,
+) {
     config
         .client()
         .query(&format!(

@@ -60,7 +60,8 @@ impl Worker {
         let mut rows = 0usize;
         let mut deadline: Option<Instant> = None;
         while rows < self.config.batch_max_rows {
-            let wait = deadline.map_or(Duration::from_millis(200), |d| d.saturating_duration_since(Instant::now()));
+            let wait =
+                deadline.map_or(Duration::from_millis(200), |d| d.saturating_duration_since(Instant::now()));
             if deadline.is_some() && wait.is_zero() {
                 break;
             }
@@ -176,7 +177,9 @@ impl Worker {
                     match self.insert_with_retry(&record_rows, shutdown).await {
                         Some(Ok(())) => {}
                         None => return false,
-                        Some(Err(error)) => self.dead_letter(pending, "rejected_by_clickhouse", error.to_string()).await,
+                        Some(Err(error)) => {
+                            self.dead_letter(pending, "rejected_by_clickhouse", error.to_string()).await
+                        }
                     }
                 }
             }
@@ -285,7 +288,11 @@ fn dlq_producer(config: &ConsumerConfig) -> Result<FutureProducer, rdkafka::erro
 
 /// Runs the consumer until `shutdown`, serving `/healthz`, `/readyz`, `/metrics` on `listener`.
 /// On shutdown the batch in hand is inserted and committed before returning.
-pub async fn run(config: ConsumerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: ConsumerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let clickhouse_config: ChConfig = config.common.clickhouse.clone();
     if config.migrate {
         tally_common::migrate::migrate(&clickhouse_config).await?;

@@ -15,7 +15,10 @@ pub struct ConsumerMetrics {
 impl ConsumerMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let metrics = ConsumerMetrics {
-            rows_inserted: IntCounter::new("tally_consumer_rows_inserted_total", "rows inserted into tally.events")?,
+            rows_inserted: IntCounter::new(
+                "tally_consumer_rows_inserted_total",
+                "rows inserted into tally.events",
+            )?,
             batches: IntCounter::new("tally_consumer_batches_total", "batches inserted and committed")?,
             batch_rows: Histogram::with_opts(
                 HistogramOpts::new("tally_consumer_batch_rows", "rows per inserted batch")
@@ -25,9 +28,15 @@ impl ConsumerMetrics {
                 HistogramOpts::new("tally_consumer_insert_seconds", "ClickHouse insert latency per batch")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             )?,
-            insert_retries: IntCounter::new("tally_consumer_insert_retries_total", "inserts retried after a transient failure")?,
+            insert_retries: IntCounter::new(
+                "tally_consumer_insert_retries_total",
+                "inserts retried after a transient failure",
+            )?,
             dead_letters: IntCounterVec::new(
-                Opts::new("tally_consumer_dead_letters_total", "records sent to the dead-letter topic, by reason"),
+                Opts::new(
+                    "tally_consumer_dead_letters_total",
+                    "records sent to the dead-letter topic, by reason",
+                ),
                 &["reason"],
             )?,
         };

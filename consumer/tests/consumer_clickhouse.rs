@@ -1,6 +1,8 @@
 //! The consumer against the real local Kafka and ClickHouse, each test in its own topics,
 //! consumer group and database.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use clickhouse::Row;
@@ -11,7 +13,9 @@ use rdkafka::Message;
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_common::testing::{create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name};
+use tally_common::testing::{
+    create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name,
+};
 use tally_consumer::config::ConsumerConfig;
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 use tally_schemas::{CostSource, Event, Status};
@@ -25,14 +29,14 @@ fn sample_event(org: &str, n: u32) -> Event {
         received_at_ms: now,
         timestamp_ms: now - i64::from(n) * 61_000 - 7,
         provider: "openai".into(),
-        model: if n % 2 == 0 { "gpt-4o".into() } else { "gpt-4o-mini".into() },
+        model: if n.is_multiple_of(2) { "gpt-4o".into() } else { "gpt-4o-mini".into() },
         prompt_tokens: 100 + n,
         completion_tokens: 50 + n,
         total_tokens: 150 + 2 * n,
         cost_nanos: 1_000_000_007 + i64::from(n),
         cost_source: CostSource::Client,
         latency_ms: 100 * n,
-        status: if n % 3 == 0 { Status::Error } else { Status::Success },
+        status: if n.is_multiple_of(3) { Status::Error } else { Status::Success },
         http_status: 0,
         error: String::new(),
         execution_id: format!("exec-{n}"),
@@ -48,7 +52,8 @@ fn sample_event(org: &str, n: u32) -> Event {
 }
 
 async fn produce(topic: &str, key: &str, payload: &[u8]) {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
     producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10)).await.unwrap();
 }
 
@@ -157,7 +162,11 @@ async fn stores_records_once_dead_letters_poison_and_commits_after_insert() {
     let expected_cost: i64 = (0..15).map(|n| 1_000_000_007 + n).sum();
     assert_eq!((totals.tokens, totals.cost, totals.errors), (expected_tokens, expected_cost, 5));
     for rollup in ["rollup_hourly", "rollup_daily"] {
-        assert_eq!(rollup_totals(&clickhouse, rollup).await, (15, expected_tokens, expected_cost, 5), "{rollup} equals raw");
+        assert_eq!(
+            rollup_totals(&clickhouse, rollup).await,
+            (15, expected_tokens, expected_cost, 5),
+            "{rollup} equals raw"
+        );
     }
 
     // The poison record is in the dead-letter topic with its position and original bytes.

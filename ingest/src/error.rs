@@ -29,8 +29,12 @@ impl IngestError {
     fn status_and_code(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
             IngestError::MissingKey => (StatusCode::UNAUTHORIZED, "missing_api_key", "send your API key"),
-            IngestError::InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_api_key", "check the key or create a new one"),
-            IngestError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_body", "fix the JSON body and resend"),
+            IngestError::InvalidKey => {
+                (StatusCode::UNAUTHORIZED, "invalid_api_key", "check the key or create a new one")
+            }
+            IngestError::Malformed(_) => {
+                (StatusCode::BAD_REQUEST, "malformed_body", "fix the JSON body and resend")
+            }
             IngestError::TooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "split the batch into smaller requests")
             }

@@ -139,7 +139,8 @@ async fn handle(
                     original_hex: None,
                 }
                 .with_original(raw.get().as_bytes());
-                dead_letters.push(serde_json::to_vec(&letter).map_err(|e| IngestError::Malformed(e.to_string()))?);
+                dead_letters
+                    .push(serde_json::to_vec(&letter).map_err(|e| IngestError::Malformed(e.to_string()))?);
                 rejected.push(Rejected { index, reason: rejection.to_string() });
             }
         }
@@ -149,7 +150,8 @@ async fn handle(
         state.sink.produce(Topic::DeadLetters, Arc::clone(&org.org_id), letter, Arc::clone(&request_id.0))
     }));
     if accepted > 0 {
-        let events_send = state.sink.produce(Topic::Events, Arc::clone(&org.org_id), payload, Arc::clone(&request_id.0));
+        let events_send =
+            state.sink.produce(Topic::Events, Arc::clone(&org.org_id), payload, Arc::clone(&request_id.0));
         let (events_result, dead_letter_results) = futures::join!(events_send, dead_letter_sends);
         events_result.map_err(|error| IngestError::Unavailable(error.to_string()))?;
         report_dead_letter_failures(&state, &dead_letter_results);

@@ -71,7 +71,11 @@ impl Readiness for IngestReadiness {
 
 /// Runs the ingest on `listener` until `shutdown`: stops accepting, finishes in-flight requests
 /// (each waits for its Kafka acknowledgement), then flushes the producer.
-pub async fn run(config: IngestConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: IngestConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = IngestMetrics::register(&registry)?;
     let http_metrics = HttpMetrics::register(&registry)?;
@@ -85,7 +89,11 @@ pub async fn run(config: IngestConfig, listener: TcpListener, shutdown: Cancella
     }
     keys.spawn_refresher(config.common.clickhouse.clone(), config.key_refresh_interval, background.clone());
     let prices = Arc::new(Prices::default());
-    prices.spawn_refresher(config.common.clickhouse.clone(), config.price_refresh_interval, background.clone());
+    prices.spawn_refresher(
+        config.common.clickhouse.clone(),
+        config.price_refresh_interval,
+        background.clone(),
+    );
 
     let sink: Arc<dyn EventSink> = kafka.clone();
     let state = AppState {
@@ -96,7 +104,11 @@ pub async fn run(config: IngestConfig, listener: TcpListener, shutdown: Cancella
         clock: system_clock,
         max_body_bytes: config.max_body_bytes,
     };
-    let ops = OpsState { registry, readiness: Arc::new(IngestReadiness { sink, keys }), shutdown: shutdown.clone() };
+    let ops = OpsState {
+        registry,
+        readiness: Arc::new(IngestReadiness { sink, keys }),
+        shutdown: shutdown.clone(),
+    };
     let router = app(state, http_metrics).merge(server::ops_routes(ops));
     tracing::info!(addr = %listener.local_addr()?, "ingest listening");
     server::serve(listener, router, shutdown).await?;

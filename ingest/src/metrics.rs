@@ -15,7 +15,10 @@ pub struct IngestMetrics {
 impl IngestMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let metrics = IngestMetrics {
-            events_accepted: IntCounter::new("tally_ingest_events_accepted_total", "events accepted into Kafka")?,
+            events_accepted: IntCounter::new(
+                "tally_ingest_events_accepted_total",
+                "events accepted into Kafka",
+            )?,
             events_rejected: IntCounterVec::new(
                 Opts::new("tally_ingest_events_rejected_total", "events rejected, by reason"),
                 &["reason"],
@@ -26,7 +29,9 @@ impl IngestMetrics {
             )?,
             produce_seconds: Histogram::with_opts(
                 HistogramOpts::new("tally_ingest_produce_seconds", "time until Kafka acknowledged a record")
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
             )?,
             producer_queue_depth: IntGauge::new(
                 "tally_ingest_producer_queue_depth",

@@ -64,7 +64,9 @@ impl Prices {
                 }
                 match load(&config).await {
                     Ok(book) => prices.replace(book),
-                    Err(error) => tracing::warn!(error = %error, "price refresh failed, keeping the previous prices"),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "price refresh failed, keeping the previous prices")
+                    }
                 }
             }
         })

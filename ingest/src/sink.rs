@@ -33,8 +33,13 @@ pub enum SinkError {
 
 pub trait EventSink: Send + Sync + 'static {
     /// Resolves once the record is durably stored (acks=all), or with the reason it is not.
-    fn produce(&self, topic: Topic, key: Arc<str>, payload: Vec<u8>, request_id: Arc<str>)
-        -> BoxFuture<'static, Result<(), SinkError>>;
+    fn produce(
+        &self,
+        topic: Topic,
+        key: Arc<str>,
+        payload: Vec<u8>,
+        request_id: Arc<str>,
+    ) -> BoxFuture<'static, Result<(), SinkError>>;
     /// Is the event store reachable right now?
     fn is_available(&self) -> bool;
     /// Sends everything still queued, waiting at most `timeout`.
@@ -75,7 +80,11 @@ impl KafkaSink {
     }
 
     /// Probes the brokers every `interval` (a metadata request) until `shutdown`.
-    pub fn spawn_health_probe(&self, interval: Duration, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_health_probe(
+        &self,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let producer = self.producer.clone();
         let topic = Arc::clone(&self.events_topic);
         let available = Arc::clone(&self.available);
@@ -156,7 +165,13 @@ pub struct DiscardSink {
 }
 
 impl EventSink for DiscardSink {
-    fn produce(&self, _: Topic, _: Arc<str>, payload: Vec<u8>, _: Arc<str>) -> BoxFuture<'static, Result<(), SinkError>> {
+    fn produce(
+        &self,
+        _: Topic,
+        _: Arc<str>,
+        payload: Vec<u8>,
+        _: Arc<str>,
+    ) -> BoxFuture<'static, Result<(), SinkError>> {
         self.records.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
         Box::pin(std::future::ready(Ok(())))

@@ -1,6 +1,8 @@
 //! The ingest against the real local Kafka and ClickHouse: each test has its own topics and
 //! database, and runs the real `run()` on an ephemeral port.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,7 +12,10 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde_json::{json, Value};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_common::testing::{create_org_with_key, create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name};
+use tally_common::testing::{
+    create_org_with_key, create_topic, delete_topics, drop_database, kafka_brokers, migrated_database,
+    unique_name,
+};
 use tally_ingest::config::IngestConfig;
 use tally_schemas::record::{decode_events, DeadLetter, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
@@ -88,7 +93,11 @@ async fn read_all(topic: &str) -> Vec<OwnedMessage> {
 
 fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     let headers = message.headers()?;
-    headers.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 async fn wait_ready(client: &reqwest::Client, ingest: &Ingest) {
@@ -174,13 +183,25 @@ async fn whole_request_errors_have_their_status_and_touch_no_topic() {
     assert_eq!(unknown.status(), 401);
     let body: Value = unknown.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_api_key");
-    let malformed = post(Some(&ingest.key)).header("Content-Type", "application/json").body("{\"events\": [").send().await.unwrap();
+    let malformed = post(Some(&ingest.key))
+        .header("Content-Type", "application/json")
+        .body("{\"events\": [")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(malformed.status(), 400);
-    let wrong_type = post(Some(&ingest.key)).header("Content-Type", "text/plain").body(batch.to_string()).send().await.unwrap();
+    let wrong_type = post(Some(&ingest.key))
+        .header("Content-Type", "text/plain")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong_type.status(), 415);
-    let wrong_encoding = post(Some(&ingest.key)).header("Content-Encoding", "br").json(&batch).send().await.unwrap();
+    let wrong_encoding =
+        post(Some(&ingest.key)).header("Content-Encoding", "br").json(&batch).send().await.unwrap();
     assert_eq!(wrong_encoding.status(), 415);
-    let too_large = post(Some(&ingest.key)).json(&json!({"events": vec![event("gpt-4o"); 40]})).send().await.unwrap();
+    let too_large =
+        post(Some(&ingest.key)).json(&json!({"events": vec![event("gpt-4o"); 40]})).send().await.unwrap();
     assert_eq!(too_large.status(), 413);
     let body: Value = too_large.json().await.unwrap();
     assert_eq!(body["error"]["code"], "body_too_large");
@@ -209,7 +230,8 @@ async fn more_than_1000_events_is_refused() {
 
 #[tokio::test]
 async fn unreachable_kafka_answers_503_within_the_deadline() {
-    let ingest = Ingest::start(&[("TALLY_KAFKA_BROKERS", "127.0.0.1:1"), ("TALLY_PRODUCE_TIMEOUT_MS", "1500")]).await;
+    let ingest =
+        Ingest::start(&[("TALLY_KAFKA_BROKERS", "127.0.0.1:1"), ("TALLY_PRODUCE_TIMEOUT_MS", "1500")]).await;
     let client = reqwest::Client::new();
     // keys load from ClickHouse even though Kafka is away
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -120,7 +120,10 @@ pub async fn create_org(
     let key = insert_key(&state, &org_id, "default").await?;
     refresh_keys(&state).await;
     tracing::info!(org_id = %org_id, key_prefix = %key.display_prefix, "created org");
-    Ok((StatusCode::CREATED, Json(CreatedOrg { org_id, name, plan, key_id: key_id(&key.hash), api_key: key.secret })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedOrg { org_id, name, plan, key_id: key_id(&key.hash), api_key: key.secret }),
+    ))
 }
 
 pub async fn list_orgs(State(state): State<AppState>, _: Admin) -> Result<Json<Vec<OrgView>>, ApiError> {
@@ -159,7 +162,11 @@ struct KeyOwner {
     owner: String,
 }
 
-pub async fn revoke_key(State(state): State<AppState>, _: Admin, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::BadRequest("a key id is 16 hex digits".into()));
     }
@@ -167,7 +174,8 @@ pub async fn revoke_key(State(state): State<AppState>, _: Admin, Path(id): Path<
         "SELECT key_hash, any(key_prefix) AS key_prefix, argMax(org_id, version) AS owner FROM {} WHERE substring(key_hash, 1, 16) = ? GROUP BY key_hash",
         state.clickhouse.table("api_keys")
     );
-    let found: Vec<KeyOwner> = state.clickhouse.client().query(&sql).bind(id.to_ascii_lowercase()).fetch_all().await?;
+    let found: Vec<KeyOwner> =
+        state.clickhouse.client().query(&sql).bind(id.to_ascii_lowercase()).fetch_all().await?;
     let [key] = found.as_slice() else {
         return Err(ApiError::NotFound(format!("key {id}")));
     };

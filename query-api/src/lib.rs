@@ -59,7 +59,11 @@ impl Readiness for QueryReadiness {
 }
 
 /// Runs the query API on `listener` until `shutdown`, then finishes in-flight requests.
-pub async fn run(config: QueryConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: QueryConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let clickhouse = config.common.clickhouse.clone();
     if config.migrate {
         tally_common::migrate::migrate(&clickhouse).await?;
@@ -72,7 +76,11 @@ pub async fn run(config: QueryConfig, listener: TcpListener, shutdown: Cancellat
     }
     let background = CancellationToken::new();
     keys.spawn_refresher(clickhouse.clone(), config.key_refresh_interval, background.clone());
-    let state = AppState { clickhouse: clickhouse.clone(), keys: Arc::clone(&keys), admin_token: Arc::from(config.admin_token) };
+    let state = AppState {
+        clickhouse: clickhouse.clone(),
+        keys: Arc::clone(&keys),
+        admin_token: Arc::from(config.admin_token),
+    };
     let ops = OpsState {
         registry,
         readiness: Arc::new(QueryReadiness { clickhouse: clickhouse.client(), keys }),

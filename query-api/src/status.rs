@@ -30,7 +30,10 @@ pub fn rfc3339_ms(epoch_ms: u64) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-pub async fn telemetry_status(State(state): State<AppState>, Org(org): Org) -> Result<Json<TelemetryStatus>, ApiError> {
+pub async fn telemetry_status(
+    State(state): State<AppState>,
+    Org(org): Org,
+) -> Result<Json<TelemetryStatus>, ApiError> {
     let sql = format!(
         "SELECT count() AS total, min(toUInt64(timestamp) * 1000 + timestamp_ms) AS first_ms, \
          max(toUInt64(timestamp) * 1000 + timestamp_ms) AS last_ms FROM {} WHERE org_id = ?",

@@ -1,5 +1,7 @@
 //! The query API against the real local ClickHouse: admin surface, key lifecycle, org isolation.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::net::SocketAddr;
 
 use serde_json::{json, Value};
@@ -68,7 +70,8 @@ impl Api {
     }
 
     async fn status(&self, key: &str) -> (u16, Value) {
-        let response = self.http.get(self.url("/api/telemetry/status")).header("X-API-Key", key).send().await.unwrap();
+        let response =
+            self.http.get(self.url("/api/telemetry/status")).header("X-API-Key", key).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
@@ -106,7 +109,10 @@ async fn admin_surface_requires_the_token_and_validates_input() {
         }
     };
     assert_eq!(post(None, json!({"name": "x"})).send().await.unwrap().status(), 401);
-    assert_eq!(post(Some("wrong-token-wrong-token"), json!({"name": "x"})).send().await.unwrap().status(), 401);
+    assert_eq!(
+        post(Some("wrong-token-wrong-token"), json!({"name": "x"})).send().await.unwrap().status(),
+        401
+    );
     let bad_plan = post(Some(ADMIN), json!({"name": "x", "plan": "GOLD"})).send().await.unwrap();
     assert_eq!(bad_plan.status(), 400);
     let body: Value = bad_plan.json().await.unwrap();
@@ -115,7 +121,8 @@ async fn admin_surface_requires_the_token_and_validates_input() {
     assert_eq!(post(Some(ADMIN), json!({"name": "x", "orgId": "mine"})).send().await.unwrap().status(), 422);
 
     let (org_id, key, _) = api.create_org("acme").await;
-    let listed: Value = api.http.get(api.url("/admin/orgs")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let listed: Value =
+        api.http.get(api.url("/admin/orgs")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
     let acme = listed.as_array().unwrap().iter().find(|o| o["orgId"] == org_id.as_str()).expect("listed");
     assert_eq!((acme["name"].as_str(), acme["eventsPerMinute"].as_u64()), (Some("acme"), Some(1000)));
     // An org key is not an admin token.
@@ -130,7 +137,10 @@ async fn status_is_scoped_to_the_key_and_follows_key_lifecycle() {
     let (org_b, key_b, _) = api.create_org("b").await;
     let (status, body) = api.status(&key_a).await;
     assert_eq!(status, 200);
-    assert_eq!(body, json!({"connected": false, "firstEventAt": null, "lastEventAt": null, "totalEvents": 0}));
+    assert_eq!(
+        body,
+        json!({"connected": false, "firstEventAt": null, "lastEventAt": null, "totalEvents": 0})
+    );
 
     api.insert_event(&org_a, "2026-01-23 12:00:00", 250).await;
     api.insert_event(&org_a, "2026-01-23 18:30:00", 0).await;
@@ -159,11 +169,13 @@ async fn status_is_scoped_to_the_key_and_follows_key_lifecycle() {
         .await
         .unwrap();
     let second = created["apiKey"].as_str().unwrap().to_owned();
-    let revoke = api.http.delete(api.url(&format!("/admin/keys/{key_a_id}"))).bearer_auth(ADMIN).send().await.unwrap();
+    let revoke =
+        api.http.delete(api.url(&format!("/admin/keys/{key_a_id}"))).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(revoke.status(), 204);
     assert_eq!(api.status(&key_a).await.0, 401);
     assert_eq!(api.status(&second).await.1["totalEvents"], 2);
-    let missing = api.http.post(api.url("/admin/orgs/no-such-org/keys")).bearer_auth(ADMIN).send().await.unwrap();
+    let missing =
+        api.http.post(api.url("/admin/orgs/no-such-org/keys")).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(missing.status(), 404);
     api.stop().await;
 }

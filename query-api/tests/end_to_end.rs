@@ -2,11 +2,15 @@
 //! SDK batch goes through the ingest to Kafka, the consumer stores it in ClickHouse, and the query
 //! API reports it in `GET /api/telemetry/status`.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tally_common::config::Env;
-use tally_common::testing::{create_topic, delete_topics, drop_database, kafka_brokers, new_database_config, unique_name};
+use tally_common::testing::{
+    create_topic, delete_topics, drop_database, kafka_brokers, new_database_config, unique_name,
+};
 use tokio_util::sync::CancellationToken;
 
 const ADMIN: &str = "e2e-admin-token-0123456789";
@@ -96,7 +100,13 @@ async fn sdk_batch_flows_from_ingest_to_status() {
     // The ingest learns the new key at its next refresh (200 ms here).
     let mut accepted = None;
     for _ in 0..50 {
-        let response = http.post(format!("{ingest_url}/v1/ingest")).header("X-API-Key", &key).json(&batch).send().await.unwrap();
+        let response = http
+            .post(format!("{ingest_url}/v1/ingest"))
+            .header("X-API-Key", &key)
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
         if response.status() == 202 {
             accepted = Some(response.json::<Value>().await.unwrap());
             break;
@@ -104,10 +114,19 @@ async fn sdk_batch_flows_from_ingest_to_status() {
         assert_eq!(response.status(), 401);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(accepted.expect("ingest accepted the batch"), json!({"accepted": 2, "message": "Events queued for processing"}));
+    assert_eq!(
+        accepted.expect("ingest accepted the batch"),
+        json!({"accepted": 2, "message": "Events queued for processing"})
+    );
     let analytics = json!({"ts": last, "userId":"u-1","service":"chat","provider":"openai","model":"gpt-4o-mini",
         "latencyMs": 1420, "status": 200, "tokens": {"in": 1200, "out": 350}, "cost": {"usd": 0.0032}});
-    let response = http.post(format!("{ingest_url}/analytics/events")).header("X-API-Key", &key).json(&analytics).send().await.unwrap();
+    let response = http
+        .post(format!("{ingest_url}/analytics/events"))
+        .header("X-API-Key", &key)
+        .json(&analytics)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 202);
 
     let mut status = Value::Null;
@@ -126,7 +145,10 @@ async fn sdk_batch_flows_from_ingest_to_status() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(status, json!({"connected": true, "firstEventAt": first, "lastEventAt": last, "totalEvents": 3}));
+    assert_eq!(
+        status,
+        json!({"connected": true, "firstEventAt": first, "lastEventAt": last, "totalEvents": 3})
+    );
 
     shutdown.cancel();
     for task in [query, consumer, ingest] {

@@ -1,5 +1,5 @@
-//! Every validation bound Tally enforces, in one place. The README's "Validation bounds" table is
-//! generated from these constants by hand; a test checks the two agree.
+//! Every validation bound Tally enforces, in one place. The README's "Validation bounds" table
+//! states them for users; `tests/readme.rs` fails when the two disagree.
 
 /// Most events one `POST /v1/ingest` or `POST /analytics/events` body may carry.
 pub const MAX_EVENTS_PER_REQUEST: usize = 1000;

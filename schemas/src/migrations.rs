@@ -61,7 +61,8 @@ mod tests {
         let statements = MIGRATIONS[1].statements("t1");
         assert_eq!(statements.len(), 4);
         assert!(statements.iter().all(|s| !s.contains("{db}") && !s.ends_with(';')));
-        assert!(statements[1].starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS t1.rollup_hourly_mv TO t1.rollup_hourly"));
+        assert!(statements[1]
+            .starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS t1.rollup_hourly_mv TO t1.rollup_hourly"));
     }
 
     #[test]

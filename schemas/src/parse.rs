@@ -73,9 +73,11 @@ pub fn split_events(dialect: Dialect, body: &[u8]) -> Result<Vec<&RawValue>, Bod
         Dialect::Analytics => {
             let first = body.iter().find(|b| !b.is_ascii_whitespace());
             if first == Some(&b'[') {
-                serde_json::from_slice::<Vec<&RawValue>>(body).map_err(|e| BodyError::Malformed(e.to_string()))?
+                serde_json::from_slice::<Vec<&RawValue>>(body)
+                    .map_err(|e| BodyError::Malformed(e.to_string()))?
             } else {
-                vec![serde_json::from_slice::<&RawValue>(body).map_err(|e| BodyError::Malformed(e.to_string()))?]
+                vec![serde_json::from_slice::<&RawValue>(body)
+                    .map_err(|e| BodyError::Malformed(e.to_string()))?]
             }
         }
     };
@@ -86,7 +88,12 @@ pub fn split_events(dialect: Dialect, body: &[u8]) -> Result<Vec<&RawValue>, Bod
 }
 
 /// Parses and validates the event at `index` of its request.
-pub fn parse_event(dialect: Dialect, raw: &RawValue, index: usize, ctx: &RequestContext) -> Result<Event, Rejection> {
+pub fn parse_event(
+    dialect: Dialect,
+    raw: &RawValue,
+    index: usize,
+    ctx: &RequestContext,
+) -> Result<Event, Rejection> {
     let fields = match dialect {
         Dialect::Sdk => sdk_fields(raw)?,
         Dialect::Analytics => analytics_fields(raw)?,
@@ -224,7 +231,12 @@ fn sdk_fields(raw: &RawValue) -> Result<Fields<'_>, Rejection> {
     let status = match e.status.as_ref() {
         "success" => Status::Success,
         "error" => Status::Error,
-        other => return Err(Rejection::new("invalid_status", format!("status must be \"success\" or \"error\", got {other:?}"))),
+        other => {
+            return Err(Rejection::new(
+                "invalid_status",
+                format!("status must be \"success\" or \"error\", got {other:?}"),
+            ))
+        }
     };
     Ok(Fields {
         timestamp: e.timestamp,
@@ -254,7 +266,10 @@ fn sdk_fields(raw: &RawValue) -> Result<Fields<'_>, Rejection> {
 fn analytics_fields(raw: &RawValue) -> Result<Fields<'_>, Rejection> {
     let e: AnalyticsEvent = serde_json::from_str(raw.get()).map_err(invalid)?;
     if !(100..=599).contains(&e.status) {
-        return Err(Rejection::new("invalid_status", format!("status must be an HTTP status code, got {}", e.status)));
+        return Err(Rejection::new(
+            "invalid_status",
+            format!("status must be an HTTP status code, got {}", e.status),
+        ));
     }
     let tokens = e.tokens.unwrap_or(AnalyticsTokens { input: 0, output: 0 });
     let size = e.size.unwrap_or(AnalyticsSize { input_bytes: 0, output_bytes: 0 });
@@ -306,7 +321,10 @@ pub fn derived_event_id(org_id: &str, key: &str, index: usize) -> Uuid {
 fn bounded(name: &'static str, value: Option<Cow<'_, str>>, max: usize) -> Result<String, Rejection> {
     let text = value.map(Cow::into_owned).unwrap_or_default();
     if text.len() > max {
-        return Err(Rejection::new("field_too_long", format!("{name} is {} bytes, at most {max}", text.len())));
+        return Err(Rejection::new(
+            "field_too_long",
+            format!("{name} is {} bytes, at most {max}", text.len()),
+        ));
     }
     Ok(text)
 }
@@ -355,7 +373,10 @@ pub fn truncate_utf8(text: &str, max: usize) -> &str {
 impl Fields<'_> {
     fn into_event(self, index: usize, ctx: &RequestContext) -> Result<Event, Rejection> {
         let timestamp = DateTime::parse_from_rfc3339(&self.timestamp).map_err(|e| {
-            Rejection::new("invalid_timestamp", format!("timestamp {:?} is not RFC 3339: {e}", self.timestamp))
+            Rejection::new(
+                "invalid_timestamp",
+                format!("timestamp {:?} is not RFC 3339: {e}", self.timestamp),
+            )
         })?;
         let timestamp_ms = timestamp.timestamp_millis();
         if timestamp_ms < ctx.received_at_ms - MAX_EVENT_AGE_MS {
@@ -386,7 +407,10 @@ impl Fields<'_> {
                 None => {
                     return Err(Rejection::new(
                         "invalid_cost",
-                        format!("cost must be between 0 and {} USD, got {usd}", MAX_COST_NANOS / NANOS_PER_USD),
+                        format!(
+                            "cost must be between 0 and {} USD, got {usd}",
+                            MAX_COST_NANOS / NANOS_PER_USD
+                        ),
                     ))
                 }
             },
@@ -400,7 +424,10 @@ impl Fields<'_> {
         }
         for (name, value) in [("inputBytes", self.input_bytes), ("outputBytes", self.output_bytes)] {
             if value > MAX_PAYLOAD_BYTES {
-                return Err(Rejection::new("invalid_size", format!("{name} is {value}, at most {MAX_PAYLOAD_BYTES}")));
+                return Err(Rejection::new(
+                    "invalid_size",
+                    format!("{name} is {value}, at most {MAX_PAYLOAD_BYTES}"),
+                ));
             }
         }
         let event_id = match (&self.event_id, ctx.idempotency_key) {

@@ -31,7 +31,10 @@ impl PriceBook {
     pub fn new(prices: impl IntoIterator<Item = ModelPrice>) -> Self {
         let mut by_model: HashMap<(String, String), Vec<ModelPrice>> = HashMap::new();
         for price in prices {
-            by_model.entry((price.provider.to_lowercase(), price.model.to_lowercase())).or_default().push(price);
+            by_model
+                .entry((price.provider.to_lowercase(), price.model.to_lowercase()))
+                .or_default()
+                .push(price);
         }
         for list in by_model.values_mut() {
             list.sort_by_key(|p| p.effective_from_ms);
@@ -110,7 +113,8 @@ mod tests {
 
     #[test]
     fn lookup_respects_effective_dates_and_dated_names() {
-        let book = PriceBook::new([price("gpt-4o", 100, 1, 1), price("gpt-4o", 200, 2, 2), price("gpt-4", 0, 9, 9)]);
+        let book =
+            PriceBook::new([price("gpt-4o", 100, 1, 1), price("gpt-4o", 200, 2, 2), price("gpt-4", 0, 9, 9)]);
         assert!(book.lookup("openai", "gpt-4o", 99).is_none());
         assert_eq!(book.lookup("openai", "gpt-4o", 150).map(|p| p.input_nanos_per_mtok), Some(1));
         assert_eq!(book.lookup("OpenAI", "GPT-4o", 200).map(|p| p.input_nanos_per_mtok), Some(2));

@@ -146,8 +146,8 @@ pub fn decode_events(payload: &[u8]) -> Result<Vec<Event>, RecordError> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let row: OwnedRow =
-            serde_json::from_slice(line).map_err(|source| RecordError::Json { line: line_number + 1, source })?;
+        let row: OwnedRow = serde_json::from_slice(line)
+            .map_err(|source| RecordError::Json { line: line_number + 1, source })?;
         if row.metadata_keys.len() != row.metadata_values.len() {
             return Err(RecordError::Invalid("metadata_keys and metadata_values differ in length".into()));
         }

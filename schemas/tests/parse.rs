@@ -1,5 +1,7 @@
 //! Parsing and validation of both SDK dialects, and the Kafka record round trip.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use proptest::prelude::*;
 use serde_json::json;
 use tally_schemas::parse::{derived_event_id, parse_event, split_events, BodyError, Dialect, RequestContext};
@@ -59,7 +61,17 @@ fn one_bad_event_rejects_only_itself() {
     let mut inconsistent = seed_event();
     inconsistent["tokens"]["totalTokens"] = json!(10);
     let parsed = parse_sdk(
-        json!([bad_time, seed_event(), bad_status, missing_model, negative_cost, too_old, future, inconsistent, 7]),
+        json!([
+            bad_time,
+            seed_event(),
+            bad_status,
+            missing_model,
+            negative_cost,
+            too_old,
+            future,
+            inconsistent,
+            7
+        ]),
         None,
     );
     let codes: Vec<&str> = parsed.iter().map(|r| r.as_ref().err().map_or("ok", String::as_str)).collect();
@@ -84,7 +96,10 @@ fn body_errors_are_whole_request_errors() {
     assert!(matches!(split_events(Dialect::Sdk, b"{\"events\": [1,"), Err(BodyError::Malformed(_))));
     assert!(matches!(split_events(Dialect::Sdk, b"[]"), Err(BodyError::Malformed(_))));
     let many = serde_json::to_vec(&json!({ "events": vec![json!({}); 1001] })).unwrap();
-    assert!(matches!(split_events(Dialect::Sdk, &many), Err(BodyError::TooManyEvents { count: 1001, max: 1000 })));
+    assert!(matches!(
+        split_events(Dialect::Sdk, &many),
+        Err(BodyError::TooManyEvents { count: 1001, max: 1000 })
+    ));
 }
 
 #[test]
@@ -143,11 +158,16 @@ fn seed_004_documents_map_onto_the_same_event() {
         assert_eq!(e.status, Status::Error);
         assert_eq!(e.http_status, 503);
         assert_eq!((e.service.as_str(), e.action.as_str(), e.user_id.as_str()), ("chat", "message", "u-1"));
-        assert_eq!(e.metadata, vec![("params".into(), "{\"size\":\"1024x1024\"}".into()), ("region".into(), "eu".into())]);
+        assert_eq!(
+            e.metadata,
+            vec![("params".into(), "{\"size\":\"1024x1024\"}".into()), ("region".into(), "eu".into())]
+        );
     }
     let ok = json!({"ts":"2026-01-23T12:00:00Z","provider":"p","model":"m","status":200});
     let raw = serde_json::to_vec(&ok).unwrap();
-    let e = parse_event(Dialect::Analytics, split_events(Dialect::Analytics, &raw).unwrap()[0], 0, &ctx(None)).unwrap();
+    let e =
+        parse_event(Dialect::Analytics, split_events(Dialect::Analytics, &raw).unwrap()[0], 0, &ctx(None))
+            .unwrap();
     assert_eq!(e.status, Status::Success);
     assert_eq!(e.cost_source, CostSource::Unknown);
 }
@@ -158,7 +178,8 @@ fn records_round_trip_through_json_each_row() {
     event["timestamp"] = json!("2026-01-23T11:00:00.123Z");
     event["metadata"] = json!({"quote":"a\"b\nc","ünï":"cødé"});
     event["error"] = json!("line1\nline2");
-    let events: Vec<Event> = parse_sdk(json!([event, seed_event()]), None).into_iter().map(Result::unwrap).collect();
+    let events: Vec<Event> =
+        parse_sdk(json!([event, seed_event()]), None).into_iter().map(Result::unwrap).collect();
     let mut payload = Vec::new();
     for e in &events {
         encode_event(e, &mut payload);
