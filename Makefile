@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test test-unit test-integration compat lint fmt build
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -36,3 +36,10 @@ lint:
 
 fmt:
 	cargo fmt --all
+
+bench: bench-ingest ## every benchmark (figures go to loadtest/RESULTS.md by hand, with the command)
+
+bench-ingest: ## ingest throughput: ceiling vs discard sink vs real Kafka, at 1/100/1000 events per request
+	@bash dev/stack.sh infra-up
+	cargo build --release --locked --bins -q
+	python3 loadtest/bench_ingest.py $(BENCH_ARGS)

@@ -358,6 +358,7 @@ case "$cmd" in
   restart) stop_proc "${1:?component}"; [[ ${1} == ingest || ${1} == consumer || ${1} == query-api ]] && build_services; start_one "$1" ;;
   clean) down; rm -rf "$DEV"; log "removed .dev/" ;;
   env) service_env ;;
+  kafka-libs) install_kafka; echo "$KAFKA_LIBS" ;;
   create-topic) create_topic "${1:?topic}" "${2:-4}" ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

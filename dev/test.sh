@@ -23,6 +23,10 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import chdb' 2>/dev
   "$VENV/bin/pip" install -q --disable-pip-version-check "chdb==$CHDB_VERSION"
 fi
 
+# Tests that stop and restart a broker run their own, from the same jars.
+TALLY_KAFKA_LIBS="$(bash dev/stack.sh kafka-libs)"
+export TALLY_KAFKA_LIBS
+
 since="$(curl -fsS "$CLICKHOUSE_URL/?query=SELECT+now()")"
 echo "[test] cargo test --workspace"
 cargo test --workspace --locked

@@ -42,11 +42,16 @@ pub async fn drop_database(config: &ChConfig) {
 
 /// Creates a topic on the local Kafka (waits until it exists).
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_on(&kafka_brokers(), name, partitions).await;
+}
+
+/// Creates a topic on the given brokers.
+pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("kafka admin client");
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("kafka admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let results = admin
         .create_topics(
@@ -105,4 +110,108 @@ pub async fn create_org_with_key(
         .await
         .expect("insert key");
     key.secret
+}
+
+/// A private single-node Kafka broker for tests that stop and restart the broker (the shared one
+/// serves every other test). Uses the jars `dev/stack.sh` installed (`TALLY_KAFKA_LIBS`, exported
+/// by `make test`), a temporary data directory and two free ports.
+pub struct KafkaBroker {
+    pub port: u16,
+    libs: String,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl KafkaBroker {
+    /// Formats storage and starts the broker; returns once it accepts connections.
+    pub async fn start() -> KafkaBroker {
+        let libs = std::env::var("TALLY_KAFKA_LIBS").expect("TALLY_KAFKA_LIBS (run through `make test`)");
+        let dir = std::env::temp_dir().join(unique_name("kafka"));
+        std::fs::create_dir_all(dir.join("data")).expect("broker data dir");
+        let (port, controller) = (free_port(), free_port());
+        let properties = format!(
+            "process.roles=broker,controller\nnode.id=1\ncontroller.quorum.voters=1@127.0.0.1:{controller}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\ncontroller.listener.names=CONTROLLER\n\
+             inter.broker.listener.name=PLAINTEXT\nlistener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             log.dirs={}\nnum.partitions=2\noffsets.topic.replication.factor=1\noffsets.topic.num.partitions=2\n\
+             transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
+             share.coordinator.state.topic.replication.factor=1\ngroup.initial.rebalance.delay.ms=0\n\
+             auto.create.topics.enable=false\n",
+            dir.join("data").display()
+        );
+        std::fs::write(dir.join("server.properties"), properties).expect("broker config");
+        let classpath = format!("{libs}/*");
+        let formatted = std::process::Command::new("java")
+            .args([
+                "-cp",
+                &classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                "TALLYtestClusterIdAAAA",
+                "-c",
+            ])
+            .arg(dir.join("server.properties"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("java");
+        assert!(formatted.success(), "kafka storage format failed");
+        let mut broker = KafkaBroker { port, libs, dir, child: None };
+        broker.resume().await;
+        broker
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the (stopped) broker again on the same data and ports.
+    pub async fn resume(&mut self) {
+        let child = std::process::Command::new("java")
+            .args([
+                "-Xms128m",
+                "-Xmx384m",
+                "-XX:+UseSerialGC",
+                "-cp",
+                &format!("{}/*", self.libs),
+                "kafka.Kafka",
+            ])
+            .arg(self.dir.join("server.properties"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("java");
+        self.child = Some(child);
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("test broker did not start on port {}", self.port);
+    }
+
+    /// Kills the broker at once (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -20,12 +20,35 @@ pub struct KafkaConfig {
     pub linger: Duration,
 }
 
+/// Where accepted events go. `Discard` exists for the benchmark that measures the ingest minus Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Kafka,
+    Discard,
+}
+
+impl std::str::FromStr for SinkKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kafka" => Ok(SinkKind::Kafka),
+            "discard" => Ok(SinkKind::Discard),
+            other => Err(format!("expected kafka or discard, got {other:?}")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
+    pub sink: SinkKind,
     pub common: CommonConfig,
     pub kafka: KafkaConfig,
     /// Largest request body accepted, in bytes (after decompression).
     pub max_body_bytes: usize,
+    /// Largest compressed body accepted off the wire, in bytes.
+    pub max_compressed_bytes: usize,
+    /// How many ingest replicas share each org's limit (each enforces 1/N of it).
+    pub replicas: u32,
     /// How often the API key set and the price book are reloaded from ClickHouse.
     pub key_refresh_interval: Duration,
     pub price_refresh_interval: Duration,
@@ -42,6 +65,7 @@ impl IngestConfig {
             });
         }
         let config = IngestConfig {
+            sink: env.parse("TALLY_SINK", SinkKind::Kafka)?,
             common: CommonConfig::from_env(env, "127.0.0.1:8080")?,
             kafka: KafkaConfig {
                 brokers: env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
@@ -53,9 +77,18 @@ impl IngestConfig {
                 linger: env.millis("TALLY_KAFKA_LINGER_MS", 5)?,
             },
             max_body_bytes: env.parse("TALLY_MAX_BODY_BYTES", 8 * 1024 * 1024)?,
+            max_compressed_bytes: env.parse("TALLY_MAX_COMPRESSED_BYTES", 2 * 1024 * 1024)?,
+            replicas: env.parse("TALLY_INGEST_REPLICAS", 1)?,
             key_refresh_interval: env.millis("TALLY_KEY_REFRESH_MS", 5_000)?,
             price_refresh_interval: env.millis("TALLY_PRICE_REFRESH_MS", 30_000)?,
         };
+        if config.replicas == 0 {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_INGEST_REPLICAS".into(),
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
         if config.key_refresh_interval > Duration::from_secs(30) {
             return Err(ConfigError::Invalid {
                 key: "TALLY_KEY_REFRESH_MS".into(),

@@ -23,6 +23,8 @@ pub enum IngestError {
     Unavailable(String),
     #[error("not ready: {0}")]
     NotReady(String),
+    #[error("rate limit of {} events per minute reached", .0.limit)]
+    RateLimited(crate::ratelimit::Admission),
 }
 
 impl IngestError {
@@ -49,8 +51,22 @@ impl IngestError {
             IngestError::Unavailable(_) | IngestError::NotReady(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "retry after the delay in Retry-After")
             }
+            IngestError::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "retry after the delay in Retry-After, or ask for a higher plan",
+            ),
         }
     }
+}
+
+/// `X-RateLimit-Limit` (events per minute), `-Remaining` (events), `-Reset` (seconds until the
+/// burst capacity is full again), on every 2xx and 429.
+pub fn rate_limit_headers(headers: &mut axum::http::HeaderMap, admission: &crate::ratelimit::Admission) {
+    let reset = admission.reset_after.as_secs() + u64::from(admission.reset_after.subsec_nanos() > 0);
+    headers.insert("x-ratelimit-limit", HeaderValue::from(admission.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(admission.remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
 }
 
 impl IntoResponse for IngestError {
@@ -60,6 +76,12 @@ impl IntoResponse for IngestError {
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let IngestError::RateLimited(admission) = &self {
+            let wait = admission.retry_after.unwrap_or_default();
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            rate_limit_headers(response.headers_mut(), admission);
         }
         response
     }

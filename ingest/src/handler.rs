@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,8 @@ use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
 use tally_schemas::parse::{parse_event, split_events, BodyError, Dialect, RequestContext};
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 
-use crate::error::IngestError;
+use crate::body;
+use crate::error::{rate_limit_headers, IngestError};
 use crate::sink::Topic;
 use crate::AppState;
 
@@ -69,12 +70,6 @@ fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
             return Err(IngestError::Unsupported(format!("content type {essence:?}; send application/json")));
         }
     }
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
-        let encoding = encoding.to_str().unwrap_or("");
-        if !encoding.eq_ignore_ascii_case("identity") {
-            return Err(IngestError::Unsupported(format!("content encoding {encoding:?}")));
-        }
-    }
     Ok(())
 }
 
@@ -102,9 +97,7 @@ async fn handle(
             }
         },
     };
-    let bytes = to_bytes(body, state.max_body_bytes)
-        .await
-        .map_err(|_| IngestError::TooLarge { limit: state.max_body_bytes })?;
+    let bytes = body::read(&headers, body, state.max_compressed_bytes, state.max_body_bytes).await?;
     let raw_events = split_events(dialect, &bytes).map_err(|error| match error {
         BodyError::Malformed(_) => IngestError::Malformed(error.to_string()),
         BodyError::TooManyEvents { .. } => IngestError::TooManyEvents(error.to_string()),
@@ -112,17 +105,36 @@ async fn handle(
 
     let received_at_ms = (state.clock)();
     let context = RequestContext { org_id: &org.org_id, received_at_ms, idempotency_key };
+    let parsed: Vec<_> = raw_events
+        .iter()
+        .enumerate()
+        .map(|(index, raw)| parse_event(dialect, raw, index, &context))
+        .collect();
+    let valid = parsed.iter().filter(|p| p.is_ok()).count() as u32;
+    let admission = state.limits.admit(&org, valid);
+    if valid > 0 && admission.allowed == 0 {
+        state.metrics.events_rate_limited.inc_by(u64::from(valid));
+        return Err(IngestError::RateLimited(admission));
+    }
+
     let prices = state.prices.current();
     let mut payload = Vec::with_capacity(raw_events.len() * 480);
     let mut accepted = 0usize;
     let mut rejected = Vec::new();
     let mut dead_letters = Vec::new();
-    for (index, raw) in raw_events.iter().enumerate() {
-        match parse_event(dialect, raw, index, &context) {
-            Ok(mut event) => {
+    for ((index, raw), outcome) in raw_events.iter().enumerate().zip(parsed) {
+        match outcome {
+            Ok(mut event) if accepted < admission.allowed as usize => {
                 prices.price(&mut event);
                 encode_event(&event, &mut payload);
                 accepted += 1;
+            }
+            Ok(_) => {
+                state.metrics.events_rate_limited.inc();
+                rejected.push(Rejected {
+                    index,
+                    reason: format!("rate_limited: over {} events per minute, retry later", admission.limit),
+                });
             }
             Err(rejection) => {
                 state.metrics.events_rejected.with_label_values(&[rejection.code]).inc();
@@ -161,7 +173,9 @@ async fn handle(
         report_dead_letter_failures(&state, &dead_letter_results);
     }
     let body = Accepted { accepted, rejected, message: "Events queued for processing" };
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    rate_limit_headers(response.headers_mut(), &admission);
+    Ok(response)
 }
 
 /// The accepted events are durable, so a failed dead letter does not fail the request: the

@@ -1,16 +1,18 @@
 //! The ingest tier: stateless HTTP in front of Kafka. See `handler` for the request path.
 
+pub mod body;
 pub mod config;
 pub mod error;
 pub mod handler;
 pub mod metrics;
 pub mod prices;
+pub mod ratelimit;
 pub mod sink;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{middleware, Router};
 use futures::future::BoxFuture;
 use prometheus::Registry;
@@ -19,10 +21,10 @@ use tally_common::server::{self, HttpMetrics, OpsState, Readiness};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::IngestConfig;
+use crate::config::{IngestConfig, SinkKind};
 use crate::metrics::IngestMetrics;
 use crate::prices::Prices;
-use crate::sink::{EventSink, KafkaSink};
+use crate::sink::{DiscardSink, EventSink, KafkaSink};
 
 /// Handler state: small, cheap to clone.
 #[derive(Clone)]
@@ -33,7 +35,10 @@ pub struct AppState {
     pub metrics: IngestMetrics,
     /// Milliseconds since the epoch; injected so tests can pin time.
     pub clock: fn() -> i64,
+    pub limits: Arc<ratelimit::OrgLimits>,
+    /// Largest body after decompression, and largest compressed body off the wire.
     pub max_body_bytes: usize,
+    pub max_compressed_bytes: usize,
 }
 
 pub fn system_clock() -> i64 {
@@ -45,9 +50,17 @@ pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
     Router::new()
         .route("/v1/ingest", post(handler::ingest_sdk))
         .route("/analytics/events", post(handler::ingest_analytics))
+        .route("/openapi.json", get(openapi))
         .with_state(state)
         .layer(middleware::from_fn_with_state(http_metrics, server::track_http))
         .layer(middleware::from_fn(server::request_id))
+}
+
+/// The OpenAPI document of the ingest routes.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 struct IngestReadiness {
@@ -79,9 +92,20 @@ pub async fn run(
     let registry = Registry::new();
     let metrics = IngestMetrics::register(&registry)?;
     let http_metrics = HttpMetrics::register(&registry)?;
-    let kafka = Arc::new(KafkaSink::new(&config.kafka, metrics.clone())?);
     let background = CancellationToken::new();
-    kafka.spawn_health_probe(Duration::from_secs(2), background.clone());
+    let (sink, kafka): (Arc<dyn EventSink>, Option<Arc<KafkaSink>>) = match config.sink {
+        SinkKind::Kafka => {
+            let kafka = Arc::new(KafkaSink::new(&config.kafka, metrics.clone())?);
+            kafka.spawn_health_probe(Duration::from_secs(2), background.clone());
+            (kafka.clone(), Some(kafka))
+        }
+        SinkKind::Discard => {
+            tracing::warn!(
+                "TALLY_SINK=discard: events are validated and encoded, then dropped (benchmarks only)"
+            );
+            (Arc::new(DiscardSink::default()), None)
+        }
+    };
 
     let keys = KeySet::new();
     if let Err(error) = keys.refresh(&config.common.clickhouse).await {
@@ -95,14 +119,15 @@ pub async fn run(
         background.clone(),
     );
 
-    let sink: Arc<dyn EventSink> = kafka.clone();
     let state = AppState {
         sink: Arc::clone(&sink),
         keys: Arc::clone(&keys),
         prices,
         metrics,
         clock: system_clock,
+        limits: Arc::new(ratelimit::OrgLimits::new(config.replicas)),
         max_body_bytes: config.max_body_bytes,
+        max_compressed_bytes: config.max_compressed_bytes,
     };
     let ops = OpsState {
         registry,
@@ -113,7 +138,9 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, "ingest listening");
     server::serve(listener, router, shutdown).await?;
     tracing::info!("draining: flushing the producer");
-    kafka.flush(config.common.shutdown_timeout);
+    if let Some(kafka) = kafka {
+        kafka.flush(config.common.shutdown_timeout);
+    }
     background.cancel();
     Ok(())
 }

@@ -6,6 +6,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 pub struct IngestMetrics {
     pub events_accepted: IntCounter,
     pub events_rejected: IntCounterVec,
+    pub events_rate_limited: IntCounter,
     pub dead_letter_failures: IntCounter,
     pub produce_seconds: Histogram,
     pub producer_queue_depth: IntGauge,
@@ -22,6 +23,10 @@ impl IngestMetrics {
             events_rejected: IntCounterVec::new(
                 Opts::new("tally_ingest_events_rejected_total", "events rejected, by reason"),
                 &["reason"],
+            )?,
+            events_rate_limited: IntCounter::new(
+                "tally_ingest_events_rate_limited_total",
+                "events refused by the org's plan limit",
             )?,
             dead_letter_failures: IntCounter::new(
                 "tally_ingest_dead_letter_failures_total",
@@ -41,6 +46,7 @@ impl IngestMetrics {
         };
         registry.register(Box::new(metrics.events_accepted.clone()))?;
         registry.register(Box::new(metrics.events_rejected.clone()))?;
+        registry.register(Box::new(metrics.events_rate_limited.clone()))?;
         registry.register(Box::new(metrics.dead_letter_failures.clone()))?;
         registry.register(Box::new(metrics.produce_seconds.clone()))?;
         registry.register(Box::new(metrics.producer_queue_depth.clone()))?;

@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
 use tally_common::testing::{
-    create_org_with_key, create_topic, delete_topics, drop_database, kafka_brokers, migrated_database,
-    unique_name,
+    create_org_with_key, create_topic, create_topic_on, delete_topics, drop_database, kafka_brokers,
+    migrated_database, unique_name, KafkaBroker,
 };
 use tally_ingest::config::IngestConfig;
 use tally_schemas::record::{decode_events, DeadLetter, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION};
@@ -33,12 +33,40 @@ struct Ingest {
 
 impl Ingest {
     async fn start(extra: &[(&str, &str)]) -> Ingest {
+        Ingest::start_for_plan("ENTERPRISE", 0, extra).await
+    }
+
+    async fn start_for_plan(plan: &str, events_per_minute: u32, extra: &[(&str, &str)]) -> Ingest {
         let clickhouse = migrated_database("ingest").await;
         let org_id = unique_name("org");
-        let key = create_org_with_key(&clickhouse, &org_id, "ENTERPRISE", 0).await;
+        let key = create_org_with_key(&clickhouse, &org_id, plan, events_per_minute).await;
         let (events_topic, dlq_topic) = (unique_name("events"), unique_name("dlq"));
         create_topic(&events_topic, 2).await;
         create_topic(&dlq_topic, 1).await;
+        Ingest::start_on(clickhouse, org_id, key, events_topic, dlq_topic, extra).await
+    }
+
+    /// Another replica sharing the same database, org and topics.
+    async fn replica(&self, extra: &[(&str, &str)]) -> Ingest {
+        Ingest::start_on(
+            self.clickhouse.clone(),
+            self.org_id.clone(),
+            self.key.clone(),
+            self.events_topic.clone(),
+            self.dlq_topic.clone(),
+            extra,
+        )
+        .await
+    }
+
+    async fn start_on(
+        clickhouse: ChConfig,
+        org_id: String,
+        key: String,
+        events_topic: String,
+        dlq_topic: String,
+        extra: &[(&str, &str)],
+    ) -> Ingest {
         let mut env = Env::from_pairs([
             ("TALLY_KAFKA_BROKERS", kafka_brokers()),
             ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
@@ -67,6 +95,22 @@ impl Ingest {
         delete_topics(&[&self.events_topic, &self.dlq_topic]).await;
         drop_database(&self.clickhouse).await;
     }
+
+    /// Stops this replica only, leaving the shared database and topics.
+    async fn stop_replica(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+
+    async fn post(&self, client: &reqwest::Client, events: usize) -> reqwest::Response {
+        client
+            .post(self.url("/v1/ingest"))
+            .header("X-API-Key", &self.key)
+            .json(&json!({"events": vec![event("gpt-4o"); events]}))
+            .send()
+            .await
+            .unwrap()
+    }
 }
 
 fn event(model: &str) -> Value {
@@ -77,13 +121,22 @@ fn event(model: &str) -> Value {
 
 /// Reads every record of `topic` (until 3 s pass without one).
 async fn read_all(topic: &str) -> Vec<OwnedMessage> {
+    read_all_on(&kafka_brokers(), topic).await
+}
+
+/// Assigns every partition from the beginning (no consumer group, so no coordinator to wait for).
+async fn read_all_on(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique_name("reader"))
-        .set("auto.offset.reset", "earliest")
         .create()
         .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        assignment.add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
     let mut messages = Vec::new();
     while let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await {
         messages.push(message.detach());
@@ -249,4 +302,233 @@ async fn unreachable_kafka_answers_503_within_the_deadline() {
     assert_eq!(response.headers()["retry-after"], "1");
     assert!(started.elapsed() < Duration::from_secs(5), "no hang past the produce deadline");
     ingest.stop().await;
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn compressed_bodies_are_accepted_and_bombs_refused() {
+    let ingest = Ingest::start(&[("TALLY_MAX_BODY_BYTES", "1048576")]).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &ingest).await;
+    let body = serde_json::to_vec(&json!({"events": vec![event("gpt-4o"); 50]})).unwrap();
+    let send = |encoding: &'static str, payload: Vec<u8>| {
+        client
+            .post(ingest.url("/v1/ingest"))
+            .header("X-API-Key", &ingest.key)
+            .header("Content-Type", "application/json")
+            .header("Content-Encoding", encoding)
+            .body(payload)
+            .send()
+    };
+    let gzipped = send("gzip", gzip(&body)).await.unwrap();
+    assert_eq!(gzipped.status(), 202);
+    assert_eq!(gzipped.json::<Value>().await.unwrap()["accepted"], 50);
+    let zstd = send("zstd", zstd::encode_all(&body[..], 3).unwrap()).await.unwrap();
+    assert_eq!(zstd.status(), 202);
+    // 512 MiB of spaces inside a valid JSON prefix: ~500 KiB compressed, refused at 1 MiB decoded.
+    let mut bomb_source = b"{\"events\": [".to_vec();
+    bomb_source.resize(512 << 20, b' ');
+    let bomb = send("gzip", gzip(&bomb_source)).await.unwrap();
+    assert_eq!(bomb.status(), 413);
+    assert_eq!(bomb.json::<Value>().await.unwrap()["error"]["code"], "body_too_large");
+    let garbage = send("gzip", b"definitely not gzip".to_vec()).await.unwrap();
+    assert_eq!(garbage.status(), 400);
+    let records = read_all(&ingest.events_topic).await;
+    assert_eq!(records.len(), 2, "the gzip and zstd batches, nothing else");
+    ingest.stop().await;
+}
+
+fn header_u64(response: &reqwest::Response, name: &str) -> u64 {
+    response.headers()[name].to_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn plan_limits_count_events_and_admit_the_fitting_prefix() {
+    let ingest = Ingest::start_for_plan("FREE", 0, &[]).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &ingest).await;
+    let first = ingest.post(&client, 60).await;
+    assert_eq!(first.status(), 202);
+    assert_eq!(
+        (header_u64(&first, "x-ratelimit-limit"), header_u64(&first, "x-ratelimit-remaining")),
+        (100, 40)
+    );
+    assert!(header_u64(&first, "x-ratelimit-reset") >= 30);
+    let second = ingest.post(&client, 60).await;
+    assert_eq!(second.status(), 202);
+    assert_eq!(header_u64(&second, "x-ratelimit-remaining"), 0);
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["accepted"], 40);
+    let rejected = body["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 20);
+    assert_eq!(rejected[0]["index"], 40);
+    assert!(rejected.iter().all(|r| r["reason"].as_str().unwrap().starts_with("rate_limited")));
+    let third = ingest.post(&client, 5).await;
+    assert_eq!(third.status(), 429);
+    assert!(header_u64(&third, "retry-after") >= 1);
+    assert_eq!(header_u64(&third, "x-ratelimit-remaining"), 0);
+    assert_eq!(third.json::<Value>().await.unwrap()["error"]["code"], "rate_limited");
+    let records = read_all(&ingest.events_topic).await;
+    let stored: usize = records.iter().map(|r| decode_events(r.payload().unwrap()).unwrap().len()).sum();
+    assert_eq!(stored, 100, "exactly the plan's 100 events reached kafka");
+    assert!(read_all(&ingest.dlq_topic).await.is_empty(), "rate-limited events are not dead letters");
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_hold_the_org_limit_together() {
+    let first = Ingest::start_for_plan("STARTUP", 200, &[("TALLY_INGEST_REPLICAS", "2")]).await;
+    let second = first.replica(&[("TALLY_INGEST_REPLICAS", "2")]).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &first).await;
+    wait_ready(&client, &second).await;
+    let mut accepted = 0;
+    for replica in [&first, &second, &first, &second] {
+        let response = replica.post(&client, 80).await;
+        if response.status() == 202 {
+            accepted += response.json::<Value>().await.unwrap()["accepted"].as_u64().unwrap();
+        } else {
+            assert_eq!(response.status(), 429);
+        }
+    }
+    assert_eq!(accepted, 200, "100 per replica: the org's 200 events per minute across both");
+    second.stop_replica().await;
+    first.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_key_stops_working_at_the_next_refresh() {
+    let ingest = Ingest::start(&[("TALLY_KEY_REFRESH_MS", "200")]).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &ingest).await;
+    assert_eq!(ingest.post(&client, 1).await.status(), 202);
+    ingest
+        .clickhouse
+        .client()
+        .query(&format!(
+            "INSERT INTO {} (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES (?, '', ?, 'revoked', now(), 1, 2)",
+            ingest.clickhouse.table("api_keys")
+        ))
+        .bind(tally_schemas::keys::hash(&ingest.key))
+        .bind(&ingest.org_id)
+        .execute()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let status = ingest.post(&client, 1).await.status();
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 202);
+        assert!(started.elapsed() < Duration::from_secs(5), "revocation not seen within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ingest.stop().await;
+}
+
+fn events_in(records: &[OwnedMessage]) -> usize {
+    records.iter().map(|r| decode_events(r.payload().unwrap()).unwrap().len()).sum()
+}
+
+#[tokio::test]
+async fn a_stopped_broker_means_503_then_automatic_recovery_without_loss() {
+    let mut broker = KafkaBroker::start().await;
+    let clickhouse = migrated_database("kafkadown").await;
+    let org_id = unique_name("org");
+    let key = create_org_with_key(&clickhouse, &org_id, "ENTERPRISE", 0).await;
+    let (events_topic, dlq_topic) = (unique_name("events"), unique_name("dlq"));
+    create_topic_on(&broker.bootstrap(), &events_topic, 2).await;
+    create_topic_on(&broker.bootstrap(), &dlq_topic, 1).await;
+    let brokers = broker.bootstrap();
+    let extra = [("TALLY_KAFKA_BROKERS", brokers.as_str()), ("TALLY_PRODUCE_TIMEOUT_MS", "2000")];
+    let ingest = Ingest::start_on(clickhouse, org_id, key, events_topic.clone(), dlq_topic, &extra).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    wait_ready(&client, &ingest).await;
+    let mut accepted = 0;
+    let response = ingest.post(&client, 10).await;
+    assert_eq!(response.status(), 202);
+    accepted += 10;
+
+    broker.kill();
+    let started = std::time::Instant::now();
+    let down = ingest.post(&client, 10).await;
+    assert_eq!(down.status(), 503, "kafka down: refused, not accepted");
+    assert!(down.headers().contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_secs(5), "answered within the produce deadline");
+    let mut not_ready = false;
+    for _ in 0..50 {
+        if client.get(ingest.url("/readyz")).send().await.unwrap().status() == 503 {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(not_ready, "/readyz turns 503 while kafka is unreachable");
+
+    broker.resume().await;
+    let recovered = std::time::Instant::now();
+    loop {
+        let response = ingest.post(&client, 10).await;
+        if response.status() == 202 {
+            accepted += 10;
+            break;
+        }
+        assert_eq!(response.status(), 503);
+        assert!(
+            recovered.elapsed() < Duration::from_secs(60),
+            "no recovery within 60 s of the broker's return"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(ingest.post(&client, 10).await.status(), 202);
+    accepted += 10;
+    let stored = events_in(&read_all_on(&broker.bootstrap(), &events_topic).await);
+    assert_eq!(stored, accepted, "every event answered 202 is in kafka, and only those");
+    ingest.shutdown.cancel();
+    ingest.task.await.unwrap().unwrap();
+    drop_database(&ingest.clickhouse).await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_and_loses_nothing() {
+    let ingest = Ingest::start(&[]).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &ingest).await;
+    let url = ingest.url("/v1/ingest");
+    let body = json!({"events": vec![event("gpt-4o"); 100]});
+    let requests: Vec<_> = (0..40)
+        .map(|_| {
+            let (client, url, body, key) = (client.clone(), url.clone(), body.clone(), ingest.key.clone());
+            tokio::spawn(async move { client.post(url).header("X-API-Key", key).json(&body).send().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    ingest.shutdown.cancel();
+    let mut accepted = 0;
+    let mut answered = 0;
+    for request in requests {
+        match request.await.unwrap() {
+            Ok(response) => {
+                answered += 1;
+                assert_eq!(response.status(), 202, "an in-flight request is finished, not failed");
+                accepted += response.json::<Value>().await.unwrap()["accepted"].as_u64().unwrap() as usize;
+            }
+            Err(error) => {
+                assert!(error.is_connect() || error.is_request(), "refused after shutdown: {error}")
+            }
+        }
+    }
+    assert!(answered > 0);
+    let Ingest { task, events_topic, dlq_topic, clickhouse, .. } = ingest;
+    task.await.unwrap().unwrap();
+    assert_eq!(events_in(&read_all(&events_topic).await), accepted, "what was answered 202 is in kafka");
+    delete_topics(&[&events_topic, &dlq_topic]).await;
+    drop_database(&clickhouse).await;
 }

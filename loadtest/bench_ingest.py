@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""`make bench-ingest`: the ingest benchmark, all on this machine, load generator included.
+
+For 1, 100 and 1000 events per request it drives, in one run and with the same bodies:
+  ceiling  the bare axum handler that only reads the body (tally-ceiling)
+  discard  the ingest doing everything (auth, parse, validate, price, encode) but produce
+  kafka    the ingest producing to the local Kafka (acks=all, idempotent), answering after the ack
+and prints events/s, requests/s, p50/p99 latency, the server's CPU microseconds per event
+(from /proc/<pid>/stat) and its RSS. The load generator runs a closed model (each connection
+sends its next request when the previous answered) for --seconds per scenario.
+
+Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,100,1000]
+                                [--scenarios ceiling,discard,kafka]
+Needs the local stack (dev/stack.sh infra-up) and release binaries (cargo build --release).
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/tally/target"))
+BIN = os.path.join(TARGET, "release")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ADMIN = "bench-admin-token-%016x" % random.getrandbits(64)
+
+
+def cpu_seconds(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_mib(pid):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_http(url, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.1)
+    raise SystemExit("not answering: " + url)
+
+
+def start(binary, env, args=()):
+    full_env = dict(os.environ, TALLY_LOG="warn", TALLY_LOG_FORMAT="json", **env)
+    log = open(os.path.join(ROOT, ".dev", "log", "bench-%s.log" % os.path.basename(binary)), "a")
+    return subprocess.Popen([os.path.join(BIN, binary), *args], env=full_env, stdout=log, stderr=log)
+
+
+def stop(process):
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def bench_org(database):
+    """A database with the schema and an org whose limit is far above any benchmark rate."""
+    api = start("tally-query-api", {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_ADMIN_TOKEN": ADMIN,
+                                     "TALLY_LISTEN_ADDR": "127.0.0.1:18081"})
+    try:
+        wait_http("http://127.0.0.1:18081/readyz", 60)
+        request = urllib.request.Request(
+            "http://127.0.0.1:18081/admin/orgs",
+            data=json.dumps({"name": "bench", "plan": "ENTERPRISE", "rateLimitPerMin": 4000000000,
+                             "rateLimitBurst": 4000000000}).encode(),
+            headers={"Authorization": "Bearer " + ADMIN, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            return json.load(response)["apiKey"]
+    finally:
+        stop(api)
+
+
+def create_topic(name, partitions):
+    subprocess.run(["bash", os.path.join(ROOT, "dev", "stack.sh"), "create-topic", name, str(partitions)], check=True)
+
+
+def loadgen(url, key, events, seconds, connections):
+    out = subprocess.run([os.path.join(BIN, "tally-loadgen"), "--url", url, "--key", key, "--events", str(events),
+                          "--duration", str(seconds), "--connections", str(connections)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(process, url, key, events, seconds, connections):
+    loadgen(url, key, events, 2, connections)  # warm-up: connections, allocator, JIT-free but caches
+    before = cpu_seconds(process.pid)
+    result = loadgen(url, key, events, seconds, connections)
+    result["server_cpu_s"] = cpu_seconds(process.pid) - before
+    result["server_rss_mib"] = rss_mib(process.pid)
+    accepted = result["accepted_events_per_s"] * result["seconds"]
+    result["cpu_us_per_event"] = result["server_cpu_s"] * 1e6 / accepted if accepted else float("nan")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--events", default="1,100,1000")
+    parser.add_argument("--scenarios", default="ceiling,discard,kafka")
+    args = parser.parse_args()
+    events_list = [int(e) for e in args.events.split(",")]
+    scenarios = args.scenarios.split(",")
+
+    database = "tally_bench_%08x" % random.getrandbits(32)
+    key = bench_org(database)
+    topic = "tally.bench.%08x" % random.getrandbits(32)
+    if "kafka" in scenarios:
+        create_topic(topic, 8)
+    env = {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_LISTEN_ADDR": "127.0.0.1:18080",
+           "TALLY_EVENTS_TOPIC": topic, "TALLY_DLQ_TOPIC": "tally.events.dlq.v1"}
+    rows = []
+    for scenario in scenarios:
+        if scenario == "ceiling":
+            process, url = start("tally-ceiling", {}, ["127.0.0.1:18090"]), "http://127.0.0.1:18090"
+            time.sleep(0.5)
+        else:
+            process = start("tally-ingest", dict(env, TALLY_SINK="discard" if scenario == "discard" else "kafka"))
+            url = "http://127.0.0.1:18080"
+            wait_http(url + "/readyz", 60)
+        try:
+            for events in events_list:
+                result = measure(process, url, key, events, args.seconds, args.connections)
+                result["scenario"] = scenario
+                rows.append(result)
+                print(json.dumps(result), file=sys.stderr)
+        finally:
+            stop(process)
+
+    print("\nnproc=%d  seconds=%s  connections=%d  load generator on the same machine"
+          % (os.cpu_count(), args.seconds, args.connections))
+    print("%-8s %6s %12s %10s %9s %9s %10s %8s %s" % ("scenario", "ev/req", "events/s", "req/s", "p50 ms",
+                                                       "p99 ms", "cpu us/ev", "rss MiB", "statuses"))
+    for r in rows:
+        print("%-8s %6d %12.0f %10.0f %9.2f %9.2f %10.3f %8.1f %s" % (
+            r["scenario"], r["events_per_request"], r["accepted_events_per_s"], r["requests_per_s"],
+            r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["cpu_us_per_event"], r["server_rss_mib"],
+            json.dumps(r["statuses"])))
+    ceiling = {r["events_per_request"]: r["accepted_events_per_s"] for r in rows if r["scenario"] == "ceiling"}
+    for r in rows:
+        if r["scenario"] != "ceiling" and ceiling.get(r["events_per_request"]):
+            print("%s at %d events/request: %.1f%% of the ceiling" % (
+                r["scenario"], r["events_per_request"], 100 * r["accepted_events_per_s"] / ceiling[r["events_per_request"]]))
+    subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+
+
+if __name__ == "__main__":
+    main()
