@@ -4,6 +4,9 @@ use anyhow::Context;
 use tally_common::config::Env;
 use tally_consumer::config::ConsumerConfig;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let env = Env::from_process();

@@ -87,6 +87,62 @@ pub fn split_events(dialect: Dialect, body: &[u8]) -> Result<Vec<&RawValue>, Bod
     Ok(events)
 }
 
+/// A parsed request body: each event's outcome, and the original JSON of any event on demand.
+pub struct Batch<'a> {
+    dialect: Dialect,
+    body: &'a [u8],
+    pub outcomes: Vec<Result<Event, Rejection>>,
+    raw: std::sync::OnceLock<Vec<&'a RawValue>>,
+}
+
+impl<'a> Batch<'a> {
+    /// The original JSON text of the event at `index` (split from the body on first use).
+    pub fn original(&self, index: usize) -> &'a str {
+        let raw = self.raw.get_or_init(|| split_events(self.dialect, self.body).unwrap_or_default());
+        raw.get(index).map_or("", |r| r.get())
+    }
+}
+
+/// Parses and validates every event of a body. The common case, a batch whose events are all
+/// well-formed JSON of the right types, is read in one typed pass; when any event is malformed the
+/// body is split into its events and each is parsed on its own, so that event alone is rejected.
+pub fn parse_batch<'a>(
+    dialect: Dialect,
+    body: &'a [u8],
+    ctx: &RequestContext,
+) -> Result<Batch<'a>, BodyError> {
+    #[derive(Deserialize)]
+    struct TypedSdkBatch<'a> {
+        #[serde(borrow)]
+        events: Vec<SdkEvent<'a>>,
+    }
+    // Validating UTF-8 once for the whole body (an ASCII fast path) lets serde skip it per string.
+    let text = std::str::from_utf8(body).ok();
+    if let (Dialect::Sdk, Some(text)) = (dialect, text) {
+        if let Ok(typed) = serde_json::from_str::<TypedSdkBatch>(text) {
+            if typed.events.len() > MAX_EVENTS_PER_REQUEST {
+                return Err(BodyError::TooManyEvents {
+                    count: typed.events.len(),
+                    max: MAX_EVENTS_PER_REQUEST,
+                });
+            }
+            let outcomes = typed
+                .events
+                .into_iter()
+                .enumerate()
+                .map(|(index, event)| {
+                    sdk_event_fields(event).and_then(|fields| fields.into_event(index, ctx))
+                })
+                .collect();
+            return Ok(Batch { dialect, body, outcomes, raw: std::sync::OnceLock::new() });
+        }
+    }
+    let raw = split_events(dialect, body)?;
+    let outcomes =
+        raw.iter().enumerate().map(|(index, event)| parse_event(dialect, event, index, ctx)).collect();
+    Ok(Batch { dialect, body, outcomes, raw: std::sync::OnceLock::from(raw) })
+}
+
 /// Parses and validates the event at `index` of its request.
 pub fn parse_event(
     dialect: Dialect,
@@ -227,7 +283,10 @@ fn invalid(e: serde_json::Error) -> Rejection {
 }
 
 fn sdk_fields(raw: &RawValue) -> Result<Fields<'_>, Rejection> {
-    let e: SdkEvent = serde_json::from_str(raw.get()).map_err(invalid)?;
+    sdk_event_fields(serde_json::from_str(raw.get()).map_err(invalid)?)
+}
+
+fn sdk_event_fields(e: SdkEvent<'_>) -> Result<Fields<'_>, Rejection> {
     let status = match e.status.as_ref() {
         "success" => Status::Success,
         "error" => Status::Error,
@@ -318,6 +377,13 @@ pub fn derived_event_id(org_id: &str, key: &str, index: usize) -> Uuid {
     Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, name.as_bytes())
 }
 
+/// A UUIDv7 for `epoch_ms` with 74 random bits from the thread-local generator: no system call
+/// and no shared lock per event (uuid's `now_v7` takes a global mutex and reads the OS RNG).
+pub fn new_v7(epoch_ms: i64) -> Uuid {
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(u64::try_from(epoch_ms).unwrap_or(0), &random).into_uuid()
+}
+
 fn bounded(name: &'static str, value: Option<Cow<'_, str>>, max: usize) -> Result<String, Rejection> {
     let text = value.map(Cow::into_owned).unwrap_or_default();
     if text.len() > max {
@@ -370,15 +436,96 @@ pub fn truncate_utf8(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+fn two_digits(bytes: &[u8], at: usize) -> Option<u32> {
+    let (tens, ones) = (bytes.get(at)?.wrapping_sub(b'0'), bytes.get(at + 1)?.wrapping_sub(b'0'));
+    (tens < 10 && ones < 10).then(|| u32::from(tens) * 10 + u32::from(ones))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month_index = i64::from(if month > 2 { month - 3 } else { month + 9 });
+    let day_of_year = (153 * month_index + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// Epoch milliseconds of the common RFC 3339 shapes SDKs send (`2026-01-23T12:00:00Z`, with an
+/// optional fraction and a `Z` or `±hh:mm` offset); `None` for anything else, which then goes
+/// through chrono's full parser. A property test holds the two equal.
+pub fn fast_rfc3339_ms(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let year = i64::from(two_digits(b, 0)? * 100 + two_digits(b, 2)?);
+    let (month, day) = (two_digits(b, 5)?, two_digits(b, 8)?);
+    let (hour, minute, second) = (two_digits(b, 11)?, two_digits(b, 14)?, two_digits(b, 17)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&month)
+        || day == 0
+        || day > month_days[month as usize - 1]
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let mut at = 19;
+    let mut millis = 0i64;
+    if b[at] == b'.' {
+        at += 1;
+        let start = at;
+        while at < b.len() && b[at].is_ascii_digit() {
+            if at - start < 3 {
+                millis = millis * 10 + i64::from(b[at] - b'0');
+            }
+            at += 1;
+        }
+        let digits = at - start;
+        if digits == 0 || digits > 9 {
+            return None;
+        }
+        for _ in digits..3 {
+            millis *= 10;
+        }
+    }
+    let offset_s = match &b[at..] {
+        [b'Z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (h, m) = (two_digits(b, at + 1)?, two_digits(b, at + 4)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let magnitude = i64::from(h * 3600 + m * 60);
+            if *sign == b'+' {
+                magnitude
+            } else {
+                -magnitude
+            }
+        }
+        _ => return None,
+    };
+    let seconds =
+        days_from_civil(year, month, day) * 86_400 + i64::from(hour * 3600 + minute * 60 + second) - offset_s;
+    Some(seconds * 1000 + millis)
+}
+
+fn timestamp_ms(text: &str) -> Result<i64, Rejection> {
+    if let Some(ms) = fast_rfc3339_ms(text) {
+        return Ok(ms);
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| Rejection::new("invalid_timestamp", format!("timestamp {text:?} is not RFC 3339: {e}")))
+}
+
 impl Fields<'_> {
     fn into_event(self, index: usize, ctx: &RequestContext) -> Result<Event, Rejection> {
-        let timestamp = DateTime::parse_from_rfc3339(&self.timestamp).map_err(|e| {
-            Rejection::new(
-                "invalid_timestamp",
-                format!("timestamp {:?} is not RFC 3339: {e}", self.timestamp),
-            )
-        })?;
-        let timestamp_ms = timestamp.timestamp_millis();
+        let timestamp_ms = timestamp_ms(&self.timestamp)?;
         if timestamp_ms < ctx.received_at_ms - MAX_EVENT_AGE_MS {
             return Err(Rejection::new(
                 "timestamp_too_old",
@@ -434,7 +581,7 @@ impl Fields<'_> {
             (Some(text), _) => Uuid::parse_str(text)
                 .map_err(|_| Rejection::new("invalid_event_id", format!("eventId {text:?} is not a UUID")))?,
             (None, Some(key)) => derived_event_id(ctx.org_id, key, index),
-            (None, None) => Uuid::now_v7(),
+            (None, None) => new_v7(ctx.received_at_ms),
         };
         if self.metadata.len() > MAX_METADATA_ENTRIES {
             return Err(Rejection::new(

@@ -21,48 +21,59 @@ pub fn cost_nanos(price: &ModelPrice, prompt_tokens: u32, completion_tokens: u32
     ((micro + 500_000) / 1_000_000) as i64
 }
 
-/// Prices indexed by (provider, model), each list sorted by `effective_from_ms`.
+/// Prices indexed by provider then model (both lowercase), each list sorted by `effective_from_ms`.
+/// Lookups borrow the event's names: no allocation on the hot path unless a name has capitals.
 #[derive(Debug, Clone, Default)]
 pub struct PriceBook {
-    by_model: HashMap<(String, String), Vec<ModelPrice>>,
+    by_provider: HashMap<String, HashMap<String, Vec<ModelPrice>>>,
+}
+
+fn lowercase(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(text.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 impl PriceBook {
     pub fn new(prices: impl IntoIterator<Item = ModelPrice>) -> Self {
-        let mut by_model: HashMap<(String, String), Vec<ModelPrice>> = HashMap::new();
+        let mut by_provider: HashMap<String, HashMap<String, Vec<ModelPrice>>> = HashMap::new();
         for price in prices {
-            by_model
-                .entry((price.provider.to_lowercase(), price.model.to_lowercase()))
+            by_provider
+                .entry(price.provider.to_ascii_lowercase())
+                .or_default()
+                .entry(price.model.to_ascii_lowercase())
                 .or_default()
                 .push(price);
         }
-        for list in by_model.values_mut() {
+        for list in by_provider.values_mut().flat_map(HashMap::values_mut) {
             list.sort_by_key(|p| p.effective_from_ms);
             list.dedup_by_key(|p| p.effective_from_ms);
         }
-        PriceBook { by_model }
+        PriceBook { by_provider }
     }
 
     pub fn len(&self) -> usize {
-        self.by_model.values().map(Vec::len).sum()
+        self.by_provider.values().flat_map(HashMap::values).map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_model.is_empty()
+        self.by_provider.is_empty()
     }
 
     /// The price in effect for `provider`/`model` at `at_ms`. A dated model name such as
     /// `gpt-4o-2024-08-06` falls back to the longest registered name it extends (`gpt-4o`).
     pub fn lookup(&self, provider: &str, model: &str, at_ms: i64) -> Option<&ModelPrice> {
-        let provider = provider.to_lowercase();
-        let mut name = model.to_lowercase();
+        let models = self.by_provider.get(lowercase(provider).as_ref())?;
+        let model = lowercase(model);
+        let mut name: &str = &model;
         loop {
-            if let Some(list) = self.by_model.get(&(provider.clone(), name.clone())) {
+            if let Some(list) = models.get(name) {
                 let position = list.partition_point(|p| p.effective_from_ms <= at_ms);
                 return position.checked_sub(1).map(|i| &list[i]);
             }
-            let cut = name.rfind('-')?;
-            name.truncate(cut);
+            name = &name[..name.rfind('-')?];
         }
     }
 

@@ -2,8 +2,8 @@
 //! lines whose keys are the columns of `tally.events`, so ClickHouse's own Kafka table engine can
 //! read it (`kafka_format = 'JSONEachRow'`). A record of `tally.events.dlq.v1` is one JSON object.
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
 use uuid::Uuid;
 
 use crate::event::{CostSource, Event, Status};
@@ -16,39 +16,7 @@ pub const SCHEMA_VERSION: &str = "1";
 pub const HEADER_SCHEMA_VERSION: &str = "tally-schema-version";
 pub const HEADER_REQUEST_ID: &str = "tally-request-id";
 
-/// One JSONEachRow line, borrowed from an [`Event`]; field names are `tally.events` column names.
-#[derive(Serialize, Deserialize)]
-struct Row<'a> {
-    org_id: &'a str,
-    event_id: Uuid,
-    /// `YYYY-MM-DD hh:mm:ss` in UTC: the text form every ClickHouse version parses into DateTime('UTC').
-    timestamp: &'a str,
-    timestamp_ms: u16,
-    received_at: &'a str,
-    provider: &'a str,
-    model: &'a str,
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-    cost_nanos: i64,
-    cost_source: CostSource,
-    latency_ms: u32,
-    status: Status,
-    http_status: u16,
-    error: &'a str,
-    execution_id: &'a str,
-    agent_id: &'a str,
-    user_id: &'a str,
-    service: &'a str,
-    action: &'a str,
-    request_id: &'a str,
-    input_bytes: u64,
-    output_bytes: u64,
-    metadata_keys: Vec<&'a str>,
-    metadata_values: Vec<&'a str>,
-}
-
-/// Owned version used when decoding, since JSON strings with escapes cannot be borrowed.
+/// A JSONEachRow line as decoded; field names are `tally.events` column names.
 #[derive(Deserialize)]
 struct OwnedRow {
     org_id: String,
@@ -79,12 +47,55 @@ struct OwnedRow {
     metadata_values: Vec<String>,
 }
 
+/// The civil date (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// ClickHouse DateTime text of epoch milliseconds (seconds resolution, UTC): `YYYY-MM-DD hh:mm:ss`.
+/// Hand-rolled because it runs twice per event on the ingest's hot path; a property test holds it
+/// equal to chrono's formatting.
+pub struct DateTimeText([u8; 19]);
+
+impl DateTimeText {
+    pub fn from_epoch_ms(epoch_ms: i64) -> Self {
+        let seconds = epoch_ms.div_euclid(1000).clamp(0, 253_402_300_799);
+        let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
+        let of_day = seconds.rem_euclid(86_400);
+        let mut out = *b"0000-00-00 00:00:00";
+        let mut put = |at: usize, value: i64, width: usize| {
+            let mut v = value;
+            for i in (0..width).rev() {
+                out[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, year, 4);
+        put(5, i64::from(month), 2);
+        put(8, i64::from(day), 2);
+        put(11, of_day / 3600, 2);
+        put(14, of_day / 60 % 60, 2);
+        put(17, of_day % 60, 2);
+        DateTimeText(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("1970-01-01 00:00:00")
+    }
+}
+
 /// Formats epoch milliseconds as ClickHouse DateTime text (seconds) in UTC.
 pub fn datetime_text(epoch_ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(epoch_ms)
-        .unwrap_or_default()
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string()
+    DateTimeText::from_epoch_ms(epoch_ms).as_str().to_owned()
 }
 
 fn parse_datetime_text(text: &str, millis: u16) -> Result<i64, RecordError> {
@@ -101,41 +112,91 @@ pub enum RecordError {
     Invalid(String),
 }
 
-/// Appends one event as a JSONEachRow line (with its trailing newline) to `out`.
+/// Appends `text` as a JSON string. Most strings need no escaping and are copied whole.
+fn json_str(out: &mut Vec<u8>, text: &str) {
+    if text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Writing a str into a Vec cannot fail.
+        serde_json::to_writer(&mut *out, text).expect("strings always serialize");
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    }
+}
+
+fn json_int(out: &mut Vec<u8>, value: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
+fn json_str_array<'a>(out: &mut Vec<u8>, items: impl Iterator<Item = &'a str>) {
+    out.push(b'[');
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_str(out, item);
+    }
+    out.push(b']');
+}
+
+/// Appends one event as a JSONEachRow line (with its trailing newline) to `out`. Written by hand,
+/// not with serde: it runs once per event on the ingest's hot path and serde wrote every column
+/// name through the string escaper. `tests/parse.rs` decodes what this writes with serde.
 pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
-    let timestamp = datetime_text(event.timestamp_ms);
-    let received_at = datetime_text(event.received_at_ms);
-    let row = Row {
-        org_id: &event.org_id,
-        event_id: event.event_id,
-        timestamp: &timestamp,
-        timestamp_ms: event.timestamp_ms.rem_euclid(1000) as u16,
-        received_at: &received_at,
-        provider: &event.provider,
-        model: &event.model,
-        prompt_tokens: event.prompt_tokens,
-        completion_tokens: event.completion_tokens,
-        total_tokens: event.total_tokens,
-        cost_nanos: event.cost_nanos,
-        cost_source: event.cost_source,
-        latency_ms: event.latency_ms,
-        status: event.status,
-        http_status: event.http_status,
-        error: &event.error,
-        execution_id: &event.execution_id,
-        agent_id: &event.agent_id,
-        user_id: &event.user_id,
-        service: &event.service,
-        action: &event.action,
-        request_id: &event.request_id,
-        input_bytes: event.input_bytes,
-        output_bytes: event.output_bytes,
-        metadata_keys: event.metadata.iter().map(|(k, _)| k.as_str()).collect(),
-        metadata_values: event.metadata.iter().map(|(_, v)| v.as_str()).collect(),
-    };
-    // Serializing plain strings and integers into a Vec cannot fail.
-    serde_json::to_writer(&mut *out, &row).expect("event rows always serialize");
-    out.push(b'\n');
+    let timestamp = DateTimeText::from_epoch_ms(event.timestamp_ms);
+    let received_at = DateTimeText::from_epoch_ms(event.received_at_ms);
+    let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    out.extend_from_slice(b"{\"org_id\":");
+    json_str(out, &event.org_id);
+    out.extend_from_slice(b",\"event_id\":\"");
+    out.extend_from_slice(event.event_id.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.extend_from_slice(b"\",\"timestamp\":\"");
+    out.extend_from_slice(timestamp.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"timestamp_ms\":");
+    json_int(out, event.timestamp_ms.rem_euclid(1000));
+    out.extend_from_slice(b",\"received_at\":\"");
+    out.extend_from_slice(received_at.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"provider\":");
+    json_str(out, &event.provider);
+    out.extend_from_slice(b",\"model\":");
+    json_str(out, &event.model);
+    out.extend_from_slice(b",\"prompt_tokens\":");
+    json_int(out, event.prompt_tokens);
+    out.extend_from_slice(b",\"completion_tokens\":");
+    json_int(out, event.completion_tokens);
+    out.extend_from_slice(b",\"total_tokens\":");
+    json_int(out, event.total_tokens);
+    out.extend_from_slice(b",\"cost_nanos\":");
+    json_int(out, event.cost_nanos);
+    out.extend_from_slice(b",\"cost_source\":\"");
+    out.extend_from_slice(event.cost_source.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"latency_ms\":");
+    json_int(out, event.latency_ms);
+    out.extend_from_slice(b",\"status\":\"");
+    out.extend_from_slice(event.status.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"http_status\":");
+    json_int(out, event.http_status);
+    for (key, value) in [
+        (&b",\"error\":"[..], &event.error),
+        (b",\"execution_id\":", &event.execution_id),
+        (b",\"agent_id\":", &event.agent_id),
+        (b",\"user_id\":", &event.user_id),
+        (b",\"service\":", &event.service),
+        (b",\"action\":", &event.action),
+        (b",\"request_id\":", &event.request_id),
+    ] {
+        out.extend_from_slice(key);
+        json_str(out, value);
+    }
+    out.extend_from_slice(b",\"input_bytes\":");
+    json_int(out, event.input_bytes);
+    out.extend_from_slice(b",\"output_bytes\":");
+    json_int(out, event.output_bytes);
+    out.extend_from_slice(b",\"metadata_keys\":");
+    json_str_array(out, event.metadata.iter().map(|(k, _)| k.as_str()));
+    out.extend_from_slice(b",\"metadata_values\":");
+    json_str_array(out, event.metadata.iter().map(|(_, v)| v.as_str()));
+    out.extend_from_slice(b"}\n");
 }
 
 /// Decodes every JSONEachRow line of a record payload. Fails on the first bad line: a record is

@@ -197,6 +197,39 @@ fn records_round_trip_through_json_each_row() {
 }
 
 proptest! {
+    // The fast RFC 3339 path agrees with chrono wherever it answers, and answers the common shapes.
+    #[test]
+    fn fast_timestamps_match_chrono(
+        epoch_s in 0i64..8_000_000_000, millis in 0u32..1000, offset_min in -1439i32..1440,
+        shape in 0usize..5,
+    ) {
+        let offset = chrono::FixedOffset::east_opt(offset_min * 60).unwrap();
+        let t = chrono::DateTime::from_timestamp(epoch_s, millis * 1_000_000).unwrap().with_timezone(&offset);
+        let text = match shape {
+            0 => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            1 => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            2 => t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            3 => t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, false),
+            _ => t.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        let expected = chrono::DateTime::parse_from_rfc3339(&text).unwrap().timestamp_millis();
+        prop_assert_eq!(tally_schemas::parse::fast_rfc3339_ms(&text), Some(expected), "{}", text);
+    }
+
+    #[test]
+    fn fast_timestamps_never_accept_what_chrono_refuses(text in "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,4})?(Z|[+-][0-9]{2}:[0-9]{2})") {
+        if let Some(ms) = tally_schemas::parse::fast_rfc3339_ms(&text) {
+            prop_assert_eq!(chrono::DateTime::parse_from_rfc3339(&text).map(|t| t.timestamp_millis()).ok(), Some(ms), "{}", text);
+        }
+    }
+
+    // The hand-rolled DateTime text equals chrono's, over four centuries and their leap days.
+    #[test]
+    fn datetime_text_matches_chrono(epoch_ms in 0i64..13_000_000_000_000) {
+        let expected = chrono::DateTime::from_timestamp_millis(epoch_ms).unwrap().format("%Y-%m-%d %H:%M:%S").to_string();
+        prop_assert_eq!(tally_schemas::record::datetime_text(epoch_ms), expected);
+    }
+
     // Whatever bytes arrive, parsing never panics, and every accepted event respects the bounds.
     #[test]
     fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -207,6 +240,20 @@ proptest! {
                 }
             }
         }
+    }
+
+    // Whatever the strings hold (quotes, control characters, unicode), the record decodes back.
+    #[test]
+    fn any_strings_round_trip_through_the_record(error in ".{0,40}", user in "\\PC{0,20}", key in "[a-z\"\\\\\n]{1,8}", value in ".{0,20}") {
+        let mut event = parse_sdk(json!([seed_event()]), None).remove(0).unwrap();
+        event.error = error;
+        event.user_id = user;
+        event.metadata = vec![(key, value)];
+        let mut payload = Vec::new();
+        encode_event(&event, &mut payload);
+        let mut decoded = decode_events(&payload).unwrap().remove(0);
+        decoded.received_at_ms = event.received_at_ms;
+        prop_assert_eq!(decoded, event);
     }
 
     #[test]
