@@ -122,6 +122,14 @@ pub struct KafkaBroker {
     child: Option<std::process::Child>,
 }
 
+/// Asks `dev/stack.sh` where the Kafka jars are (installing them if missing).
+fn kafka_libs_from_stack() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dev/stack.sh");
+    let output = std::process::Command::new("bash").args([script, "kafka-libs"]).output().expect("bash dev/stack.sh");
+    assert!(output.status.success(), "dev/stack.sh kafka-libs failed");
+    String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or_default().trim().to_owned()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -132,7 +140,7 @@ fn free_port() -> u16 {
 impl KafkaBroker {
     /// Formats storage and starts the broker; returns once it accepts connections.
     pub async fn start() -> KafkaBroker {
-        let libs = std::env::var("TALLY_KAFKA_LIBS").expect("TALLY_KAFKA_LIBS (run through `make test`)");
+        let libs = std::env::var("TALLY_KAFKA_LIBS").unwrap_or_else(|_| kafka_libs_from_stack());
         let dir = std::env::temp_dir().join(unique_name("kafka"));
         std::fs::create_dir_all(dir.join("data")).expect("broker data dir");
         let (port, controller) = (free_port(), free_port());
