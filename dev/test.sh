@@ -4,23 +4,29 @@
 #     they stay up afterwards so the next run is fast (`make down` stops them)
 #  2. cargo test --workspace: unit, property and integration tests (each integration test makes
 #     its own database and topics, so they run in parallel)
-#  3. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
+#  3. dev/fuzz_api.py: schemathesis generates requests from the ingest's OpenAPI document; any
+#     5xx fails the run
+#  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
 #     replayed on a current ClickHouse (chdb); any statement that fails there fails the run
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
-CHDB_VERSION="4.4.0"
-VENV="$TALLY_CACHE/venv-chdb-$CHDB_VERSION"
+# Python tools, pinned: chdb embeds a current ClickHouse; schemathesis fuzzes the ingest's API.
+TOOLS="chdb==4.4.0 schemathesis==4.32.5"
+VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"
 CLICKHOUSE_URL="http://127.0.0.1:8123"
 
 cd "$ROOT"
 bash dev/stack.sh infra-up
 
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import chdb' 2>/dev/null; then
-  echo "[test] installing chdb $CHDB_VERSION (a current ClickHouse engine) from PyPI into $VENV"
+if [[ ! -f "$VENV/.installed" ]]; then
+  echo "[test] installing $TOOLS from PyPI into $VENV"
+  rm -rf "$VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "chdb==$CHDB_VERSION"
+  # shellcheck disable=SC2086
+  "$VENV/bin/pip" install -q --disable-pip-version-check $TOOLS
+  touch "$VENV/.installed"
 fi
 
 # Tests that stop and restart a broker run their own, from the same jars.
@@ -30,5 +36,7 @@ export TALLY_KAFKA_LIBS
 since="$(curl -fsS "$CLICKHOUSE_URL/?query=SELECT+now()")"
 echo "[test] cargo test --workspace"
 cargo test --workspace --locked
+echo "[test] schemathesis against the ingest's OpenAPI document"
+TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/fuzz_api.py "$VENV/bin/schemathesis" --max-examples 60
 echo "[test] ClickHouse compatibility (18.16 server vs current chdb) for statements since $since"
 "$VENV/bin/python" dev/compat.py --clickhouse-url "$CLICKHOUSE_URL/" --since "$since"

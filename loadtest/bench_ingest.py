@@ -11,6 +11,9 @@ sends its next request when the previous answered) for --seconds per scenario.
 
 Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,100,1000]
                                 [--scenarios ceiling,discard,kafka]
+       loadtest/bench_ingest.py --sustain EVENTS_PER_S [--seconds 300] [--events 1000]
+         the kafka scenario in an open model: requests scheduled at a fixed rate, latency measured
+         from each request's scheduled start (no coordinated omission)
 Needs the local stack (dev/stack.sh infra-up) and release binaries (cargo build --release).
 """
 import argparse
@@ -24,7 +27,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/tally/target"))
-BIN = os.path.join(TARGET, "release")
+BIN = os.environ.get("TALLY_BIN_DIR", os.path.join(TARGET, "release"))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ADMIN = "bench-admin-token-%016x" % random.getrandbits(64)
 
@@ -67,14 +70,14 @@ def stop(process):
         process.kill()
 
 
-def bench_org(database):
+def bench_org(database, port=18081):
     """A database with the schema and an org whose limit is far above any benchmark rate."""
     api = start("tally-query-api", {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_ADMIN_TOKEN": ADMIN,
-                                     "TALLY_LISTEN_ADDR": "127.0.0.1:18081"})
+                                     "TALLY_LISTEN_ADDR": "127.0.0.1:%d" % port})
     try:
-        wait_http("http://127.0.0.1:18081/readyz", 60)
+        wait_http("http://127.0.0.1:%d/readyz" % port, 60)
         request = urllib.request.Request(
-            "http://127.0.0.1:18081/admin/orgs",
+            "http://127.0.0.1:%d/admin/orgs" % port,
             data=json.dumps({"name": "bench", "plan": "ENTERPRISE", "rateLimitPerMin": 4000000000,
                              "rateLimitBurst": 4000000000}).encode(),
             headers={"Authorization": "Bearer " + ADMIN, "Content-Type": "application/json"})
@@ -88,9 +91,9 @@ def create_topic(name, partitions):
     subprocess.run(["bash", os.path.join(ROOT, "dev", "stack.sh"), "create-topic", name, str(partitions)], check=True)
 
 
-def loadgen(url, key, events, seconds, connections):
+def loadgen(url, key, events, seconds, connections, rate=0.0):
     out = subprocess.run([os.path.join(BIN, "tally-loadgen"), "--url", url, "--key", key, "--events", str(events),
-                          "--duration", str(seconds), "--connections", str(connections)],
+                          "--duration", str(seconds), "--connections", str(connections), "--rate", str(rate)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -112,7 +115,10 @@ def main():
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--events", default="1,100,1000")
     parser.add_argument("--scenarios", default="ceiling,discard,kafka")
+    parser.add_argument("--sustain", type=float, default=0, help="open-model kafka run at this many events/s")
     args = parser.parse_args()
+    if args.sustain:
+        return sustain(args)
     events_list = [int(e) for e in args.events.split(",")]
     scenarios = args.scenarios.split(",")
 
@@ -156,6 +162,33 @@ def main():
             print("%s at %d events/request: %.1f%% of the ceiling" % (
                 r["scenario"], r["events_per_request"], 100 * r["accepted_events_per_s"] / ceiling[r["events_per_request"]]))
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+
+
+def sustain(args):
+    events = int(args.events.split(",")[0])
+    database = "tally_bench_%08x" % random.getrandbits(32)
+    key = bench_org(database)
+    topic = "tally.bench.%08x" % random.getrandbits(32)
+    create_topic(topic, 8)
+    process = start("tally-ingest", {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_LISTEN_ADDR": "127.0.0.1:18080",
+                                     "TALLY_EVENTS_TOPIC": topic})
+    try:
+        wait_http("http://127.0.0.1:18080/readyz", 60)
+        before = cpu_seconds(process.pid)
+        result = loadgen("http://127.0.0.1:18080", key, events, args.seconds, max(args.connections, 64),
+                         rate=args.sustain / events)
+        result["server_cpu_s"] = cpu_seconds(process.pid) - before
+        result["server_rss_mib"] = rss_mib(process.pid)
+    finally:
+        stop(process)
+        subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+    print(json.dumps(result))
+    print("sustained kafka (acks=all), nproc=%d: target %.0f events/s for %.0f s at %d events/request -> "
+          "%.0f events/s accepted, p50 %.2f ms, p99 %.2f ms, max %.2f ms, ingest cpu %.3f us/event, rss %.1f MiB, %s"
+          % (os.cpu_count(), args.sustain, args.seconds, events, result["accepted_events_per_s"],
+             result["latency_ms"]["p50"], result["latency_ms"]["p99"], result["latency_ms"]["max"],
+             result["server_cpu_s"] * 1e6 / max(1, result["accepted_events_per_s"] * result["seconds"]),
+             result["server_rss_mib"], json.dumps(result["statuses"])))
 
 
 if __name__ == "__main__":

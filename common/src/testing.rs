@@ -125,7 +125,8 @@ pub struct KafkaBroker {
 /// Asks `dev/stack.sh` where the Kafka jars are (installing them if missing).
 fn kafka_libs_from_stack() -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../dev/stack.sh");
-    let output = std::process::Command::new("bash").args([script, "kafka-libs"]).output().expect("bash dev/stack.sh");
+    let output =
+        std::process::Command::new("bash").args([script, "kafka-libs"]).output().expect("bash dev/stack.sh");
     assert!(output.status.success(), "dev/stack.sh kafka-libs failed");
     String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or_default().trim().to_owned()
 }
