@@ -135,14 +135,9 @@ impl KeySet {
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let keyset = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
+        crate::server::spawn_every(interval, shutdown, move || {
+            let (keyset, config) = (Arc::clone(&keyset), config.clone());
+            async move {
                 match keyset.refresh(&config).await {
                     Ok(count) => tracing::debug!(keys = count, "refreshed api keys"),
                     Err(error) => {

@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Serialize;
-use tally_common::server::RequestId;
+use tally_common::server::{presented_key, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
 use tally_schemas::parse::{parse_batch, BodyError, Dialect, RequestContext};
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
@@ -53,16 +53,6 @@ pub async fn ingest_analytics(
     handle(state, Dialect::Analytics, request_id, headers, body).await
 }
 
-/// The key from `X-API-Key`, else from `Authorization: Bearer`.
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(value.trim());
-    }
-    let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = authorization.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
 fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let essence = content_type.to_str().unwrap_or("").split(';').next().unwrap_or("").trim();
@@ -81,8 +71,8 @@ async fn handle(
     body: Body,
 ) -> Result<Response, IngestError> {
     let key = presented_key(&headers).ok_or(IngestError::MissingKey)?;
-    if !state.keys.is_loaded() {
-        return Err(IngestError::NotReady("api keys not loaded yet".into()));
+    if !state.keys.is_loaded() || !state.prices.is_loaded() {
+        return Err(IngestError::NotReady("api keys and prices not loaded from clickhouse yet".into()));
     }
     let org = state.keys.lookup(key).ok_or(IngestError::InvalidKey)?;
     check_media(&headers)?;

@@ -66,13 +66,14 @@ async fn openapi() -> impl axum::response::IntoResponse {
 struct IngestReadiness {
     sink: Arc<dyn EventSink>,
     keys: Arc<KeySet>,
+    prices: Arc<Prices>,
 }
 
 impl Readiness for IngestReadiness {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            if !self.keys.is_loaded() {
-                return Err("api keys not loaded from clickhouse yet".into());
+            if !self.keys.is_loaded() || !self.prices.is_loaded() {
+                return Err("api keys and prices not loaded from clickhouse yet".into());
             }
             if !self.sink.is_available() {
                 return Err("kafka unreachable".into());
@@ -113,6 +114,10 @@ pub async fn run(
     }
     keys.spawn_refresher(config.common.clickhouse.clone(), config.key_refresh_interval, background.clone());
     let prices = Arc::new(Prices::default());
+    match prices::load(&config.common.clickhouse).await {
+        Ok(book) => prices.replace(book),
+        Err(error) => tracing::warn!(error = %error, "prices not loaded yet, will retry"),
+    }
     prices.spawn_refresher(
         config.common.clickhouse.clone(),
         config.price_refresh_interval,
@@ -122,7 +127,7 @@ pub async fn run(
     let state = AppState {
         sink: Arc::clone(&sink),
         keys: Arc::clone(&keys),
-        prices,
+        prices: Arc::clone(&prices),
         metrics,
         clock: system_clock,
         limits: Arc::new(ratelimit::OrgLimits::new(config.replicas)),
@@ -131,7 +136,7 @@ pub async fn run(
     };
     let ops = OpsState {
         registry,
-        readiness: Arc::new(IngestReadiness { sink, keys }),
+        readiness: Arc::new(IngestReadiness { sink, keys, prices }),
         shutdown: shutdown.clone(),
     };
     let router = app(state, http_metrics).merge(server::ops_routes(ops));

@@ -34,20 +34,29 @@ pub async fn load(config: &ChConfig) -> Result<PriceBook, clickhouse::error::Err
     })))
 }
 
+/// The current price book. Until the first load succeeds the ingest is not ready: pricing events
+/// against an empty book would record them as `unknown` cost for good.
 #[derive(Default)]
 pub struct Prices {
     book: RwLock<Arc<PriceBook>>,
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 impl Prices {
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn current(&self) -> Arc<PriceBook> {
         Arc::clone(&self.book.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn replace(&self, book: PriceBook) {
         *self.book.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(book);
+        self.loaded.store(true, std::sync::atomic::Ordering::Release);
     }
 
+    /// Reloads the prices every `interval` until `shutdown`; a failure keeps the previous prices.
     pub fn spawn_refresher(
         self: &Arc<Self>,
         config: ChConfig,
@@ -55,13 +64,9 @@ impl Prices {
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let prices = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
+        tally_common::server::spawn_every(interval, shutdown, move || {
+            let (prices, config) = (Arc::clone(&prices), config.clone());
+            async move {
                 match load(&config).await {
                     Ok(book) => prices.replace(book),
                     Err(error) => {

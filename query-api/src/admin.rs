@@ -63,23 +63,37 @@ fn key_id(hash: &str) -> String {
     hash[..16].to_owned()
 }
 
-async fn insert_key(state: &AppState, org_id: &str, name: &str) -> Result<keys::NewKey, ApiError> {
-    let key = keys::generate();
+/// Writes a version of an `api_keys` row (a new key, or a revocation of an existing one).
+async fn write_key_row(
+    state: &AppState,
+    hash: &str,
+    prefix: &str,
+    org_id: &str,
+    name: &str,
+    revoked: bool,
+) -> Result<(), ApiError> {
     let sql = format!(
-        "INSERT INTO {} (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES (?, ?, ?, ?, now(), 0, ?)",
+        "INSERT INTO {} (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES (?, ?, ?, ?, now(), ?, ?)",
         state.clickhouse.table("api_keys")
     );
     state
         .clickhouse
         .client()
         .query(&sql)
-        .bind(&key.hash)
-        .bind(&key.display_prefix)
+        .bind(hash)
+        .bind(prefix)
         .bind(org_id)
         .bind(name)
+        .bind(u8::from(revoked))
         .bind(now_ms())
         .execute()
         .await?;
+    Ok(())
+}
+
+async fn insert_key(state: &AppState, org_id: &str, name: &str) -> Result<keys::NewKey, ApiError> {
+    let key = keys::generate();
+    write_key_row(state, &key.hash, &key.display_prefix, org_id, name, false).await?;
     Ok(key)
 }
 
@@ -179,20 +193,7 @@ pub async fn revoke_key(
     let [key] = found.as_slice() else {
         return Err(ApiError::NotFound(format!("key {id}")));
     };
-    let revoke = format!(
-        "INSERT INTO {} (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES (?, ?, ?, 'revoked', now(), 1, ?)",
-        state.clickhouse.table("api_keys")
-    );
-    state
-        .clickhouse
-        .client()
-        .query(&revoke)
-        .bind(&key.key_hash)
-        .bind(&key.key_prefix)
-        .bind(&key.owner)
-        .bind(now_ms())
-        .execute()
-        .await?;
+    write_key_row(&state, &key.key_hash, &key.key_prefix, &key.owner, "revoked", true).await?;
     refresh_keys(&state).await;
     tracing::info!(key_prefix = %key.key_prefix, org_id = %key.owner, "revoked key");
     Ok(StatusCode::NO_CONTENT)

@@ -3,22 +3,12 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap};
 use subtle::ConstantTimeEq;
 use tally_common::keyset::OrgInfo;
+use tally_common::server::presented_key;
 
 use crate::error::ApiError;
 use crate::AppState;
-
-/// The key from `X-API-Key`, else the token from `Authorization: Bearer`.
-fn credential(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(value.trim());
-    }
-    let authorization = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = authorization.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
 
 /// The org whose key authenticated the request. Every org route takes this, and scopes every
 /// query by `org.org_id`: nothing from the request body or path chooses the org.
@@ -28,7 +18,7 @@ impl FromRequestParts<AppState> for Org {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = credential(&parts.headers).ok_or(ApiError::MissingKey)?;
+        let key = presented_key(&parts.headers).ok_or(ApiError::MissingKey)?;
         state.keys.lookup(key).map(Org).ok_or(ApiError::InvalidKey)
     }
 }
@@ -39,7 +29,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = credential(&parts.headers).ok_or(ApiError::AdminOnly)?;
+        let token = presented_key(&parts.headers).ok_or(ApiError::AdminOnly)?;
         if bool::from(token.as_bytes().ct_eq(state.admin_token.as_bytes())) {
             Ok(Admin)
         } else {
