@@ -18,6 +18,13 @@ pub struct ConsumerConfig {
     pub batch_max_wait: Duration,
     /// Apply the ClickHouse migrations at start (safe with several replicas).
     pub migrate: bool,
+    /// Kafka group session timeout: how long a crashed replica keeps its partitions.
+    pub session_timeout: Duration,
+    /// Static group membership id (e.g. the pod name), when set.
+    pub instance_id: Option<String>,
+    /// Testing only: probability of aborting the process between an insert and its commit, to
+    /// exercise recovery (`TALLY_FAILPOINT_CRASH_AFTER_INSERT`, default 0).
+    pub failpoint_crash_after_insert: f64,
 }
 
 impl ConsumerConfig {
@@ -31,6 +38,9 @@ impl ConsumerConfig {
             batch_max_rows: env.parse("TALLY_BATCH_MAX_ROWS", 100_000)?,
             batch_max_wait: env.millis("TALLY_BATCH_MAX_WAIT_MS", 500)?,
             migrate: env.parse("TALLY_MIGRATE", true)?,
+            session_timeout: env.millis("TALLY_KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
+            instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
+            failpoint_crash_after_insert: env.parse("TALLY_FAILPOINT_CRASH_AFTER_INSERT", 0.0)?,
         };
         if config.batch_max_rows == 0 || config.batch_max_rows > 1_000_000 {
             return Err(ConfigError::Invalid {

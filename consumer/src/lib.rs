@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod reconcile;
 pub mod row;
 
 use std::collections::BTreeMap;
@@ -29,12 +30,35 @@ use crate::metrics::ConsumerMetrics;
 use crate::row::EventRow;
 
 /// One Kafka record of the batch, decoded (or not).
-struct Pending {
+pub struct Pending {
     partition: i32,
     offset: i64,
+    /// The record's Kafka timestamp (set by the ingest's producer when it accepted the events).
+    kafka_timestamp_ms: i64,
     original: Vec<u8>,
     decoded: Result<Vec<EventRow>, String>,
 }
+
+/// Counts rebalances, so the worker knows when what it learnt about partitions is stale.
+#[derive(Default)]
+pub struct RebalanceCounter {
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl rdkafka::client::ClientContext for RebalanceCounter {}
+
+impl rdkafka::consumer::ConsumerContext for RebalanceCounter {
+    fn post_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        tracing::info!(rebalance = ?rebalance, "rebalance");
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+type KafkaConsumer = StreamConsumer<RebalanceCounter>;
 
 /// ClickHouse error codes that mean "these rows will never be accepted": retrying cannot help, so
 /// the records are isolated and dead-lettered. Everything else (network, timeouts, too many
@@ -47,7 +71,7 @@ fn is_permanent(error: &clickhouse::error::Error) -> bool {
 
 struct Worker {
     config: ConsumerConfig,
-    consumer: StreamConsumer,
+    consumer: KafkaConsumer,
     dlq: FutureProducer,
     clickhouse: clickhouse::Client,
     table: String,
@@ -81,6 +105,8 @@ impl Worker {
             };
             deadline.get_or_insert_with(|| Instant::now() + self.config.batch_max_wait);
             let (partition, offset) = (message.partition(), message.offset());
+            let kafka_timestamp_ms =
+                message.timestamp().to_millis().unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
             let original = message.payload().unwrap_or_default().to_vec();
             let decoded = decode_events(&original)
                 .map(|events| {
@@ -94,7 +120,7 @@ impl Worker {
             if let Ok(decoded_rows) = &decoded {
                 rows += decoded_rows.len();
             }
-            batch.push(Pending { partition, offset, original, decoded });
+            batch.push(Pending { partition, offset, kafka_timestamp_ms, original, decoded });
         }
         batch
     }
@@ -226,7 +252,25 @@ impl Worker {
         self.consumer.commit(&list, CommitMode::Sync)
     }
 
+    /// Keeps only records of partitions this replica still owns: after a revoke, nothing more is
+    /// written for a partition; its new owner reads those records again from the committed offset.
+    fn drop_revoked(&self, batch: Vec<Pending>) -> Vec<Pending> {
+        let owned: std::collections::HashSet<i32> = match self.consumer.assignment() {
+            Ok(list) => list.elements().iter().map(|e| e.partition()).collect(),
+            Err(_) => return batch,
+        };
+        let (kept, dropped): (Vec<Pending>, Vec<Pending>) =
+            batch.into_iter().partition(|p| owned.contains(&p.partition));
+        if !dropped.is_empty() {
+            self.metrics.revoked_records_dropped.inc_by(dropped.len() as u64);
+            tracing::info!(records = dropped.len(), "dropped records of revoked partitions before insert");
+        }
+        kept
+    }
+
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut reconciler = reconcile::Reconciler::new(self.clickhouse.clone(), self.table.clone());
+        let mut generation_seen = u64::MAX;
         loop {
             let batch = self.collect_batch(&shutdown).await;
             if batch.is_empty() {
@@ -235,11 +279,49 @@ impl Worker {
                 }
                 continue;
             }
+            let generation = self.consumer.context().generation.load(std::sync::atomic::Ordering::SeqCst);
+            if generation != generation_seen {
+                reconciler.reset();
+                generation_seen = generation;
+            }
+            let mut batch = self.drop_revoked(batch);
+            if batch.is_empty() {
+                continue;
+            }
+            // Never insert what may already be stored: retry the check until ClickHouse answers.
+            let mut backoff = Duration::from_millis(100);
+            let outcome = loop {
+                match reconciler.filter(&mut batch).await {
+                    Ok(outcome) => break outcome,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "reconciliation query failed, retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            if outcome.skipped_rows > 0 {
+                self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
+                tracing::info!(
+                    records = outcome.checked_records,
+                    skipped_rows = outcome.skipped_rows,
+                    "reconciled rows already stored"
+                );
+            }
             if !self.store(&batch, &shutdown).await {
                 tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
                 return Ok(());
             }
-            // A failed commit is safe to leave: the batch is re-read (issue: exactly-once recovery).
+            if self.config.failpoint_crash_after_insert > 0.0
+                && rand::random::<f64>() < self.config.failpoint_crash_after_insert
+            {
+                tracing::error!("failpoint: crashing between insert and commit");
+                std::process::abort();
+            }
+            // A failed commit is safe: the batch is read again and reconciled.
             if let Err(error) = self.commit(&batch) {
                 tracing::warn!(error = %error, "offset commit failed");
             }
@@ -264,17 +346,23 @@ impl Readiness for ConsumerReadiness {
     }
 }
 
-fn kafka_consumer(config: &ConsumerConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
-    ClientConfig::new()
+fn kafka_consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, rdkafka::error::KafkaError> {
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("session.timeout.ms", "10000")
-        .set("fetch.max.bytes", "52428800")
-        .create()
+        .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
+        .set("fetch.max.bytes", "52428800");
+    // Static membership: a replica restarted with the same id takes its partitions back at once,
+    // without a rebalance of the whole group.
+    if let Some(instance) = &config.instance_id {
+        client.set("group.instance.id", instance);
+    }
+    client.create_with_context(RebalanceCounter::default())
 }
 
 fn dlq_producer(config: &ConsumerConfig) -> Result<FutureProducer, rdkafka::error::KafkaError> {

@@ -10,6 +10,8 @@ pub struct ConsumerMetrics {
     pub insert_seconds: Histogram,
     pub insert_retries: IntCounter,
     pub dead_letters: IntCounterVec,
+    pub reconciled_rows_skipped: IntCounter,
+    pub revoked_records_dropped: IntCounter,
 }
 
 impl ConsumerMetrics {
@@ -39,7 +41,17 @@ impl ConsumerMetrics {
                 ),
                 &["reason"],
             )?,
+            reconciled_rows_skipped: IntCounter::new(
+                "tally_consumer_reconciled_rows_skipped_total",
+                "rows read again after a crash or rebalance and skipped because ClickHouse already had them",
+            )?,
+            revoked_records_dropped: IntCounter::new(
+                "tally_consumer_revoked_records_dropped_total",
+                "records of partitions revoked before their insert, left to the new owner",
+            )?,
         };
+        registry.register(Box::new(metrics.reconciled_rows_skipped.clone()))?;
+        registry.register(Box::new(metrics.revoked_records_dropped.clone()))?;
         registry.register(Box::new(metrics.rows_inserted.clone()))?;
         registry.register(Box::new(metrics.batches.clone()))?;
         registry.register(Box::new(metrics.batch_rows.clone()))?;

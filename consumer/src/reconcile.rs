@@ -1,0 +1,152 @@
+//! Exactly-once recovery. Offsets are committed only after ClickHouse confirmed an insert, so a
+//! crash (or a revoke) between the two leaves records that are in ClickHouse but will be read
+//! again. Every row carries its Kafka partition, offset and index in the record, which makes the
+//! re-read detectable:
+//!
+//! 1. the first time a partition shows up after an assignment, find `high`, the largest offset of
+//!    that partition already stored. Rows of records not yet committed were received after the
+//!    first record read now, so their event time is at most 35 days (the validation bound) before
+//!    that record's Kafka timestamp: the query prunes every older monthly partition;
+//! 2. for records at offsets `<= high`, look up which (offset, index) rows exist, filtered by the
+//!    records' orgs first (the table's sort key), and keep only the missing rows.
+//!
+//! The check is per row, not per record, so even an insert that ClickHouse applied partly (a
+//! block spanning two months is two parts) is completed without a duplicate. Records above `high`
+//! cost nothing. This assumes one events topic per database (partition numbers are not
+//! qualified by topic).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use clickhouse::Row;
+use serde::Deserialize;
+use tally_schemas::limits::{MAX_EVENT_AGE_MS, MAX_EVENT_FUTURE_MS};
+
+use crate::Pending;
+
+#[derive(Row, Deserialize)]
+struct High {
+    stored: u64,
+    high: u64,
+}
+
+#[derive(Row, Deserialize)]
+struct Position {
+    kafka_offset: u64,
+    kafka_index: u32,
+}
+
+pub struct Reconciler {
+    client: clickhouse::Client,
+    table: String,
+    /// Per partition: the largest offset already stored when the partition was (re)assigned, or
+    /// -1 when none was.
+    high: HashMap<i32, i64>,
+}
+
+/// What one reconciliation pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub checked_records: usize,
+    pub skipped_rows: usize,
+}
+
+impl Reconciler {
+    pub fn new(client: clickhouse::Client, table: String) -> Self {
+        Reconciler { client, table, high: HashMap::new() }
+    }
+
+    /// Forgets what was known: called after every rebalance, as another replica may have written.
+    pub fn reset(&mut self) {
+        self.high.clear();
+    }
+
+    async fn high_offset(
+        &self,
+        partition: i32,
+        first_kafka_ts_ms: i64,
+    ) -> Result<i64, clickhouse::error::Error> {
+        let floor_s = (first_kafka_ts_ms - MAX_EVENT_AGE_MS - MAX_EVENT_FUTURE_MS).div_euclid(1000).max(0);
+        let sql = format!(
+            "SELECT count() AS stored, max(kafka_offset) AS high FROM {} WHERE kafka_partition = ? AND timestamp >= toDateTime(?)",
+            self.table
+        );
+        let found: High = self.client.query(&sql).bind(partition).bind(floor_s).fetch_one().await?;
+        Ok(if found.stored == 0 { -1 } else { i64::try_from(found.high).unwrap_or(i64::MAX) })
+    }
+
+    /// Removes from `batch` every row ClickHouse already holds.
+    pub async fn filter(&mut self, batch: &mut [Pending]) -> Result<Outcome, clickhouse::error::Error> {
+        let mut outcome = Outcome::default();
+        let partitions: BTreeSet<i32> = batch.iter().map(|p| p.partition).collect();
+        for partition in partitions {
+            if !self.high.contains_key(&partition) {
+                let first = batch.iter().filter(|p| p.partition == partition).min_by_key(|p| p.offset);
+                let first_ts = first.map_or(0, |p| p.kafka_timestamp_ms);
+                let high = self.high_offset(partition, first_ts).await?;
+                if high >= 0 {
+                    tracing::info!(
+                        partition,
+                        high,
+                        "partition assigned with rows already stored; reconciling up to there"
+                    );
+                }
+                self.high.insert(partition, high);
+            }
+            let high = self.high[&partition];
+            let suspects: Vec<usize> = (0..batch.len())
+                .filter(|&i| {
+                    batch[i].partition == partition && batch[i].offset <= high && batch[i].decoded.is_ok()
+                })
+                .collect();
+            if suspects.is_empty() {
+                continue;
+            }
+            outcome.checked_records += suspects.len();
+            let stored = self.stored_positions(batch, partition, &suspects).await?;
+            for &i in &suspects {
+                let offset = batch[i].offset;
+                if let Ok(rows) = &mut batch[i].decoded {
+                    let before = rows.len();
+                    rows.retain(|row| !stored.contains(&(offset, row.kafka_index)));
+                    outcome.skipped_rows += before - rows.len();
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The (offset, index) pairs of the `suspects` records that are already stored.
+    async fn stored_positions(
+        &self,
+        batch: &[Pending],
+        partition: i32,
+        suspects: &[usize],
+    ) -> Result<HashSet<(i64, u32)>, clickhouse::error::Error> {
+        let mut orgs: BTreeSet<&str> = BTreeSet::new();
+        let (mut min_offset, mut max_offset, mut min_ts) = (i64::MAX, i64::MIN, u32::MAX);
+        for &i in suspects {
+            min_offset = min_offset.min(batch[i].offset);
+            max_offset = max_offset.max(batch[i].offset);
+            for row in batch[i].decoded.iter().flatten() {
+                orgs.insert(&row.org_id);
+                min_ts = min_ts.min(row.timestamp);
+            }
+        }
+        if orgs.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let placeholders = vec!["?"; orgs.len()].join(", ");
+        let sql = format!(
+            "SELECT kafka_offset, kafka_index FROM {} WHERE org_id IN ({placeholders}) AND timestamp >= toDateTime(?) \
+             AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?",
+            self.table
+        );
+        let mut query = self.client.query(&sql);
+        for org in &orgs {
+            query = query.bind(*org);
+        }
+        let rows: Vec<Position> =
+            query.bind(min_ts).bind(partition).bind(min_offset).bind(max_offset).fetch_all().await?;
+        Ok(rows.into_iter().map(|p| (i64::try_from(p.kafka_offset).unwrap_or(-1), p.kafka_index)).collect())
+    }
+}
