@@ -68,11 +68,15 @@ pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
 }
 
 pub async fn delete_topics(names: &[&str]) {
+    delete_topics_on(&kafka_brokers(), names).await;
+}
+
+pub async fn delete_topics_on(brokers: &str, names: &[&str]) {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("kafka admin client");
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("kafka admin client");
     let _ = admin.delete_topics(names, &AdminOptions::new()).await;
 }
 

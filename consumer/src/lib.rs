@@ -315,6 +315,7 @@ impl Worker {
                 tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
                 return Ok(());
             }
+            reconciler.record_stored(&batch);
             if self.config.failpoint_crash_after_insert > 0.0
                 && rand::random::<f64>() < self.config.failpoint_crash_after_insert
             {

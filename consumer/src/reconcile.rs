@@ -48,6 +48,7 @@ pub struct Reconciler {
 pub struct Outcome {
     pub checked_records: usize,
     pub skipped_rows: usize,
+    pub duplicate_records: usize,
 }
 
 impl Reconciler {
@@ -74,9 +75,23 @@ impl Reconciler {
         Ok(if found.stored == 0 { -1 } else { i64::try_from(found.high).unwrap_or(i64::MAX) })
     }
 
-    /// Removes from `batch` every row ClickHouse already holds.
-    pub async fn filter(&mut self, batch: &mut [Pending]) -> Result<Outcome, clickhouse::error::Error> {
+    /// After a successful insert: what this worker stored counts as stored, so a re-delivery of it
+    /// (an eager rebalance restarts fetching from the committed offset) is checked row by row.
+    pub fn record_stored(&mut self, batch: &[Pending]) {
+        for pending in batch {
+            let high = self.high.entry(pending.partition).or_insert(-1);
+            *high = (*high).max(pending.offset);
+        }
+    }
+
+    /// Removes from `batch` every row ClickHouse already holds, and records delivered twice.
+    pub async fn filter(&mut self, batch: &mut Vec<Pending>) -> Result<Outcome, clickhouse::error::Error> {
         let mut outcome = Outcome::default();
+        // A rebalance during collection can deliver the same record twice into one batch.
+        let mut seen = HashSet::new();
+        let before = batch.len();
+        batch.retain(|p| seen.insert((p.partition, p.offset)));
+        outcome.duplicate_records = before - batch.len();
         let partitions: BTreeSet<i32> = batch.iter().map(|p| p.partition).collect();
         for partition in partitions {
             if !self.high.contains_key(&partition) {

@@ -16,7 +16,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::testing::{
-    create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name,
+    create_topic_on, delete_topics_on, drop_database, kafka_brokers, migrated_database, unique_name,
+    KafkaBroker,
 };
 use tally_schemas::record::encode_event;
 use tally_schemas::{CostSource, Event, Status};
@@ -54,9 +55,14 @@ fn event(n: u64) -> Event {
 }
 
 /// Produces `records` records of `per_record` events, keyed by org; returns the events produced.
-async fn produce(topic: &str, first: u64, records: u64, per_record: u64) -> u64 {
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
+async fn produce(brokers: &str, topic: &str, first: u64, records: u64, per_record: u64) -> u64 {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
     for r in 0..records {
         let mut payload = Vec::new();
         for i in 0..per_record {
@@ -71,30 +77,133 @@ async fn produce(topic: &str, first: u64, records: u64, per_record: u64) -> u64 
     records * per_record
 }
 
-fn spawn_consumer(
-    clickhouse: &ChConfig,
-    topic: &str,
-    dlq: &str,
-    group: &str,
-    crash_probability: f64,
-) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tally-consumer"))
-        .env("TALLY_KAFKA_BROKERS", kafka_brokers())
-        .env("TALLY_CLICKHOUSE_URL", &clickhouse.url)
-        .env("TALLY_CLICKHOUSE_DATABASE", &clickhouse.database)
-        .env("TALLY_EVENTS_TOPIC", topic)
-        .env("TALLY_DLQ_TOPIC", dlq)
-        .env("TALLY_CONSUMER_GROUP", group)
-        .env("TALLY_CONSUMER_INSTANCE_ID", format!("{group}-0"))
-        .env("TALLY_LISTEN_ADDR", "127.0.0.1:0")
-        .env("TALLY_BATCH_MAX_ROWS", "300")
-        .env("TALLY_BATCH_MAX_WAIT_MS", "100")
-        .env("TALLY_FAILPOINT_CRASH_AFTER_INSERT", crash_probability.to_string())
-        .env("TALLY_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+/// What the consumer processes of one test share.
+struct Setup {
+    clickhouse: ChConfig,
+    brokers: String,
+    topic: String,
+    dlq: String,
+    group: String,
+}
+
+impl Setup {
+    async fn new(prefix: &str, brokers: String) -> Setup {
+        let setup = Setup {
+            clickhouse: migrated_database(prefix).await,
+            brokers,
+            topic: unique_name("events"),
+            dlq: unique_name("dlq"),
+            group: unique_name("group"),
+        };
+        create_topic_on(&setup.brokers, &setup.topic, 4).await;
+        create_topic_on(&setup.brokers, &setup.dlq, 1).await;
+        setup
+    }
+
+    /// The real consumer binary as a child process, with static membership id `instance`.
+    fn spawn_consumer(&self, instance: &str, crash_probability: f64) -> ConsumerProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_tally-consumer"))
+            .env("TALLY_KAFKA_BROKERS", &self.brokers)
+            .env("TALLY_CLICKHOUSE_URL", &self.clickhouse.url)
+            .env("TALLY_CLICKHOUSE_DATABASE", &self.clickhouse.database)
+            .env("TALLY_EVENTS_TOPIC", &self.topic)
+            .env("TALLY_DLQ_TOPIC", &self.dlq)
+            .env("TALLY_CONSUMER_GROUP", &self.group)
+            .env("TALLY_CONSUMER_INSTANCE_ID", format!("{}-{instance}", self.group))
+            .env("TALLY_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("TALLY_LISTEN_ADDR", "127.0.0.1:0")
+            .env("TALLY_BATCH_MAX_ROWS", "300")
+            .env("TALLY_BATCH_MAX_WAIT_MS", "100")
+            .env("TALLY_FAILPOINT_CRASH_AFTER_INSERT", crash_probability.to_string())
+            .env("TALLY_LOG", "info")
+            .stdout(self.log_file(instance))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        ConsumerProcess(child)
+    }
+
+    /// Each consumer process logs to `$TMPDIR/<group>-<instance>.log`, kept for a failing run.
+    fn log_file(&self, instance: &str) -> Stdio {
+        let path = std::env::temp_dir().join(format!("{}-{instance}.log", self.group));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    }
+
+    async fn produce(&self, first: u64, records: u64, per_record: u64) -> u64 {
+        produce(&self.brokers, &self.topic, first, records, per_record).await
+    }
+
+    /// Waits until `expected` rows are stored (and 2 s more, for anything extra to show up).
+    async fn drain(&self, expected: u64) {
+        let started = Instant::now();
+        while raw(&self.clickhouse).await.rows < expected && started.elapsed() < Duration::from_secs(90) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    /// Rows == events produced, distinct ids == rows, hourly and daily rollups == raw.
+    async fn assert_exactly_once(&self, expected: u64, context: &str) {
+        let clickhouse = &self.clickhouse;
+        let totals = raw(clickhouse).await;
+        assert_eq!(totals.rows, expected, "every event stored exactly once ({context})");
+        assert_eq!(totals.ids, totals.rows, "no event id twice ({context})");
+        for (bucket, rollup, column) in [
+            ("toStartOfHour(timestamp)", "rollup_hourly", "hour"),
+            ("toDate(timestamp)", "rollup_daily", "day"),
+        ] {
+            let from_raw = buckets(
+                clickhouse,
+                format!(
+                    "SELECT toUInt32({bucket}) AS bucket, model, count() AS events, toUInt64(countIf(status = 'error')) AS errors, \
+                     sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost FROM {} GROUP BY bucket, model",
+                    clickhouse.table("events")
+                ),
+            )
+            .await;
+            let from_rollup = buckets(
+                clickhouse,
+                format!(
+                    "SELECT toUInt32({column}) AS bucket, model, toUInt64(countMerge(events)) AS events, sumMerge(errors) AS errors, \
+                     sumMerge(total_tokens_sum) AS tokens, sumMerge(cost_nanos_sum) AS cost FROM {} GROUP BY bucket, model",
+                    clickhouse.table(rollup)
+                ),
+            )
+            .await;
+            assert_eq!(from_rollup, from_raw, "{rollup} == raw ({context})");
+        }
+    }
+
+    async fn cleanup(self) {
+        delete_topics_on(&self.brokers, &[&self.topic, &self.dlq]).await;
+        drop_database(&self.clickhouse).await;
+    }
+}
+
+/// A consumer child process, killed when dropped, so a failing test leaves no process behind.
+struct ConsumerProcess(Child);
+
+impl ConsumerProcess {
+    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.0.try_wait()
+    }
+}
+
+impl Drop for ConsumerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// kill -9.
+fn stop(child: ConsumerProcess) {
+    drop(child);
 }
 
 #[derive(Row, Deserialize, Debug)]
@@ -127,18 +236,15 @@ async fn buckets(clickhouse: &ChConfig, sql: String) -> Vec<Bucket> {
 
 #[tokio::test]
 async fn crashes_between_insert_and_commit_and_kill_9_neither_lose_nor_duplicate() {
-    let clickhouse = migrated_database("exactly").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 4).await;
-    create_topic(&dlq, 1).await;
-    let mut expected = produce(&topic, 0, 600, 50).await;
+    let setup = Setup::new("exactly", kafka_brokers()).await;
+    let mut expected = setup.produce(0, 600, 50).await;
     // More records arrive while the consumer is being crashed.
-    let late_topic = topic.clone();
+    let (brokers, topic) = (setup.brokers.clone(), setup.topic.clone());
     let late = tokio::spawn(async move {
         let mut produced = 0;
         for wave in 0..6u64 {
             tokio::time::sleep(Duration::from_millis(700)).await;
-            produced += produce(&late_topic, 1_000_000 + wave * 10_000, 10, 40).await;
+            produced += produce(&brokers, &topic, 1_000_000 + wave * 10_000, 10, 40).await;
         }
         produced
     });
@@ -151,8 +257,7 @@ async fn crashes_between_insert_and_commit_and_kill_9_neither_lose_nor_duplicate
             break;
         }
         let use_failpoint = round % 2 == 0;
-        let mut child =
-            spawn_consumer(&clickhouse, &topic, &dlq, &group, if use_failpoint { 0.3 } else { 0.0 });
+        let mut child = setup.spawn_consumer("0", if use_failpoint { 0.3 } else { 0.0 });
         let wait_ms = if use_failpoint { 5000 } else { rand::rng().random_range(200..1200) };
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         loop {
@@ -162,8 +267,7 @@ async fn crashes_between_insert_and_commit_and_kill_9_neither_lose_nor_duplicate
                 break;
             }
             if Instant::now() >= deadline {
-                child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
+                stop(child); // SIGKILL
                 kills += 1;
                 break;
             }
@@ -177,59 +281,44 @@ async fn crashes_between_insert_and_commit_and_kill_9_neither_lose_nor_duplicate
     );
 
     // A last consumer without the failpoint drains the rest.
-    let mut child = spawn_consumer(&clickhouse, &topic, &dlq, &group, 0.0);
-    let drained = Instant::now();
-    while raw(&clickhouse).await.rows < expected && drained.elapsed() < Duration::from_secs(90) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await; // anything extra would show up now
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let child = setup.spawn_consumer("0", 0.0);
+    setup.drain(expected).await;
+    stop(child);
+    setup.assert_exactly_once(expected, &format!("failpoint {failpoint_crashes}, kill -9 {kills}")).await;
+    setup.cleanup().await;
+}
 
-    let totals = raw(&clickhouse).await;
-    assert_eq!(
-        totals.rows, expected,
-        "every event stored exactly once (failpoint {failpoint_crashes}, kill -9 {kills})"
-    );
-    assert_eq!(totals.ids, totals.rows, "no event id twice");
-    let raw_hourly = buckets(
-        &clickhouse,
-        format!(
-            "SELECT toUInt32(toStartOfHour(timestamp)) AS bucket, model, count() AS events, toUInt64(countIf(status = 'error')) AS errors, \
-             sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost FROM {} GROUP BY bucket, model",
-            clickhouse.table("events")
-        ),
-    )
-    .await;
-    let rollup_hourly = buckets(
-        &clickhouse,
-        format!(
-            "SELECT toUInt32(hour) AS bucket, model, toUInt64(countMerge(events)) AS events, sumMerge(errors) AS errors, \
-             sumMerge(total_tokens_sum) AS tokens, sumMerge(cost_nanos_sum) AS cost FROM {} GROUP BY bucket, model",
-            clickhouse.table("rollup_hourly")
-        ),
-    )
-    .await;
-    assert_eq!(rollup_hourly, raw_hourly, "hourly rollup == raw");
-    let raw_daily = buckets(
-        &clickhouse,
-        format!(
-            "SELECT toUInt32(toDate(timestamp)) AS bucket, model, count() AS events, toUInt64(countIf(status = 'error')) AS errors, \
-             sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost FROM {} GROUP BY bucket, model",
-            clickhouse.table("events")
-        ),
-    )
-    .await;
-    let rollup_daily = buckets(
-        &clickhouse,
-        format!(
-            "SELECT toUInt32(day) AS bucket, model, toUInt64(countMerge(events)) AS events, sumMerge(errors) AS errors, \
-             sumMerge(total_tokens_sum) AS tokens, sumMerge(cost_nanos_sum) AS cost FROM {} GROUP BY bucket, model",
-            clickhouse.table("rollup_daily")
-        ),
-    )
-    .await;
-    assert_eq!(rollup_daily, raw_daily, "daily rollup == raw");
-    delete_topics(&[&topic, &dlq]).await;
-    drop_database(&clickhouse).await;
+#[tokio::test]
+async fn a_second_consumer_joining_and_the_first_dying_mid_stream() {
+    let setup = Setup::new("rebalance", kafka_brokers()).await;
+    let mut expected = setup.produce(0, 200, 50).await;
+    let first = setup.spawn_consumer("a", 0.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = setup.spawn_consumer("b", 0.0); // rebalance: partitions move while batches are in flight
+    expected += setup.produce(100_000, 200, 50).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop(first); // kill -9: its partitions move to the second after the session timeout
+    expected += setup.produce(200_000, 100, 50).await;
+    setup.drain(expected).await;
+    stop(second);
+    setup.assert_exactly_once(expected, "rebalance and a dead member").await;
+    setup.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_kafka_broker_restarting_mid_stream() {
+    let mut broker = KafkaBroker::start().await;
+    let setup = Setup::new("brokerbounce", broker.bootstrap()).await;
+    let mut expected = setup.produce(0, 200, 50).await;
+    let child = setup.spawn_consumer("0", 0.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.resume().await;
+    expected += setup.produce(100_000, 200, 50).await;
+    setup.drain(expected).await;
+    stop(child);
+    setup.assert_exactly_once(expected, "broker restarted").await;
+    setup.cleanup().await;
+    drop(broker);
 }
