@@ -228,3 +228,94 @@ impl Drop for KafkaBroker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A private ClickHouse server for tests that stop and restart it (the shared one serves every
+/// other test): the local stack's config template on free ports and a temporary data directory.
+pub struct ClickHouseServer {
+    pub url: String,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl ClickHouseServer {
+    pub async fn start() -> ClickHouseServer {
+        let dir = std::env::temp_dir().join(unique_name("clickhouse"));
+        let data = dir.join("data");
+        for sub in ["tmp", "user_files", "format_schemas"] {
+            std::fs::create_dir_all(data.join(sub)).expect("clickhouse data dir");
+        }
+        let template = concat!(env!("CARGO_MANIFEST_DIR"), "/../dev/clickhouse/");
+        let (http, native) = (free_port(), free_port());
+        let config = std::fs::read_to_string(format!("{template}config.xml"))
+            .expect("dev/clickhouse/config.xml")
+            .replace("@DATA@", &data.display().to_string())
+            .replace("@LOG@", &dir.display().to_string())
+            .replace("<http_port>8123</http_port>", &format!("<http_port>{http}</http_port>"))
+            .replace("<tcp_port>9000</tcp_port>", &format!("<tcp_port>{native}</tcp_port>"));
+        std::fs::write(dir.join("config.xml"), config).expect("clickhouse config");
+        std::fs::copy(format!("{template}users.xml"), dir.join("users.xml")).expect("clickhouse users");
+        let mut server = ClickHouseServer { url: format!("http://127.0.0.1:{http}"), dir, child: None };
+        server.resume().await;
+        server
+    }
+
+    /// Starts the (stopped) server again on the same data and ports; returns once it answers.
+    pub async fn resume(&mut self) {
+        let binary = ["/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())
+            .unwrap_or("clickhouse-server");
+        let child = std::process::Command::new(binary)
+            .arg(format!("--config-file={}", self.dir.join("config.xml").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("clickhouse-server");
+        self.child = Some(child);
+        let client = ping_probe(&self.url);
+        for _ in 0..300 {
+            if client().await {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("test clickhouse did not start at {}", self.url);
+    }
+
+    /// Kills the server at once (as a crash or an outage would).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Config for a new database on this server, with every migration applied.
+    pub async fn migrated_database(&self, prefix: &str) -> ChConfig {
+        let config = ChConfig { url: self.url.clone(), ..new_database_config(prefix) };
+        crate::migrate::migrate(&config).await.expect("migrations apply on the test clickhouse");
+        config
+    }
+}
+
+/// A `SELECT 1` against `url` through the `clickhouse` client, as a reusable probe.
+fn ping_probe(url: &str) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+    let client = ChConfig {
+        url: url.to_owned(),
+        database: "default".into(),
+        user: "default".into(),
+        password: String::new(),
+    }
+    .client();
+    move || {
+        let client = client.clone();
+        Box::pin(async move { crate::ch::ping(&client).await })
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

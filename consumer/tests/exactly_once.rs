@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::testing::{
     create_topic_on, delete_topics_on, drop_database, kafka_brokers, migrated_database, unique_name,
-    KafkaBroker,
+    ClickHouseServer, KafkaBroker,
 };
 use tally_schemas::record::encode_event;
 use tally_schemas::{CostSource, Event, Status};
@@ -88,8 +88,12 @@ struct Setup {
 
 impl Setup {
     async fn new(prefix: &str, brokers: String) -> Setup {
+        Setup::with_clickhouse(migrated_database(prefix).await, brokers).await
+    }
+
+    async fn with_clickhouse(clickhouse: ChConfig, brokers: String) -> Setup {
         let setup = Setup {
-            clickhouse: migrated_database(prefix).await,
+            clickhouse,
             brokers,
             topic: unique_name("events"),
             dlq: unique_name("dlq"),
@@ -321,4 +325,26 @@ async fn the_kafka_broker_restarting_mid_stream() {
     setup.assert_exactly_once(expected, "broker restarted").await;
     setup.cleanup().await;
     drop(broker);
+}
+
+#[tokio::test]
+async fn clickhouse_stopped_mid_stream_then_back() {
+    let mut server = ClickHouseServer::start().await;
+    let setup = Setup::with_clickhouse(server.migrated_database("chdown").await, kafka_brokers()).await;
+    let mut expected = setup.produce(0, 200, 50).await;
+    let mut child = setup.spawn_consumer("0", 0.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill();
+    expected += setup.produce(100_000, 200, 50).await; // the lag grows while ClickHouse is away
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the consumer waits and retries; it does not exit or crash-loop"
+    );
+    server.resume().await;
+    setup.drain(expected).await;
+    stop(child);
+    setup.assert_exactly_once(expected, "clickhouse stopped and restarted").await;
+    setup.cleanup().await;
+    drop(server);
 }
