@@ -71,7 +71,7 @@ fn is_permanent(error: &clickhouse::error::Error) -> bool {
 
 struct Worker {
     config: ConsumerConfig,
-    consumer: KafkaConsumer,
+    consumer: Arc<KafkaConsumer>,
     dlq: FutureProducer,
     clickhouse: clickhouse::Client,
     table: String,
@@ -331,6 +331,43 @@ impl Worker {
     }
 }
 
+/// Samples the lag of every assigned partition (high watermark minus committed offset) every
+/// `interval` until `shutdown`, on the blocking pool because librdkafka's metadata calls block.
+fn spawn_lag_sampler(
+    consumer: Arc<KafkaConsumer>,
+    lag: prometheus::IntGaugeVec,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    server::spawn_every(interval, shutdown, move || {
+        let (consumer, lag) = (Arc::clone(&consumer), lag.clone());
+        async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                let Ok(assigned) = consumer.assignment() else { return };
+                let Ok(committed) = consumer.committed_offsets(assigned, Duration::from_secs(2)) else {
+                    return;
+                };
+                lag.reset();
+                for element in committed.elements() {
+                    let watermarks = consumer.fetch_watermarks(
+                        element.topic(),
+                        element.partition(),
+                        Duration::from_secs(2),
+                    );
+                    let Ok((_, high)) = watermarks else { continue };
+                    let committed_offset = match element.offset() {
+                        Offset::Offset(offset) => offset,
+                        _ => 0,
+                    };
+                    lag.with_label_values(&[&element.partition().to_string()])
+                        .set((high - committed_offset).max(0));
+                }
+            })
+            .await;
+        }
+    })
+}
+
 struct ConsumerReadiness {
     clickhouse: clickhouse::Client,
 }
@@ -390,6 +427,9 @@ pub async fn run(
     let metrics = ConsumerMetrics::register(&registry)?;
     let consumer = kafka_consumer(&config)?;
     consumer.subscribe(&[&config.events_topic])?;
+    let consumer = Arc::new(consumer);
+    let background = CancellationToken::new();
+    spawn_lag_sampler(Arc::clone(&consumer), metrics.lag.clone(), Duration::from_secs(5), background.clone());
     let worker = Worker {
         dlq: dlq_producer(&config)?,
         clickhouse: clickhouse_config.client(),
@@ -407,6 +447,7 @@ pub async fn run(
     let http = tokio::spawn(server::serve(listener, server::ops_routes(ops), http_shutdown.clone()));
     tracing::info!(topic = %worker.config.events_topic, group = %worker.config.group_id, "consumer started");
     let result = worker.run(shutdown).await;
+    background.cancel();
     http_shutdown.cancel();
     let _ = http.await;
     result

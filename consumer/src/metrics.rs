@@ -1,6 +1,6 @@
 //! The consumer's Prometheus metrics, declared in one place.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct ConsumerMetrics {
@@ -12,6 +12,7 @@ pub struct ConsumerMetrics {
     pub dead_letters: IntCounterVec,
     pub reconciled_rows_skipped: IntCounter,
     pub revoked_records_dropped: IntCounter,
+    pub lag: IntGaugeVec,
 }
 
 impl ConsumerMetrics {
@@ -49,7 +50,15 @@ impl ConsumerMetrics {
                 "tally_consumer_revoked_records_dropped_total",
                 "records of partitions revoked before their insert, left to the new owner",
             )?,
+            lag: IntGaugeVec::new(
+                Opts::new(
+                    "tally_consumer_lag_records",
+                    "records between the committed offset and the end, per assigned partition",
+                ),
+                &["partition"],
+            )?,
         };
+        registry.register(Box::new(metrics.lag.clone()))?;
         registry.register(Box::new(metrics.reconciled_rows_skipped.clone()))?;
         registry.register(Box::new(metrics.revoked_records_dropped.clone()))?;
         registry.register(Box::new(metrics.rows_inserted.clone()))?;

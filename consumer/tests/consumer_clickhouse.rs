@@ -58,6 +58,7 @@ async fn produce(topic: &str, key: &str, payload: &[u8]) {
 }
 
 struct Consumer_ {
+    metrics_url: String,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -74,9 +75,10 @@ async fn start_consumer(clickhouse: &ChConfig, topic: &str, dlq: &str, group: &s
     ]);
     let config = ConsumerConfig::from_env(&env).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tally_consumer::run(config, listener, shutdown.clone()));
-    Consumer_ { shutdown, task }
+    Consumer_ { metrics_url, shutdown, task }
 }
 
 impl Consumer_ {
@@ -183,6 +185,23 @@ async fn stores_records_once_dead_letters_poison_and_commits_after_insert() {
     assert_eq!(letter.reason, "undecodable_record");
     assert_eq!(letter.source.as_ref().unwrap().topic, topic);
     assert_eq!(letter.original_bytes().unwrap(), b"\xff\x00 this is not json");
+
+    // Once drained, the lag of every assigned partition reads 0 (sampled every 5 s).
+    let mut lags = Vec::new();
+    for _ in 0..40 {
+        let metrics = reqwest::get(&consumer.metrics_url).await.unwrap().text().await.unwrap();
+        lags = metrics
+            .lines()
+            .filter(|l| l.starts_with("tally_consumer_lag_records{"))
+            .map(str::to_owned)
+            .collect();
+        if lags.len() == 2 && lags.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(lags.len(), 2, "a lag gauge per assigned partition: {lags:?}");
+    assert!(lags.iter().all(|l| l.ends_with(" 0")), "{lags:?}");
     consumer.stop().await;
 
     // Offsets were committed after the insert: the same group resumes after them, storing nothing twice.
