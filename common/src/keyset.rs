@@ -3,8 +3,7 @@
 //! key disappears at the next refresh (every few seconds; the bound is the refresh interval).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clickhouse::Row;
@@ -14,6 +13,7 @@ use tally_schemas::plan::Plan;
 use tokio_util::sync::CancellationToken;
 
 use crate::ch::ChConfig;
+use crate::snapshot::{spawn_reloader, Snapshot};
 
 /// What a valid key tells about its org.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,8 +75,8 @@ pub async fn load_orgs(config: &ChConfig) -> Result<Vec<OrgInfo>, clickhouse::er
 
 #[derive(Debug, Default)]
 pub struct KeySet {
-    by_hash: RwLock<Arc<HashMap<String, OrgInfo>>>,
-    loaded: AtomicBool,
+    /// SHA-256 of each active key → its org.
+    by_hash: Arc<Snapshot<HashMap<String, OrgInfo>>>,
 }
 
 impl KeySet {
@@ -89,18 +89,16 @@ impl KeySet {
         if !keys::looks_valid(presented) {
             return None;
         }
-        let hash = keys::hash(presented);
-        let map = Arc::clone(&self.by_hash.read().unwrap_or_else(|e| e.into_inner()));
-        map.get(&hash).cloned()
+        self.by_hash.current().get(&keys::hash(presented)).cloned()
     }
 
     /// Has at least one refresh succeeded? Until then every key is unknown.
     pub fn is_loaded(&self) -> bool {
-        self.loaded.load(Ordering::Acquire)
+        self.by_hash.is_loaded()
     }
 
     pub fn len(&self) -> usize {
-        self.by_hash.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.by_hash.current().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -109,42 +107,38 @@ impl KeySet {
 
     /// Reloads every active key with its org; returns how many there are.
     pub async fn refresh(&self, config: &ChConfig) -> Result<usize, clickhouse::error::Error> {
-        let orgs: HashMap<Arc<str>, OrgInfo> =
-            load_orgs(config).await?.into_iter().map(|org| (Arc::clone(&org.org_id), org)).collect();
-        let sql = format!(
-            "SELECT key_hash, argMax(org_id, version) AS owner, argMax(revoked, version) AS is_revoked FROM {} GROUP BY key_hash",
-            config.table("api_keys")
-        );
-        let rows: Vec<KeyRow> = config.client().query(&sql).fetch_all().await?;
-        let map: HashMap<String, OrgInfo> = rows
-            .into_iter()
-            .filter(|row| row.is_revoked == 0)
-            .filter_map(|row| orgs.get(row.owner.as_str()).map(|org| (row.key_hash, org.clone())))
-            .collect();
+        let map = load_keys(config).await?;
         let count = map.len();
-        *self.by_hash.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
-        self.loaded.store(true, Ordering::Release);
+        self.by_hash.replace(map);
         Ok(count)
     }
 
     /// Refreshes every `interval` until `shutdown`; failures keep the last good set and are logged.
     pub fn spawn_refresher(
-        self: &Arc<Self>,
+        &self,
         config: ChConfig,
         interval: Duration,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let keyset = Arc::clone(self);
-        crate::server::spawn_every(interval, shutdown, move || {
-            let (keyset, config) = (Arc::clone(&keyset), config.clone());
-            async move {
-                match keyset.refresh(&config).await {
-                    Ok(count) => tracing::debug!(keys = count, "refreshed api keys"),
-                    Err(error) => {
-                        tracing::warn!(error = %error, "api key refresh failed, keeping the previous set")
-                    }
-                }
-            }
+        spawn_reloader(Arc::clone(&self.by_hash), "api keys", interval, shutdown, move || {
+            let config = config.clone();
+            async move { load_keys(&config).await }
         })
     }
+}
+
+/// Every active key (not revoked, org not deleted) with its org.
+async fn load_keys(config: &ChConfig) -> Result<HashMap<String, OrgInfo>, clickhouse::error::Error> {
+    let orgs: HashMap<Arc<str>, OrgInfo> =
+        load_orgs(config).await?.into_iter().map(|org| (Arc::clone(&org.org_id), org)).collect();
+    let sql = format!(
+        "SELECT key_hash, argMax(org_id, version) AS owner, argMax(revoked, version) AS is_revoked FROM {} GROUP BY key_hash",
+        config.table("api_keys")
+    );
+    let rows: Vec<KeyRow> = config.client().query(&sql).fetch_all().await?;
+    Ok(rows
+        .into_iter()
+        .filter(|row| row.is_revoked == 0)
+        .filter_map(|row| orgs.get(row.owner.as_str()).map(|org| (row.key_hash, org.clone())))
+        .collect())
 }

@@ -6,5 +6,6 @@ pub mod config;
 pub mod keyset;
 pub mod migrate;
 pub mod server;
+pub mod snapshot;
 pub mod telemetry;
 pub mod testing;

@@ -118,7 +118,8 @@ pub async fn run(
         Ok(book) => prices.replace(book),
         Err(error) => tracing::warn!(error = %error, "prices not loaded yet, will retry"),
     }
-    prices.spawn_refresher(
+    prices::spawn_refresher(
+        &prices,
         config.common.clickhouse.clone(),
         config.price_refresh_interval,
         background.clone(),

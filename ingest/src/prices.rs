@@ -1,11 +1,12 @@
 //! The model-price registry, loaded from ClickHouse and refreshed in the background.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clickhouse::Row;
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
+use tally_common::snapshot::{spawn_reloader, Snapshot};
 use tally_schemas::pricing::{ModelPrice, PriceBook};
 use tokio_util::sync::CancellationToken;
 
@@ -36,44 +37,17 @@ pub async fn load(config: &ChConfig) -> Result<PriceBook, clickhouse::error::Err
 
 /// The current price book. Until the first load succeeds the ingest is not ready: pricing events
 /// against an empty book would record them as `unknown` cost for good.
-#[derive(Default)]
-pub struct Prices {
-    book: RwLock<Arc<PriceBook>>,
-    loaded: std::sync::atomic::AtomicBool,
-}
+pub type Prices = Snapshot<PriceBook>;
 
-impl Prices {
-    pub fn is_loaded(&self) -> bool {
-        self.loaded.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    pub fn current(&self) -> Arc<PriceBook> {
-        Arc::clone(&self.book.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    pub fn replace(&self, book: PriceBook) {
-        *self.book.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(book);
-        self.loaded.store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Reloads the prices every `interval` until `shutdown`; a failure keeps the previous prices.
-    pub fn spawn_refresher(
-        self: &Arc<Self>,
-        config: ChConfig,
-        interval: Duration,
-        shutdown: CancellationToken,
-    ) -> tokio::task::JoinHandle<()> {
-        let prices = Arc::clone(self);
-        tally_common::server::spawn_every(interval, shutdown, move || {
-            let (prices, config) = (Arc::clone(&prices), config.clone());
-            async move {
-                match load(&config).await {
-                    Ok(book) => prices.replace(book),
-                    Err(error) => {
-                        tracing::warn!(error = %error, "price refresh failed, keeping the previous prices")
-                    }
-                }
-            }
-        })
-    }
+/// Reloads the prices every `interval` until `shutdown`; a failure keeps the previous prices.
+pub fn spawn_refresher(
+    prices: &Arc<Prices>,
+    config: ChConfig,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    spawn_reloader(Arc::clone(prices), "prices", interval, shutdown, move || {
+        let config = config.clone();
+        async move { load(&config).await }
+    })
 }
