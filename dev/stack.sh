@@ -199,12 +199,18 @@ start_minio() {
   log "starting minio on $MINIO_ENDPOINT (console 127.0.0.1:9101)"
   MINIO_ROOT_USER="$MINIO_USER" MINIO_ROOT_PASSWORD="$MINIO_PASSWORD" MINIO_BROWSER=on \
     start_bg minio "$BIN_DIR/minio" server "$DEV/minio/data" --address 127.0.0.1:9100 --console-address 127.0.0.1:9101 --quiet
-  wait_http minio "$MINIO_ENDPOINT/minio/health/live" 60
-  # Bucket creation with a SigV4-signed PUT: 200 when created, 409 when it exists already.
-  local code
-  code="$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" \
-    --user "$MINIO_USER:$MINIO_PASSWORD" "$MINIO_ENDPOINT/$MINIO_BUCKET")"
-  [[ $code == 200 || $code == 409 ]] || die "could not create bucket $MINIO_BUCKET (HTTP $code)"
+  # "live" answers before the object layer is up; "ready" only once it can serve requests.
+  wait_http minio "$MINIO_ENDPOINT/minio/health/ready" 60
+  # Bucket creation with a SigV4-signed PUT: 200 when created, 409 when it exists already; 503
+  # while MinIO still initialises, so retry for a while.
+  local code=""
+  for _ in $(seq 1 60); do
+    code="$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" \
+      --user "$MINIO_USER:$MINIO_PASSWORD" "$MINIO_ENDPOINT/$MINIO_BUCKET")"
+    [[ $code == 200 || $code == 409 ]] && return 0
+    sleep 0.5
+  done
+  die "could not create bucket $MINIO_BUCKET (HTTP $code)"
 }
 
 admin_token() {
