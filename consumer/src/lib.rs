@@ -193,6 +193,7 @@ impl Worker {
         if rows.is_empty() {
             return true;
         }
+        let mut inserted = rows.len();
         match self.insert_with_retry(&rows, shutdown).await {
             Some(Ok(())) => {}
             None => return false,
@@ -204,13 +205,14 @@ impl Worker {
                         Some(Ok(())) => {}
                         None => return false,
                         Some(Err(error)) => {
+                            inserted -= record_rows.len();
                             self.dead_letter(pending, "rejected_by_clickhouse", error.to_string()).await
                         }
                     }
                 }
             }
         }
-        self.metrics.rows_inserted.inc_by(rows.len() as u64);
+        self.metrics.rows_inserted.inc_by(inserted as u64);
         self.metrics.batch_rows.observe(rows.len() as f64);
         true
     }
