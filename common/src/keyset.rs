@@ -76,7 +76,7 @@ pub async fn load_orgs(config: &ChConfig) -> Result<Vec<OrgInfo>, clickhouse::er
 #[derive(Debug, Default)]
 pub struct KeySet {
     /// SHA-256 of each active key → its org.
-    by_hash: Arc<Snapshot<HashMap<String, OrgInfo>>>,
+    by_hash: Arc<Snapshot<HashMap<String, Arc<OrgInfo>>>>,
 }
 
 impl KeySet {
@@ -85,7 +85,7 @@ impl KeySet {
     }
 
     /// The org of a presented key, if the key is active.
-    pub fn lookup(&self, presented: &str) -> Option<OrgInfo> {
+    pub fn lookup(&self, presented: &str) -> Option<Arc<OrgInfo>> {
         if !keys::looks_valid(presented) {
             return None;
         }
@@ -128,9 +128,9 @@ impl KeySet {
 }
 
 /// Every active key (not revoked, org not deleted) with its org.
-async fn load_keys(config: &ChConfig) -> Result<HashMap<String, OrgInfo>, clickhouse::error::Error> {
-    let orgs: HashMap<Arc<str>, OrgInfo> =
-        load_orgs(config).await?.into_iter().map(|org| (Arc::clone(&org.org_id), org)).collect();
+async fn load_keys(config: &ChConfig) -> Result<HashMap<String, Arc<OrgInfo>>, clickhouse::error::Error> {
+    let orgs: HashMap<Arc<str>, Arc<OrgInfo>> =
+        load_orgs(config).await?.into_iter().map(|org| (Arc::clone(&org.org_id), Arc::new(org))).collect();
     let sql = format!(
         "SELECT key_hash, argMax(org_id, version) AS owner, argMax(revoked, version) AS is_revoked FROM {} GROUP BY key_hash",
         config.table("api_keys")
@@ -139,6 +139,6 @@ async fn load_keys(config: &ChConfig) -> Result<HashMap<String, OrgInfo>, clickh
     Ok(rows
         .into_iter()
         .filter(|row| row.is_revoked == 0)
-        .filter_map(|row| orgs.get(row.owner.as_str()).map(|org| (row.key_hash, org.clone())))
+        .filter_map(|row| orgs.get(row.owner.as_str()).map(|org| (row.key_hash, Arc::clone(org))))
         .collect())
 }

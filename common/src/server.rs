@@ -21,7 +21,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
 
-pub async fn request_id(mut request: Request, next: Next) -> Response {
+/// Assigns the request id and records the HTTP metrics, in one layer (one boxed future per
+/// request instead of two on the hot path).
+pub async fn observe(State(metrics): State<HttpMetrics>, mut request: Request, next: Next) -> Response {
     let id = request
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -34,7 +36,12 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
             Arc::from(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) as &str)
         });
     request.extensions_mut().insert(RequestId(Arc::clone(&id)));
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let method = request.method().clone();
+    let started = Instant::now();
     let mut response = next.run(request).await;
+    metrics.duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+    metrics.requests.with_label_values(&[&route, method.as_str(), response.status().as_str()]).inc();
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
@@ -65,16 +72,6 @@ impl HttpMetrics {
         registry.register(Box::new(duration.clone()))?;
         Ok(HttpMetrics { requests, duration })
     }
-}
-
-pub async fn track_http(State(metrics): State<HttpMetrics>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
-    let method = request.method().clone();
-    let started = Instant::now();
-    let response = next.run(request).await;
-    metrics.duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
-    metrics.requests.with_label_values(&[&route, method.as_str(), response.status().as_str()]).inc();
-    response
 }
 
 /// A service's answer to "can you do your job right now?".

@@ -26,9 +26,25 @@ use crate::metrics::IngestMetrics;
 use crate::prices::Prices;
 use crate::sink::{DiscardSink, EventSink, KafkaSink};
 
-/// Handler state: small, cheap to clone.
+/// Handler state: one `Arc`, so axum's per-request clone is a single reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+/// What every request of the ingest shares.
+pub struct Shared {
     pub sink: Arc<dyn EventSink>,
     pub keys: Arc<KeySet>,
     pub prices: Arc<Prices>,
@@ -52,8 +68,7 @@ pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
         .route("/analytics/events", post(handler::ingest_analytics))
         .route("/openapi.json", get(openapi))
         .with_state(state)
-        .layer(middleware::from_fn_with_state(http_metrics, server::track_http))
-        .layer(middleware::from_fn(server::request_id))
+        .layer(middleware::from_fn_with_state(http_metrics, server::observe))
 }
 
 /// The OpenAPI document of the ingest routes.
@@ -125,7 +140,7 @@ pub async fn run(
         background.clone(),
     );
 
-    let state = AppState {
+    let state = AppState::new(Shared {
         sink: Arc::clone(&sink),
         keys: Arc::clone(&keys),
         prices: Arc::clone(&prices),
@@ -134,7 +149,7 @@ pub async fn run(
         limits: Arc::new(ratelimit::OrgLimits::new(config.replicas)),
         max_body_bytes: config.max_body_bytes,
         max_compressed_bytes: config.max_compressed_bytes,
-    };
+    });
     let ops = OpsState {
         registry,
         readiness: Arc::new(IngestReadiness { sink, keys, prices }),

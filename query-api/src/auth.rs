@@ -12,7 +12,7 @@ use crate::AppState;
 
 /// The org whose key authenticated the request. Every org route takes this, and scopes every
 /// query by `org.org_id`: nothing from the request body or path chooses the org.
-pub struct Org(pub OrgInfo);
+pub struct Org(pub std::sync::Arc<OrgInfo>);
 
 impl FromRequestParts<AppState> for Org {
     type Rejection = ApiError;

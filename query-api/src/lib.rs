@@ -35,8 +35,7 @@ pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
         .route("/admin/orgs/{org_id}/keys", post(admin::create_key))
         .route("/admin/keys/{key_id}", delete(admin::revoke_key))
         .with_state(state)
-        .layer(middleware::from_fn_with_state(http_metrics, server::track_http))
-        .layer(middleware::from_fn(server::request_id))
+        .layer(middleware::from_fn_with_state(http_metrics, server::observe))
 }
 
 struct QueryReadiness {
