@@ -4,6 +4,7 @@
 //! decoded, or whose rows ClickHouse refuses permanently, go to the dead-letter topic.
 
 pub mod config;
+pub mod dlq;
 pub mod metrics;
 pub mod reconcile;
 pub mod row;

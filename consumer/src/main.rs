@@ -12,6 +12,26 @@ async fn main() -> anyhow::Result<()> {
     let env = Env::from_process();
     let config = ConsumerConfig::from_env(&env).context("invalid configuration")?;
     tally_common::telemetry::init(config.common.log_format, env.optional("TALLY_LOG").as_deref());
+    // `tally-consumer dlq list [LIMIT]` prints the dead letters as JSON lines;
+    // `tally-consumer dlq replay` stores again the consumer's dead letters that decode now.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [] => {}
+        ["dlq", "list", rest @ ..] => {
+            let limit =
+                rest.first().map(|n| n.parse()).transpose().context("LIMIT must be a number")?.unwrap_or(100);
+            for letter in tally_consumer::dlq::list(&config, limit)? {
+                println!("{}", serde_json::to_string(&letter)?);
+            }
+            return Ok(());
+        }
+        ["dlq", "replay"] => {
+            let report = tally_consumer::dlq::replay(&config).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(());
+        }
+        _ => anyhow::bail!("usage: tally-consumer [dlq list [LIMIT] | dlq replay]"),
+    }
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.common.listen_addr))?;

@@ -19,7 +19,7 @@ use tally_common::testing::{
     create_topic_on, delete_topics_on, drop_database, kafka_brokers, migrated_database, unique_name,
     ClickHouseServer, KafkaBroker,
 };
-use tally_schemas::record::encode_event;
+use tally_schemas::record::{encode_event, DeadLetter, SourcePosition, Stage};
 use tally_schemas::{CostSource, Event, Status};
 
 const ORGS: [&str; 3] = ["org-a", "org-b", "org-c"];
@@ -104,15 +104,23 @@ impl Setup {
         setup
     }
 
-    /// The real consumer binary as a child process, with static membership id `instance`.
-    fn spawn_consumer(&self, instance: &str, crash_probability: f64) -> ConsumerProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_tally-consumer"))
+    /// The real consumer binary, configured for this setup.
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally-consumer"));
+        command
             .env("TALLY_KAFKA_BROKERS", &self.brokers)
             .env("TALLY_CLICKHOUSE_URL", &self.clickhouse.url)
             .env("TALLY_CLICKHOUSE_DATABASE", &self.clickhouse.database)
             .env("TALLY_EVENTS_TOPIC", &self.topic)
             .env("TALLY_DLQ_TOPIC", &self.dlq)
-            .env("TALLY_CONSUMER_GROUP", &self.group)
+            .env("TALLY_CONSUMER_GROUP", &self.group);
+        command
+    }
+
+    /// The real consumer binary as a child process, with static membership id `instance`.
+    fn spawn_consumer(&self, instance: &str, crash_probability: f64) -> ConsumerProcess {
+        let child = self
+            .command()
             .env("TALLY_CONSUMER_INSTANCE_ID", format!("{}-{instance}", self.group))
             .env("TALLY_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("TALLY_LISTEN_ADDR", "127.0.0.1:0")
@@ -347,4 +355,71 @@ async fn clickhouse_stopped_mid_stream_then_back() {
     setup.assert_exactly_once(expected, "clickhouse stopped and restarted").await;
     setup.cleanup().await;
     drop(server);
+}
+
+async fn send_letter(brokers: &str, topic: &str, letter: &DeadLetter) {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let payload = serde_json::to_vec(letter).unwrap();
+    producer.send(FutureRecord::<(), _>::to(topic).payload(&payload), Duration::from_secs(10)).await.unwrap();
+}
+
+fn run_dlq(setup: &Setup, args: &[&str]) -> Vec<serde_json::Value> {
+    let output = setup.command().env("TALLY_LOG", "warn").args(args).output().unwrap();
+    assert!(output.status.success(), "tally-consumer {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{') && !l.contains("\"level\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_once() {
+    let setup = Setup::new("dlq", kafka_brokers()).await;
+    let letter = |reason: &str, stage: Stage, offset: i64, original: &[u8]| {
+        DeadLetter {
+            stage,
+            reason: reason.into(),
+            detail: "test".into(),
+            org_id: String::new(),
+            request_id: String::new(),
+            index: None,
+            received_at_ms: 0,
+            source: Some(SourcePosition { topic: setup.topic.clone(), partition: 0, offset }),
+            original: None,
+            original_hex: None,
+        }
+        .with_original(original)
+    };
+    // A record ClickHouse refused earlier (now it would take it), one that still does not
+    // decode, and an invalid event the ingest rejected.
+    let mut refused = Vec::new();
+    for n in 0..5 {
+        encode_event(&event(n), &mut refused);
+    }
+    send_letter(&setup.brokers, &setup.dlq, &letter("rejected_by_clickhouse", Stage::Consume, 42, &refused))
+        .await;
+    send_letter(
+        &setup.brokers,
+        &setup.dlq,
+        &letter("undecodable_record", Stage::Consume, 43, b"\xffnot json"),
+    )
+    .await;
+    send_letter(&setup.brokers, &setup.dlq, &letter("invalid_timestamp", Stage::Ingest, 0, b"{}")).await;
+
+    let listed = run_dlq(&setup, &["dlq", "list"]);
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0]["reason"], "rejected_by_clickhouse");
+    assert_eq!(listed[0]["source"]["offset"], 42);
+
+    let first = run_dlq(&setup, &["dlq", "replay"]);
+    assert_eq!(
+        first[0],
+        serde_json::json!({"letters": 3, "replayable": 1, "rows_inserted": 5, "rows_already_stored": 0, "still_undecodable": 1})
+    );
+    let second = run_dlq(&setup, &["dlq", "replay"]);
+    assert_eq!(second[0]["rows_inserted"], 0, "a second replay stores nothing twice");
+    assert_eq!(second[0]["rows_already_stored"], 5);
+    setup.assert_exactly_once(5, "dlq replay").await;
+    setup.cleanup().await;
 }

@@ -1,0 +1,146 @@
+//! `tally-consumer dlq list|replay`: inspect the dead-letter topic, and store again, after a fix,
+//! the records the consumer dead-lettered. A consume-stage dead letter keeps its source partition
+//! and offset, so replayed rows are inserted with their original positions, and only those not
+//! already in ClickHouse: replaying twice, or crashing half-way, stores nothing twice.
+//! Ingest-stage dead letters are client errors (invalid events): they are listed, not replayed;
+//! the client fixes and resends them.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use clickhouse::Row;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tally_schemas::record::{decode_events, DeadLetter, Stage};
+
+use crate::config::ConsumerConfig;
+use crate::row::EventRow;
+
+/// One dead letter as `dlq list` prints it (the original bytes are summarised, not dumped).
+#[derive(Debug, Serialize)]
+pub struct Listed {
+    pub partition: i32,
+    pub offset: i64,
+    pub stage: Stage,
+    pub reason: String,
+    pub detail: String,
+    pub org_id: String,
+    pub request_id: String,
+    pub source: Option<tally_schemas::record::SourcePosition>,
+    pub original_bytes: usize,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub letters: usize,
+    pub replayable: usize,
+    pub rows_inserted: usize,
+    pub rows_already_stored: usize,
+    pub still_undecodable: usize,
+}
+
+/// Every record of the dead-letter topic, oldest first per partition (no consumer group: reading
+/// it changes nothing).
+fn read_letters(config: &ConsumerConfig) -> anyhow::Result<Vec<(i32, i64, DeadLetter)>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("{}-dlq-reader", config.group_id))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(&config.dlq_topic), Duration::from_secs(10))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) =
+            consumer.fetch_watermarks(&config.dlq_topic, partition.id(), Duration::from_secs(10))?;
+        remaining += high - low;
+        assignment.add_partition_offset(&config.dlq_topic, partition.id(), Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let mut letters = Vec::new();
+    while remaining > 0 {
+        let Some(message) = consumer.poll(Duration::from_secs(10)) else { break };
+        let message = message?;
+        remaining -= 1;
+        match serde_json::from_slice::<DeadLetter>(message.payload().unwrap_or_default()) {
+            Ok(letter) => letters.push((message.partition(), message.offset(), letter)),
+            Err(error) => {
+                tracing::warn!(offset = message.offset(), error = %error, "not a dead letter, skipped")
+            }
+        }
+    }
+    Ok(letters)
+}
+
+pub fn list(config: &ConsumerConfig, limit: usize) -> anyhow::Result<Vec<Listed>> {
+    Ok(read_letters(config)?
+        .into_iter()
+        .take(limit)
+        .map(|(partition, offset, letter)| Listed {
+            partition,
+            offset,
+            original_bytes: letter.original_bytes().map_or(0, |b| b.len()),
+            stage: letter.stage,
+            reason: letter.reason,
+            detail: letter.detail,
+            org_id: letter.org_id,
+            request_id: letter.request_id,
+            source: letter.source,
+        })
+        .collect())
+}
+
+#[derive(Row, Deserialize)]
+struct Position {
+    kafka_index: u32,
+}
+
+/// Stores again every consume-stage dead letter of the events topic whose record decodes now.
+pub async fn replay(config: &ConsumerConfig) -> anyhow::Result<ReplayReport> {
+    let letters = tokio::task::block_in_place(|| read_letters(config))?;
+    let clickhouse = config.common.clickhouse.client();
+    let table = config.common.clickhouse.table("events");
+    let mut report = ReplayReport { letters: letters.len(), ..ReplayReport::default() };
+    for (_, _, letter) in letters {
+        let Some(source) = letter.source.as_ref().filter(|s| s.topic == config.events_topic) else {
+            continue;
+        };
+        if letter.stage != Stage::Consume {
+            continue;
+        }
+        let Ok(events) = decode_events(&letter.original_bytes().unwrap_or_default()) else {
+            report.still_undecodable += 1;
+            continue;
+        };
+        report.replayable += 1;
+        let rows: Vec<EventRow> = events
+            .into_iter()
+            .enumerate()
+            .map(|(index, event)| EventRow::new(event, source.partition, source.offset, index as u32))
+            .collect();
+        let sql = format!("SELECT kafka_index FROM {table} WHERE kafka_partition = ? AND kafka_offset = ?");
+        let stored: HashSet<u32> = clickhouse
+            .query(&sql)
+            .bind(source.partition)
+            .bind(source.offset)
+            .fetch_all::<Position>()
+            .await?
+            .into_iter()
+            .map(|p| p.kafka_index)
+            .collect();
+        let missing: Vec<&EventRow> = rows.iter().filter(|row| !stored.contains(&row.kafka_index)).collect();
+        report.rows_already_stored += rows.len() - missing.len();
+        if missing.is_empty() {
+            continue;
+        }
+        let mut insert = clickhouse.insert_unescaped::<EventRow>(&table).await?;
+        for row in &missing {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        report.rows_inserted += missing.len();
+    }
+    Ok(report)
+}
