@@ -335,6 +335,7 @@ Tally is up.
 Try:
   source .dev/demo.env
   curl -s -H "X-API-Key: \$TALLY_DEMO_API_KEY" \$TALLY_QUERY_URL/api/telemetry/status
+  curl -s -H "X-API-Key: \$TALLY_DEMO_API_KEY" \$TALLY_QUERY_URL/api/costs/summary
 EOF
 }
 

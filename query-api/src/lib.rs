@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod costs;
 pub mod error;
 pub mod status;
 
@@ -31,6 +32,7 @@ pub struct AppState {
 pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
     Router::new()
         .route("/api/telemetry/status", get(status::telemetry_status))
+        .route("/api/costs/summary", get(costs::summary))
         .route("/admin/orgs", post(admin::create_org).get(admin::list_orgs))
         .route("/admin/orgs/{org_id}/keys", post(admin::create_key))
         .route("/admin/keys/{key_id}", delete(admin::revoke_key))

@@ -179,3 +179,130 @@ async fn status_is_scoped_to_the_key_and_follows_key_lifecycle() {
     assert_eq!(missing.status(), 404);
     api.stop().await;
 }
+
+impl Api {
+    async fn insert_priced(
+        &self,
+        org: &str,
+        timestamp: &str,
+        millis: u16,
+        model: &str,
+        tokens: u32,
+        cost_nanos: i64,
+    ) {
+        self.clickhouse
+            .client()
+            .query(&format!(
+                "INSERT INTO {} (org_id, event_id, timestamp, timestamp_ms, provider, model, total_tokens, cost_nanos) \
+                 VALUES (?, ?, ?, ?, 'openai', ?, ?, ?)",
+                self.clickhouse.table("events")
+            ))
+            .bind(org)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(timestamp)
+            .bind(millis)
+            .bind(model)
+            .bind(tokens)
+            .bind(cost_nanos)
+            .execute()
+            .await
+            .unwrap();
+    }
+
+    /// The same figures straight from the raw table, independently of the endpoint's rollup path.
+    async fn raw_by_model(&self, org: &str, from_ms: u64, to_ms: u64) -> Vec<(String, u64, u64, i64)> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct R {
+            model: String,
+            n: u64,
+            tokens: u64,
+            cost: i64,
+        }
+        let rows: Vec<R> = self
+            .clickhouse
+            .client()
+            .query(&format!(
+                "SELECT model, count() AS n, sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost FROM {} \
+                 WHERE org_id = ? AND toUInt64(timestamp) * 1000 + timestamp_ms >= ? AND toUInt64(timestamp) * 1000 + timestamp_ms < ? \
+                 GROUP BY model ORDER BY model",
+                self.clickhouse.table("events")
+            ))
+            .bind(org)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all()
+            .await
+            .unwrap();
+        rows.into_iter().map(|r| (r.model, r.n, r.tokens, r.cost)).collect()
+    }
+
+    async fn summary(&self, key: &str, from: &str, to: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(self.url("/api/costs/summary"))
+            .query(&[("from", from), ("to", to)])
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn epoch_ms(rfc3339: &str) -> u64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_millis() as u64
+}
+
+#[tokio::test]
+async fn cost_summary_equals_the_raw_table_for_any_range_and_sees_one_org() {
+    let api = Api::start().await;
+    let (org_a, key_a, _) = api.create_org("a").await;
+    let (org_b, key_b, _) = api.create_org("b").await;
+    let models = ["gpt-4o", "gpt-4o-mini", "claude-3-haiku-20240307"];
+    for i in 0..120u32 {
+        let minute = i * 7; // spread over ~14 hours
+        let timestamp = format!("2026-01-23 {:02}:{:02}:{:02}", 3 + minute / 60, minute % 60, i % 60);
+        let cost = 1_000_000_007 + i64::from(i) * 333_333_331; // nano-dollar digits all the way down
+        api.insert_priced(&org_a, &timestamp, (i * 37 % 1000) as u16, models[i as usize % 3], 100 + i, cost)
+            .await;
+    }
+    api.insert_priced(&org_b, "2026-01-23 05:30:00", 0, "gpt-4o", 999, 5_000_000_000).await;
+    // A late event into an hour that already has rollup rows.
+    api.insert_priced(&org_a, "2026-01-23 04:15:00", 5, "gpt-4o", 7, 123_456_789).await;
+
+    for (from, to) in [
+        ("2026-01-23T00:00:00Z", "2026-01-24T00:00:00Z"), // whole hours only
+        ("2026-01-23T04:10:30.250Z", "2026-01-23T11:47:00.500Z"), // partial hours at both ends
+        ("2026-01-23T06:05:00Z", "2026-01-23T06:50:00Z"), // inside one hour
+    ] {
+        let (status, summary) = api.summary(&key_a, from, to).await;
+        assert_eq!(status, 200);
+        let raw = api.raw_by_model(&org_a, epoch_ms(from), epoch_ms(to)).await;
+        let mut from_api: Vec<(String, u64, u64, i64)> = summary["byModel"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(m, t)| {
+                (
+                    m.clone(),
+                    t["count"].as_u64().unwrap(),
+                    t["tokens"].as_u64().unwrap(),
+                    t["costNanos"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        from_api.sort();
+        assert_eq!(from_api, raw, "summary by model == raw for {from}..{to}");
+        let total: i64 = raw.iter().map(|r| r.3).sum();
+        assert_eq!(summary["totalNanos"].as_i64().unwrap(), total, "exact to the nano-dollar");
+        assert_eq!(summary["executionCount"].as_u64().unwrap(), raw.iter().map(|r| r.1).sum::<u64>());
+        assert!(summary["byProvider"]["openai"]["costNanos"].as_i64().unwrap() == total);
+    }
+    // Org b sees only its own event; bad ranges are 400.
+    let (_, b) = api.summary(&key_b, "2026-01-23T00:00:00Z", "2026-01-24T00:00:00Z").await;
+    assert_eq!((b["executionCount"].as_u64(), b["totalNanos"].as_i64()), (Some(1), Some(5_000_000_000)));
+    assert_eq!(api.summary(&key_a, "2026-01-24T00:00:00Z", "2026-01-23T00:00:00Z").await.0, 400);
+    assert_eq!(api.summary(&key_a, "yesterday", "2026-01-23T00:00:00Z").await.0, 400);
+    assert_eq!(api.summary(&key_a, "2020-01-01T00:00:00Z", "2026-01-23T00:00:00Z").await.0, 400);
+    api.stop().await;
+}

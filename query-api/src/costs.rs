@@ -1,0 +1,163 @@
+//! `GET /api/costs/summary` (seed 000 §3.2): the org's cost, tokens and event count over a time
+//! range, by model and by provider. Whole hours come from `rollup_hourly`; only the partial hours
+//! at the two ends of the range are read from the raw table, so any range is exact and cheap.
+//! Money is summed as integer nano-dollars; `total`/`cost` in USD are derived from them.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Query, State};
+use axum::Json;
+use chrono::{DateTime, Datelike, Duration, DurationRound, Utc};
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Org;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Longest range one request may ask for.
+const MAX_RANGE_DAYS: i64 = 400;
+
+#[derive(Deserialize)]
+pub struct RangeParams {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `[from, to)` in UTC; defaults: from the start of the current month to now.
+pub struct Range {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| ApiError::BadRequest(format!("{name} must be an RFC 3339 time: {e}")))
+}
+
+impl Range {
+    pub fn from_params(params: &RangeParams, now: DateTime<Utc>) -> Result<Range, ApiError> {
+        let to = params.to.as_deref().map(|t| parse_time("to", t)).transpose()?.unwrap_or(now);
+        let month_start = now
+            .date_naive()
+            .with_day0(0)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|d| d.and_utc())
+            .unwrap_or(now);
+        let from = params.from.as_deref().map(|t| parse_time("from", t)).transpose()?.unwrap_or(month_start);
+        if from >= to {
+            return Err(ApiError::BadRequest("from must be before to".into()));
+        }
+        if to - from > Duration::days(MAX_RANGE_DAYS) {
+            return Err(ApiError::BadRequest(format!("a range may span at most {MAX_RANGE_DAYS} days")));
+        }
+        Ok(Range { from, to })
+    }
+}
+
+#[derive(Row, Deserialize)]
+struct Group {
+    provider: String,
+    model: String,
+    events: u64,
+    tokens: u64,
+    cost_nanos: i64,
+}
+
+#[derive(Serialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    count: u64,
+    tokens: u64,
+    cost: f64,
+    cost_nanos: i64,
+}
+
+impl Totals {
+    fn add(&mut self, events: u64, tokens: u64, cost_nanos: i64) {
+        self.count += events;
+        self.tokens += tokens;
+        self.cost_nanos += cost_nanos;
+        self.cost = self.cost_nanos as f64 / 1e9;
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    from: String,
+    to: String,
+    total: f64,
+    total_nanos: i64,
+    total_tokens: u64,
+    /// Events in the range (each event is one LLM call of an execution).
+    execution_count: u64,
+    by_model: BTreeMap<String, Totals>,
+    by_provider: BTreeMap<String, Totals>,
+}
+
+pub async fn summary(
+    State(state): State<AppState>,
+    Org(org): Org,
+    Query(params): Query<RangeParams>,
+) -> Result<Json<Summary>, ApiError> {
+    let range = Range::from_params(&params, Utc::now())?;
+    // Whole hours [first_hour, last_hour) from the rollup; the edges from the raw table.
+    let hour = Duration::hours(1);
+    let first_hour = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
+    let last_hour = range.to.duration_trunc(hour).unwrap_or(range.to).max(first_hour);
+    let rollup = state.clickhouse.table("rollup_hourly");
+    let events = state.clickhouse.table("events");
+    let sql = format!(
+        "SELECT provider, model, sum(events) AS events, sum(tokens) AS tokens, sum(cost_nanos) AS cost_nanos FROM ( \
+           SELECT provider, model, toUInt64(countMerge(events)) AS events, sumMerge(total_tokens_sum) AS tokens, \
+                  sumMerge(cost_nanos_sum) AS cost_nanos \
+           FROM {rollup} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?) GROUP BY provider, model \
+           UNION ALL \
+           SELECT provider, model, count() AS events, sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost_nanos \
+           FROM {events} WHERE org_id = ? \
+             AND ((toUInt64(timestamp) * 1000 + timestamp_ms >= ? AND toUInt64(timestamp) * 1000 + timestamp_ms < ?) \
+               OR (toUInt64(timestamp) * 1000 + timestamp_ms >= ? AND toUInt64(timestamp) * 1000 + timestamp_ms < ?)) \
+             AND timestamp >= toDateTime(?) AND timestamp <= toDateTime(?) \
+           GROUP BY provider, model \
+         ) GROUP BY provider, model"
+    );
+    let ms = |t: DateTime<Utc>| u64::try_from(t.timestamp_millis()).unwrap_or(0);
+    let seconds = |t: DateTime<Utc>| u32::try_from(t.timestamp()).unwrap_or(0);
+    let groups: Vec<Group> = state
+        .clickhouse
+        .client()
+        .query(&sql)
+        .bind(&*org.org_id)
+        .bind(seconds(first_hour))
+        .bind(seconds(last_hour))
+        .bind(&*org.org_id)
+        .bind(ms(range.from))
+        .bind(ms(first_hour))
+        .bind(ms(last_hour))
+        .bind(ms(range.to))
+        .bind(seconds(range.from))
+        .bind(seconds(range.to))
+        .fetch_all()
+        .await?;
+    let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
+    let mut by_provider: BTreeMap<String, Totals> = BTreeMap::new();
+    let mut all = Totals::default();
+    for group in groups {
+        by_model.entry(group.model).or_default().add(group.events, group.tokens, group.cost_nanos);
+        by_provider.entry(group.provider).or_default().add(group.events, group.tokens, group.cost_nanos);
+        all.add(group.events, group.tokens, group.cost_nanos);
+    }
+    let format = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    Ok(Json(Summary {
+        from: format(range.from),
+        to: format(range.to),
+        total: all.cost,
+        total_nanos: all.cost_nanos,
+        total_tokens: all.tokens,
+        execution_count: all.count,
+        by_model,
+        by_provider,
+    }))
+}
