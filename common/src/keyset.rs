@@ -97,14 +97,6 @@ impl KeySet {
         self.by_hash.is_loaded()
     }
 
-    pub fn len(&self) -> usize {
-        self.by_hash.current().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Reloads every active key with its org; returns how many there are.
     pub async fn refresh(&self, config: &ChConfig) -> Result<usize, clickhouse::error::Error> {
         let map = load_keys(config).await?;

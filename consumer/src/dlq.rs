@@ -5,17 +5,16 @@
 //! Ingest-stage dead letters are client errors (invalid events): they are listed, not replayed;
 //! the client fixes and resends them.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use clickhouse::Row;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tally_schemas::record::{decode_events, DeadLetter, Stage};
 
 use crate::config::ConsumerConfig;
+use crate::reconcile::stored_positions;
 use crate::row::EventRow;
 
 /// One dead letter as `dlq list` prints it (the original bytes are summarised, not dumped).
@@ -92,11 +91,6 @@ pub fn list(config: &ConsumerConfig, limit: usize) -> anyhow::Result<Vec<Listed>
         .collect())
 }
 
-#[derive(Row, Deserialize)]
-struct Position {
-    kafka_index: u32,
-}
-
 /// Stores again every consume-stage dead letter of the events topic whose record decodes now.
 pub async fn replay(config: &ConsumerConfig) -> anyhow::Result<ReplayReport> {
     let letters = tokio::task::block_in_place(|| read_letters(config))?;
@@ -120,17 +114,10 @@ pub async fn replay(config: &ConsumerConfig) -> anyhow::Result<ReplayReport> {
             .enumerate()
             .map(|(index, event)| EventRow::new(event, source.partition, source.offset, index as u32))
             .collect();
-        let sql = format!("SELECT kafka_index FROM {table} WHERE kafka_partition = ? AND kafka_offset = ?");
-        let stored: HashSet<u32> = clickhouse
-            .query(&sql)
-            .bind(source.partition)
-            .bind(source.offset)
-            .fetch_all::<Position>()
-            .await?
-            .into_iter()
-            .map(|p| p.kafka_index)
-            .collect();
-        let missing: Vec<&EventRow> = rows.iter().filter(|row| !stored.contains(&row.kafka_index)).collect();
+        let offsets = (source.offset, source.offset);
+        let stored = stored_positions(&clickhouse, &table, source.partition, offsets, rows.iter()).await?;
+        let missing: Vec<&EventRow> =
+            rows.iter().filter(|row| !stored.contains(&(source.offset, row.kafka_index))).collect();
         report.rows_already_stored += rows.len() - missing.len();
         if missing.is_empty() {
             continue;

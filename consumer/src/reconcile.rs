@@ -21,6 +21,7 @@ use clickhouse::Row;
 use serde::Deserialize;
 use tally_schemas::limits::{MAX_EVENT_AGE_MS, MAX_EVENT_FUTURE_MS};
 
+use crate::row::EventRow;
 use crate::Pending;
 
 #[derive(Row, Deserialize)]
@@ -137,31 +138,45 @@ impl Reconciler {
         partition: i32,
         suspects: &[usize],
     ) -> Result<HashSet<(i64, u32)>, clickhouse::error::Error> {
-        let mut orgs: BTreeSet<&str> = BTreeSet::new();
-        let (mut min_offset, mut max_offset, mut min_ts) = (i64::MAX, i64::MIN, u32::MAX);
+        let (mut min_offset, mut max_offset) = (i64::MAX, i64::MIN);
         for &i in suspects {
             min_offset = min_offset.min(batch[i].offset);
             max_offset = max_offset.max(batch[i].offset);
-            for row in batch[i].decoded.iter().flatten() {
-                orgs.insert(&row.org_id);
-                min_ts = min_ts.min(row.timestamp);
-            }
         }
-        if orgs.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let placeholders = vec!["?"; orgs.len()].join(", ");
-        let sql = format!(
-            "SELECT kafka_offset, kafka_index FROM {} WHERE org_id IN ({placeholders}) AND timestamp >= toDateTime(?) \
-             AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?",
-            self.table
-        );
-        let mut query = self.client.query(&sql);
-        for org in &orgs {
-            query = query.bind(*org);
-        }
-        let rows: Vec<Position> =
-            query.bind(min_ts).bind(partition).bind(min_offset).bind(max_offset).fetch_all().await?;
-        Ok(rows.into_iter().map(|p| (i64::try_from(p.kafka_offset).unwrap_or(-1), p.kafka_index)).collect())
+        let rows = suspects.iter().flat_map(|&i| batch[i].decoded.iter().flatten());
+        stored_positions(&self.client, &self.table, partition, (min_offset, max_offset), rows).await
     }
+}
+
+/// Which (offset, index) positions of `partition` within `offsets` (inclusive) are stored, for
+/// records whose rows are `rows`. Filtered by the rows' orgs and earliest event time first, so
+/// ClickHouse reads only the granules of those orgs (the table's sort key) instead of scanning.
+pub async fn stored_positions<'a>(
+    client: &clickhouse::Client,
+    table: &str,
+    partition: i32,
+    offsets: (i64, i64),
+    rows: impl Iterator<Item = &'a EventRow>,
+) -> Result<HashSet<(i64, u32)>, clickhouse::error::Error> {
+    let mut orgs: BTreeSet<&str> = BTreeSet::new();
+    let mut min_ts = u32::MAX;
+    for row in rows {
+        orgs.insert(&row.org_id);
+        min_ts = min_ts.min(row.timestamp);
+    }
+    if orgs.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let placeholders = vec!["?"; orgs.len()].join(", ");
+    let sql = format!(
+        "SELECT kafka_offset, kafka_index FROM {table} WHERE org_id IN ({placeholders}) AND timestamp >= toDateTime(?) \
+         AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?"
+    );
+    let mut query = client.query(&sql);
+    for org in &orgs {
+        query = query.bind(*org);
+    }
+    let stored: Vec<Position> =
+        query.bind(min_ts).bind(partition).bind(offsets.0).bind(offsets.1).fetch_all().await?;
+    Ok(stored.into_iter().map(|p| (i64::try_from(p.kafka_offset).unwrap_or(-1), p.kafka_index)).collect())
 }

@@ -119,7 +119,7 @@ pub async fn run(
             tracing::warn!(
                 "TALLY_SINK=discard: events are validated and encoded, then dropped (benchmarks only)"
             );
-            (Arc::new(DiscardSink::default()), None)
+            (Arc::new(DiscardSink), None)
         }
     };
 

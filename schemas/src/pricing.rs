@@ -54,14 +54,6 @@ impl PriceBook {
         PriceBook { by_provider }
     }
 
-    pub fn len(&self) -> usize {
-        self.by_provider.values().flat_map(HashMap::values).map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_provider.is_empty()
-    }
-
     /// The price in effect for `provider`/`model` at `at_ms`. A dated model name such as
     /// `gpt-4o-2024-08-06` falls back to the longest registered name it extends (`gpt-4o`).
     pub fn lookup(&self, provider: &str, model: &str, at_ms: i64) -> Option<&ModelPrice> {
