@@ -22,6 +22,8 @@ pub struct ConsumerConfig {
     pub session_timeout: Duration,
     /// Static group membership id (e.g. the pod name), when set.
     pub instance_id: Option<String>,
+    /// How long an event id is remembered for duplicate removal, in hours of arrival time.
+    pub dedup_window_hours: u16,
     /// Testing only: probability of aborting the process between an insert and its commit, to
     /// exercise recovery (`TALLY_FAILPOINT_CRASH_AFTER_INSERT`, default 0).
     pub failpoint_crash_after_insert: f64,
@@ -40,6 +42,7 @@ impl ConsumerConfig {
             migrate: env.parse("TALLY_MIGRATE", true)?,
             session_timeout: env.millis("TALLY_KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
+            dedup_window_hours: env.parse("TALLY_DEDUP_WINDOW_HOURS", 24)?,
             failpoint_crash_after_insert: env.parse("TALLY_FAILPOINT_CRASH_AFTER_INSERT", 0.0)?,
         };
         if config.batch_max_rows == 0 || config.batch_max_rows > 1_000_000 {
@@ -47,6 +50,13 @@ impl ConsumerConfig {
                 key: "TALLY_BATCH_MAX_ROWS".into(),
                 value: config.batch_max_rows.to_string(),
                 reason: "must be 1..=1000000 so a batch stays one insert block".into(),
+            });
+        }
+        if !(1..=720).contains(&config.dedup_window_hours) {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_DEDUP_WINDOW_HOURS".into(),
+                value: config.dedup_window_hours.to_string(),
+                reason: "must be 1..=720 (hours of arrival time an event id is remembered)".into(),
             });
         }
         Ok(config)

@@ -4,12 +4,13 @@
 //! decoded, or whose rows ClickHouse refuses permanently, go to the dead-letter topic.
 
 pub mod config;
+pub mod dedup;
 pub mod dlq;
 pub mod metrics;
 pub mod reconcile;
 pub mod row;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
 use crate::metrics::ConsumerMetrics;
+use crate::reconcile::Reconciler;
 use crate::row::EventRow;
 
 /// One Kafka record of the batch, decoded (or not).
@@ -38,6 +40,12 @@ pub struct Pending {
     kafka_timestamp_ms: i64,
     original: Vec<u8>,
     decoded: Result<Vec<EventRow>, String>,
+}
+
+impl Pending {
+    fn row_count(&self) -> usize {
+        self.decoded.as_ref().map_or(0, Vec::len)
+    }
 }
 
 /// Counts rebalances, so the worker knows when what it learnt about partitions is stale.
@@ -63,8 +71,10 @@ type KafkaConsumer = StreamConsumer<RebalanceCounter>;
 
 /// ClickHouse error codes that mean "these rows will never be accepted": retrying cannot help, so
 /// the records are isolated and dead-lettered. Everything else (network, timeouts, too many
-/// parts, memory) is transient and retried without committing.
-const PERMANENT_CODES: &[u32] = &[6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 130, 131];
+/// parts, memory) is transient and retried without committing. 6/26/27/32/33/38/41/53/69/70/72:
+/// parse and conversion errors of the data; 36 BAD_ARGUMENTS; 117 INCORRECT_DATA; 130/131 array
+/// size errors; 395 a `throwIf` (a guard expression, e.g. a column DEFAULT, refusing the row).
+const PERMANENT_CODES: &[u32] = &[6, 26, 27, 32, 33, 36, 38, 41, 53, 69, 70, 72, 117, 130, 131, 395];
 
 fn is_permanent(error: &clickhouse::error::Error) -> bool {
     ch::error_code(error).is_some_and(|code| PERMANENT_CODES.contains(&code))
@@ -177,66 +187,82 @@ impl Worker {
 
     /// Stores a batch: one insert, or, when ClickHouse refuses it permanently, one insert per record
     /// so the bad records can be dead-lettered and the rest stored. Returns false on shutdown.
-    async fn store(&self, batch: &[Pending], shutdown: &CancellationToken) -> bool {
-        for pending in batch {
+    ///
+    /// A failed insert may still have been applied (a timeout after ClickHouse committed, a
+    /// connection lost before the answer), so before every retry the rows are checked again by
+    /// position and only the missing ones are sent.
+    async fn store(
+        &self,
+        batch: &mut [Pending],
+        reconciler: &mut Reconciler,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        for pending in batch.iter() {
             if let Err(detail) = &pending.decoded {
                 self.dead_letter(pending, "undecodable_record", detail.clone()).await;
             }
         }
-        let mut good: Vec<(&Pending, &[EventRow])> = Vec::with_capacity(batch.len());
-        let mut rows: Vec<&EventRow> = Vec::new();
-        for pending in batch {
-            if let Ok(record_rows) = &pending.decoded {
-                good.push((pending, record_rows.as_slice()));
-                rows.extend(record_rows.iter());
-            }
-        }
-        if rows.is_empty() {
+        let batch_rows = batch.iter().map(Pending::row_count).sum::<usize>();
+        if batch_rows == 0 {
             return true;
         }
-        let mut inserted = rows.len();
-        match self.insert_with_retry(&rows, shutdown).await {
-            Some(Ok(())) => {}
-            None => return false,
-            Some(Err(error)) => {
-                tracing::warn!(error = %error, records = good.len(), "batch refused permanently, isolating records");
-                for (pending, record_rows) in good {
-                    let record_rows: Vec<&EventRow> = record_rows.iter().collect();
-                    match self.insert_with_retry(&record_rows, shutdown).await {
-                        Some(Ok(())) => {}
-                        None => return false,
-                        Some(Err(error)) => {
-                            inserted -= record_rows.len();
-                            self.dead_letter(pending, "rejected_by_clickhouse", error.to_string()).await
+        let mut inserted = 0;
+        match self.insert_until_done(batch, reconciler, shutdown).await {
+            Attempt::Stored(rows) => inserted += rows,
+            Attempt::Shutdown => return false,
+            Attempt::Refused(error) => {
+                tracing::warn!(error = %error, records = batch.len(), "batch refused permanently, isolating records");
+                for index in 0..batch.len() {
+                    match self.insert_until_done(&mut batch[index..=index], reconciler, shutdown).await {
+                        Attempt::Stored(rows) => inserted += rows,
+                        Attempt::Shutdown => return false,
+                        Attempt::Refused(error) => {
+                            self.dead_letter(&batch[index], "rejected_by_clickhouse", error.to_string())
+                                .await;
                         }
                     }
                 }
             }
         }
         self.metrics.rows_inserted.inc_by(inserted as u64);
-        self.metrics.batch_rows.observe(rows.len() as f64);
+        self.metrics.batch_rows.observe(batch_rows as f64);
         true
     }
 
-    /// Retries transient failures with capped exponential backoff. `None` on shutdown.
-    async fn insert_with_retry(
+    /// Inserts the decoded rows of `records` as one INSERT, retrying transient failures with
+    /// backoff and re-checking positions before each retry.
+    async fn insert_until_done(
         &self,
-        rows: &[&EventRow],
+        records: &mut [Pending],
+        reconciler: &mut Reconciler,
         shutdown: &CancellationToken,
-    ) -> Option<Result<(), clickhouse::error::Error>> {
-        let mut backoff = Duration::from_millis(100);
+    ) -> Attempt {
+        let mut backoff = Backoff::new();
         loop {
-            match self.insert(rows).await {
-                Ok(()) => return Some(Ok(())),
-                Err(error) if is_permanent(&error) => return Some(Err(error)),
-                Err(error) => {
-                    self.metrics.insert_retries.inc();
-                    tracing::warn!(error = %error, backoff_ms = backoff.as_millis() as u64, "insert failed, retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
+            let rows: Vec<&EventRow> =
+                records.iter().filter_map(|p| p.decoded.as_ref().ok()).flatten().collect();
+            if rows.is_empty() {
+                return Attempt::Stored(0);
+            }
+            let count = rows.len();
+            let error = match self.insert(&rows).await {
+                Ok(()) => return Attempt::Stored(count),
+                Err(error) if is_permanent(&error) => return Attempt::Refused(error),
+                Err(error) => error,
+            };
+            self.metrics.insert_retries.inc();
+            if !backoff.wait(shutdown, "insert", &error).await {
+                return Attempt::Shutdown;
+            }
+            reconciler.record_stored(records);
+            loop {
+                match reconciler.filter(records).await {
+                    Ok(outcome) => {
+                        self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    Err(error) if backoff.wait(shutdown, "re-check after a failed insert", &error).await => {}
+                    Err(_) => return Attempt::Shutdown,
                 }
             }
         }
@@ -257,11 +283,13 @@ impl Worker {
 
     /// Keeps only records of partitions this replica still owns: after a revoke, nothing more is
     /// written for a partition; its new owner reads those records again from the committed offset.
+    fn assigned(&self) -> Option<BTreeSet<i32>> {
+        let list = self.consumer.assignment().ok()?;
+        Some(list.elements().iter().map(|e| e.partition()).collect())
+    }
+
     fn drop_revoked(&self, batch: Vec<Pending>) -> Vec<Pending> {
-        let owned: std::collections::HashSet<i32> = match self.consumer.assignment() {
-            Ok(list) => list.elements().iter().map(|e| e.partition()).collect(),
-            Err(_) => return batch,
-        };
+        let Some(owned) = self.assigned() else { return batch };
         let (kept, dropped): (Vec<Pending>, Vec<Pending>) =
             batch.into_iter().partition(|p| owned.contains(&p.partition));
         if !dropped.is_empty() {
@@ -272,7 +300,12 @@ impl Worker {
     }
 
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut reconciler = reconcile::Reconciler::new(self.clickhouse.clone(), self.table.clone());
+        let mut reconciler = Reconciler::new(self.clickhouse.clone(), self.table.clone());
+        let mut dedup = dedup::Deduplicator::new(
+            self.clickhouse.clone(),
+            self.table.clone(),
+            self.config.dedup_window_hours,
+        );
         let mut generation_seen = u64::MAX;
         loop {
             let batch = self.collect_batch(&shutdown).await;
@@ -285,25 +318,20 @@ impl Worker {
             let generation = self.consumer.context().generation.load(std::sync::atomic::Ordering::SeqCst);
             if generation != generation_seen {
                 reconciler.reset();
+                dedup.reset();
                 generation_seen = generation;
             }
             let mut batch = self.drop_revoked(batch);
             if batch.is_empty() {
                 continue;
             }
-            // Never insert what may already be stored: retry the check until ClickHouse answers.
-            let mut backoff = Duration::from_millis(100);
+            // Never insert what may already be stored: retry the checks until ClickHouse answers.
+            let mut backoff = Backoff::new();
             let outcome = loop {
                 match reconciler.filter(&mut batch).await {
                     Ok(outcome) => break outcome,
-                    Err(error) => {
-                        tracing::warn!(error = %error, "reconciliation query failed, retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
+                    Err(error) if backoff.wait(&shutdown, "reconciliation", &error).await => {}
+                    Err(_) => return Ok(()),
                 }
             };
             if outcome.skipped_rows > 0 {
@@ -314,11 +342,31 @@ impl Worker {
                     "reconciled rows already stored"
                 );
             }
-            if !self.store(&batch, &shutdown).await {
+            let assigned = self.assigned().unwrap_or_default();
+            let now = epoch_now();
+            let mut backoff = Backoff::new();
+            let removed = loop {
+                match dedup.filter(&mut batch, &assigned, now).await {
+                    Ok(removed) => break removed,
+                    Err(error) if backoff.wait(&shutdown, "dedup", &error).await => {}
+                    Err(_) => return Ok(()),
+                }
+            };
+            if removed.rebuilt > 0 {
+                tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
+            }
+            if removed.duplicates > 0 {
+                self.metrics.duplicates_dropped.inc_by(removed.duplicates as u64);
+                tracing::info!(rows = removed.duplicates, "dropped rows whose event id was already stored");
+            }
+            if !self.store(&mut batch, &mut reconciler, &shutdown).await {
                 tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
                 return Ok(());
             }
             reconciler.record_stored(&batch);
+            dedup.record_stored(&batch, epoch_now());
+            self.metrics.dedup_ids.set(dedup.ids() as i64);
+            self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
             if self.config.failpoint_crash_after_insert > 0.0
                 && rand::random::<f64>() < self.config.failpoint_crash_after_insert
             {
@@ -331,6 +379,44 @@ impl Worker {
             }
             self.metrics.batches.inc();
         }
+    }
+}
+
+fn epoch_now() -> u32 {
+    u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX)
+}
+
+/// How an insert ended.
+enum Attempt {
+    Stored(usize),
+    Refused(clickhouse::error::Error),
+    Shutdown,
+}
+
+/// Capped exponential backoff between tries of a ClickHouse query that must eventually succeed.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: Duration::from_millis(100) }
+    }
+
+    /// Logs the failure and sleeps; false when shutdown came first.
+    async fn wait(
+        &mut self,
+        shutdown: &CancellationToken,
+        what: &str,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> bool {
+        tracing::warn!(error = %error, what, backoff_ms = self.next.as_millis() as u64, "query failed, retrying");
+        let slept = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(self.next) => true,
+        };
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        slept
     }
 }
 

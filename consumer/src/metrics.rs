@@ -1,6 +1,8 @@
 //! The consumer's Prometheus metrics, declared in one place.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct ConsumerMetrics {
@@ -13,6 +15,9 @@ pub struct ConsumerMetrics {
     pub reconciled_rows_skipped: IntCounter,
     pub revoked_records_dropped: IntCounter,
     pub lag: IntGaugeVec,
+    pub duplicates_dropped: IntCounter,
+    pub dedup_ids: IntGauge,
+    pub dedup_bytes: IntGauge,
 }
 
 impl ConsumerMetrics {
@@ -57,7 +62,19 @@ impl ConsumerMetrics {
                 ),
                 &["partition"],
             )?,
+            duplicates_dropped: IntCounter::new(
+                "tally_consumer_duplicates_dropped_total",
+                "rows dropped because their (org, event id) was stored within the dedup window",
+            )?,
+            dedup_ids: IntGauge::new("tally_consumer_dedup_ids", "event ids held in the dedup window")?,
+            dedup_bytes: IntGauge::new(
+                "tally_consumer_dedup_bytes",
+                "heap bytes of the dedup window tables",
+            )?,
         };
+        registry.register(Box::new(metrics.duplicates_dropped.clone()))?;
+        registry.register(Box::new(metrics.dedup_ids.clone()))?;
+        registry.register(Box::new(metrics.dedup_bytes.clone()))?;
         registry.register(Box::new(metrics.lag.clone()))?;
         registry.register(Box::new(metrics.reconciled_rows_skipped.clone()))?;
         registry.register(Box::new(metrics.revoked_records_dropped.clone()))?;

@@ -86,13 +86,17 @@ impl Reconciler {
     }
 
     /// Removes from `batch` every row ClickHouse already holds, and records delivered twice.
-    pub async fn filter(&mut self, batch: &mut Vec<Pending>) -> Result<Outcome, clickhouse::error::Error> {
+    pub async fn filter(&mut self, batch: &mut [Pending]) -> Result<Outcome, clickhouse::error::Error> {
         let mut outcome = Outcome::default();
-        // A rebalance during collection can deliver the same record twice into one batch.
+        // A rebalance during collection can deliver the same record twice into one batch: the
+        // second copy keeps its place (it is committed like the first) but loses its rows.
         let mut seen = HashSet::new();
-        let before = batch.len();
-        batch.retain(|p| seen.insert((p.partition, p.offset)));
-        outcome.duplicate_records = before - batch.len();
+        for pending in batch.iter_mut() {
+            if !seen.insert((pending.partition, pending.offset)) {
+                pending.decoded = Ok(Vec::new());
+                outcome.duplicate_records += 1;
+            }
+        }
         let partitions: BTreeSet<i32> = batch.iter().map(|p| p.partition).collect();
         for partition in partitions {
             if !self.high.contains_key(&partition) {

@@ -217,3 +217,138 @@ async fn stores_records_once_dead_letters_poison_and_commits_after_insert() {
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
 }
+
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+async fn count_where(clickhouse: &ChConfig, condition: &str) -> u64 {
+    clickhouse
+        .client()
+        .query(&format!("SELECT count() FROM {} WHERE {condition}", clickhouse.table("events")))
+        .fetch_one()
+        .await
+        .unwrap()
+}
+
+fn record(events: &[&Event]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for event in events {
+        encode_event(event, &mut payload);
+    }
+    payload
+}
+
+#[tokio::test]
+async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restart() {
+    let clickhouse = migrated_database("dedup").await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, 2).await;
+    create_topic(&dlq, 1).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let [a, b, c, d, e] = [0, 1, 2, 3, 4].map(|n| sample_event("org-x", n));
+    // The same id in another org is another event.
+    let mut a_other_org = sample_event("org-y", 0);
+    a_other_org.event_id = a.event_id;
+    // Stored 25 h ago: outside the default 24 h window, so a retry of it now is stored again.
+    let mut old = sample_event("org-x", 5);
+    old.received_at_ms = now - 25 * 3600 * 1000;
+    old.timestamp_ms = old.received_at_ms - 1000;
+
+    produce(&topic, "org-x", &record(&[&a, &b, &c, &old])).await;
+    produce(&topic, "org-y", &record(&[&a_other_org])).await;
+    let consumer = start_consumer(&clickhouse, &topic, &dlq, &group).await;
+    wait_for_rows(&clickhouse, 5).await;
+    // A client retry (b again, d new) and d twice in one record.
+    produce(&topic, "org-x", &record(&[&b, &d, &d])).await;
+    wait_for_rows(&clickhouse, 6).await;
+    assert_eq!(metric(&consumer.metrics_url, "tally_consumer_duplicates_dropped_total").await, 2.0);
+    consumer.stop().await;
+
+    // A new process rebuilds the window from ClickHouse: retries of a and c are still dropped.
+    let mut old_again = old.clone();
+    old_again.received_at_ms = now;
+    old_again.timestamp_ms = now - 1000;
+    let consumer = start_consumer(&clickhouse, &topic, &dlq, &group).await;
+    produce(&topic, "org-x", &record(&[&a, &e, &c, &old_again])).await;
+    wait_for_rows(&clickhouse, 8).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!(totals.rows, 8, "a b c old a' d | e old-again: {totals:?}");
+    assert_eq!(
+        count_where(&clickhouse, &format!("event_id = toUUID('{}')", a.event_id)).await,
+        2,
+        "one per org"
+    );
+    assert_eq!(count_where(&clickhouse, &format!("event_id = toUUID('{}')", old.event_id)).await, 2);
+    for event in [&b, &c, &d, &e] {
+        assert_eq!(count_where(&clickhouse, &format!("event_id = toUUID('{}')", event.event_id)).await, 1);
+    }
+    assert_eq!(metric(&consumer.metrics_url, "tally_consumer_duplicates_dropped_total").await, 2.0);
+    assert!(metric(&consumer.metrics_url, "tally_consumer_dedup_ids").await >= 6.0);
+    // The rollups saw exactly the stored rows.
+    let totals = raw_totals(&clickhouse).await;
+    for rollup in ["rollup_hourly", "rollup_daily"] {
+        let (rows, tokens, cost, _) = rollup_totals(&clickhouse, rollup).await;
+        assert_eq!((rows, tokens, cost), (totals.rows, totals.tokens, totals.cost), "{rollup}");
+    }
+    consumer.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
+    drop_database(&clickhouse).await;
+}
+
+#[tokio::test]
+async fn a_record_clickhouse_refuses_is_dead_lettered_and_the_rest_of_its_batch_stored() {
+    let clickhouse = migrated_database("poison").await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    // A guard the operator added: ClickHouse itself refuses rows of one org (code 395, permanent).
+    clickhouse
+        .client()
+        .query(&format!(
+            "ALTER TABLE {} ADD COLUMN guard UInt8 DEFAULT throwIf(org_id = 'org-poison')",
+            clickhouse.table("events")
+        ))
+        .execute()
+        .await
+        .unwrap();
+    let good: Vec<Event> = (0..6).map(|n| sample_event("org-good", n)).collect();
+    let poison = sample_event("org-poison", 9);
+    produce(&topic, "k", &record(&[&good[0], &good[1]])).await;
+    produce(&topic, "k", &record(&[&good[2], &poison, &good[3]])).await;
+    produce(&topic, "k", &record(&[&good[4], &good[5]])).await;
+    // One batch holds all three records (batch wait 200 ms after the first).
+    let consumer = start_consumer(&clickhouse, &topic, &dlq, &group).await;
+    wait_for_rows(&clickhouse, 4).await;
+
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dlq]).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(20), reader.recv()).await.unwrap().unwrap();
+    let letter: DeadLetter = serde_json::from_slice(message.payload().unwrap()).unwrap();
+    assert_eq!(letter.reason, "rejected_by_clickhouse");
+    assert!(letter.detail.contains("395") || letter.detail.contains("throwIf"), "{}", letter.detail);
+    assert_eq!(letter.source.as_ref().unwrap().offset, 1);
+    assert_eq!(letter.original_bytes().unwrap(), record(&[&good[2], &poison, &good[3]]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!((totals.rows, totals.ids), (4, 4), "records 0 and 2 stored, record 1 dead-lettered whole");
+    assert_eq!(count_where(&clickhouse, "org_id = 'org-poison'").await, 0);
+    assert_eq!(
+        metric(&consumer.metrics_url, "tally_consumer_dead_letters_total{reason=\"rejected_by_clickhouse\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(metric(&consumer.metrics_url, "tally_consumer_rows_inserted_total").await, 4.0);
+    consumer.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
+    drop_database(&clickhouse).await;
+}

@@ -1,0 +1,388 @@
+//! Duplicate removal by event id. A client that retries a request (same `eventId`, or the same
+//! `Idempotency-Key`, from which the ingest derives the same ids) sends events that are new Kafka
+//! records: the exactly-once reconciliation, which works on Kafka positions, cannot see them.
+//!
+//! Rule: a row whose (org_id, event_id) was already stored with a `received_at` within the
+//! window (default 24 h, `TALLY_DEDUP_WINDOW_HOURS`; ages are counted in whole hours, so an id is
+//! remembered between `window` and `window + 1` hours) is dropped; the first one stored wins.
+//!
+//! How: the ingest keys every record by org, so all of an org's events are in one partition and
+//! the owner of that partition sees all of them. Per partition the consumer keeps an in-memory
+//! table of 64-bit entries, a 48-bit fingerprint of (org_id, event_id) and the 16-bit hour it
+//! arrived, in an open-addressing table (about 10 to 21 bytes per id). A row whose fingerprint is
+//! absent is new: the common case costs one hash and one probe, no query. A row whose fingerprint
+//! is present is only a candidate: one query per batch confirms candidates against ClickHouse, so
+//! a fingerprint collision can never drop an event. Rows repeated inside one batch are compared
+//! exactly. The table is rebuilt from ClickHouse after every rebalance (a previous owner may have
+//! written), with one query over the assigned partitions and the window.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use clickhouse::Row;
+use hashbrown::HashTable;
+use serde::Deserialize;
+use tally_schemas::limits::MAX_EVENT_AGE_MS;
+
+use crate::row::EventRow;
+use crate::Pending;
+
+const FINGERPRINT_BITS: u32 = 48;
+const FINGERPRINT_MASK: u64 = (1 << FINGERPRINT_BITS) - 1;
+
+/// The 48-bit fingerprint of an (org, event id) pair. Deterministic within a process, which is all
+/// the table needs: it is rebuilt by this process from ClickHouse, never persisted.
+pub fn fingerprint(org_id: &str, event_id: &uuid::Uuid) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    org_id.hash(&mut hasher);
+    event_id.as_bytes().hash(&mut hasher);
+    hasher.finish() & FINGERPRINT_MASK
+}
+
+/// The table's hash of an entry: the fingerprint spread over 64 bits (the table uses the top bits).
+fn spread(fingerprint: u64) -> u64 {
+    fingerprint.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn hour_tag(epoch_seconds: u32) -> u16 {
+    (epoch_seconds / 3600) as u16
+}
+
+/// Whole hours from `tag` to `now`, 0 for a tag in the future (clock skew between ingest and
+/// consumer). Tags wrap every 65 536 hours; windows are far shorter.
+fn age_hours(now: u16, tag: u16) -> u16 {
+    u16::try_from(now.wrapping_sub(tag) as i16).unwrap_or(0)
+}
+
+/// The ids of one partition seen within the window.
+#[derive(Default)]
+pub struct IdWindow {
+    entries: HashTable<u64>,
+}
+
+impl IdWindow {
+    pub fn contains(&self, fingerprint: u64) -> bool {
+        self.entries.find(spread(fingerprint), |e| e & FINGERPRINT_MASK == fingerprint).is_some()
+    }
+
+    /// Remembers `fingerprint` as arrived at `received_at` (epoch seconds); the later arrival wins.
+    pub fn insert(&mut self, fingerprint: u64, received_at: u32) {
+        let tag = hour_tag(received_at);
+        let entry = fingerprint | (u64::from(tag) << FINGERPRINT_BITS);
+        match self.entries.find_mut(spread(fingerprint), |e| e & FINGERPRINT_MASK == fingerprint) {
+            Some(existing) => {
+                let existing_tag = (*existing >> FINGERPRINT_BITS) as u16;
+                if age_hours(tag, existing_tag) > 0 {
+                    *existing = entry;
+                }
+            }
+            None => {
+                self.entries.insert_unique(spread(fingerprint), entry, |e| spread(e & FINGERPRINT_MASK));
+            }
+        }
+    }
+
+    /// Forgets ids that arrived `window_hours` or more whole hours before `now` (epoch seconds).
+    pub fn expire(&mut self, now: u32, window_hours: u16) {
+        let now = hour_tag(now);
+        self.entries.retain(|e| age_hours(now, (*e >> FINGERPRINT_BITS) as u16) < window_hours);
+        self.entries.shrink_to_fit(|e| spread(*e & FINGERPRINT_MASK));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Heap bytes held: one 8-byte slot and one control byte per bucket (buckets are a power of
+    /// two at most 7/8 full).
+    pub fn heap_bytes(&self) -> usize {
+        let capacity = self.entries.capacity();
+        if capacity == 0 {
+            return 0;
+        }
+        let buckets = (capacity * 8 / 7).next_power_of_two();
+        buckets * 9 + 16
+    }
+}
+
+#[derive(Row, Deserialize)]
+struct StoredId {
+    kafka_partition: u16,
+    org_id: String,
+    #[serde(with = "clickhouse::serde::uuid")]
+    event_id: uuid::Uuid,
+    received_at: u32,
+}
+
+#[derive(Row, Deserialize)]
+struct FoundId {
+    org_id: String,
+    #[serde(with = "clickhouse::serde::uuid")]
+    event_id: uuid::Uuid,
+}
+
+/// What one pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Rows dropped because the same id was already stored or appeared earlier in the batch.
+    pub duplicates: usize,
+    /// Fingerprint hits confirmed or refuted by a query.
+    pub confirmed: usize,
+    /// Rows loaded into the tables by a rebuild.
+    pub rebuilt: usize,
+}
+
+pub struct Deduplicator {
+    client: clickhouse::Client,
+    table: String,
+    window_hours: u16,
+    partitions: HashMap<i32, IdWindow>,
+    expired_at_hour: u16,
+}
+
+impl Deduplicator {
+    pub fn new(client: clickhouse::Client, table: String, window_hours: u16) -> Self {
+        Deduplicator { client, table, window_hours, partitions: HashMap::new(), expired_at_hour: 0 }
+    }
+
+    /// Forgets everything: called after every rebalance, as another replica may have written.
+    pub fn reset(&mut self) {
+        self.partitions.clear();
+    }
+
+    pub fn ids(&self) -> usize {
+        self.partitions.values().map(IdWindow::len).sum()
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.partitions.values().map(IdWindow::heap_bytes).sum()
+    }
+
+    fn window_start(&self, now: u32) -> u32 {
+        (now / 3600).saturating_sub(u32::from(self.window_hours)) * 3600
+    }
+
+    /// Loads the ids stored within the window for every partition of `partitions` not loaded yet.
+    async fn rebuild(
+        &mut self,
+        partitions: &BTreeSet<i32>,
+        now: u32,
+    ) -> Result<usize, clickhouse::error::Error> {
+        let missing: Vec<i32> =
+            partitions.iter().copied().filter(|p| !self.partitions.contains_key(p)).collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let since = self.window_start(now);
+        // An event's time is at most MAX_EVENT_AGE before its arrival: prunes older months.
+        let event_floor = i64::from(since) - MAX_EVENT_AGE_MS / 1000;
+        let placeholders = vec!["?"; missing.len()].join(", ");
+        let sql = format!(
+            "SELECT kafka_partition, org_id, event_id, received_at FROM {} \
+             WHERE timestamp >= toDateTime(?) AND received_at >= toDateTime(?) AND kafka_partition IN ({placeholders})",
+            self.table
+        );
+        let mut query = self.client.query(&sql).bind(event_floor.max(0)).bind(since);
+        for partition in &missing {
+            query = query.bind(*partition);
+        }
+        for partition in &missing {
+            self.partitions.insert(*partition, IdWindow::default());
+        }
+        let mut cursor = query.fetch::<StoredId>()?;
+        let mut loaded = 0;
+        while let Some(stored) = cursor.next().await? {
+            if let Some(window) = self.partitions.get_mut(&i32::from(stored.kafka_partition)) {
+                window.insert(fingerprint(&stored.org_id, &stored.event_id), stored.received_at);
+                loaded += 1;
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Which of the `candidates` (org, id) pairs ClickHouse holds, arrived since `since`.
+    async fn stored(
+        &self,
+        candidates: &HashSet<(&str, uuid::Uuid)>,
+        since: u32,
+    ) -> Result<HashSet<(String, uuid::Uuid)>, clickhouse::error::Error> {
+        let orgs: BTreeSet<&str> = candidates.iter().map(|(org, _)| *org).collect();
+        let ids: BTreeSet<uuid::Uuid> = candidates.iter().map(|(_, id)| *id).collect();
+        let event_floor = (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0);
+        let sql = format!(
+            "SELECT org_id, event_id FROM {} WHERE org_id IN ({}) AND timestamp >= toDateTime(?) \
+             AND received_at >= toDateTime(?) AND event_id IN ({})",
+            self.table,
+            vec!["?"; orgs.len()].join(", "),
+            vec!["toUUID(?)"; ids.len()].join(", "),
+        );
+        let mut query = self.client.query(&sql);
+        for org in &orgs {
+            query = query.bind(*org);
+        }
+        query = query.bind(event_floor).bind(since);
+        for id in &ids {
+            query = query.bind(id.to_string());
+        }
+        let found: Vec<FoundId> = query.fetch_all().await?;
+        Ok(found.into_iter().map(|f| (f.org_id, f.event_id)).collect())
+    }
+
+    /// Removes from `batch` every row whose id is already stored within the window, or repeated
+    /// earlier in the batch. `assigned` are the partitions this replica owns (rebuilt together).
+    pub async fn filter(
+        &mut self,
+        batch: &mut [Pending],
+        assigned: &BTreeSet<i32>,
+        now: u32,
+    ) -> Result<Outcome, clickhouse::error::Error> {
+        let mut outcome = Outcome::default();
+        let mut partitions: BTreeSet<i32> = batch.iter().map(|p| p.partition).collect();
+        partitions.extend(assigned.iter().copied());
+        outcome.rebuilt = self.rebuild(&partitions, now).await?;
+
+        // Candidates: rows whose fingerprint the window holds.
+        let mut candidates: HashSet<(&str, uuid::Uuid)> = HashSet::new();
+        for pending in batch.iter() {
+            let (Ok(rows), Some(window)) = (&pending.decoded, self.partitions.get(&pending.partition)) else {
+                continue;
+            };
+            for row in rows {
+                if window.contains(fingerprint(&row.org_id, &row.event_id)) {
+                    candidates.insert((row.org_id.as_str(), row.event_id));
+                }
+            }
+        }
+        outcome.confirmed = candidates.len();
+        let stored = if candidates.is_empty() {
+            HashSet::new()
+        } else {
+            self.stored(&candidates, self.window_start(now)).await?
+        };
+
+        // Keep the first occurrence of each id not stored; compare exactly on a fingerprint match.
+        let mut first: HashMap<u64, (usize, usize)> = HashMap::new();
+        let mut drop: HashSet<(usize, usize)> = HashSet::new();
+        for (record, pending) in batch.iter().enumerate() {
+            let Ok(rows) = &pending.decoded else { continue };
+            for (index, row) in rows.iter().enumerate() {
+                if !stored.is_empty() && stored.contains(&(row.org_id.clone(), row.event_id)) {
+                    drop.insert((record, index));
+                    continue;
+                }
+                let print = fingerprint(&row.org_id, &row.event_id);
+                match first.get(&print) {
+                    None => {
+                        first.insert(print, (record, index));
+                    }
+                    Some(&(r, i)) => {
+                        if same_id(batch, (r, i), row) {
+                            drop.insert((record, index));
+                        }
+                    }
+                }
+            }
+        }
+        outcome.duplicates = drop.len();
+        if !drop.is_empty() {
+            for (record, pending) in batch.iter_mut().enumerate() {
+                if let Ok(rows) = &mut pending.decoded {
+                    let mut index = 0;
+                    rows.retain(|_| {
+                        let keep = !drop.contains(&(record, index));
+                        index += 1;
+                        keep
+                    });
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// After a successful store: the batch's ids count as stored. Expires old ids once an hour.
+    pub fn record_stored(&mut self, batch: &[Pending], now: u32) {
+        for pending in batch {
+            let (Ok(rows), Some(window)) = (&pending.decoded, self.partitions.get_mut(&pending.partition))
+            else {
+                continue;
+            };
+            for row in rows {
+                window.insert(fingerprint(&row.org_id, &row.event_id), row.received_at);
+            }
+        }
+        if hour_tag(now) != self.expired_at_hour {
+            self.expired_at_hour = hour_tag(now);
+            for window in self.partitions.values_mut() {
+                window.expire(now, self.window_hours);
+            }
+        }
+    }
+}
+
+fn same_id(batch: &[Pending], (record, index): (usize, usize), row: &EventRow) -> bool {
+    match &batch[record].decoded {
+        Ok(rows) => {
+            rows.get(index).is_some_and(|other| other.org_id == row.org_id && other.event_id == row.event_id)
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_remembers_and_expires_by_arrival_hour() {
+        let mut window = IdWindow::default();
+        let t0 = 1_800_000_000u32;
+        let a = fingerprint("org_a", &uuid::Uuid::from_u128(1));
+        let b = fingerprint("org_b", &uuid::Uuid::from_u128(1));
+        assert_ne!(a, b, "the org is part of the key");
+        window.insert(a, t0);
+        assert!(window.contains(a));
+        assert!(!window.contains(b));
+        window.expire(t0 + 23 * 3600, 24);
+        assert!(window.contains(a), "23 h old, window 24 h");
+        window.insert(b, t0 + 23 * 3600);
+        window.expire(t0 + 24 * 3600 + 3599, 24);
+        assert!(!window.contains(a), "24 whole hours old");
+        assert!(window.contains(b));
+        assert_eq!(window.len(), 1);
+    }
+
+    #[test]
+    fn a_later_arrival_refreshes_the_hour_and_future_tags_do_not_expire() {
+        let mut window = IdWindow::default();
+        let t0 = 1_800_000_000u32;
+        let a = fingerprint("org", &uuid::Uuid::from_u128(7));
+        window.insert(a, t0);
+        window.insert(a, t0 + 10 * 3600);
+        window.insert(a, t0 + 3600);
+        assert_eq!(window.len(), 1);
+        window.expire(t0 + 30 * 3600, 24);
+        assert!(window.contains(a), "refreshed at +10 h: 20 h old");
+        // An ingest clock ahead of the consumer's: kept, not wrapped into an old age.
+        let skewed = fingerprint("org", &uuid::Uuid::from_u128(8));
+        window.insert(skewed, t0 + 40 * 3600);
+        window.expire(t0 + 30 * 3600, 24);
+        assert!(window.contains(skewed));
+    }
+
+    #[test]
+    fn memory_per_million_ids() {
+        let mut window = IdWindow::default();
+        for i in 0..1_000_000u128 {
+            window.insert(fingerprint("org_0123456789", &uuid::Uuid::from_u128(i)), 1_800_000_000);
+        }
+        assert_eq!(window.len(), 1_000_000, "no two of a million fingerprints collide");
+        let bytes = window.heap_bytes();
+        // 2^21 buckets of 9 bytes: 18 MiB for a table that just grew; 10.3 bytes per id when full.
+        assert!(bytes <= 19 * 1024 * 1024, "{bytes}");
+        assert!(bytes >= 9_000_000, "{bytes}");
+    }
+}
