@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -37,9 +37,14 @@ lint:
 fmt:
 	cargo fmt --all
 
-bench: bench-ingest ## every benchmark (figures go to loadtest/RESULTS.md by hand, with the command)
+bench: bench-ingest bench-consumer ## every benchmark (figures go to loadtest/RESULTS.md by hand, with the command)
 
 bench-ingest: ## ingest throughput: ceiling vs discard sink vs real Kafka, at 1/100/1000 events per request
 	@bash dev/stack.sh infra-up
 	cargo build --release --locked --bins -q
 	python3 loadtest/bench_ingest.py $(BENCH_ARGS)
+
+bench-consumer: ## consumer drain: raw ceiling vs tally-consumer vs ClickHouse's Kafka engine (20 M events), then freshness at 50 000 events/s
+	@bash dev/stack.sh infra-up
+	cargo build --release --locked --bins -q
+	python3 loadtest/bench_consumer.py $(BENCH_ARGS)

@@ -191,6 +191,13 @@ create_topic() {
   die "could not create topic $topic"
 }
 
+# delete_topic NAME: benchmarks remove what they created
+delete_topic() {
+  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.properties" \
+    org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --delete --if-exists \
+    --topic "$1" >>"$DEV/log/kafka-topics.log" 2>&1
+}
+
 start_minio() {
   if is_running minio; then return 0; fi
   if port_open 9100; then log "reusing the S3 server already listening on $MINIO_ENDPOINT (not started by this checkout)"; return 0; fi
@@ -367,5 +374,6 @@ case "$cmd" in
   env) service_env ;;
   kafka-libs) install_kafka; echo "$KAFKA_LIBS" ;;
   create-topic) create_topic "${1:?topic}" "${2:-4}" ;;
+  delete-topic) delete_topic "${1:?topic}" ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""`make bench-consumer`: the consumer benchmark, in one run on this machine.
+
+1. Preloads a fresh topic (8 partitions) with --events synthetic events, as the ingest writes them
+   (one record per request of --per-record events of one org, 1000 orgs, keyed by org, lz4).
+2. Drains the same rows into ClickHouse three ways, each into its own freshly migrated database
+   (the events table with its two rollup views):
+   ceiling  the rows built in memory before the clock starts and inserted by the consumer's own
+            insert path (clickhouse crate, RowBinary, 100 000 rows per INSERT): no Kafka, no decoding
+   tally    tally-consumer draining the topic (its own group; reconciliation and dedup on)
+   engine   ClickHouse's Kafka table engine (JSONEachRow, the record format) with a materialized
+            view into the events table, draining the same topic with its own group
+   and prints rows/s, CPU seconds per million rows of the client process and of clickhouse-server,
+   and the client's peak RSS.
+3. Freshness: the whole pipeline (ingest with the Kafka sink, consumer) under a steady
+   --fresh-rate events/s (open model, 100 events/request); a marker event is sent every
+   ~100 ms and the time from its 2xx to its row being visible in ClickHouse is measured by
+   polling a point lookup every 10 ms. Prints p50/p95/p99/max.
+
+Usage: loadtest/bench_consumer.py [--events 20000000] [--per-record 100] [--skip engine,...]
+                                  [--fresh-rate 50000] [--fresh-seconds 60]
+Needs the local stack (dev/stack.sh infra-up) and release binaries (cargo build --release).
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_ingest as bi  # noqa: E402  (shared helpers: start/stop/wait_http/cpu/loadgen/bench_org)
+
+CH = os.environ.get("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:8123")
+TOOL = os.path.join(bi.BIN, "tally-consumer-bench")
+
+# The record's JSON keys: every column of tally.events but the Kafka position.
+RECORD_COLUMNS = """org_id String, event_id UUID, timestamp DateTime('UTC'), timestamp_ms UInt16,
+    received_at DateTime('UTC'), provider String, model String, prompt_tokens UInt32,
+    completion_tokens UInt32, total_tokens UInt32, cost_nanos Int64,
+    cost_source Enum8('client' = 1, 'computed' = 2, 'unknown' = 3), latency_ms UInt32,
+    status Enum8('success' = 1, 'error' = 2), http_status UInt16, error String, execution_id String,
+    agent_id String, user_id String, service String, action String, request_id String,
+    input_bytes UInt64, output_bytes UInt64, metadata_keys Array(String), metadata_values Array(String)"""
+
+
+def ch(sql):
+    request = urllib.request.Request(CH + "/", data=sql.encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read().decode().strip()
+
+
+def clickhouse_pid():
+    return int(open(os.path.join(bi.ROOT, ".dev", "run", "clickhouse.pid")).read().strip())
+
+
+def peak_rss_mib(pid):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def tool(*args):
+    out = subprocess.run([TOOL, *map(str, args)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def count_rows(database):
+    return int(ch("SELECT count() FROM %s.events" % database))
+
+
+def wait_rows(database, expected, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if count_rows(database) >= expected:
+            return time.time()
+        time.sleep(0.25)
+    raise SystemExit("%s.events never reached %d rows (has %d)" % (database, expected, count_rows(database)))
+
+
+def run_ceiling(database, events):
+    ch_before = bi.cpu_seconds(clickhouse_pid())
+    started = time.time()
+    process = subprocess.Popen([TOOL, "ceiling", database, str(events)], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = status
+    result = json.loads(process.stdout.read().strip().splitlines()[-1])
+    if status != 0:
+        raise SystemExit("ceiling failed")
+    return {"scenario": "ceiling", "rows": result["rows"], "seconds": result["seconds"],
+            "client_cpu_s": usage.ru_utime + usage.ru_stime,
+            "clickhouse_cpu_s": bi.cpu_seconds(clickhouse_pid()) - ch_before,
+            "client_rss_mib": usage.ru_maxrss / 1024, "wall_incl_build_s": time.time() - started}
+
+
+def run_tally(database, topic, events):
+    ch_before = bi.cpu_seconds(clickhouse_pid())
+    started = time.time()
+    process = bi.start("tally-consumer", {
+        "TALLY_CLICKHOUSE_DATABASE": database, "TALLY_EVENTS_TOPIC": topic, "TALLY_MIGRATE": "false",
+        "TALLY_CONSUMER_GROUP": "bench-" + topic, "TALLY_LISTEN_ADDR": "127.0.0.1:18082"})
+    try:
+        finished = wait_rows(database, events, 3600)
+        cpu = bi.cpu_seconds(process.pid)
+        rss = peak_rss_mib(process.pid)
+    finally:
+        bi.stop(process)
+    return {"scenario": "tally", "rows": count_rows(database), "seconds": finished - started, "client_cpu_s": cpu,
+            "clickhouse_cpu_s": bi.cpu_seconds(clickhouse_pid()) - ch_before, "client_rss_mib": rss}
+
+
+def run_engine(database, topic, events):
+    ch_before = bi.cpu_seconds(clickhouse_pid())
+    started = time.time()
+    ch("CREATE TABLE %s.events_queue (%s) ENGINE = Kafka('127.0.0.1:9092', '%s', '%s', 'JSONEachRow')"
+       % (database, RECORD_COLUMNS, topic, "bench-engine-" + topic))
+    ch("CREATE MATERIALIZED VIEW %s.events_from_kafka TO %s.events AS SELECT * FROM %s.events_queue"
+       % (database, database, database))
+    try:
+        finished = wait_rows(database, events, 3600)
+    finally:
+        ch("DROP TABLE IF EXISTS %s.events_from_kafka" % database)
+        ch("DROP TABLE IF EXISTS %s.events_queue" % database)
+    return {"scenario": "engine", "rows": count_rows(database), "seconds": finished - started, "client_cpu_s": 0.0,
+            "clickhouse_cpu_s": bi.cpu_seconds(clickhouse_pid()) - ch_before, "client_rss_mib": 0.0}
+
+
+def check_equal(databases):
+    """Each drained table holds the same rows: counts, distinct ids, tokens and exact cost."""
+    sums = {}
+    for name, database in databases.items():
+        sums[name] = ch("SELECT count(), uniqExact(org_id, event_id), sum(total_tokens), sum(cost_nanos) FROM %s.events"
+                        % database)
+    return sums
+
+
+def freshness(rate, seconds):
+    database = "tally_bench_%08x" % random.getrandbits(32)
+    key = bi.bench_org(database)
+    org = ch("SELECT org_id FROM %s.orgs LIMIT 1" % database)
+    topic = "tally.bench.fresh.%08x" % random.getrandbits(32)
+    bi.create_topic(topic, 8)
+    env = {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_EVENTS_TOPIC": topic}
+    ingest = bi.start("tally-ingest", dict(env, TALLY_LISTEN_ADDR="127.0.0.1:18080"))
+    consumer = bi.start("tally-consumer", dict(env, TALLY_LISTEN_ADDR="127.0.0.1:18082",
+                                              TALLY_CONSUMER_GROUP="bench-" + topic))
+    samples, errors = [], []
+    try:
+        bi.wait_http("http://127.0.0.1:18080/readyz", 60)
+        bi.wait_http("http://127.0.0.1:18082/readyz", 60)
+        load = {}
+        thread = threading.Thread(target=lambda: load.update(
+            bi.loadgen("http://127.0.0.1:18080", key, 100, seconds, 64, rate=rate / 100)))
+        thread.start()
+        time.sleep(3)  # steady state first
+        deadline = time.time() + seconds - 6
+        while time.time() < deadline:
+            event_id = str(uuid.uuid4())
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+            body = json.dumps({"events": [{"eventId": event_id, "timestamp": stamp, "provider": "openai",
+                                           "model": "gpt-4o", "latency": 1, "status": "success",
+                                           "tokens": {"promptTokens": 1, "completionTokens": 1, "totalTokens": 2}}]})
+            request = urllib.request.Request("http://127.0.0.1:18080/v1/ingest", data=body.encode(), headers={
+                "X-API-Key": key, "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                acked = time.time()
+                if response.status != 202:
+                    errors.append(response.status)
+                    continue
+            lookup = ("SELECT count() FROM %s.events WHERE org_id = '%s' AND timestamp = toDateTime('%s', 'UTC') "
+                      "AND event_id = toUUID('%s')" % (database, org, stamp[:19].replace("T", " "), event_id))
+            while ch(lookup) == "0":
+                if time.time() - acked > 30:
+                    raise SystemExit("marker %s not visible after 30 s" % event_id)
+                time.sleep(0.01)
+            samples.append(time.time() - acked)
+            time.sleep(0.1)
+        thread.join()
+    finally:
+        bi.stop(ingest)
+        bi.stop(consumer)
+        ch("DROP DATABASE IF EXISTS " + database)
+        delete_topic(topic)
+    samples.sort()
+
+    def pct(p):
+        return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] * 1000
+
+    return {"rate": rate, "seconds": seconds, "markers": len(samples), "p50_ms": pct(50), "p95_ms": pct(95),
+            "p99_ms": pct(99), "max_ms": samples[-1] * 1000, "load_events_per_s": load.get("accepted_events_per_s"),
+            "load_statuses": load.get("statuses")}
+
+
+def delete_topic(topic):
+    subprocess.run(["bash", os.path.join(bi.ROOT, "dev", "stack.sh"), "delete-topic", topic],
+                   check=False, capture_output=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=20_000_000)
+    parser.add_argument("--per-record", type=int, default=100)
+    parser.add_argument("--skip", default="", help="comma list of ceiling,tally,engine,freshness")
+    parser.add_argument("--fresh-rate", type=float, default=50_000)
+    parser.add_argument("--fresh-seconds", type=float, default=60)
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    suffix = "%08x" % random.getrandbits(32)
+    topic = "tally.bench.consumer." + suffix
+    databases = {name: "tally_bench_%s_%s" % (name, suffix) for name in ("ceiling", "tally", "engine")
+                 if name not in skip}
+    rows = []
+    try:
+        for database in databases.values():
+            tool("migrate", database)
+        if {"tally", "engine"} - skip:
+            bi.create_topic(topic, 8)
+            loaded = tool("preload", topic, args.events, args.per_record)
+            print("preloaded %d events in %d records (%.1f MB of JSON) in %.1f s" % (
+                loaded["events"], loaded["records"], loaded["payload_bytes"] / 1e6, loaded["seconds"]))
+        for name, run in (("ceiling", lambda db: run_ceiling(db, args.events)),
+                          ("tally", lambda db: run_tally(db, topic, args.events)),
+                          ("engine", lambda db: run_engine(db, topic, args.events))):
+            if name in skip:
+                continue
+            result = run(databases[name])
+            rows.append(result)
+            print(json.dumps(result), file=sys.stderr)
+        sums = check_equal(databases)
+        fresh = None if "freshness" in skip else freshness(args.fresh_rate, args.fresh_seconds)
+    finally:
+        for database in databases.values():
+            ch("DROP DATABASE IF EXISTS " + database)
+        delete_topic(topic)
+
+    print("\nnproc=%d  events=%d  per record=%d  (everything on this machine)" % (
+        os.cpu_count(), args.events, args.per_record))
+    print("%-8s %10s %9s %12s %16s %16s %10s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
+                                                 "clickhouse cpu s/M", "rss MiB"))
+    for r in rows:
+        million = r["rows"] / 1e6
+        print("%-8s %10d %9.1f %12.0f %16.2f %16.2f %10.1f" % (
+            r["scenario"], r["rows"], r["seconds"], r["rows"] / r["seconds"], r["client_cpu_s"] / million,
+            r["clickhouse_cpu_s"] / million, r["client_rss_mib"]))
+    speed = {r["scenario"]: r["rows"] / r["seconds"] for r in rows}
+    if "tally" in speed and "ceiling" in speed:
+        print("tally / ceiling: %.1f%%" % (100 * speed["tally"] / speed["ceiling"]))
+    if "tally" in speed and "engine" in speed:
+        print("tally / kafka engine: %.2fx" % (speed["tally"] / speed["engine"]))
+    for name, value in sums.items():
+        print("%-8s count, distinct ids, tokens, cost_nanos: %s" % (name, value.replace("\t", ", ")))
+    if fresh:
+        print("freshness at %.0f events/s for %.0f s (%d markers, load %s events/s %s): p50 %.0f ms, p95 %.0f ms, "
+              "p99 %.0f ms, max %.0f ms" % (fresh["rate"], fresh["seconds"], fresh["markers"],
+                                            fresh["load_events_per_s"], json.dumps(fresh["load_statuses"]),
+                                            fresh["p50_ms"], fresh["p95_ms"], fresh["p99_ms"], fresh["max_ms"]))
+
+
+if __name__ == "__main__":
+    main()

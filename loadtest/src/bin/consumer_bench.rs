@@ -1,0 +1,178 @@
+//! `tally-consumer-bench`: the tools `make bench-consumer` drives (loadtest/bench_consumer.py).
+//!
+//! - `migrate DATABASE`: applies Tally's migrations to DATABASE (events, rollups, admin tables).
+//! - `preload TOPIC EVENTS [PER_RECORD]`: produces EVENTS synthetic events to TOPIC as the ingest
+//!   does (one record per request of PER_RECORD events of one org, keyed by org, lz4, acks=all).
+//! - `ceiling DATABASE EVENTS [BATCH]`: the raw ceiling: the same rows, built in memory before the
+//!   clock starts, inserted into DATABASE.events by the consumer's own insert path (clickhouse
+//!   crate, RowBinary, one INSERT per BATCH rows, one at a time) with no Kafka and no decoding.
+//!
+//! Prints one JSON line of figures. Settings: TALLY_KAFKA_BROKERS, TALLY_CLICKHOUSE_URL.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tally_common::ch::ChConfig;
+use tally_common::config::Env;
+use tally_consumer::row::EventRow;
+use tally_schemas::record::encode_event;
+use tally_schemas::{CostSource, Event, Status};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const MODELS: &[(&str, &str)] = &[
+    ("openai", "gpt-4o"),
+    ("openai", "gpt-4o-mini"),
+    ("anthropic", "claude-3-5-sonnet-20241022"),
+    ("ollama", "llama3"),
+];
+const ORGS: u64 = 1000;
+
+/// Event `index` of record `record`: the org is the record's, the rest varies per event. Times
+/// spread over the last hour, so the rows land in one or two monthly partitions like live traffic.
+fn synthetic_event(record: u64, index: u64, now_ms: i64) -> Event {
+    let n = record.wrapping_mul(7919).wrapping_add(index.wrapping_mul(104_729));
+    let (provider, model) = MODELS[(n % MODELS.len() as u64) as usize];
+    let prompt = 100 + (n % 4000) as u32;
+    let completion = 20 + (n % 900) as u32;
+    Event {
+        event_id: uuid::Uuid::from_u64_pair(record, index),
+        org_id: format!("org-{:04}", record % ORGS),
+        received_at_ms: now_ms,
+        timestamp_ms: now_ms - (n % 3_600_000) as i64,
+        provider: provider.into(),
+        model: model.into(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        cost_nanos: i64::from(prompt) * 2500 + i64::from(completion) * 10_000,
+        cost_source: if n.is_multiple_of(2) { CostSource::Client } else { CostSource::Computed },
+        latency_ms: 150 + (n % 5000) as u32,
+        status: if n.is_multiple_of(50) { Status::Error } else { Status::Success },
+        http_status: if n.is_multiple_of(50) { 429 } else { 200 },
+        error: if n.is_multiple_of(50) { "rate limited by provider".into() } else { String::new() },
+        execution_id: format!("exec-{}", n % 100_000),
+        agent_id: String::new(),
+        user_id: format!("user-{}", n % 1000),
+        service: format!("svc-{}", n % 7),
+        action: "chat.completion".into(),
+        request_id: format!("req-{record}"),
+        input_bytes: u64::from(prompt) * 4,
+        output_bytes: u64::from(completion) * 4,
+        metadata: vec![("env".into(), "prod".into())],
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], index: usize, default: Option<T>) -> anyhow::Result<T> {
+    match args.get(index) {
+        Some(value) => value.parse().map_err(|_| anyhow::anyhow!("bad argument {index}: {value}")),
+        None => default.ok_or_else(|| anyhow::anyhow!("missing argument {index}; see the file's doc")),
+    }
+}
+
+async fn preload(env: &Env, topic: &str, events: u64, per_record: u64) -> anyhow::Result<serde_json::Value> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"))
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "20")
+        .set("batch.size", "1048576")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .create()?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let started = Instant::now();
+    let records = events.div_ceil(per_record);
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut bytes = 0usize;
+    for record in 0..records {
+        let count = per_record.min(events - record * per_record);
+        let mut payload = Vec::with_capacity(count as usize * 600);
+        for index in 0..count {
+            encode_event(&synthetic_event(record, index, now_ms), &mut payload);
+        }
+        bytes += payload.len();
+        let key = format!("org-{:04}", record % ORGS);
+        let producer = producer.clone();
+        let topic = topic.to_owned();
+        in_flight.push(async move {
+            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            producer.send(record, Duration::from_secs(60)).await.map(|_| ()).map_err(|(e, _)| e)
+        });
+        if in_flight.len() >= 20_000 {
+            use futures::StreamExt;
+            if let Some(result) = in_flight.next().await {
+                result?;
+            }
+        }
+    }
+    use futures::StreamExt;
+    while let Some(result) = in_flight.next().await {
+        result?;
+    }
+    producer.flush(Duration::from_secs(60))?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(serde_json::json!({"events": events, "records": records, "payload_bytes": bytes, "seconds": seconds}))
+}
+
+async fn ceiling(env: &Env, database: &str, events: u64, batch: u64) -> anyhow::Result<serde_json::Value> {
+    let config = ChConfig { database: database.to_owned(), ..ChConfig::from_env(env)? };
+    let client = config.client();
+    let table = config.table("events");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    // Ten distinct batches built before the clock starts, inserted in turn until EVENTS rows.
+    let distinct = 10.min(events.div_ceil(batch));
+    let per_record = 100;
+    let mut batches: Vec<Vec<EventRow>> = Vec::new();
+    for b in 0..distinct {
+        let rows = (0..batch)
+            .map(|i| {
+                let position = b * batch + i;
+                let (record, index) = (position / per_record, position % per_record);
+                let event = synthetic_event(record, index, now_ms);
+                EventRow::new(event, (record % 8) as i32, (record / 8) as i64, index as u32)
+            })
+            .collect();
+        batches.push(rows);
+    }
+    let started = Instant::now();
+    let mut inserted = 0u64;
+    let mut round = 0u64;
+    while inserted < events {
+        let rows = &mut batches[(round % distinct) as usize];
+        let take = batch.min(events - inserted) as usize;
+        let mut insert =
+            client.insert_unescaped::<EventRow>(&table).await?.with_setting("max_insert_block_size", "1048576");
+        for row in rows.iter_mut().take(take) {
+            row.kafka_offset += 1_000_000;
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        inserted += take as u64;
+        round += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(serde_json::json!({"rows": inserted, "seconds": seconds, "rows_per_s": inserted as f64 / seconds}))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let env = Env::from_process();
+    let command = args.get(1).map(String::as_str).unwrap_or_default();
+    let result = match command {
+        "migrate" => {
+            let database: String = arg(&args, 2, None)?;
+            let config = ChConfig { database, ..ChConfig::from_env(&env)? };
+            let applied = tally_common::migrate::migrate(&config).await?;
+            serde_json::json!({ "applied": applied })
+        }
+        "preload" => preload(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(100))?).await?,
+        "ceiling" => ceiling(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(100_000))?).await?,
+        _ => anyhow::bail!("usage: tally-consumer-bench migrate DB | preload TOPIC EVENTS [PER_RECORD] | ceiling DB EVENTS [BATCH]"),
+    };
+    println!("{result}");
+    Ok(())
+}
