@@ -119,7 +119,7 @@ def run_engine(database, topic, events):
     started = time.time()
     ch("CREATE TABLE %s.events_queue (%s) ENGINE = Kafka('127.0.0.1:9092', '%s', '%s', 'JSONEachRow')"
        % (database, RECORD_COLUMNS, topic, "bench-engine-" + topic))
-    ch("CREATE MATERIALIZED VIEW %s.events_from_kafka TO %s.events AS SELECT * FROM %s.events_queue"
+    ch("CREATE MATERIALIZED VIEW %s.events_from_kafka TO %s.events AS SELECT *, toUInt16(0) AS kafka_partition, toUInt64(0) AS kafka_offset, toUInt32(0) AS kafka_index FROM %s.events_queue"
        % (database, database, database))
     try:
         finished = wait_rows(database, events, 3600)
