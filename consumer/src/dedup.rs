@@ -17,7 +17,9 @@
 //! written), with one query over the assigned partitions and the window.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use foldhash::fast::FixedState;
 
 use clickhouse::Row;
 use hashbrown::HashTable;
@@ -33,11 +35,14 @@ const FINGERPRINT_MASK: u64 = (1 << FINGERPRINT_BITS) - 1;
 /// The 48-bit fingerprint of an (org, event id) pair. Deterministic within a process, which is all
 /// the table needs: it is rebuilt by this process from ClickHouse, never persisted.
 pub fn fingerprint(org_id: &str, event_id: &uuid::Uuid) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut hasher = FixedState::with_seed(0x7461_6c6c_7964_6564).build_hasher();
     org_id.hash(&mut hasher);
-    event_id.as_bytes().hash(&mut hasher);
+    event_id.as_u128().hash(&mut hasher);
     hasher.finish() & FINGERPRINT_MASK
 }
+
+type FastMap<K, V> = HashMap<K, V, FixedState>;
+type FastSet<K> = HashSet<K, FixedState>;
 
 /// The table's hash of an entry: the fingerprint spread over 64 bits (the table uses the top bits).
 fn spread(fingerprint: u64) -> u64 {
@@ -265,8 +270,8 @@ impl Deduplicator {
         };
 
         // Keep the first occurrence of each id not stored; compare exactly on a fingerprint match.
-        let mut first: HashMap<u64, (usize, usize)> = HashMap::new();
-        let mut drop: HashSet<(usize, usize)> = HashSet::new();
+        let mut first: FastMap<u64, (usize, usize)> = FastMap::default();
+        let mut drop: FastSet<(usize, usize)> = FastSet::default();
         for (record, pending) in batch.iter().enumerate() {
             let Ok(rows) = &pending.decoded else { continue };
             for (index, row) in rows.iter().enumerate() {

@@ -42,7 +42,29 @@ pub struct Pending {
     decoded: Result<Vec<EventRow>, String>,
 }
 
+/// One Kafka record as polled.
+struct RawRecord {
+    partition: i32,
+    offset: i64,
+    kafka_timestamp_ms: i64,
+    original: Vec<u8>,
+}
+
 impl Pending {
+    fn decode(raw: RawRecord) -> Pending {
+        let RawRecord { partition, offset, kafka_timestamp_ms, original } = raw;
+        let decoded = decode_events(&original)
+            .map(|events| {
+                events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, event)| EventRow::new(event, partition, offset, index as u32))
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|error| error.to_string());
+        Pending { partition, offset, kafka_timestamp_ms, original, decoded }
+    }
+
     fn row_count(&self) -> usize {
         self.decoded.as_ref().map_or(0, Vec::len)
     }
@@ -90,22 +112,24 @@ struct Worker {
 }
 
 impl Worker {
-    async fn collect_batch(&self, shutdown: &CancellationToken) -> Vec<Pending> {
+    /// Polls up to a batch of records, undecoded: rows are counted by line, so the bound holds
+    /// before decoding. With `wait`, waits for a first record and then up to the batch wait;
+    /// without, takes only what the client already fetched. Returns the records and whether the
+    /// row bound was reached.
+    async fn collect_raw(&self, shutdown: &CancellationToken, wait: bool) -> (Vec<RawRecord>, bool) {
         let mut batch = Vec::new();
         let mut rows = 0usize;
-        let mut deadline: Option<Instant> = None;
+        let mut deadline: Option<Instant> = if wait { None } else { Some(Instant::now()) };
         while rows < self.config.batch_max_rows {
             let wait =
                 deadline.map_or(Duration::from_millis(200), |d| d.saturating_duration_since(Instant::now()));
-            if deadline.is_some() && wait.is_zero() {
-                break;
-            }
             let message = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 received = tokio::time::timeout(wait, self.consumer.recv()) => received,
             };
             let message = match message {
-                Err(_elapsed) if batch.is_empty() => continue,
+                Err(_elapsed) if batch.is_empty() && deadline.is_none() => continue,
                 Err(_elapsed) => break,
                 Ok(Err(error)) => {
                     tracing::warn!(error = %error, "kafka receive failed");
@@ -115,25 +139,19 @@ impl Worker {
                 Ok(Ok(message)) => message,
             };
             deadline.get_or_insert_with(|| Instant::now() + self.config.batch_max_wait);
-            let (partition, offset) = (message.partition(), message.offset());
-            let kafka_timestamp_ms =
-                message.timestamp().to_millis().unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
             let original = message.payload().unwrap_or_default().to_vec();
-            let decoded = decode_events(&original)
-                .map(|events| {
-                    events
-                        .into_iter()
-                        .enumerate()
-                        .map(|(index, event)| EventRow::new(event, partition, offset, index as u32))
-                        .collect::<Vec<_>>()
-                })
-                .map_err(|error| error.to_string());
-            if let Ok(decoded_rows) = &decoded {
-                rows += decoded_rows.len();
-            }
-            batch.push(Pending { partition, offset, kafka_timestamp_ms, original, decoded });
+            rows += memchr::memchr_iter(b'\n', &original).count().max(1);
+            batch.push(RawRecord {
+                partition: message.partition(),
+                offset: message.offset(),
+                kafka_timestamp_ms: message
+                    .timestamp()
+                    .to_millis()
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+                original,
+            });
         }
-        batch
+        (batch, rows >= self.config.batch_max_rows)
     }
 
     async fn insert(&self, rows: &[&EventRow]) -> Result<(), clickhouse::error::Error> {
@@ -299,87 +317,124 @@ impl Worker {
         kept
     }
 
+    /// The loop. Polling never overlaps an insert, so a revoke (delivered during a poll) is always
+    /// seen by `drop_revoked` before the next insert. Under a backlog (a batch that reached the row
+    /// bound), the next batch is polled first and decoded on a blocking thread while this one is
+    /// checked and stored: ClickHouse's insert work and the consumer's JSON decoding overlap. A
+    /// batch closed by time (light traffic) is stored at once.
     async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut reconciler = Reconciler::new(self.clickhouse.clone(), self.table.clone());
-        let mut dedup = dedup::Deduplicator::new(
-            self.clickhouse.clone(),
-            self.table.clone(),
-            self.config.dedup_window_hours,
-        );
-        let mut generation_seen = u64::MAX;
+        let mut state = LoopState {
+            reconciler: Reconciler::new(self.clickhouse.clone(), self.table.clone()),
+            dedup: dedup::Deduplicator::new(
+                self.clickhouse.clone(),
+                self.table.clone(),
+                self.config.dedup_window_hours,
+            ),
+            generation_seen: u64::MAX,
+        };
+        let mut ready: Vec<Pending> = Vec::new();
         loop {
-            let batch = self.collect_batch(&shutdown).await;
-            if batch.is_empty() {
-                if shutdown.is_cancelled() {
-                    return Ok(());
-                }
-                continue;
-            }
-            let generation = self.consumer.context().generation.load(std::sync::atomic::Ordering::SeqCst);
-            if generation != generation_seen {
-                reconciler.reset();
-                dedup.reset();
-                generation_seen = generation;
-            }
-            let mut batch = self.drop_revoked(batch);
-            if batch.is_empty() {
-                continue;
-            }
-            // Never insert what may already be stored: retry the checks until ClickHouse answers.
-            let mut backoff = Backoff::new();
-            let outcome = loop {
-                match reconciler.filter(&mut batch).await {
-                    Ok(outcome) => break outcome,
-                    Err(error) if backoff.wait(&shutdown, "reconciliation", &error).await => {}
-                    Err(_) => return Ok(()),
-                }
-            };
-            if outcome.skipped_rows > 0 {
-                self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
-                tracing::info!(
-                    records = outcome.checked_records,
-                    skipped_rows = outcome.skipped_rows,
-                    "reconciled rows already stored"
-                );
-            }
-            let assigned = self.assigned().unwrap_or_default();
-            let now = epoch_now();
-            let mut backoff = Backoff::new();
-            let removed = loop {
-                match dedup.filter(&mut batch, &assigned, now).await {
-                    Ok(removed) => break removed,
-                    Err(error) if backoff.wait(&shutdown, "dedup", &error).await => {}
-                    Err(_) => return Ok(()),
-                }
-            };
-            if removed.rebuilt > 0 {
-                tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
-            }
-            if removed.duplicates > 0 {
-                self.metrics.duplicates_dropped.inc_by(removed.duplicates as u64);
-                tracing::info!(rows = removed.duplicates, "dropped rows whose event id was already stored");
-            }
-            if !self.store(&mut batch, &mut reconciler, &shutdown).await {
-                tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
+            let (raw, full) = self.collect_raw(&shutdown, ready.is_empty()).await;
+            let stopping = shutdown.is_cancelled();
+            let decoding =
+                tokio::task::spawn_blocking(move || raw.into_iter().map(Pending::decode).collect());
+            if !ready.is_empty() && !self.process(std::mem::take(&mut ready), &mut state, &shutdown).await {
                 return Ok(());
             }
-            reconciler.record_stored(&batch);
-            dedup.record_stored(&batch, epoch_now());
-            self.metrics.dedup_ids.set(dedup.ids() as i64);
-            self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
-            if self.config.failpoint_crash_after_insert > 0.0
-                && rand::random::<f64>() < self.config.failpoint_crash_after_insert
-            {
-                tracing::error!("failpoint: crashing between insert and commit");
-                std::process::abort();
+            let batch: Vec<Pending> = decoding.await?;
+            if full && !stopping {
+                ready = batch;
+                continue;
             }
-            // A failed commit is safe: the batch is read again and reconciled.
-            if let Err(error) = self.commit(&batch) {
-                tracing::warn!(error = %error, "offset commit failed");
+            if !batch.is_empty() && !self.process(batch, &mut state, &shutdown).await {
+                return Ok(());
             }
-            self.metrics.batches.inc();
+            if stopping {
+                return Ok(());
+            }
         }
     }
+
+    /// Checks and stores one batch, then commits it. False on shutdown.
+    async fn process(
+        &self,
+        batch: Vec<Pending>,
+        state: &mut LoopState,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let LoopState { reconciler, dedup, generation_seen } = state;
+        let generation = self.consumer.context().generation.load(std::sync::atomic::Ordering::SeqCst);
+        if generation != *generation_seen {
+            reconciler.reset();
+            dedup.reset();
+            *generation_seen = generation;
+        }
+        let mut batch = self.drop_revoked(batch);
+        if batch.is_empty() {
+            return true;
+        }
+        // Never insert what may already be stored: retry the checks until ClickHouse answers.
+        let mut backoff = Backoff::new();
+        let outcome = loop {
+            match reconciler.filter(&mut batch).await {
+                Ok(outcome) => break outcome,
+                Err(error) if backoff.wait(shutdown, "reconciliation", &error).await => {}
+                Err(_) => return false,
+            }
+        };
+        if outcome.skipped_rows > 0 {
+            self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
+            tracing::info!(
+                records = outcome.checked_records,
+                skipped_rows = outcome.skipped_rows,
+                "reconciled rows already stored"
+            );
+        }
+        let assigned = self.assigned().unwrap_or_default();
+        let now = epoch_now();
+        let mut backoff = Backoff::new();
+        let removed = loop {
+            match dedup.filter(&mut batch, &assigned, now).await {
+                Ok(removed) => break removed,
+                Err(error) if backoff.wait(shutdown, "dedup", &error).await => {}
+                Err(_) => return false,
+            }
+        };
+        if removed.rebuilt > 0 {
+            tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
+        }
+        if removed.duplicates > 0 {
+            self.metrics.duplicates_dropped.inc_by(removed.duplicates as u64);
+            tracing::info!(rows = removed.duplicates, "dropped rows whose event id was already stored");
+        }
+        if !self.store(&mut batch, reconciler, shutdown).await {
+            tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
+            return false;
+        }
+        reconciler.record_stored(&batch);
+        dedup.record_stored(&batch, epoch_now());
+        self.metrics.dedup_ids.set(dedup.ids() as i64);
+        self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
+        if self.config.failpoint_crash_after_insert > 0.0
+            && rand::random::<f64>() < self.config.failpoint_crash_after_insert
+        {
+            tracing::error!("failpoint: crashing between insert and commit");
+            std::process::abort();
+        }
+        // A failed commit is safe: the batch is read again and reconciled.
+        if let Err(error) = self.commit(&batch) {
+            tracing::warn!(error = %error, "offset commit failed");
+        }
+        self.metrics.batches.inc();
+        true
+    }
+}
+
+/// What the loop learns across batches, reset after every rebalance.
+struct LoopState {
+    reconciler: Reconciler,
+    dedup: dedup::Deduplicator,
+    generation_seen: u64,
 }
 
 fn epoch_now() -> u32 {

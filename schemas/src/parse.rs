@@ -457,23 +457,10 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 /// through chrono's full parser. A property test holds the two equal.
 pub fn fast_rfc3339_ms(text: &str) -> Option<i64> {
     let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20 {
         return None;
     }
-    let year = i64::from(two_digits(b, 0)? * 100 + two_digits(b, 2)?);
-    let (month, day) = (two_digits(b, 5)?, two_digits(b, 8)?);
-    let (hour, minute, second) = (two_digits(b, 11)?, two_digits(b, 14)?, two_digits(b, 17)?);
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if !(1..=12).contains(&month)
-        || day == 0
-        || day > month_days[month as usize - 1]
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
-        return None;
-    }
+    let local_seconds = civil_seconds(b, b'T')?;
     let mut at = 19;
     let mut millis = 0i64;
     if b[at] == b'.' {
@@ -509,9 +496,37 @@ pub fn fast_rfc3339_ms(text: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let seconds =
-        days_from_civil(year, month, day) * 86_400 + i64::from(hour * 3600 + minute * 60 + second) - offset_s;
-    Some(seconds * 1000 + millis)
+    Some((local_seconds - offset_s) * 1000 + millis)
+}
+
+/// Seconds since the epoch of `YYYY-MM-DD<sep>hh:mm:ss` in the first 19 bytes of `b`, validated.
+fn civil_seconds(b: &[u8], sep: u8) -> Option<i64> {
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != sep || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let year = i64::from(two_digits(b, 0)? * 100 + two_digits(b, 2)?);
+    let (month, day) = (two_digits(b, 5)?, two_digits(b, 8)?);
+    let (hour, minute, second) = (two_digits(b, 11)?, two_digits(b, 14)?, two_digits(b, 17)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&month)
+        || day == 0
+        || day > month_days[month as usize - 1]
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + i64::from(hour * 3600 + minute * 60 + second))
+}
+
+/// Epoch seconds of ClickHouse's DateTime text `YYYY-MM-DD hh:mm:ss` (UTC), exactly 19 bytes.
+pub fn fast_datetime_text_seconds(text: &str) -> Option<i64> {
+    if text.len() != 19 {
+        return None;
+    }
+    civil_seconds(text.as_bytes(), b' ')
 }
 
 fn timestamp_ms(text: &str) -> Result<i64, Rejection> {

@@ -18,12 +18,14 @@ pub const HEADER_REQUEST_ID: &str = "tally-request-id";
 
 /// A JSONEachRow line as decoded; field names are `tally.events` column names.
 #[derive(Deserialize)]
-struct OwnedRow {
+struct OwnedRow<'a> {
     org_id: String,
     event_id: Uuid,
-    timestamp: String,
+    #[serde(borrow)]
+    timestamp: std::borrow::Cow<'a, str>,
     timestamp_ms: u16,
-    received_at: String,
+    #[serde(borrow)]
+    received_at: std::borrow::Cow<'a, str>,
     provider: String,
     model: String,
     prompt_tokens: u32,
@@ -99,6 +101,9 @@ pub fn datetime_text(epoch_ms: i64) -> String {
 }
 
 fn parse_datetime_text(text: &str, millis: u16) -> Result<i64, RecordError> {
+    if let Some(seconds) = crate::parse::fast_datetime_text_seconds(text) {
+        return Ok(seconds * 1000 + i64::from(millis));
+    }
     let parsed = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
         .map_err(|e| RecordError::Invalid(format!("datetime {text:?}: {e}")))?;
     Ok(parsed.and_utc().timestamp_millis() + i64::from(millis))
@@ -202,12 +207,22 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
 /// Decodes every JSONEachRow line of a record payload. Fails on the first bad line: a record is
 /// produced whole by one ingest call, so a bad line means the record is not Tally's.
 pub fn decode_events(payload: &[u8]) -> Result<Vec<Event>, RecordError> {
-    let mut events = Vec::new();
-    for (line_number, line) in payload.split(|b| *b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
+    // Valid UTF-8 is checked once for the whole record, not string by string; a record that is
+    // not valid UTF-8 still gets its error (and line) from the JSON parser.
+    let Ok(text) = std::str::from_utf8(payload) else {
+        for (line_number, line) in payload.split(|b| *b == b'\n').enumerate() {
+            if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(line) {
+                return Err(RecordError::Json { line: line_number + 1, source });
+            }
+        }
+        return Err(RecordError::Invalid("record is not valid UTF-8".into()));
+    };
+    let mut events = Vec::with_capacity(memchr::memchr_iter(b'\n', payload).count() + 1);
+    for (line_number, line) in text.split('\n').enumerate() {
+        if line.bytes().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
-        let row: OwnedRow = serde_json::from_slice(line)
+        let row: OwnedRow = serde_json::from_str(line)
             .map_err(|source| RecordError::Json { line: line_number + 1, source })?;
         if row.metadata_keys.len() != row.metadata_values.len() {
             return Err(RecordError::Invalid("metadata_keys and metadata_values differ in length".into()));

@@ -230,6 +230,14 @@ proptest! {
         prop_assert_eq!(tally_schemas::record::datetime_text(epoch_ms), expected);
     }
 
+    // The consumer's DateTime text reader agrees with chrono on valid and invalid text alike (a leap
+    // second, which it leaves to chrono, aside).
+    #[test]
+    fn datetime_text_reads_back_like_chrono(text in "[0-9]{4}-[0-1][0-9]-[0-3][0-9] [0-2][0-9]:[0-5][0-9]:[0-5][0-9]") {
+        let expected = chrono::NaiveDateTime::parse_from_str(&text, "%Y-%m-%d %H:%M:%S").ok().map(|t| t.and_utc().timestamp());
+        prop_assert_eq!(tally_schemas::parse::fast_datetime_text_seconds(&text), expected, "{}", text);
+    }
+
     // Whatever bytes arrive, parsing never panics, and every accepted event respects the bounds.
     #[test]
     fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -143,8 +143,10 @@ async fn ceiling(env: &Env, database: &str, events: u64, batch: u64) -> anyhow::
     while inserted < events {
         let rows = &mut batches[(round % distinct) as usize];
         let take = batch.min(events - inserted) as usize;
-        let mut insert =
-            client.insert_unescaped::<EventRow>(&table).await?.with_setting("max_insert_block_size", "1048576");
+        let mut insert = client
+            .insert_unescaped::<EventRow>(&table)
+            .await?
+            .with_setting("max_insert_block_size", "1048576");
         for row in rows.iter_mut().take(take) {
             row.kafka_offset += 1_000_000;
             insert.write(row).await?;
