@@ -74,11 +74,20 @@ def count_rows(database):
     return int(ch("SELECT count() FROM %s.events" % database))
 
 
-def wait_rows(database, expected, timeout):
+def wait_rows(database, expected, timeout, stall=60):
+    """When the table holds `expected` rows, or when its count stopped moving for `stall` seconds
+    (then the time of its last change): returns (time, rows)."""
     deadline = time.time() + timeout
+    last, changed = -1, time.time()
     while time.time() < deadline:
-        if count_rows(database) >= expected:
-            return time.time()
+        rows = count_rows(database)
+        if rows >= expected:
+            return time.time(), rows
+        if rows != last:
+            last, changed = rows, time.time()
+        elif time.time() - changed > stall:
+            print("%s.events stalled at %d of %d rows for %d s" % (database, rows, expected, stall), file=sys.stderr)
+            return changed, rows
         time.sleep(0.25)
     raise SystemExit("%s.events never reached %d rows (has %d)" % (database, expected, count_rows(database)))
 
@@ -105,7 +114,7 @@ def run_tally(database, topic, events):
         "TALLY_CLICKHOUSE_DATABASE": database, "TALLY_EVENTS_TOPIC": topic, "TALLY_MIGRATE": "false",
         "TALLY_CONSUMER_GROUP": "bench-" + topic, "TALLY_LISTEN_ADDR": "127.0.0.1:18082"})
     try:
-        finished = wait_rows(database, events, 3600)
+        finished, _ = wait_rows(database, events, 3600)
         cpu = bi.cpu_seconds(process.pid)
         rss = peak_rss_mib(process.pid)
     finally:
@@ -122,12 +131,13 @@ def run_engine(database, topic, events):
     ch("CREATE MATERIALIZED VIEW %s.events_from_kafka TO %s.events AS SELECT *, toUInt16(0) AS kafka_partition, toUInt64(0) AS kafka_offset, toUInt32(0) AS kafka_index FROM %s.events_queue"
        % (database, database, database))
     try:
-        finished = wait_rows(database, events, 3600)
+        finished, _ = wait_rows(database, events, 3600)
+        cpu = bi.cpu_seconds(clickhouse_pid()) - ch_before
     finally:
         ch("DROP TABLE IF EXISTS %s.events_from_kafka" % database)
         ch("DROP TABLE IF EXISTS %s.events_queue" % database)
     return {"scenario": "engine", "rows": count_rows(database), "seconds": finished - started, "client_cpu_s": 0.0,
-            "clickhouse_cpu_s": bi.cpu_seconds(clickhouse_pid()) - ch_before, "client_rss_mib": 0.0}
+            "clickhouse_cpu_s": cpu, "client_rss_mib": 0.0}
 
 
 def check_equal(databases):
@@ -244,9 +254,10 @@ def main():
                                                  "clickhouse cpu s/M", "rss MiB"))
     for r in rows:
         million = r["rows"] / 1e6
-        print("%-8s %10d %9.1f %12.0f %16.2f %16.2f %10.1f" % (
+        print("%-8s %10d %9.1f %12.0f %16.2f %16.2f %10.1f%s" % (
             r["scenario"], r["rows"], r["seconds"], r["rows"] / r["seconds"], r["client_cpu_s"] / million,
-            r["clickhouse_cpu_s"] / million, r["client_rss_mib"]))
+            r["clickhouse_cpu_s"] / million, r["client_rss_mib"],
+            "" if r["rows"] >= args.events else "  (stalled: %d rows missing)" % (args.events - r["rows"])))
     speed = {r["scenario"]: r["rows"] / r["seconds"] for r in rows}
     if "tally" in speed and "ceiling" in speed:
         print("tally / ceiling: %.1f%%" % (100 * speed["tally"] / speed["ceiling"]))

@@ -198,3 +198,252 @@ pub async fn revoke_key(
     tracing::info!(key_prefix = %key.key_prefix, org_id = %key.owner, "revoked key");
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewPrice {
+    provider: String,
+    model: String,
+    /// RFC 3339; events at or after it are priced with this price (until a later one).
+    effective_from: String,
+    /// USD per million prompt tokens.
+    input_per_mtok: f64,
+    /// USD per million completion tokens.
+    output_per_mtok: f64,
+}
+
+#[derive(Row, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PriceView {
+    provider: String,
+    model: String,
+    effective_from: String,
+    input_nanos_per_mtok: i64,
+    output_nanos_per_mtok: i64,
+}
+
+/// USD per million tokens to nano-dollars, refusing what is not a sane price.
+fn price_nanos(name: &str, usd: f64) -> Result<i64, ApiError> {
+    if !usd.is_finite() || !(0.0..=1_000_000.0).contains(&usd) {
+        return Err(ApiError::BadRequest(format!("{name} must be 0..=1000000 USD per million tokens")));
+    }
+    Ok((usd * tally_schemas::limits::NANOS_PER_USD as f64).round() as i64)
+}
+
+/// `POST /admin/prices`: adds a model price from an instant on. The ingest's price book picks it up
+/// at its next refresh; events already stored keep the cost they were given.
+pub async fn add_price(
+    State(state): State<AppState>,
+    _: Admin,
+    Json(body): Json<NewPrice>,
+) -> Result<(StatusCode, Json<PriceView>), ApiError> {
+    for (name, value) in [("provider", &body.provider), ("model", &body.model)] {
+        if value.is_empty()
+            || value.len() > tally_schemas::limits::MAX_NAME_LEN
+            || value.chars().any(char::is_control)
+        {
+            return Err(ApiError::BadRequest(format!(
+                "{name} must be 1..=128 bytes without control characters"
+            )));
+        }
+    }
+    let effective = chrono::DateTime::parse_from_rfc3339(&body.effective_from)
+        .map_err(|e| ApiError::BadRequest(format!("effectiveFrom must be an RFC 3339 time: {e}")))?
+        .with_timezone(&chrono::Utc);
+    let effective_s = u32::try_from(effective.timestamp())
+        .map_err(|_| ApiError::BadRequest("effectiveFrom must be between 1970 and 2106".into()))?;
+    let (input, output) = (
+        price_nanos("inputPerMtok", body.input_per_mtok)?,
+        price_nanos("outputPerMtok", body.output_per_mtok)?,
+    );
+    let sql = format!(
+        "INSERT INTO {} (provider, model, effective_from, input_nanos_per_mtok, output_nanos_per_mtok, version) \
+         VALUES (?, ?, toDateTime(?), ?, ?, ?)",
+        state.clickhouse.table("model_prices")
+    );
+    state
+        .clickhouse
+        .client()
+        .query(&sql)
+        .bind(&body.provider)
+        .bind(&body.model)
+        .bind(effective_s)
+        .bind(input)
+        .bind(output)
+        .bind(now_ms())
+        .execute()
+        .await?;
+    tracing::info!(provider = %body.provider, model = %body.model, effective_from = %effective, "added model price");
+    Ok((
+        StatusCode::CREATED,
+        Json(PriceView {
+            provider: body.provider,
+            model: body.model,
+            effective_from: effective.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            input_nanos_per_mtok: input,
+            output_nanos_per_mtok: output,
+        }),
+    ))
+}
+
+/// `GET /admin/prices`: the registry, latest version of each (provider, model, effective_from).
+pub async fn list_prices(State(state): State<AppState>, _: Admin) -> Result<Json<Vec<PriceView>>, ApiError> {
+    let sql = format!(
+        "SELECT provider, model, concat(replaceOne(toString(effective_from), ' ', 'T'), 'Z') AS effective_from, \
+         argMax(input_nanos_per_mtok, version) AS input_nanos_per_mtok, \
+         argMax(output_nanos_per_mtok, version) AS output_nanos_per_mtok \
+         FROM {} GROUP BY provider, model, effective_from ORDER BY provider, model, effective_from",
+        state.clickhouse.table("model_prices")
+    );
+    Ok(Json(state.clickhouse.client().query(&sql).fetch_all().await?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopParams {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<u32>,
+}
+
+#[derive(Row, Deserialize)]
+struct Consumer {
+    org_id: String,
+    requests: u64,
+    tokens: u64,
+    cost_nanos: i64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerView {
+    org_id: String,
+    name: Option<String>,
+    plan: Option<Plan>,
+    requests: u64,
+    tokens: u64,
+    cost: f64,
+    cost_nanos: i64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopConsumers {
+    /// The range actually summed: whole hours covering the requested one.
+    from: String,
+    to: String,
+    consumers: Vec<ConsumerView>,
+}
+
+/// `GET /admin/top-consumers`: orgs by cost over whole hours (from the hourly rollup).
+pub async fn top_consumers(
+    State(state): State<AppState>,
+    _: Admin,
+    axum::extract::Query(params): axum::extract::Query<TopParams>,
+) -> Result<Json<TopConsumers>, ApiError> {
+    use chrono::DurationRound;
+    let range = crate::costs::Range::from_params(
+        &crate::costs::RangeParams { from: params.from, to: params.to },
+        chrono::Utc::now(),
+    )?;
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be 1..=1000".into()));
+    }
+    let hour = chrono::Duration::hours(1);
+    let from = range.from.duration_trunc(hour).unwrap_or(range.from);
+    let to = range.to.duration_round_up(hour).unwrap_or(range.to);
+    let sql = format!(
+        "SELECT org_id, toUInt64(countMerge(events)) AS requests, sumMerge(total_tokens_sum) AS tokens, \
+         sumMerge(cost_nanos_sum) AS cost_nanos FROM {} WHERE hour >= toDateTime(?) AND hour < toDateTime(?) \
+         GROUP BY org_id ORDER BY cost_nanos DESC, org_id LIMIT {limit}",
+        state.clickhouse.table("rollup_hourly")
+    );
+    let rows: Vec<Consumer> = state
+        .clickhouse
+        .client()
+        .query(&sql)
+        .bind(u32::try_from(from.timestamp()).unwrap_or(0))
+        .bind(u32::try_from(to.timestamp()).unwrap_or(u32::MAX))
+        .fetch_all()
+        .await?;
+    let orgs = load_orgs(&state.clickhouse).await?;
+    let format = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    Ok(Json(TopConsumers {
+        from: format(from),
+        to: format(to),
+        consumers: rows
+            .into_iter()
+            .map(|r| {
+                let org = orgs.iter().find(|o| *o.org_id == *r.org_id);
+                ConsumerView {
+                    name: org.map(|o| o.name.clone()),
+                    plan: org.map(|o| o.plan),
+                    cost: crate::stats::usd(r.cost_nanos),
+                    org_id: r.org_id,
+                    requests: r.requests,
+                    tokens: r.tokens,
+                    cost_nanos: r.cost_nanos,
+                }
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitStatus {
+    org_id: String,
+    plan: Plan,
+    events_per_minute: u32,
+    burst: u32,
+    /// Events of this org that arrived at an ingest in the last 60 s and are stored.
+    accepted_last_minute: u64,
+    percent_of_limit: f64,
+    /// How the limit holds with several ingest replicas.
+    enforcement: &'static str,
+}
+
+/// `GET /admin/orgs/{orgId}/rate-limit`: the org's limit and what it used in the last minute.
+pub async fn rate_limit_status(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(org_id): Path<String>,
+) -> Result<Json<RateLimitStatus>, ApiError> {
+    let orgs = load_orgs(&state.clickhouse).await?;
+    let org = orgs
+        .iter()
+        .find(|o| *o.org_id == *org_id)
+        .ok_or_else(|| ApiError::NotFound(format!("org {org_id}")))?;
+    let now = chrono::Utc::now().timestamp();
+    // Arrival time is not in the sort key: the event-time bound (validation keeps events at most
+    // 35 days old on arrival) limits the read to the org's recent range.
+    let sql = format!(
+        "SELECT count() FROM {} WHERE org_id = ? AND timestamp >= toDateTime(?) AND received_at >= toDateTime(?)",
+        state.clickhouse.table("events")
+    );
+    let floor = now - 60 - tally_schemas::limits::MAX_EVENT_AGE_MS / 1000;
+    let used: u64 = state
+        .clickhouse
+        .client()
+        .query(&sql)
+        .bind(&org_id)
+        .bind(u32::try_from(floor).unwrap_or(0))
+        .bind(u32::try_from(now - 60).unwrap_or(0))
+        .fetch_one()
+        .await?;
+    Ok(Json(RateLimitStatus {
+        org_id: org_id.clone(),
+        plan: org.plan,
+        events_per_minute: org.events_per_minute,
+        burst: if org.burst == 0 { org.events_per_minute } else { org.burst },
+        accepted_last_minute: used,
+        percent_of_limit: if org.events_per_minute == 0 {
+            0.0
+        } else {
+            used as f64 * 100.0 / f64::from(org.events_per_minute)
+        },
+        enforcement:
+            "each of N ingest replicas enforces limit/N (TALLY_INGEST_REPLICAS), so the org's total holds",
+    }))
+}

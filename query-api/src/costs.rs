@@ -1,13 +1,13 @@
 //! `GET /api/costs/summary` (seed 000 §3.2): the org's cost, tokens and event count over a time
-//! range, by model and by provider. Whole hours come from `rollup_hourly`; only the partial hours
-//! at the two ends of the range are read from the raw table, so any range is exact and cheap.
+//! range, by model and by provider, from the rollup plus exact edges (see `stats`). Also
+//! `GET /api/costs` (the org's events, newest first) and the monthly budget.
 //! Money is summed as integer nano-dollars; `total`/`cost` in USD are derived from them.
 
 use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
 use axum::Json;
-use chrono::{DateTime, Datelike, Duration, DurationRound, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +20,8 @@ const MAX_RANGE_DAYS: i64 = 400;
 
 #[derive(Deserialize)]
 pub struct RangeParams {
-    from: Option<String>,
-    to: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
 }
 
 /// `[from, to)` in UTC; defaults: from the start of the current month to now.
@@ -103,44 +103,20 @@ pub async fn summary(
     Query(params): Query<RangeParams>,
 ) -> Result<Json<Summary>, ApiError> {
     let range = Range::from_params(&params, Utc::now())?;
-    // Whole hours [first_hour, last_hour) from the rollup; the edges from the raw table.
-    let hour = Duration::hours(1);
-    let first_hour = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
-    let last_hour = range.to.duration_trunc(hour).unwrap_or(range.to).max(first_hour);
-    let rollup = state.clickhouse.table("rollup_hourly");
-    let events = state.clickhouse.table("events");
-    let sql = format!(
-        "SELECT provider, model, sum(events) AS events, sum(tokens) AS tokens, sum(cost_nanos) AS cost_nanos FROM ( \
-           SELECT provider, model, toUInt64(countMerge(events)) AS events, sumMerge(total_tokens_sum) AS tokens, \
-                  sumMerge(cost_nanos_sum) AS cost_nanos \
-           FROM {rollup} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?) GROUP BY provider, model \
-           UNION ALL \
-           SELECT provider, model, count() AS events, sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost_nanos \
-           FROM {events} WHERE org_id = ? \
-             AND ((toUInt64(timestamp) * 1000 + timestamp_ms >= ? AND toUInt64(timestamp) * 1000 + timestamp_ms < ?) \
-               OR (toUInt64(timestamp) * 1000 + timestamp_ms >= ? AND toUInt64(timestamp) * 1000 + timestamp_ms < ?)) \
-             AND timestamp >= toDateTime(?) AND timestamp <= toDateTime(?) \
-           GROUP BY provider, model \
-         ) GROUP BY provider, model"
-    );
-    let ms = |t: DateTime<Utc>| u64::try_from(t.timestamp_millis()).unwrap_or(0);
-    let seconds = |t: DateTime<Utc>| u32::try_from(t.timestamp()).unwrap_or(0);
-    let groups: Vec<Group> = state
-        .clickhouse
-        .client()
-        .query(&sql)
-        .bind(&*org.org_id)
-        .bind(seconds(first_hour))
-        .bind(seconds(last_hour))
-        .bind(&*org.org_id)
-        .bind(ms(range.from))
-        .bind(ms(first_hour))
-        .bind(ms(last_hour))
-        .bind(ms(range.to))
-        .bind(seconds(range.from))
-        .bind(seconds(range.to))
-        .fetch_all()
-        .await?;
+    use crate::stats::*;
+    let scope = Scope { org_id: &org.org_id, user_id: None, provider: None, model: None };
+    let groups: Vec<Group> = over_states(
+        &state,
+        &scope,
+        &range,
+        &[EVENTS, TOTAL_TOKENS, COST],
+        "provider, model, toUInt64(countMerge(events)) AS events, sumMerge(total_tokens_sum) AS tokens, \
+         sumMerge(cost_nanos_sum) AS cost_nanos",
+        "GROUP BY provider, model",
+    )
+    .query(&state.clickhouse.client())
+    .fetch_all()
+    .await?;
     let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
     let mut by_provider: BTreeMap<String, Totals> = BTreeMap::new();
     let mut all = Totals::default();

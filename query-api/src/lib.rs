@@ -2,15 +2,20 @@
 //! admin surface. Handlers live in one module per area.
 
 pub mod admin;
+pub mod analytics;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod costs;
 pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod stats;
 pub mod status;
 
 use std::sync::Arc;
 
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{middleware, Router};
 use futures::future::BoxFuture;
 use prometheus::Registry;
@@ -27,17 +32,38 @@ pub struct AppState {
     pub clickhouse: ChConfig,
     pub keys: Arc<KeySet>,
     pub admin_token: Arc<str>,
+    pub metrics: metrics::QueryMetrics,
 }
 
 pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
     Router::new()
         .route("/api/telemetry/status", get(status::telemetry_status))
         .route("/api/costs/summary", get(costs::summary))
+        .route("/api/costs", get(events::list))
+        .route("/api/costs/budget", get(budget::get).put(budget::put))
+        .route("/api/analytics/overview", get(analytics::org::overview))
+        .route("/api/analytics/timeseries", get(analytics::org::timeseries))
+        .route("/api/analytics/perf", get(analytics::org::perf))
+        .route("/api/analytics/costs", get(analytics::org::costs))
+        .route("/analytics/user/{user_id}/overview", get(analytics::user::overview))
+        .route("/analytics/user/{user_id}/timeseries", get(analytics::user::timeseries))
+        .route("/analytics/user/{user_id}/perf", get(analytics::user::perf))
+        .route("/analytics/user/{user_id}/costs", get(analytics::user::costs))
+        .route("/openapi.json", get(openapi))
         .route("/admin/orgs", post(admin::create_org).get(admin::list_orgs))
         .route("/admin/orgs/{org_id}/keys", post(admin::create_key))
+        .route("/admin/orgs/{org_id}/budget", put(budget::admin_put))
+        .route("/admin/orgs/{org_id}/rate-limit", get(admin::rate_limit_status))
         .route("/admin/keys/{key_id}", delete(admin::revoke_key))
+        .route("/admin/prices", post(admin::add_price).get(admin::list_prices))
+        .route("/admin/top-consumers", get(admin::top_consumers))
         .with_state(state)
         .layer(middleware::from_fn_with_state(http_metrics, server::observe))
+}
+
+/// The OpenAPI document of the query API's routes (served as written in `openapi.json`).
+async fn openapi() -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], include_str!("../openapi.json"))
 }
 
 struct QueryReadiness {
@@ -71,6 +97,7 @@ pub async fn run(
     }
     let registry = Registry::new();
     let http_metrics = HttpMetrics::register(&registry)?;
+    let metrics = metrics::QueryMetrics::register(&registry)?;
     let keys = KeySet::new();
     if let Err(error) = keys.refresh(&clickhouse).await {
         tracing::warn!(error = %error, "api keys not loaded yet, will retry");
@@ -81,6 +108,7 @@ pub async fn run(
         clickhouse: clickhouse.clone(),
         keys: Arc::clone(&keys),
         admin_token: Arc::from(config.admin_token),
+        metrics,
     };
     let ops = OpsState {
         registry,

@@ -1,0 +1,182 @@
+//! The one way the query API aggregates: a subquery of aggregate *states* per (hour, provider,
+//! model, service), which each endpoint merges the way it needs.
+//!
+//! For an org, whole hours come from `rollup_hourly` and the partial hours at the two ends of the
+//! range from the raw table (states built on the fly with the same functions the rollup's view
+//! uses), so every range is exact to the millisecond and costs a rollup read plus two partial
+//! hours. For one user of an org (the rollups have no user column) everything comes from the raw
+//! table, still inside the org's range of the sort key. Either way the org is a bound parameter
+//! taken from the API key, never from the request.
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+
+use crate::costs::Range;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// An aggregate the subquery carries: its rollup column and how to build it from raw rows.
+#[derive(Clone, Copy)]
+pub struct Agg {
+    pub column: &'static str,
+    raw: &'static str,
+}
+
+pub const EVENTS: Agg = Agg { column: "events", raw: "countState()" };
+pub const ERRORS: Agg = Agg { column: "errors", raw: "sumState(toUInt64(status = 'error'))" };
+pub const PROMPT_TOKENS: Agg = Agg { column: "prompt_tokens_sum", raw: "sumState(toUInt64(prompt_tokens))" };
+pub const COMPLETION_TOKENS: Agg =
+    Agg { column: "completion_tokens_sum", raw: "sumState(toUInt64(completion_tokens))" };
+pub const TOTAL_TOKENS: Agg = Agg { column: "total_tokens_sum", raw: "sumState(toUInt64(total_tokens))" };
+pub const COST: Agg = Agg { column: "cost_nanos_sum", raw: "sumState(cost_nanos)" };
+pub const INPUT_BYTES: Agg = Agg { column: "input_bytes_sum", raw: "sumState(input_bytes)" };
+pub const OUTPUT_BYTES: Agg = Agg { column: "output_bytes_sum", raw: "sumState(output_bytes)" };
+pub const LATENCY: Agg =
+    Agg { column: "latency_quantiles", raw: "quantilesTimingState(0.5, 0.95, 0.99)(latency_ms)" };
+
+/// Merge expressions for the outer query, named like the Rust fields that read them.
+pub const M_EVENTS: &str = "toUInt64(countMerge(events)) AS requests";
+pub const M_ERRORS: &str = "sumMerge(errors) AS errors";
+pub const M_PROMPT: &str = "sumMerge(prompt_tokens_sum) AS prompt_tokens";
+pub const M_COMPLETION: &str = "sumMerge(completion_tokens_sum) AS completion_tokens";
+pub const M_TOKENS: &str = "sumMerge(total_tokens_sum) AS tokens";
+pub const M_COST: &str = "sumMerge(cost_nanos_sum) AS cost_nanos";
+pub const M_INPUT_BYTES: &str = "sumMerge(input_bytes_sum) AS input_bytes";
+pub const M_OUTPUT_BYTES: &str = "sumMerge(output_bytes_sum) AS output_bytes";
+pub const M_LATENCY: &str = "quantilesTimingMerge(0.5, 0.95, 0.99)(latency_quantiles) AS latency";
+
+/// Whose rows, and which of them.
+pub struct Scope<'a> {
+    pub org_id: &'a str,
+    pub user_id: Option<&'a str>,
+    pub provider: Option<&'a str>,
+    pub model: Option<&'a str>,
+}
+
+/// A value bound to a `?` of the SQL, in order.
+pub enum Bind {
+    Text(String),
+    Number(u64),
+}
+
+pub struct Sql {
+    pub text: String,
+    pub binds: Vec<Bind>,
+}
+
+impl Sql {
+    pub fn query(&self, client: &clickhouse::Client) -> clickhouse::query::Query {
+        let mut query = client.query(&self.text);
+        for bind in &self.binds {
+            query = match bind {
+                Bind::Text(text) => query.bind(text.as_str()),
+                Bind::Number(number) => query.bind(*number),
+            };
+        }
+        query
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp_millis()).unwrap_or(0)
+}
+
+fn seconds(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp()).unwrap_or(0)
+}
+
+const EVENT_MS: &str = "(toUInt64(timestamp) * 1000 + timestamp_ms)";
+
+/// `SELECT <outer> FROM (<states of scope in range>) <tail>`: `outer` merges the `aggs` states and
+/// may use the key columns hour, provider, model and service.
+pub fn over_states(
+    state: &AppState,
+    scope: &Scope,
+    range: &Range,
+    aggs: &[Agg],
+    outer: &str,
+    tail: &str,
+) -> Sql {
+    let events = state.clickhouse.table("events");
+    let rollup = state.clickhouse.table("rollup_hourly");
+    let mut binds = Vec::new();
+    let mut filters = String::new();
+    for (column, value) in [("provider", scope.provider), ("model", scope.model)] {
+        if value.is_some() {
+            filters.push_str(&format!(" AND {column} = ?"));
+        }
+    }
+    let push_filters = |binds: &mut Vec<Bind>| {
+        for value in [scope.provider, scope.model].into_iter().flatten() {
+            binds.push(Bind::Text(value.to_owned()));
+        }
+    };
+    let raw_states = aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
+    let raw_part = |binds: &mut Vec<Bind>, ms_condition: &str, ms_binds: &[u64]| {
+        binds.push(Bind::Text(scope.org_id.to_owned()));
+        let mut sql = format!(
+            "SELECT toStartOfHour(timestamp) AS hour, provider, model, service, {raw_states} FROM {events} \
+             WHERE org_id = ?"
+        );
+        if let Some(user) = scope.user_id {
+            sql.push_str(" AND user_id = ?");
+            binds.push(Bind::Text(user.to_owned()));
+        }
+        sql.push_str(&format!(
+            " AND timestamp >= toDateTime(?) AND timestamp <= toDateTime(?) AND ({ms_condition})"
+        ));
+        binds.push(Bind::Number(seconds(range.from)));
+        binds.push(Bind::Number(seconds(range.to)));
+        binds.extend(ms_binds.iter().map(|m| Bind::Number(*m)));
+        sql.push_str(&filters);
+        push_filters(binds);
+        sql.push_str(" GROUP BY hour, provider, model, service");
+        sql
+    };
+    let inner = if scope.user_id.is_some() {
+        raw_part(&mut binds, &format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"), &[ms(range.from), ms(range.to)])
+    } else {
+        // Whole hours [first_hour, last_hour) from the rollup; the edges from the raw table.
+        let hour = Duration::hours(1);
+        let first_hour = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
+        let last_hour = range.to.duration_trunc(hour).unwrap_or(range.to).max(first_hour);
+        let columns = aggs.iter().map(|a| a.column).collect::<Vec<_>>().join(", ");
+        let mut rollup_sql = format!(
+            "SELECT hour, provider, model, service, {columns} FROM {rollup} \
+             WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?)"
+        );
+        binds.push(Bind::Text(scope.org_id.to_owned()));
+        binds.push(Bind::Number(seconds(first_hour)));
+        binds.push(Bind::Number(seconds(last_hour)));
+        rollup_sql.push_str(&filters);
+        push_filters(&mut binds);
+        let edges = raw_part(
+            &mut binds,
+            &format!("({EVENT_MS} >= ? AND {EVENT_MS} < ?) OR ({EVENT_MS} >= ? AND {EVENT_MS} < ?)"),
+            &[ms(range.from), ms(first_hour), ms(last_hour), ms(range.to)],
+        );
+        format!("{rollup_sql} UNION ALL {edges}")
+    };
+    Sql { text: format!("SELECT {outer} FROM ({inner}) {tail}"), binds }
+}
+
+/// Checks an optional text filter from a query string: bounded length, no control characters.
+pub fn text_param<'a>(
+    name: &str,
+    value: &'a Option<String>,
+    max: usize,
+) -> Result<Option<&'a str>, ApiError> {
+    match value.as_deref() {
+        None => Ok(None),
+        Some("") => Err(ApiError::BadRequest(format!("{name} must not be empty"))),
+        Some(v) if v.len() > max => Err(ApiError::BadRequest(format!("{name} is longer than {max} bytes"))),
+        Some(v) if v.chars().any(char::is_control) => {
+            Err(ApiError::BadRequest(format!("{name} must not contain control characters")))
+        }
+        Some(v) => Ok(Some(v)),
+    }
+}
+
+/// USD from nano-dollars, for display; the exact integer is always returned beside it.
+pub fn usd(nanos: i64) -> f64 {
+    nanos as f64 / 1e9
+}

@@ -1,0 +1,616 @@
+//! Every read endpoint compared with an independent aggregate over the raw `events` table on
+//! generated data (late events into past hours included), every parameter tried against another
+//! org's data, and every input bound.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+mod common;
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use common::{Api, ADMIN};
+use serde_json::{json, Value};
+
+const PROVIDERS: [(&str, &str); 4] = [
+    ("openai", "gpt-4o"),
+    ("openai", "gpt-4o-mini"),
+    ("anthropic", "claude-3-5-sonnet"),
+    ("ollama", "llama3"),
+];
+
+/// One INSERT of `count` generated events for `org`, ending near `end`, every ~9.7 minutes back.
+async fn generate(api: &Api, org: &str, end: DateTime<Utc>, count: u32, seed: u32) {
+    let mut values = Vec::new();
+    for i in 0..count {
+        let n = i.wrapping_mul(2_654_435_761).wrapping_add(seed) % 1_000_003;
+        let at = end - Duration::milliseconds(i64::from(i) * 583_123 + i64::from(n % 1000));
+        let (provider, model) = PROVIDERS[(n % 4) as usize];
+        values.push(format!(
+            "('{org}', '{id}', '{ts}', {ms}, '{provider}', '{model}', {p}, {c}, {t}, {cost}, {lat}, '{status}', \
+             'exec-{e}', 'user-{u}', 'svc-{s}', {ib}, {ob})",
+            id = uuid::Uuid::new_v4(),
+            ts = at.format("%Y-%m-%d %H:%M:%S"),
+            ms = at.timestamp_subsec_millis(),
+            p = 10 + n % 500,
+            c = 5 + n % 300,
+            t = 15 + n % 500 + n % 300,
+            cost = 1_000_003 + i64::from(n) * 7_919,
+            lat = 20 + n % 3000,
+            status = if n % 7 == 0 { "error" } else { "success" },
+            e = n % 17,
+            u = n % 5,
+            s = n % 3,
+            ib = n % 10_000,
+            ob = n % 20_000,
+        ));
+    }
+    api.clickhouse
+        .client()
+        .query(&format!(
+            "INSERT INTO {} (org_id, event_id, timestamp, timestamp_ms, provider, model, prompt_tokens, completion_tokens, \
+             total_tokens, cost_nanos, latency_ms, status, execution_id, user_id, service, input_bytes, output_bytes) VALUES {}",
+            api.clickhouse.table("events"),
+            values.join(", ")
+        ))
+        .execute()
+        .await
+        .unwrap();
+}
+
+/// Rows of a raw-table query as JSON (64-bit integers unquoted).
+async fn raw(api: &Api, sql: &str) -> Vec<Value> {
+    let text = api
+        .http
+        .post(format!("{}/?output_format_json_quote_64bit_integers=0", api.clickhouse.url))
+        .body(format!("{sql} FORMAT JSONEachRow"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn rfc(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The raw-table condition for one org (and optionally user) in [from, to).
+fn raw_where(api: &Api, org: &str, user: Option<&str>, from: DateTime<Utc>, to: DateTime<Utc>) -> String {
+    format!(
+        "FROM {} WHERE org_id = '{org}' {} AND toInt64(timestamp) * 1000 + timestamp_ms >= {} \
+         AND toInt64(timestamp) * 1000 + timestamp_ms < {}",
+        api.clickhouse.table("events"),
+        user.map_or(String::new(), |u| format!("AND user_id = '{u}'")),
+        ms(from),
+        ms(to)
+    )
+}
+
+async fn get(api: &Api, key: &str, path: &str, query: &[(&str, String)]) -> (u16, Value) {
+    let response = api.http.get(api.url(path)).query(query).header("X-API-Key", key).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+fn q(pairs: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+    pairs.iter().map(|(k, v)| (Box::leak(k.to_string().into_boxed_str()) as &str, v.to_string())).collect()
+}
+
+/// Checks overview, perf, costs and timeseries against the raw table for one scope.
+async fn check_analytics(
+    api: &Api,
+    key: &str,
+    org: &str,
+    user: Option<&str>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) {
+    let range = [("from", rfc(from)), ("to", rfc(to))];
+    let prefix = match user {
+        Some(u) => format!("/analytics/user/{u}"),
+        None => "/api/analytics".into(),
+    };
+    let w = raw_where(api, org, user, from, to);
+
+    let (status, overview) = get(api, key, &format!("{prefix}/overview"), &range).await;
+    assert_eq!(status, 200, "{overview}");
+    let expected = &raw(
+        api,
+        &format!(
+            "SELECT count() AS requests, countIf(status = 'error') AS errors, sum(toUInt64(prompt_tokens)) AS tin, \
+             sum(toUInt64(completion_tokens)) AS tout, sum(toUInt64(total_tokens)) AS tokens, sum(input_bytes) AS bin, \
+             sum(output_bytes) AS bout, sum(cost_nanos) AS cost, uniqExact(service) AS services, \
+             quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q {w}"
+        ),
+    )
+    .await[0];
+    assert!(expected["requests"].as_u64().unwrap() > 0, "the scope has data");
+    for (field, column) in [
+        ("totalRequests", "requests"),
+        ("errors", "errors"),
+        ("tokensIn", "tin"),
+        ("tokensOut", "tout"),
+        ("totalTokens", "tokens"),
+        ("bytesIn", "bin"),
+        ("bytesOut", "bout"),
+        ("costNanos", "cost"),
+        ("distinctServices", "services"),
+    ] {
+        assert_eq!(overview[field].as_i64(), expected[column].as_i64(), "overview {field} for {user:?}");
+    }
+    for (i, p) in ["p50", "p95", "p99"].iter().enumerate() {
+        assert_eq!(overview["latencyMs"][p].as_f64(), expected["q"][i].as_f64(), "overview {p}");
+    }
+
+    let (_, perf) = get(api, key, &format!("{prefix}/perf"), &range).await;
+    let expected = raw(
+        api,
+        &format!(
+            "SELECT provider, model, count() AS requests, countIf(status = 'error') AS errors, \
+             quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q {w} GROUP BY provider, model ORDER BY requests DESC, provider, model"
+        ),
+    )
+    .await;
+    let models = perf["models"].as_array().unwrap();
+    assert_eq!(models.len(), expected.len());
+    for (got, want) in models.iter().zip(&expected) {
+        assert_eq!((&got["provider"], &got["model"]), (&want["provider"], &want["model"]));
+        assert_eq!(got["requests"].as_u64(), want["requests"].as_u64());
+        assert_eq!(got["errors"].as_u64(), want["errors"].as_u64());
+        assert_eq!(got["latencyMs"]["p99"].as_f64(), want["q"][2].as_f64(), "perf p99 {}", want["model"]);
+    }
+
+    let (_, costs) = get(api, key, &format!("{prefix}/costs"), &range).await;
+    let expected = raw(
+        api,
+        &format!(
+            "SELECT service, provider, model, count() AS requests, sum(toUInt64(total_tokens)) AS tokens, \
+             sum(cost_nanos) AS cost {w} GROUP BY service, provider, model ORDER BY cost DESC, service, provider, model"
+        ),
+    )
+    .await;
+    let breakdown = costs["breakdown"].as_array().unwrap();
+    assert_eq!(breakdown.len(), expected.len());
+    for (got, want) in breakdown.iter().zip(&expected) {
+        for (field, column) in
+            [("service", "service"), ("model", "model"), ("costNanos", "cost"), ("tokens", "tokens")]
+        {
+            assert_eq!(got[field], want[column], "costs {field}");
+        }
+    }
+    let total: i64 = expected.iter().map(|r| r["cost"].as_i64().unwrap()).sum();
+    assert_eq!(costs["totalNanos"].as_i64(), Some(total));
+
+    let mut query = range.to_vec();
+    query.push(("groupBy", "model".into()));
+    let (_, series) = get(api, key, &format!("{prefix}/timeseries"), &query).await;
+    let expected = raw(
+        api,
+        &format!(
+            "SELECT toUInt32(toStartOfHour(timestamp)) AS h, model, count() AS requests, sum(cost_nanos) AS cost, \
+             quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q {w} GROUP BY h, model ORDER BY h, model"
+        ),
+    )
+    .await;
+    let points = series["points"].as_array().unwrap();
+    assert_eq!(points.len(), expected.len(), "one point per (hour, model)");
+    for (got, want) in points.iter().zip(&expected) {
+        let hour = DateTime::from_timestamp(want["h"].as_i64().unwrap(), 0).unwrap();
+        assert_eq!(got["time"].as_str().unwrap(), rfc(hour));
+        assert_eq!(got["key"], want["model"]);
+        assert_eq!(got["requests"].as_u64(), want["requests"].as_u64());
+        assert_eq!(got["costNanos"].as_i64(), want["cost"].as_i64());
+        assert_eq!(got["latencyMs"]["p95"].as_f64(), want["q"][1].as_f64());
+    }
+    // Day buckets in a time zone other than UTC.
+    let mut query = range.to_vec();
+    query.extend([("bucket", "day".to_owned()), ("tz", "America/New_York".to_owned())]);
+    let (status, series) = get(api, key, &format!("{prefix}/timeseries"), &query).await;
+    assert_eq!(status, 200, "{series}");
+    let expected = raw(
+        api,
+        &format!(
+            "SELECT toString(toDate(timestamp, 'America/New_York')) AS d, count() AS requests, sum(cost_nanos) AS cost \
+             {w} GROUP BY d ORDER BY d"
+        ),
+    )
+    .await;
+    let points = series["points"].as_array().unwrap();
+    assert_eq!(points.len(), expected.len());
+    for (got, want) in points.iter().zip(&expected) {
+        assert_eq!(
+            (&got["time"], got["requests"].as_u64(), got["costNanos"].as_i64()),
+            (&want["d"], want["requests"].as_u64(), want["cost"].as_i64())
+        );
+    }
+}
+
+#[tokio::test]
+async fn analytics_equal_the_raw_table_for_the_org_and_for_one_user() {
+    let api = Api::start().await;
+    let (org_a, key_a, _) = api.create_org("a").await;
+    let (org_b, key_b, _) = api.create_org("b").await;
+    let now = Utc::now();
+    generate(&api, &org_a, now - Duration::minutes(3), 400, 1).await;
+    // Late events: a second insert into hours the first already filled.
+    generate(&api, &org_a, now - Duration::hours(20) - Duration::minutes(7), 40, 2).await;
+    // Org b has the same user, execution and service names, other numbers.
+    generate(&api, &org_b, now - Duration::minutes(5), 150, 3).await;
+    let hour = Duration::hours(1);
+    let from = now.duration_trunc(hour).unwrap() - Duration::hours(50)
+        + Duration::minutes(17)
+        + Duration::milliseconds(123);
+    let to = now - Duration::minutes(31);
+    check_analytics(&api, &key_a, &org_a, None, from, to).await;
+    check_analytics(&api, &key_a, &org_a, Some("user-3"), from, to).await;
+    check_analytics(&api, &key_b, &org_b, None, from, to).await;
+    check_analytics(&api, &key_b, &org_b, Some("user-3"), from, to).await;
+    // userId as a parameter is the same scope as the seed-004 path.
+    let range = [("from", rfc(from)), ("to", rfc(to))];
+    let mut with_user = range.to_vec();
+    with_user.push(("userId", "user-3".into()));
+    let by_param = get(&api, &key_a, "/api/analytics/overview", &with_user).await.1;
+    let by_path = get(&api, &key_a, "/analytics/user/user-3/overview", &range).await.1;
+    assert_eq!(by_param, by_path);
+    // A user the org does not have: zeros, not another org's numbers.
+    let (status, none) = get(&api, &key_a, "/analytics/user/nobody/overview", &range).await;
+    assert_eq!((status, none["totalRequests"].as_u64()), (200, Some(0)));
+    assert!(none["latencyMs"].is_null());
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn events_list_pages_newest_first_with_filters_and_a_stable_cursor() {
+    let api = Api::start().await;
+    let (org_a, key_a, _) = api.create_org("a").await;
+    let (org_b, key_b, _) = api.create_org("b").await;
+    let now = Utc::now();
+    generate(&api, &org_a, now - Duration::minutes(1), 300, 4).await;
+    generate(&api, &org_b, now - Duration::minutes(1), 50, 5).await;
+    let from = now - Duration::hours(40);
+    let to = now;
+    for filters in [
+        vec![],
+        vec![("model", "gpt-4o")],
+        vec![("status", "error"), ("userId", "user-1")],
+        vec![("executionId", "exec-4")],
+    ] {
+        let mut condition = raw_where(&api, &org_a, None, from, to);
+        for (name, value) in &filters {
+            let column = match *name {
+                "userId" => "user_id",
+                "executionId" => "execution_id",
+                other => other,
+            };
+            condition.push_str(&format!(" AND {column} = '{value}'"));
+        }
+        let expected: Vec<String> = raw(
+            &api,
+            &format!(
+                "SELECT toString(event_id) AS id {condition} ORDER BY toInt64(timestamp) * 1000 + timestamp_ms DESC, event_id DESC"
+            ),
+        )
+        .await
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+        assert!(!expected.is_empty());
+        // Cursor pages of 7.
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("from", rfc(from)), ("to", rfc(to)), ("limit", "7".to_owned())];
+            query.extend(filters.iter().map(|(k, v)| (*k, v.to_string())));
+            if let Some(c) = &cursor {
+                query.push(("cursor", c.clone()));
+            }
+            let (status, page) = get(&api, &key_a, "/api/costs", &query).await;
+            assert_eq!(status, 200, "{page}");
+            for event in page["events"].as_array().unwrap() {
+                seen.push(event["eventId"].as_str().unwrap().to_owned());
+                for (name, value) in &filters {
+                    assert_eq!(event[*name].as_str(), Some(*value), "filter {name}");
+                }
+            }
+            match page["nextCursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+            // A new event arriving meanwhile does not shift the next page.
+            if seen.len() == 7 {
+                generate(&api, &org_a, now - Duration::seconds(1), 1, 99).await;
+            }
+        }
+        assert_eq!(seen, expected, "cursor paging with {filters:?}");
+    }
+    // Offset paging returns the same order; a whole event's fields come back.
+    let (_, first) = get(&api, &key_a, "/api/costs", &q(&[("limit", "5"), ("offset", "3")])).await;
+    let (_, all) = get(&api, &key_a, "/api/costs", &q(&[("limit", "8")])).await;
+    assert_eq!(first["events"].as_array().unwrap()[..], all["events"].as_array().unwrap()[3..8]);
+    let event = &all["events"][0];
+    for field in
+        ["eventId", "timestamp", "provider", "model", "cost", "costNanos", "costSource", "latency", "status"]
+    {
+        assert!(!event[field].is_null(), "{field} in {event}");
+    }
+    assert!(event["tokens"]["totalTokens"].as_u64().is_some());
+    // Org b's key with org a's filters sees only org b's events.
+    let (_, b_page) = get(&api, &key_b, "/api/costs", &q(&[("limit", "1000"), ("userId", "user-1")])).await;
+    let b_ids: Vec<Value> = raw(
+        &api,
+        &format!(
+            "SELECT toString(event_id) AS id FROM {} WHERE org_id = '{org_b}' AND user_id = 'user-1'",
+            api.clickhouse.table("events")
+        ),
+    )
+    .await
+    .into_iter()
+    .map(|r| r["id"].clone())
+    .collect();
+    let mut got: Vec<Value> =
+        b_page["events"].as_array().unwrap().iter().map(|e| e["eventId"].clone()).collect();
+    let mut want = b_ids;
+    got.sort_by_key(|v| v.to_string());
+    want.sort_by_key(|v| v.to_string());
+    assert_eq!(got, want);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn budget_reports_the_month_exactly_and_the_thresholds_crossed() {
+    let api = Api::start().await;
+    let (org_a, key_a, _) = api.create_org("a").await;
+    let (org_b, key_b, _) = api.create_org("b").await;
+    let now = Utc::now();
+    generate(&api, &org_a, now - Duration::seconds(30), 200, 6).await;
+    generate(&api, &org_b, now - Duration::seconds(30), 20, 7).await;
+    let (status, none) = get(&api, &key_a, "/api/costs/budget", &[]).await;
+    assert_eq!(status, 200);
+    assert!(none["limit"].is_null() && none["alert"].is_null(), "{none}");
+    let month_start = now.date_naive().with_day0_safe().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let spent = raw(
+        &api,
+        &format!(
+            "SELECT sum(cost_nanos) AS s {}",
+            raw_where(&api, &org_a, None, month_start, now + Duration::seconds(1))
+        ),
+    )
+    .await[0]["s"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(none["spentNanos"].as_i64(), Some(spent));
+    // A limit of 1.5x the spend: 10 % and 50 % crossed, 100 % not.
+    let limit_usd = spent as f64 * 1.5 / 1e9;
+    let put = api
+        .http
+        .put(api.url("/api/costs/budget"))
+        .header("X-API-Key", &key_a)
+        .json(&json!({"limit": limit_usd, "thresholds": [100, 10, 50]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let (_, budget) = get(&api, &key_a, "/api/costs/budget", &[]).await;
+    assert_eq!(budget["thresholds"], json!([10, 50, 100]));
+    assert_eq!(budget["crossedThresholds"], json!([10, 50]));
+    assert_eq!(budget["alert"], json!(50));
+    let limit_nanos = budget["limitNanos"].as_i64().unwrap();
+    assert_eq!(budget["remainingNanos"].as_i64(), Some(limit_nanos - spent));
+    assert_eq!(budget["period"], "monthly");
+    assert!(budget["resetsAt"].as_str().unwrap() > rfc(now).as_str());
+    let metrics = api.http.get(api.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(&format!("tally_budget_threshold_crossed{{org_id=\"{org_a}\"}} 50")),
+        "{metrics}"
+    );
+    // The admin lowers it: 100 % crossed. Org b's budget is untouched.
+    let admin = api
+        .http
+        .put(api.url(&format!("/admin/orgs/{org_a}/budget")))
+        .bearer_auth(ADMIN)
+        .json(&json!({"limit": spent as f64 / 2e9}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    let (_, budget) = get(&api, &key_a, "/api/costs/budget", &[]).await;
+    assert_eq!((budget["alert"].clone(), budget["thresholds"].clone()), (json!(100), json!([50, 80, 100])));
+    let (_, b) = get(&api, &key_b, "/api/costs/budget", &[]).await;
+    assert!(b["limit"].is_null());
+    assert_ne!(b["spentNanos"].as_i64(), Some(spent));
+    // Bad budgets.
+    for body in [
+        json!({"limit": -1}),
+        json!({"limit": 1e12}),
+        json!({"limit": 5, "thresholds": [0]}),
+        json!({"limit": 5, "thresholds": [1,2,3,4,5,6,7,8,9,10,11]}),
+    ] {
+        let r = api
+            .http
+            .put(api.url("/api/costs/budget"))
+            .header("X-API-Key", &key_a)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+    }
+    let r = api
+        .http
+        .put(api.url("/admin/orgs/no-such-org/budget"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"limit": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn every_endpoint_validates_its_input_and_needs_a_key() {
+    let api = Api::start().await;
+    let (_, key, _) = api.create_org("a").await;
+    let endpoints = [
+        "/api/costs/summary",
+        "/api/costs",
+        "/api/analytics/overview",
+        "/api/analytics/timeseries",
+        "/api/analytics/perf",
+        "/api/analytics/costs",
+        "/analytics/user/u1/overview",
+        "/analytics/user/u1/timeseries",
+        "/analytics/user/u1/perf",
+        "/analytics/user/u1/costs",
+    ];
+    let long = "x".repeat(300);
+    for path in endpoints {
+        assert_eq!(api.http.get(api.url(path)).send().await.unwrap().status(), 401, "{path}");
+        assert_eq!(get(&api, "tally_0000", path, &[]).await.0, 401, "{path}");
+        assert_eq!(get(&api, &key, path, &[]).await.0, 200, "{path} with defaults");
+        for bad in [
+            q(&[("from", "yesterday")]),
+            q(&[("from", "2026-02-01T00:00:00Z"), ("to", "2026-01-01T00:00:00Z")]),
+            q(&[("from", "2020-01-01T00:00:00Z"), ("to", "2026-01-01T00:00:00Z")]),
+        ] {
+            let (status, body) = get(&api, &key, path, &bad).await;
+            assert_eq!(status, 400, "{path} {bad:?}");
+            assert_eq!(body["error"]["code"], "bad_request");
+        }
+        if path != "/api/costs/summary" {
+            assert_eq!(get(&api, &key, path, &q(&[("model", &long)])).await.0, 400, "{path} long model");
+        }
+    }
+    for bad in [
+        q(&[("limit", "0")]),
+        q(&[("limit", "1001")]),
+        q(&[("offset", "10001")]),
+        q(&[("cursor", "garbage")]),
+        q(&[("cursor", "1_00000000-0000-0000-0000-000000000000"), ("offset", "2")]),
+        q(&[("status", "maybe")]),
+        q(&[("limit", "-1")]),
+    ] {
+        assert_eq!(get(&api, &key, "/api/costs", &bad).await.0, 400, "{bad:?}");
+    }
+    for bad in [
+        q(&[("bucket", "week")]),
+        q(&[("groupBy", "user")]),
+        q(&[("bucket", "day"), ("tz", "Mars/Olympus")]),
+        q(&[("bucket", "day"), ("tz", "x'; DROP TABLE")]),
+        q(&[("tz", "Europe/Paris")]),
+        q(&[("from", "2025-11-01T00:00:00Z"), ("to", "2026-11-01T00:00:00Z")]),
+    ] {
+        assert_eq!(get(&api, &key, "/api/analytics/timeseries", &bad).await.0, 400, "{bad:?}");
+    }
+    assert_eq!(get(&api, &key, "/analytics/user/u1/overview", &q(&[("userId", "u2")])).await.0, 400);
+    let spec: Value = api.http.get(api.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    for path in endpoints.iter().map(|p| p.replace("u1", "{userId}")) {
+        assert!(spec["paths"][&path]["get"].is_object(), "{path} documented");
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn admin_prices_top_consumers_and_rate_limit_status() {
+    let api = Api::start().await;
+    let (org_a, _, _) = api.create_org("small").await;
+    let (org_b, _, _) = api.create_org("big").await;
+    let now = Utc::now();
+    generate(&api, &org_a, now - Duration::seconds(10), 10, 8).await;
+    generate(&api, &org_b, now - Duration::seconds(10), 100, 9).await;
+    let top: Value = api
+        .http
+        .get(api.url("/admin/top-consumers"))
+        .query(&[("from", rfc(now - Duration::hours(30))), ("to", rfc(now))])
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let consumers = top["consumers"].as_array().unwrap();
+    assert_eq!(consumers.len(), 2);
+    assert_eq!(
+        (consumers[0]["orgId"].as_str(), consumers[0]["name"].as_str()),
+        (Some(org_b.as_str()), Some("big"))
+    );
+    let cost_b = raw(
+        &api,
+        &format!(
+            "SELECT sum(cost_nanos) AS c FROM {} WHERE org_id = '{org_b}'",
+            api.clickhouse.table("events")
+        ),
+    )
+    .await[0]["c"]
+        .as_i64();
+    assert_eq!(consumers[0]["costNanos"].as_i64(), cost_b);
+
+    let status: Value = api
+        .http
+        .get(api.url(&format!("/admin/orgs/{org_b}/rate-limit")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["eventsPerMinute"], 1000);
+    // The generated events "arrived" at insert time (received_at defaults to 0 here): none counted.
+    assert!(status["acceptedLastMinute"].as_u64().is_some());
+    let missing =
+        api.http.get(api.url("/admin/orgs/nope/rate-limit")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+
+    let price = json!({"provider": "openai", "model": "gpt-5", "effectiveFrom": "2026-12-01T00:00:00Z", "inputPerMtok": 1.25, "outputPerMtok": 10});
+    let created =
+        api.http.post(api.url("/admin/prices")).bearer_auth(ADMIN).json(&price).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    let prices: Value =
+        api.http.get(api.url("/admin/prices")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let gpt5 = prices.as_array().unwrap().iter().find(|p| p["model"] == "gpt-5").expect("listed");
+    assert_eq!(
+        (gpt5["inputNanosPerMtok"].as_i64(), gpt5["outputNanosPerMtok"].as_i64()),
+        (Some(1_250_000_000), Some(10_000_000_000))
+    );
+    assert_eq!(gpt5["effectiveFrom"], "2026-12-01T00:00:00Z");
+    assert!(prices.as_array().unwrap().len() >= 14, "the seeded registry is listed too");
+    for bad in [
+        json!({"provider": "", "model": "m", "effectiveFrom": "2026-12-01T00:00:00Z", "inputPerMtok": 1, "outputPerMtok": 1}),
+        json!({"provider": "p", "model": "m", "effectiveFrom": "soon", "inputPerMtok": 1, "outputPerMtok": 1}),
+        json!({"provider": "p", "model": "m", "effectiveFrom": "2026-12-01T00:00:00Z", "inputPerMtok": -1, "outputPerMtok": 1}),
+    ] {
+        assert_eq!(
+            api.http
+                .post(api.url("/admin/prices"))
+                .bearer_auth(ADMIN)
+                .json(&bad)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            400,
+            "{bad}"
+        );
+    }
+    assert_eq!(api.http.get(api.url("/admin/prices")).send().await.unwrap().status(), 401);
+    api.stop().await;
+}
+
+trait Day0 {
+    fn with_day0_safe(self) -> chrono::NaiveDate;
+}
+
+impl Day0 for chrono::NaiveDate {
+    fn with_day0_safe(self) -> chrono::NaiveDate {
+        use chrono::Datelike;
+        self.with_day0(0).unwrap()
+    }
+}
