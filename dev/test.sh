@@ -8,6 +8,8 @@
 #     5xx fails the run
 #  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
 #     replayed on a current ClickHouse (chdb); any statement that fails there fails the run
+#  5. dev/analysts.py: every query of docs/analysts.md runs on 18.16 (as the read-only analyst)
+#     and on chdb over the same sample data, and must give the same rows
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
@@ -40,3 +42,5 @@ echo "[test] schemathesis against the ingest's OpenAPI document"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/fuzz_api.py "$VENV/bin/schemathesis" --max-examples 60
 echo "[test] ClickHouse compatibility (18.16 server vs current chdb) for statements since $since"
 "$VENV/bin/python" dev/compat.py --clickhouse-url "$CLICKHOUSE_URL/" --since "$since"
+echo "[test] the analysts' cookbook (docs/analysts.md) on both ClickHouse versions"
+"$VENV/bin/python" dev/analysts.py --clickhouse-url "$CLICKHOUSE_URL/"
