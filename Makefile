@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -37,7 +37,7 @@ lint:
 fmt:
 	cargo fmt --all
 
-bench: bench-ingest bench-consumer ## every benchmark (figures go to loadtest/RESULTS.md by hand, with the command)
+bench: bench-ingest bench-consumer bench-query ## every benchmark (figures go to loadtest/RESULTS.md by hand, with the command)
 
 bench-ingest: ## ingest throughput: ceiling vs discard sink vs real Kafka, at 1/100/1000 events per request
 	@bash dev/stack.sh infra-up
@@ -48,3 +48,9 @@ bench-consumer: ## consumer drain: raw ceiling vs tally-consumer vs ClickHouse's
 	@bash dev/stack.sh infra-up
 	cargo build --release --locked --bins -q
 	python3 loadtest/bench_consumer.py $(BENCH_ARGS)
+
+bench-query: ## query API latency on 50 M events of 1000 orgs over 30 days, each endpoint at 200 requests/s with k6
+	@bash dev/stack.sh infra-up
+	@bash dev/stack.sh install-k6
+	cargo build --release --locked --bins -q
+	python3 loadtest/bench_query.py $(BENCH_ARGS)

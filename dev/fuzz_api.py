@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Property-based API testing of the ingest with schemathesis, part of `make test`.
+"""Property-based API testing of the ingest and the query API with schemathesis, part of `make test`.
 
-Starts an ingest (the binaries `cargo test` built) against the local stack with its own
-database, topic and org, then lets schemathesis generate requests from the ingest's own OpenAPI
-document (/openapi.json) and fails on any 5xx. Exits with schemathesis's status.
+Starts an ingest and a query API (the binaries `cargo test` built) against the local stack with
+their own database, topic and org, then lets schemathesis generate requests from each service's
+own OpenAPI document (/openapi.json) and fails on any 5xx. The query API is fuzzed with the org's
+key on its org routes (the admin routes are covered by its integration tests). Exits non-zero
+when either run fails.
 
 Usage: dev/fuzz_api.py SCHEMATHESIS [--max-examples 60]    (TALLY_BIN_DIR = the binaries' folder)
 """
@@ -26,17 +28,24 @@ def main():
     services.create_topic(topic + ".dlq", 1)
     ingest = services.start("tally-ingest", {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_LISTEN_ADDR": "127.0.0.1:18180",
                                              "TALLY_EVENTS_TOPIC": topic, "TALLY_DLQ_TOPIC": topic + ".dlq"})
+    query = services.start("tally-query-api", {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_ADMIN_TOKEN": services.ADMIN,
+                                               "TALLY_LISTEN_ADDR": "127.0.0.1:18182"})
+    statuses = {}
     try:
-        services.wait_http("http://127.0.0.1:18180/readyz", 60)
-        status = subprocess.run([schemathesis, "run", "http://127.0.0.1:18180/openapi.json",
-                                 "--checks", "not_a_server_error", "--header", "X-API-Key: " + key,
-                                 "--max-examples", max_examples, "--request-timeout", "15",
-                                 "--suppress-health-check", "all"]).returncode
+        for name, base, extra in (("ingest", "http://127.0.0.1:18180", []),
+                                  ("query-api", "http://127.0.0.1:18182", ["--exclude-path-regex", "^/admin"])):
+            services.wait_http(base + "/readyz", 60)
+            statuses[name] = subprocess.run([schemathesis, "run", base + "/openapi.json",
+                                             "--checks", "not_a_server_error", "--header", "X-API-Key: " + key,
+                                             "--max-examples", max_examples, "--request-timeout", "15",
+                                             "--suppress-health-check", "all", *extra]).returncode
     finally:
         services.stop(ingest)
+        services.stop(query)
         subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
-    print("fuzz_api: schemathesis %s against the ingest's /openapi.json" % ("passed" if status == 0 else "FAILED"))
-    return status
+    for name, status in statuses.items():
+        print("fuzz_api: schemathesis %s against the %s's /openapi.json" % ("passed" if status == 0 else "FAILED", name))
+    return 0 if statuses and all(status == 0 for status in statuses.values()) else 1
 
 
 if __name__ == "__main__":

@@ -373,6 +373,7 @@ case "$cmd" in
   clean) down; rm -rf "$DEV"; log "removed .dev/" ;;
   env) service_env ;;
   kafka-libs) install_kafka; echo "$KAFKA_LIBS" ;;
+  install-k6) install_k6 ;;
   create-topic) create_topic "${1:?topic}" "${2:-4}" ;;
   delete-topic) delete_topic "${1:?topic}" ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;

@@ -4,8 +4,8 @@
 #     they stay up afterwards so the next run is fast (`make down` stops them)
 #  2. cargo test --workspace: unit, property and integration tests (each integration test makes
 #     its own database and topics, so they run in parallel)
-#  3. dev/fuzz_api.py: schemathesis generates requests from the ingest's OpenAPI document; any
-#     5xx fails the run
+#  3. dev/fuzz_api.py: schemathesis generates requests from the OpenAPI documents of the ingest
+#     and the query API; any 5xx fails the run
 #  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
 #     replayed on a current ClickHouse (chdb); any statement that fails there fails the run
 #  5. dev/analysts.py: every query of docs/analysts.md runs on 18.16 (as the read-only analyst)
@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
-# Python tools, pinned: chdb embeds a current ClickHouse; schemathesis fuzzes the ingest's API.
+# Python tools, pinned: chdb embeds a current ClickHouse; schemathesis fuzzes the HTTP APIs.
 TOOLS="chdb==4.4.0 schemathesis==4.32.5"
 VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"
 CLICKHOUSE_URL="http://127.0.0.1:8123"
@@ -38,7 +38,7 @@ export TALLY_KAFKA_LIBS
 since="$(curl -fsS "$CLICKHOUSE_URL/?query=SELECT+now()")"
 echo "[test] cargo test --workspace"
 cargo test --workspace --locked
-echo "[test] schemathesis against the ingest's OpenAPI document"
+echo "[test] schemathesis against the OpenAPI documents of the ingest and the query API"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/fuzz_api.py "$VENV/bin/schemathesis" --max-examples 60
 echo "[test] ClickHouse compatibility (18.16 server vs current chdb) for statements since $since"
 "$VENV/bin/python" dev/compat.py --clickhouse-url "$CLICKHOUSE_URL/" --since "$since"

@@ -7,6 +7,10 @@
 //!   clock starts, inserted into DATABASE.events by the consumer's own insert path (clickhouse
 //!   crate, RowBinary, one INSERT per BATCH rows, one at a time) with no Kafka and no decoding.
 //!
+//! - `load DATABASE EVENTS DAYS`: the query benchmark's bulk loader: EVENTS rows of 1000 orgs with
+//!   event times spread over the last DAYS days, inserted into DATABASE.events (and so into the
+//!   rollups) 100 000 rows per INSERT, as the consumer writes them.
+//!
 //! Prints one JSON line of figures. Settings: TALLY_KAFKA_BROKERS, TALLY_CLICKHOUSE_URL.
 
 use std::time::{Duration, Instant};
@@ -31,8 +35,14 @@ const MODELS: &[(&str, &str)] = &[
 const ORGS: u64 = 1000;
 
 /// Event `index` of record `record`: the org is the record's, the rest varies per event. Times
-/// spread over the last hour, so the rows land in one or two monthly partitions like live traffic.
+/// spread over the `span_ms` before `now_ms` (an hour: one or two monthly partitions, like live
+/// traffic).
 fn synthetic_event(record: u64, index: u64, now_ms: i64) -> Event {
+    spread_event(record, index, now_ms, 3_600_000, 7)
+}
+
+/// As `synthetic_event`, over `span_ms` and `services` services.
+fn spread_event(record: u64, index: u64, now_ms: i64, span_ms: u64, services: u64) -> Event {
     let n = record.wrapping_mul(7919).wrapping_add(index.wrapping_mul(104_729));
     let (provider, model) = MODELS[(n % MODELS.len() as u64) as usize];
     let prompt = 100 + (n % 4000) as u32;
@@ -41,7 +51,7 @@ fn synthetic_event(record: u64, index: u64, now_ms: i64) -> Event {
         event_id: uuid::Uuid::from_u64_pair(record, index),
         org_id: format!("org-{:04}", record % ORGS),
         received_at_ms: now_ms,
-        timestamp_ms: now_ms - (n % 3_600_000) as i64,
+        timestamp_ms: now_ms - (if span_ms == 3_600_000 { n % span_ms } else { n.wrapping_mul(2_654_435_761) % span_ms }) as i64,
         provider: provider.into(),
         model: model.into(),
         prompt_tokens: prompt,
@@ -56,7 +66,7 @@ fn synthetic_event(record: u64, index: u64, now_ms: i64) -> Event {
         execution_id: format!("exec-{}", n % 100_000),
         agent_id: String::new(),
         user_id: format!("user-{}", n % 1000),
-        service: format!("svc-{}", n % 7),
+        service: format!("svc-{}", n % services),
         action: "chat.completion".into(),
         request_id: format!("req-{record}"),
         input_bytes: u64::from(prompt) * 4,
@@ -159,6 +169,33 @@ async fn ceiling(env: &Env, database: &str, events: u64, batch: u64) -> anyhow::
     Ok(serde_json::json!({"rows": inserted, "seconds": seconds, "rows_per_s": inserted as f64 / seconds}))
 }
 
+async fn load(env: &Env, database: &str, events: u64, days: u64) -> anyhow::Result<serde_json::Value> {
+    let config = ChConfig { database: database.to_owned(), ..ChConfig::from_env(env)? };
+    let client = config.client();
+    let table = config.table("events");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let span_ms = days * 86_400_000;
+    let per_record = 100;
+    let started = Instant::now();
+    let mut inserted = 0u64;
+    while inserted < events {
+        let take = 100_000.min(events - inserted);
+        let mut insert =
+            client.insert_unescaped::<EventRow>(&table).await?.with_setting("max_insert_block_size", "1048576");
+        for position in inserted..inserted + take {
+            let (record, index) = (position / per_record, position % per_record);
+            // Two services per org: about eight rollup rows per org and hour.
+            let event = spread_event(record, index, now_ms, span_ms, 2);
+            let row = EventRow::new(event, (record % 8) as i32, (record / 8) as i64, index as u32);
+            insert.write(&row).await?;
+        }
+        insert.end().await?;
+        inserted += take;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(serde_json::json!({"rows": inserted, "seconds": seconds, "rows_per_s": inserted as f64 / seconds}))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -173,7 +210,8 @@ async fn main() -> anyhow::Result<()> {
         }
         "preload" => preload(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(100))?).await?,
         "ceiling" => ceiling(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(100_000))?).await?,
-        _ => anyhow::bail!("usage: tally-consumer-bench migrate DB | preload TOPIC EVENTS [PER_RECORD] | ceiling DB EVENTS [BATCH]"),
+        "load" => load(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(30))?).await?,
+        _ => anyhow::bail!("usage: tally-consumer-bench migrate DB | preload TOPIC EVENTS [PER_RECORD] | ceiling DB EVENTS [BATCH] | load DB EVENTS [DAYS]"),
     };
     println!("{result}");
     Ok(())
