@@ -42,6 +42,8 @@ def main():
     finally:
         services.stop(ingest)
         services.stop(query)
+        services.delete_topic(topic)
+        services.delete_topic(topic + ".dlq")
         subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
     for name, status in statuses.items():
         print("fuzz_api: schemathesis %s against the %s's /openapi.json" % ("passed" if status == 0 else "FAILED", name))

@@ -195,7 +195,7 @@ def freshness(rate, seconds):
         bi.stop(ingest)
         bi.stop(consumer)
         ch("DROP DATABASE IF EXISTS " + database)
-        delete_topic(topic)
+        bi.delete_topic(topic)
     samples.sort()
 
     def pct(p):
@@ -204,11 +204,6 @@ def freshness(rate, seconds):
     return {"rate": rate, "seconds": seconds, "markers": len(samples), "p50_ms": pct(50), "p95_ms": pct(95),
             "p99_ms": pct(99), "max_ms": samples[-1] * 1000, "load_events_per_s": load.get("accepted_events_per_s"),
             "load_statuses": load.get("statuses")}
-
-
-def delete_topic(topic):
-    subprocess.run(["bash", os.path.join(bi.ROOT, "dev", "stack.sh"), "delete-topic", topic],
-                   check=False, capture_output=True)
 
 
 def main():
@@ -246,7 +241,7 @@ def main():
     finally:
         for database in databases.values():
             ch("DROP DATABASE IF EXISTS " + database)
-        delete_topic(topic)
+        bi.delete_topic(topic)
 
     print("\nnproc=%d  events=%d  per record=%d  (everything on this machine)" % (
         os.cpu_count(), args.events, args.per_record))

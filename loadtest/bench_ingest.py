@@ -91,6 +91,12 @@ def create_topic(name, partitions):
     subprocess.run(["bash", os.path.join(ROOT, "dev", "stack.sh"), "create-topic", name, str(partitions)], check=True)
 
 
+def delete_topic(name):
+    """Benchmarks leave nothing behind: their topics hold gigabytes."""
+    subprocess.run(["bash", os.path.join(ROOT, "dev", "stack.sh"), "delete-topic", name], check=False,
+                   capture_output=True)
+
+
 def loadgen(url, key, events, seconds, connections, rate=0.0):
     out = subprocess.run([os.path.join(BIN, "tally-loadgen"), "--url", url, "--key", key, "--events", str(events),
                           "--duration", str(seconds), "--connections", str(connections), "--rate", str(rate)],
@@ -162,6 +168,8 @@ def main():
             print("%s at %d events/request: %.1f%% of the ceiling" % (
                 r["scenario"], r["events_per_request"], 100 * r["accepted_events_per_s"] / ceiling[r["events_per_request"]]))
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+    if "kafka" in scenarios:
+        delete_topic(topic)
 
 
 def sustain(args):
@@ -182,6 +190,7 @@ def sustain(args):
     finally:
         stop(process)
         subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+        delete_topic(topic)
     print(json.dumps(result))
     print("sustained kafka (acks=all), nproc=%d: target %.0f events/s for %.0f s at %d events/request -> "
           "%.0f events/s accepted, p50 %.2f ms, p99 %.2f ms, max %.2f ms, ingest cpu %.3f us/event, rss %.1f MiB, %s"

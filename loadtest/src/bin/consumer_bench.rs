@@ -51,7 +51,9 @@ fn spread_event(record: u64, index: u64, now_ms: i64, span_ms: u64, services: u6
         event_id: uuid::Uuid::from_u64_pair(record, index),
         org_id: format!("org-{:04}", record % ORGS),
         received_at_ms: now_ms,
-        timestamp_ms: now_ms - (if span_ms == 3_600_000 { n % span_ms } else { n.wrapping_mul(2_654_435_761) % span_ms }) as i64,
+        timestamp_ms: now_ms
+            - (if span_ms == 3_600_000 { n % span_ms } else { n.wrapping_mul(2_654_435_761) % span_ms })
+                as i64,
         provider: provider.into(),
         model: model.into(),
         prompt_tokens: prompt,
@@ -180,8 +182,10 @@ async fn load(env: &Env, database: &str, events: u64, days: u64) -> anyhow::Resu
     let mut inserted = 0u64;
     while inserted < events {
         let take = 100_000.min(events - inserted);
-        let mut insert =
-            client.insert_unescaped::<EventRow>(&table).await?.with_setting("max_insert_block_size", "1048576");
+        let mut insert = client
+            .insert_unescaped::<EventRow>(&table)
+            .await?
+            .with_setting("max_insert_block_size", "1048576");
         for position in inserted..inserted + take {
             let (record, index) = (position / per_record, position % per_record);
             // Two services per org: about eight rollup rows per org and hour.
