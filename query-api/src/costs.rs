@@ -60,7 +60,7 @@ impl Range {
 struct Group {
     provider: String,
     model: String,
-    events: u64,
+    requests: u64,
     tokens: u64,
     cost_nanos: i64,
 }
@@ -103,27 +103,23 @@ pub async fn summary(
     Query(params): Query<RangeParams>,
 ) -> Result<Json<Summary>, ApiError> {
     let range = Range::from_params(&params, Utc::now())?;
-    use crate::stats::*;
-    let scope = Scope { org_id: &org.org_id, user_id: None, provider: None, model: None };
-    let groups: Vec<Group> = over_states(
+    let scope = crate::stats::Scope { org_id: &org.org_id, user_id: None, provider: None, model: None };
+    let groups: Vec<Group> = crate::stats::sums(
         &state,
         &scope,
         &range,
-        &[EVENTS, TOTAL_TOKENS, COST],
-        "provider, model, toUInt64(countMerge(events)) AS events, sumMerge(total_tokens_sum) AS tokens, \
-         sumMerge(cost_nanos_sum) AS cost_nanos",
-        "GROUP BY provider, model",
+        "provider, model",
+        "toUInt64(countMerge(events)) AS requests, sumMerge(total_tokens_sum) AS tokens, sumMerge(cost_nanos_sum) AS cost_nanos",
+        "count() AS requests, sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost_nanos",
     )
-    .query(&state.clickhouse.client())
-    .fetch_all()
     .await?;
     let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
     let mut by_provider: BTreeMap<String, Totals> = BTreeMap::new();
     let mut all = Totals::default();
     for group in groups {
-        by_model.entry(group.model).or_default().add(group.events, group.tokens, group.cost_nanos);
-        by_provider.entry(group.provider).or_default().add(group.events, group.tokens, group.cost_nanos);
-        all.add(group.events, group.tokens, group.cost_nanos);
+        by_model.entry(group.model).or_default().add(group.requests, group.tokens, group.cost_nanos);
+        by_provider.entry(group.provider).or_default().add(group.requests, group.tokens, group.cost_nanos);
+        all.add(group.requests, group.tokens, group.cost_nanos);
     }
     let format = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     Ok(Json(Summary {

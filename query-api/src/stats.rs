@@ -111,7 +111,9 @@ pub fn over_states(
         }
     };
     let raw_states = aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
-    let raw_part = |binds: &mut Vec<Bind>, ms_condition: &str, ms_binds: &[u64]| {
+    // `seconds_condition` bounds the rows by the sort key's `timestamp` (so ClickHouse reads only
+    // those granules); `ms_condition` then applies the exact millisecond bounds.
+    let raw_part = |binds: &mut Vec<Bind>, seconds_condition: &str, second_binds: &[u64], ms_condition: &str, ms_binds: &[u64]| {
         binds.push(Bind::Text(scope.org_id.to_owned()));
         let mut sql = format!(
             "SELECT toStartOfHour(timestamp) AS hour, provider, model, service, {raw_states} FROM {events} \
@@ -121,11 +123,8 @@ pub fn over_states(
             sql.push_str(" AND user_id = ?");
             binds.push(Bind::Text(user.to_owned()));
         }
-        sql.push_str(&format!(
-            " AND timestamp >= toDateTime(?) AND timestamp <= toDateTime(?) AND ({ms_condition})"
-        ));
-        binds.push(Bind::Number(seconds(range.from)));
-        binds.push(Bind::Number(seconds(range.to)));
+        sql.push_str(&format!(" AND ({seconds_condition}) AND ({ms_condition})"));
+        binds.extend(second_binds.iter().map(|s| Bind::Number(*s)));
         binds.extend(ms_binds.iter().map(|m| Bind::Number(*m)));
         sql.push_str(&filters);
         push_filters(binds);
@@ -133,7 +132,13 @@ pub fn over_states(
         sql
     };
     let inner = if scope.user_id.is_some() {
-        raw_part(&mut binds, &format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"), &[ms(range.from), ms(range.to)])
+        raw_part(
+            &mut binds,
+            "timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)",
+            &[seconds(range.from), seconds(range.to)],
+            &format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"),
+            &[ms(range.from), ms(range.to)],
+        )
     } else {
         // Whole hours [first_hour, last_hour) from the rollup; the edges from the raw table.
         let hour = Duration::hours(1);
@@ -151,12 +156,92 @@ pub fn over_states(
         push_filters(&mut binds);
         let edges = raw_part(
             &mut binds,
+            "(timestamp >= toDateTime(?) AND timestamp < toDateTime(?)) \
+             OR (timestamp >= toDateTime(?) AND timestamp <= toDateTime(?))",
+            &[seconds(range.from), seconds(first_hour), seconds(last_hour), seconds(range.to)],
             &format!("({EVENT_MS} >= ? AND {EVENT_MS} < ?) OR ({EVENT_MS} >= ? AND {EVENT_MS} < ?)"),
             &[ms(range.from), ms(first_hour), ms(last_hour), ms(range.to)],
         );
         format!("{rollup_sql} UNION ALL {edges}")
     };
     Sql { text: format!("SELECT {outer} FROM ({inner}) {tail}"), binds }
+}
+
+/// Plain sums (no quantiles) of a scope and range, as one query per source instead of one query
+/// merging states: for an org, the rollup's whole hours and the raw edge hours, run concurrently
+/// (ClickHouse 18.16 spends more on a UNION ALL of states than on the two reads). Both queries
+/// return the same columns (`keys`, then the aggregates under the same aliases and types), so the
+/// caller adds up the rows of equal keys. `rollup_aggs` are -Merge expressions over the rollup's
+/// columns, `raw_aggs` the same aggregates over raw rows.
+pub async fn sums<T>(
+    state: &AppState,
+    scope: &Scope<'_>,
+    range: &Range,
+    keys: &str,
+    rollup_aggs: &str,
+    raw_aggs: &str,
+) -> Result<Vec<T>, clickhouse::error::Error>
+where
+    T: clickhouse::RowOwned + clickhouse::RowRead,
+{
+    let events = state.clickhouse.table("events");
+    let rollup = state.clickhouse.table("rollup_hourly");
+    let filters: String = [("provider", scope.provider), ("model", scope.model)]
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(c, _)| format!(" AND {c} = ?"))
+        .collect();
+    let filter_binds = || [scope.provider, scope.model].into_iter().flatten().map(|v| Bind::Text(v.to_owned()));
+    let group = if keys.is_empty() { String::new() } else { format!(" GROUP BY {keys}") };
+    let select = |aggs: &str| if keys.is_empty() { aggs.to_owned() } else { format!("{keys}, {aggs}") };
+    let raw = |seconds_condition: &str, second_binds: &[u64], ms_condition: &str, ms_binds: &[u64]| {
+        let mut binds = vec![Bind::Text(scope.org_id.to_owned())];
+        let mut text = format!("SELECT {} FROM {events} WHERE org_id = ?", select(raw_aggs));
+        if let Some(user) = scope.user_id {
+            text.push_str(" AND user_id = ?");
+            binds.push(Bind::Text(user.to_owned()));
+        }
+        text.push_str(&format!(" AND ({seconds_condition}) AND ({ms_condition}){filters}{group}"));
+        binds.extend(second_binds.iter().chain(ms_binds).map(|n| Bind::Number(*n)));
+        binds.extend(filter_binds());
+        Sql { text, binds }
+    };
+    let parts = if scope.user_id.is_some() {
+        vec![raw(
+            "timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)",
+            &[seconds(range.from), seconds(range.to)],
+            &format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"),
+            &[ms(range.from), ms(range.to)],
+        )]
+    } else {
+        let hour = Duration::hours(1);
+        let first_hour = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
+        let last_hour = range.to.duration_trunc(hour).unwrap_or(range.to).max(first_hour);
+        let mut binds = vec![
+            Bind::Text(scope.org_id.to_owned()),
+            Bind::Number(seconds(first_hour)),
+            Bind::Number(seconds(last_hour)),
+        ];
+        binds.extend(filter_binds());
+        let whole_hours = Sql {
+            text: format!(
+                "SELECT {} FROM {rollup} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?){filters}{group}",
+                select(rollup_aggs)
+            ),
+            binds,
+        };
+        let edges = raw(
+            "(timestamp >= toDateTime(?) AND timestamp < toDateTime(?)) \
+             OR (timestamp >= toDateTime(?) AND timestamp <= toDateTime(?))",
+            &[seconds(range.from), seconds(first_hour), seconds(last_hour), seconds(range.to)],
+            &format!("({EVENT_MS} >= ? AND {EVENT_MS} < ?) OR ({EVENT_MS} >= ? AND {EVENT_MS} < ?)"),
+            &[ms(range.from), ms(first_hour), ms(last_hour), ms(range.to)],
+        );
+        vec![whole_hours, edges]
+    };
+    let client = state.clickhouse.client();
+    let results = futures::future::try_join_all(parts.iter().map(|sql| sql.query(&client).fetch_all::<T>())).await?;
+    Ok(results.into_iter().flatten().collect())
 }
 
 /// Checks an optional text filter from a query string: bounded length, no control characters.

@@ -8,7 +8,7 @@
 //!   crate, RowBinary, one INSERT per BATCH rows, one at a time) with no Kafka and no decoding.
 //!
 //! - `load DATABASE EVENTS DAYS`: the query benchmark's bulk loader: EVENTS rows of 1000 orgs with
-//!   event times spread over the last DAYS days, inserted into DATABASE.events (and so into the
+//!   event times advancing evenly over the last DAYS days (as if they had arrived live), inserted into DATABASE.events (and so into the
 //!   rollups) 100 000 rows per INSERT, as the consumer writes them.
 //!
 //! Prints one JSON line of figures. Settings: TALLY_KAFKA_BROKERS, TALLY_CLICKHOUSE_URL.
@@ -188,8 +188,13 @@ async fn load(env: &Env, database: &str, events: u64, days: u64) -> anyhow::Resu
             .with_setting("max_insert_block_size", "1048576");
         for position in inserted..inserted + take {
             let (record, index) = (position / per_record, position % per_record);
-            // Two services per org: about eight rollup rows per org and hour.
-            let event = spread_event(record, index, now_ms, span_ms, 2);
+            // Two services per org: about eight rollup rows per org and hour. Event times advance
+            // with the position (as live traffic arrives), so each insert covers about an hour
+            // and its rollup part is as compact as in production.
+            let mut event = spread_event(record, index, now_ms, span_ms, 2);
+            let offset = u128::from(position) * u128::from(span_ms) / u128::from(events.max(1));
+            event.timestamp_ms = now_ms - span_ms as i64 + offset as i64;
+            event.received_at_ms = event.timestamp_ms + 1000;
             let row = EventRow::new(event, (record % 8) as i32, (record / 8) as i64, index as u32);
             insert.write(&row).await?;
         }
