@@ -51,6 +51,19 @@ fn sample_event(org: &str, n: u32) -> Event {
     }
 }
 
+/// The first dead letter of `dlq` (waits up to 20 s for it).
+async fn first_dead_letter(dlq: &str) -> DeadLetter {
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[dlq]).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(20), reader.recv()).await.unwrap().unwrap();
+    serde_json::from_slice(message.payload().unwrap()).unwrap()
+}
+
 async fn produce(topic: &str, key: &str, payload: &[u8]) {
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
@@ -172,15 +185,7 @@ async fn stores_records_once_dead_letters_poison_and_commits_after_insert() {
     }
 
     // The poison record is in the dead-letter topic with its position and original bytes.
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", unique_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&dlq]).unwrap();
-    let message = tokio::time::timeout(Duration::from_secs(15), reader.recv()).await.unwrap().unwrap();
-    let letter: DeadLetter = serde_json::from_slice(message.payload().unwrap()).unwrap();
+    let letter = first_dead_letter(&dlq).await;
     assert_eq!(letter.stage, Stage::Consume);
     assert_eq!(letter.reason, "undecodable_record");
     assert_eq!(letter.source.as_ref().unwrap().topic, topic);
@@ -325,15 +330,7 @@ async fn a_record_clickhouse_refuses_is_dead_lettered_and_the_rest_of_its_batch_
     let consumer = start_consumer(&clickhouse, &topic, &dlq, &group).await;
     wait_for_rows(&clickhouse, 4).await;
 
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", unique_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&dlq]).unwrap();
-    let message = tokio::time::timeout(Duration::from_secs(20), reader.recv()).await.unwrap().unwrap();
-    let letter: DeadLetter = serde_json::from_slice(message.payload().unwrap()).unwrap();
+    let letter = first_dead_letter(&dlq).await;
     assert_eq!(letter.reason, "rejected_by_clickhouse");
     assert!(letter.detail.contains("395") || letter.detail.contains("throwIf"), "{}", letter.detail);
     assert_eq!(letter.source.as_ref().unwrap().offset, 1);

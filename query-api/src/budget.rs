@@ -85,9 +85,15 @@ async fn view(state: &AppState, org_id: &str) -> Result<BudgetView, ApiError> {
     let spent_nanos = if now > start {
         let range = Range { from: start, to: now };
         let scope = Scope { org_id, user_id: None, provider: None, model: None };
-        let parts: Vec<Spent> =
-            stats::sums(state, &scope, &range, "", "sumMerge(cost_nanos_sum) AS cost_nanos", "sum(cost_nanos) AS cost_nanos")
-                .await?;
+        let parts: Vec<Spent> = stats::sums(
+            state,
+            &scope,
+            &range,
+            "",
+            "sumMerge(cost_nanos_sum) AS cost_nanos",
+            "sum(cost_nanos) AS cost_nanos",
+        )
+        .await?;
         parts.iter().map(|p| p.cost_nanos).sum()
     } else {
         0

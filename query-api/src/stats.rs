@@ -86,6 +86,47 @@ fn seconds(t: DateTime<Utc>) -> u64 {
 
 const EVENT_MS: &str = "(toUInt64(timestamp) * 1000 + timestamp_ms)";
 
+/// Which raw rows to read: a condition on the sort key's `timestamp` in seconds (so ClickHouse
+/// reads only those granules) and the exact condition in milliseconds, each with its binds.
+struct RawBounds {
+    seconds: &'static str,
+    second_binds: Vec<u64>,
+    ms: String,
+    ms_binds: Vec<u64>,
+}
+
+impl RawBounds {
+    fn binds(&self) -> impl Iterator<Item = Bind> + '_ {
+        self.second_binds.iter().chain(&self.ms_binds).map(|n| Bind::Number(*n))
+    }
+}
+
+/// All of [from, to): what a user scope reads from the raw table.
+fn whole_range(range: &Range) -> RawBounds {
+    RawBounds {
+        seconds: "timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)",
+        second_binds: vec![seconds(range.from), seconds(range.to)],
+        ms: format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"),
+        ms_binds: vec![ms(range.from), ms(range.to)],
+    }
+}
+
+/// For an org scope: the whole hours [first, last) the rollup answers, and the partial edge
+/// hours left to the raw table.
+fn split_hours(range: &Range) -> (DateTime<Utc>, DateTime<Utc>, RawBounds) {
+    let hour = Duration::hours(1);
+    let first = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
+    let last = range.to.duration_trunc(hour).unwrap_or(range.to).max(first);
+    let edges = RawBounds {
+        seconds: "(timestamp >= toDateTime(?) AND timestamp < toDateTime(?)) \
+                  OR (timestamp >= toDateTime(?) AND timestamp <= toDateTime(?))",
+        second_binds: vec![seconds(range.from), seconds(first), seconds(last), seconds(range.to)],
+        ms: format!("({EVENT_MS} >= ? AND {EVENT_MS} < ?) OR ({EVENT_MS} >= ? AND {EVENT_MS} < ?)"),
+        ms_binds: vec![ms(range.from), ms(first), ms(last), ms(range.to)],
+    };
+    (first, last, edges)
+}
+
 /// `SELECT <outer> FROM (<states of scope in range>) <tail>`: `outer` merges the `aggs` states and
 /// may use the key columns hour, provider, model and service.
 pub fn over_states(
@@ -111,9 +152,7 @@ pub fn over_states(
         }
     };
     let raw_states = aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
-    // `seconds_condition` bounds the rows by the sort key's `timestamp` (so ClickHouse reads only
-    // those granules); `ms_condition` then applies the exact millisecond bounds.
-    let raw_part = |binds: &mut Vec<Bind>, seconds_condition: &str, second_binds: &[u64], ms_condition: &str, ms_binds: &[u64]| {
+    let raw_part = |binds: &mut Vec<Bind>, bounds: &RawBounds| {
         binds.push(Bind::Text(scope.org_id.to_owned()));
         let mut sql = format!(
             "SELECT toStartOfHour(timestamp) AS hour, provider, model, service, {raw_states} FROM {events} \
@@ -123,27 +162,17 @@ pub fn over_states(
             sql.push_str(" AND user_id = ?");
             binds.push(Bind::Text(user.to_owned()));
         }
-        sql.push_str(&format!(" AND ({seconds_condition}) AND ({ms_condition})"));
-        binds.extend(second_binds.iter().map(|s| Bind::Number(*s)));
-        binds.extend(ms_binds.iter().map(|m| Bind::Number(*m)));
+        sql.push_str(&format!(" AND ({}) AND ({})", bounds.seconds, bounds.ms));
+        binds.extend(bounds.binds());
         sql.push_str(&filters);
         push_filters(binds);
         sql.push_str(" GROUP BY hour, provider, model, service");
         sql
     };
     let inner = if scope.user_id.is_some() {
-        raw_part(
-            &mut binds,
-            "timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)",
-            &[seconds(range.from), seconds(range.to)],
-            &format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"),
-            &[ms(range.from), ms(range.to)],
-        )
+        raw_part(&mut binds, &whole_range(range))
     } else {
-        // Whole hours [first_hour, last_hour) from the rollup; the edges from the raw table.
-        let hour = Duration::hours(1);
-        let first_hour = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
-        let last_hour = range.to.duration_trunc(hour).unwrap_or(range.to).max(first_hour);
+        let (first_hour, last_hour, edge_bounds) = split_hours(range);
         let columns = aggs.iter().map(|a| a.column).collect::<Vec<_>>().join(", ");
         let mut rollup_sql = format!(
             "SELECT hour, provider, model, service, {columns} FROM {rollup} \
@@ -154,14 +183,7 @@ pub fn over_states(
         binds.push(Bind::Number(seconds(last_hour)));
         rollup_sql.push_str(&filters);
         push_filters(&mut binds);
-        let edges = raw_part(
-            &mut binds,
-            "(timestamp >= toDateTime(?) AND timestamp < toDateTime(?)) \
-             OR (timestamp >= toDateTime(?) AND timestamp <= toDateTime(?))",
-            &[seconds(range.from), seconds(first_hour), seconds(last_hour), seconds(range.to)],
-            &format!("({EVENT_MS} >= ? AND {EVENT_MS} < ?) OR ({EVENT_MS} >= ? AND {EVENT_MS} < ?)"),
-            &[ms(range.from), ms(first_hour), ms(last_hour), ms(range.to)],
-        );
+        let edges = raw_part(&mut binds, &edge_bounds);
         format!("{rollup_sql} UNION ALL {edges}")
     };
     Sql { text: format!("SELECT {outer} FROM ({inner}) {tail}"), binds }
@@ -191,32 +213,26 @@ where
         .filter(|(_, v)| v.is_some())
         .map(|(c, _)| format!(" AND {c} = ?"))
         .collect();
-    let filter_binds = || [scope.provider, scope.model].into_iter().flatten().map(|v| Bind::Text(v.to_owned()));
+    let filter_binds =
+        || [scope.provider, scope.model].into_iter().flatten().map(|v| Bind::Text(v.to_owned()));
     let group = if keys.is_empty() { String::new() } else { format!(" GROUP BY {keys}") };
     let select = |aggs: &str| if keys.is_empty() { aggs.to_owned() } else { format!("{keys}, {aggs}") };
-    let raw = |seconds_condition: &str, second_binds: &[u64], ms_condition: &str, ms_binds: &[u64]| {
+    let raw = |bounds: RawBounds| {
         let mut binds = vec![Bind::Text(scope.org_id.to_owned())];
         let mut text = format!("SELECT {} FROM {events} WHERE org_id = ?", select(raw_aggs));
         if let Some(user) = scope.user_id {
             text.push_str(" AND user_id = ?");
             binds.push(Bind::Text(user.to_owned()));
         }
-        text.push_str(&format!(" AND ({seconds_condition}) AND ({ms_condition}){filters}{group}"));
-        binds.extend(second_binds.iter().chain(ms_binds).map(|n| Bind::Number(*n)));
+        text.push_str(&format!(" AND ({}) AND ({}){filters}{group}", bounds.seconds, bounds.ms));
+        binds.extend(bounds.binds());
         binds.extend(filter_binds());
         Sql { text, binds }
     };
     let parts = if scope.user_id.is_some() {
-        vec![raw(
-            "timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)",
-            &[seconds(range.from), seconds(range.to)],
-            &format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"),
-            &[ms(range.from), ms(range.to)],
-        )]
+        vec![raw(whole_range(range))]
     } else {
-        let hour = Duration::hours(1);
-        let first_hour = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
-        let last_hour = range.to.duration_trunc(hour).unwrap_or(range.to).max(first_hour);
+        let (first_hour, last_hour, edge_bounds) = split_hours(range);
         let mut binds = vec![
             Bind::Text(scope.org_id.to_owned()),
             Bind::Number(seconds(first_hour)),
@@ -230,17 +246,12 @@ where
             ),
             binds,
         };
-        let edges = raw(
-            "(timestamp >= toDateTime(?) AND timestamp < toDateTime(?)) \
-             OR (timestamp >= toDateTime(?) AND timestamp <= toDateTime(?))",
-            &[seconds(range.from), seconds(first_hour), seconds(last_hour), seconds(range.to)],
-            &format!("({EVENT_MS} >= ? AND {EVENT_MS} < ?) OR ({EVENT_MS} >= ? AND {EVENT_MS} < ?)"),
-            &[ms(range.from), ms(first_hour), ms(last_hour), ms(range.to)],
-        );
+        let edges = raw(edge_bounds);
         vec![whole_hours, edges]
     };
     let client = state.clickhouse.client();
-    let results = futures::future::try_join_all(parts.iter().map(|sql| sql.query(&client).fetch_all::<T>())).await?;
+    let results =
+        futures::future::try_join_all(parts.iter().map(|sql| sql.query(&client).fetch_all::<T>())).await?;
     Ok(results.into_iter().flatten().collect())
 }
 
