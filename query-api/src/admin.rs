@@ -188,8 +188,7 @@ pub async fn revoke_key(
         "SELECT key_hash, any(key_prefix) AS key_prefix, argMax(org_id, version) AS owner FROM {} WHERE substring(key_hash, 1, 16) = ? GROUP BY key_hash",
         state.clickhouse.table("api_keys")
     );
-    let found: Vec<KeyOwner> =
-        state.clickhouse.client().query(&sql).bind(id.to_ascii_lowercase()).fetch_all().await?;
+    let found: Vec<KeyOwner> = state.client().query(&sql).bind(id.to_ascii_lowercase()).fetch_all().await?;
     let [key] = found.as_slice() else {
         return Err(ApiError::NotFound(format!("key {id}")));
     };
@@ -295,7 +294,7 @@ pub async fn list_prices(State(state): State<AppState>, _: Admin) -> Result<Json
          FROM {} GROUP BY provider, model, effective_from ORDER BY provider, model, effective_from",
         state.clickhouse.table("model_prices")
     );
-    Ok(Json(state.clickhouse.client().query(&sql).fetch_all().await?))
+    Ok(Json(state.client().query(&sql).fetch_all().await?))
 }
 
 #[derive(Deserialize)]

@@ -170,21 +170,20 @@ async fn overview_for(
     path_user: Option<&str>,
 ) -> Result<Json<Overview>, ApiError> {
     let request = request(org_id, &params, path_user)?;
-    let client = state.clickhouse.client();
+    let client = state.client();
     use stats::*;
-    let groups: Vec<Group> = over_states(
+    let groups: Vec<Group> = sums(
         &state,
         &request.scope,
         &request.range,
-        &[EVENTS, ERRORS, PROMPT_TOKENS, COMPLETION_TOKENS, TOTAL_TOKENS, COST, INPUT_BYTES, OUTPUT_BYTES],
+        "provider, model, service",
         &format!(
-            "provider, model, service, {M_EVENTS}, {M_ERRORS}, {M_PROMPT}, {M_COMPLETION}, {M_TOKENS}, {M_COST}, \
-             {M_INPUT_BYTES}, {M_OUTPUT_BYTES}"
+            "{M_EVENTS}, {M_ERRORS}, {M_PROMPT}, {M_COMPLETION}, {M_TOKENS}, {M_COST}, {M_INPUT_BYTES}, {M_OUTPUT_BYTES}"
         ),
-        "GROUP BY provider, model, service",
+        "count() AS requests, toUInt64(countIf(status = 'error')) AS errors, sum(toUInt64(prompt_tokens)) AS prompt_tokens, \
+         sum(toUInt64(completion_tokens)) AS completion_tokens, sum(toUInt64(total_tokens)) AS tokens, \
+         sum(cost_nanos) AS cost_nanos, sum(input_bytes) AS input_bytes, sum(output_bytes) AS output_bytes",
     )
-    .query(&client)
-    .fetch_all()
     .await?;
     let latency: Latency = over_states(&state, &request.scope, &request.range, &[LATENCY], M_LATENCY, "")
         .query(&client)
@@ -332,7 +331,7 @@ async fn timeseries_for(
         &format!("{bucket_sql}, {key_sql}, {M_EVENTS}, {M_ERRORS}, {M_TOKENS}, {M_COST}, {M_LATENCY}"),
         "GROUP BY bucket, key ORDER BY bucket, key",
     )
-    .query(&state.clickhouse.client())
+    .query(&state.client())
     .fetch_all()
     .await
     .map_err(|error| match tally_common::ch::error_code(&error) {
@@ -417,7 +416,7 @@ async fn perf_for(
         &format!("provider, model, {M_EVENTS}, {M_ERRORS}, {M_LATENCY}"),
         "GROUP BY provider, model ORDER BY requests DESC, provider, model",
     )
-    .query(&state.clickhouse.client())
+    .query(&state.client())
     .fetch_all()
     .await?;
     Ok(Json(Perf {
@@ -486,7 +485,7 @@ async fn costs_for(
         &format!("service, provider, model, {M_EVENTS}, {M_TOKENS}, {M_COST}"),
         "GROUP BY service, provider, model ORDER BY cost_nanos DESC, service, provider, model",
     )
-    .query(&state.clickhouse.client())
+    .query(&state.client())
     .fetch_all()
     .await?;
     let total_nanos = rows.iter().map(|r| r.cost_nanos).sum();

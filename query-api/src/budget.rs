@@ -70,7 +70,7 @@ fn month_bounds(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
 }
 
 async fn view(state: &AppState, org_id: &str) -> Result<BudgetView, ApiError> {
-    let client = state.clickhouse.client();
+    let client = state.client();
     let stored: Stored = client
         .query(&format!(
             "SELECT count() AS versions, argMax(monthly_limit_nanos, version) AS limit_nanos, \
@@ -163,7 +163,7 @@ async fn write(state: &AppState, org_id: &str, body: SetBudget) -> Result<(), Ap
         state.clickhouse.table("budgets")
     );
     let version = u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0);
-    state.clickhouse.client().query(&sql).bind(org_id).bind(limit_nanos).bind(version).execute().await?;
+    state.client().query(&sql).bind(org_id).bind(limit_nanos).bind(version).execute().await?;
     Ok(())
 }
 

@@ -178,8 +178,7 @@ pub async fn list(
     }
     // One more than asked, to know whether another page exists.
     sql.push_str(&format!(" ORDER BY at_ms DESC, event_id DESC LIMIT {offset}, {}", limit + 1));
-    let mut rows: Vec<Stored> =
-        Sql { text: sql, binds }.query(&state.clickhouse.client()).fetch_all().await?;
+    let mut rows: Vec<Stored> = Sql { text: sql, binds }.query(&state.client()).fetch_all().await?;
     let has_more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next_cursor =

@@ -35,6 +35,15 @@ pub struct AppState {
     pub metrics: metrics::QueryMetrics,
 }
 
+impl AppState {
+    /// A ClickHouse client for one request. `max_threads=1`: a request reads a few granules, and
+    /// on 18.16 starting more threads per query cost more CPU than it saved (6.2 → 4.7 ms for an
+    /// org's month of the hourly rollup); concurrency comes from concurrent requests.
+    pub fn client(&self) -> clickhouse::Client {
+        self.clickhouse.client().with_setting("max_threads", "1")
+    }
+}
+
 pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
     Router::new()
         .route("/api/telemetry/status", get(status::telemetry_status))

@@ -249,7 +249,7 @@ where
         let edges = raw(edge_bounds);
         vec![whole_hours, edges]
     };
-    let client = state.clickhouse.client();
+    let client = state.client();
     let results =
         futures::future::try_join_all(parts.iter().map(|sql| sql.query(&client).fetch_all::<T>())).await?;
     Ok(results.into_iter().flatten().collect())

@@ -39,7 +39,7 @@ pub async fn telemetry_status(
          max(toUInt64(timestamp) * 1000 + timestamp_ms) AS last_ms FROM {} WHERE org_id = ?",
         state.clickhouse.table("events")
     );
-    let row: StatusRow = state.clickhouse.client().query(&sql).bind(&*org.org_id).fetch_one().await?;
+    let row: StatusRow = state.client().query(&sql).bind(&*org.org_id).fetch_one().await?;
     let connected = row.total > 0;
     Ok(Json(TelemetryStatus {
         connected,
