@@ -176,7 +176,7 @@ async fn overview_for(
         &state,
         &request.scope,
         &request.range,
-        "provider, model, service",
+        Keys::columns("provider, model, service"),
         &format!(
             "{M_EVENTS}, {M_ERRORS}, {M_PROMPT}, {M_COMPLETION}, {M_TOKENS}, {M_COST}, {M_INPUT_BYTES}, {M_OUTPUT_BYTES}"
         ),
@@ -323,18 +323,38 @@ async fn timeseries_for(
     };
     let key_sql = group_by.map_or("'' AS key".to_owned(), |g| format!("{g} AS key"));
     use stats::*;
-    let points: Vec<Point> = over_states(
-        &state,
-        &request.scope,
-        &request.range,
-        &[EVENTS, ERRORS, TOTAL_TOKENS, COST, LATENCY],
-        &format!("{bucket_sql}, {key_sql}, {M_EVENTS}, {M_ERRORS}, {M_TOKENS}, {M_COST}, {M_LATENCY}"),
-        "GROUP BY bucket, key ORDER BY bucket, key",
-    )
-    .query(&state.client())
-    .fetch_all()
-    .await
-    .map_err(|error| match tally_common::ch::error_code(&error) {
+    // Hour buckets: each hour comes whole from one source (the rollup, or the raw rows of an edge
+    // hour), so two plain queries run concurrently. Day buckets mix both: states merged in one.
+    let points: Result<Vec<Point>, clickhouse::error::Error> = if bucket == "hour" {
+        let key = group_by.unwrap_or("''");
+        sums(
+            &state,
+            &request.scope,
+            &request.range,
+            Keys {
+                rollup: &format!("toString(toUInt32(hour)) AS bucket, {key} AS key"),
+                raw: &format!("toString(toUInt32(toStartOfHour(timestamp))) AS bucket, {key} AS key"),
+                group: "bucket, key",
+            },
+            &format!("{M_EVENTS}, {M_ERRORS}, {M_TOKENS}, {M_COST}, {M_LATENCY}"),
+            "count() AS requests, toUInt64(countIf(status = 'error')) AS errors, sum(toUInt64(total_tokens)) AS tokens, \
+             sum(cost_nanos) AS cost_nanos, quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS latency",
+        )
+        .await
+    } else {
+        over_states(
+            &state,
+            &request.scope,
+            &request.range,
+            &[EVENTS, ERRORS, TOTAL_TOKENS, COST, LATENCY],
+            &format!("{bucket_sql}, {key_sql}, {M_EVENTS}, {M_ERRORS}, {M_TOKENS}, {M_COST}, {M_LATENCY}"),
+            "GROUP BY bucket, key ORDER BY bucket, key",
+        )
+        .query(&state.client())
+        .fetch_all()
+        .await
+    };
+    let points = points.map_err(|error| match tally_common::ch::error_code(&error) {
         Some(code) if code != 0 && params.tz.is_some() => {
             ApiError::BadRequest(format!("unknown time zone {tz:?}"))
         }

@@ -89,7 +89,7 @@ async fn view(state: &AppState, org_id: &str) -> Result<BudgetView, ApiError> {
             state,
             &scope,
             &range,
-            "",
+            stats::Keys::columns(""),
             "sumMerge(cost_nanos_sum) AS cost_nanos",
             "sum(cost_nanos) AS cost_nanos",
         )

@@ -108,7 +108,7 @@ pub async fn summary(
         &state,
         &scope,
         &range,
-        "provider, model",
+        crate::stats::Keys::columns("provider, model"),
         "toUInt64(countMerge(events)) AS requests, sumMerge(total_tokens_sum) AS tokens, sumMerge(cost_nanos_sum) AS cost_nanos",
         "count() AS requests, sum(toUInt64(total_tokens)) AS tokens, sum(cost_nanos) AS cost_nanos",
     )

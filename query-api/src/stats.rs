@@ -199,7 +199,7 @@ pub async fn sums<T>(
     state: &AppState,
     scope: &Scope<'_>,
     range: &Range,
-    keys: &str,
+    keys: Keys<'_>,
     rollup_aggs: &str,
     raw_aggs: &str,
 ) -> Result<Vec<T>, clickhouse::error::Error>
@@ -215,11 +215,12 @@ where
         .collect();
     let filter_binds =
         || [scope.provider, scope.model].into_iter().flatten().map(|v| Bind::Text(v.to_owned()));
-    let group = if keys.is_empty() { String::new() } else { format!(" GROUP BY {keys}") };
-    let select = |aggs: &str| if keys.is_empty() { aggs.to_owned() } else { format!("{keys}, {aggs}") };
+    let group = if keys.group.is_empty() { String::new() } else { format!(" GROUP BY {}", keys.group) };
+    let select =
+        |keys: &str, aggs: &str| if keys.is_empty() { aggs.to_owned() } else { format!("{keys}, {aggs}") };
     let raw = |bounds: RawBounds| {
         let mut binds = vec![Bind::Text(scope.org_id.to_owned())];
-        let mut text = format!("SELECT {} FROM {events} WHERE org_id = ?", select(raw_aggs));
+        let mut text = format!("SELECT {} FROM {events} WHERE org_id = ?", select(keys.raw, raw_aggs));
         if let Some(user) = scope.user_id {
             text.push_str(" AND user_id = ?");
             binds.push(Bind::Text(user.to_owned()));
@@ -242,7 +243,7 @@ where
         let whole_hours = Sql {
             text: format!(
                 "SELECT {} FROM {rollup} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?){filters}{group}",
-                select(rollup_aggs)
+                select(keys.rollup, rollup_aggs)
             ),
             binds,
         };
@@ -253,6 +254,22 @@ where
     let results =
         futures::future::try_join_all(parts.iter().map(|sql| sql.query(&client).fetch_all::<T>())).await?;
     Ok(results.into_iter().flatten().collect())
+}
+
+/// The grouping keys of `sums`: as selected from the rollup, as selected from raw rows (where the
+/// hour is `toStartOfHour(timestamp)`), and the GROUP BY list (their aliases).
+#[derive(Clone, Copy)]
+pub struct Keys<'a> {
+    pub rollup: &'a str,
+    pub raw: &'a str,
+    pub group: &'a str,
+}
+
+impl<'a> Keys<'a> {
+    /// Plain columns both tables have, e.g. "provider, model"; "" for no grouping.
+    pub fn columns(columns: &'a str) -> Keys<'a> {
+        Keys { rollup: columns, raw: columns, group: columns }
+    }
 }
 
 /// Checks an optional text filter from a query string: bounded length, no control characters.
