@@ -10,7 +10,11 @@ and prints events/s, requests/s, p50/p99 latency, the server's CPU microseconds 
 sends its next request when the previous answered) for --seconds per scenario.
 
 Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,100,1000]
-                                [--scenarios ceiling,discard,kafka]
+                                [--scenarios ceiling,discard,kafka] [--server-threads N]
+         --server-threads N: runtime worker threads of the server under test (ceiling and ingest
+         alike: TALLY_WORKER_THREADS for the ingest, tokio's TOKIO_WORKER_THREADS for the ceiling);
+         --loadgen-threads N: the same for the load
+         generator; default for both: one per core
        loadtest/bench_ingest.py --sustain EVENTS_PER_S [--seconds 300] [--events 1000]
          the kafka scenario in an open model: requests scheduled at a fixed rate, latency measured
          from each request's scheduled start (no coordinated omission)
@@ -97,10 +101,13 @@ def delete_topic(name):
                    capture_output=True)
 
 
+LOADGEN_ENV = dict(os.environ)
+
+
 def loadgen(url, key, events, seconds, connections, rate=0.0):
     out = subprocess.run([os.path.join(BIN, "tally-loadgen"), "--url", url, "--key", key, "--events", str(events),
                           "--duration", str(seconds), "--connections", str(connections), "--rate", str(rate)],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env=LOADGEN_ENV)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -122,6 +129,8 @@ def main():
     parser.add_argument("--events", default="1,100,1000")
     parser.add_argument("--scenarios", default="ceiling,discard,kafka")
     parser.add_argument("--sustain", type=float, default=0, help="open-model kafka run at this many events/s")
+    parser.add_argument("--server-threads", type=int, default=0, help="worker threads of the server under test")
+    parser.add_argument("--loadgen-threads", type=int, default=0, help="worker threads of the load generator")
     args = parser.parse_args()
     if args.sustain:
         return sustain(args)
@@ -135,10 +144,14 @@ def main():
         create_topic(topic, 8)
     env = {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_LISTEN_ADDR": "127.0.0.1:18080",
            "TALLY_EVENTS_TOPIC": topic, "TALLY_DLQ_TOPIC": "tally.events.dlq.v1"}
+    threads = {"TOKIO_WORKER_THREADS": str(args.server_threads)} if args.server_threads else {}
+    if args.loadgen_threads:
+        LOADGEN_ENV["TOKIO_WORKER_THREADS"] = str(args.loadgen_threads)
+    env.update(threads)
     rows = []
     for scenario in scenarios:
         if scenario == "ceiling":
-            process, url = start("tally-ceiling", {}, ["127.0.0.1:18090"]), "http://127.0.0.1:18090"
+            process, url = start("tally-ceiling", threads, ["127.0.0.1:18090"]), "http://127.0.0.1:18090"
             time.sleep(0.5)
         else:
             process = start("tally-ingest", dict(env, TALLY_SINK="discard" if scenario == "discard" else "kafka"))
@@ -153,8 +166,9 @@ def main():
         finally:
             stop(process)
 
-    print("\nnproc=%d  seconds=%s  connections=%d  load generator on the same machine"
-          % (os.cpu_count(), args.seconds, args.connections))
+    print("\nnproc=%d  seconds=%s  connections=%d  worker threads: server %s, load generator %s (same machine)"
+          % (os.cpu_count(), args.seconds, args.connections, args.server_threads or "one per core",
+             args.loadgen_threads or "one per core"))
     print("%-8s %6s %12s %10s %9s %9s %10s %8s %s" % ("scenario", "ev/req", "events/s", "req/s", "p50 ms",
                                                        "p99 ms", "cpu us/ev", "rss MiB", "statuses"))
     for r in rows:

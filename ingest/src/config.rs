@@ -41,6 +41,10 @@ impl std::str::FromStr for SinkKind {
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
     pub sink: SinkKind,
+    /// Runtime worker threads (`TALLY_WORKER_THREADS`, 0 = one per core). Set it to the cores the
+    /// process owns: on a machine shared with other busy processes, fewer workers mean fewer
+    /// cross-thread wake-ups per request.
+    pub worker_threads: usize,
     pub common: CommonConfig,
     pub kafka: KafkaConfig,
     /// Largest request body accepted, in bytes (after decompression).
@@ -66,6 +70,7 @@ impl IngestConfig {
         }
         let config = IngestConfig {
             sink: env.parse("TALLY_SINK", SinkKind::Kafka)?,
+            worker_threads: env.parse("TALLY_WORKER_THREADS", 0)?,
             common: CommonConfig::from_env(env, "127.0.0.1:8080")?,
             kafka: KafkaConfig {
                 brokers: env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
