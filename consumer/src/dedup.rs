@@ -147,16 +147,26 @@ pub struct Deduplicator {
     window_hours: u16,
     partitions: HashMap<i32, IdWindow>,
     expired_at_hour: u16,
+    /// The rows the last `filter` kept: (partition, fingerprint, arrival), recorded once stored.
+    kept: Vec<(i32, u64, u32)>,
 }
 
 impl Deduplicator {
     pub fn new(client: clickhouse::Client, table: String, window_hours: u16) -> Self {
-        Deduplicator { client, table, window_hours, partitions: HashMap::new(), expired_at_hour: 0 }
+        Deduplicator {
+            client,
+            table,
+            window_hours,
+            partitions: HashMap::new(),
+            expired_at_hour: 0,
+            kept: Vec::new(),
+        }
     }
 
     /// Forgets everything: called after every rebalance, as another replica may have written.
     pub fn reset(&mut self) {
         self.partitions.clear();
+        self.kept.clear();
     }
 
     pub fn ids(&self) -> usize {
@@ -250,17 +260,23 @@ impl Deduplicator {
         partitions.extend(assigned.iter().copied());
         outcome.rebuilt = self.rebuild(&partitions, now).await?;
 
-        // Candidates: rows whose fingerprint the window holds.
+        // Each row's fingerprint, once; candidates: rows whose fingerprint the window holds.
+        let mut prints: Vec<Vec<u64>> = Vec::with_capacity(batch.len());
         let mut candidates: HashSet<(&str, uuid::Uuid)> = HashSet::new();
         for pending in batch.iter() {
-            let (Ok(rows), Some(window)) = (&pending.decoded, self.partitions.get(&pending.partition)) else {
-                continue;
-            };
-            for row in rows {
-                if window.contains(fingerprint(&row.org_id, &row.event_id)) {
-                    candidates.insert((row.org_id.as_str(), row.event_id));
-                }
-            }
+            let rows = pending.decoded.as_ref().map_or(&[][..], Vec::as_slice);
+            let window = self.partitions.get(&pending.partition);
+            prints.push(
+                rows.iter()
+                    .map(|row| {
+                        let print = fingerprint(&row.org_id, &row.event_id);
+                        if window.is_some_and(|w| w.contains(print)) {
+                            candidates.insert((row.org_id.as_str(), row.event_id));
+                        }
+                        print
+                    })
+                    .collect(),
+            );
         }
         outcome.confirmed = candidates.len();
         let stored = if candidates.is_empty() {
@@ -270,26 +286,27 @@ impl Deduplicator {
         };
 
         // Keep the first occurrence of each id not stored; compare exactly on a fingerprint match.
+        self.kept.clear();
         let mut first: FastMap<u64, (usize, usize)> = FastMap::default();
         let mut drop: FastSet<(usize, usize)> = FastSet::default();
         for (record, pending) in batch.iter().enumerate() {
             let Ok(rows) = &pending.decoded else { continue };
-            for (index, row) in rows.iter().enumerate() {
+            for (index, (row, &print)) in rows.iter().zip(&prints[record]).enumerate() {
                 if !stored.is_empty() && stored.contains(&(row.org_id.clone(), row.event_id)) {
                     drop.insert((record, index));
                     continue;
                 }
-                let print = fingerprint(&row.org_id, &row.event_id);
                 match first.get(&print) {
+                    Some(&(r, i)) if same_id(batch, (r, i), row) => {
+                        drop.insert((record, index));
+                        continue;
+                    }
+                    Some(_) => {}
                     None => {
                         first.insert(print, (record, index));
                     }
-                    Some(&(r, i)) => {
-                        if same_id(batch, (r, i), row) {
-                            drop.insert((record, index));
-                        }
-                    }
                 }
+                self.kept.push((pending.partition, print, row.received_at));
             }
         }
         outcome.duplicates = drop.len();
@@ -308,15 +325,12 @@ impl Deduplicator {
         Ok(outcome)
     }
 
-    /// After a successful store: the batch's ids count as stored. Expires old ids once an hour.
-    pub fn record_stored(&mut self, batch: &[Pending], now: u32) {
-        for pending in batch {
-            let (Ok(rows), Some(window)) = (&pending.decoded, self.partitions.get_mut(&pending.partition))
-            else {
-                continue;
-            };
-            for row in rows {
-                window.insert(fingerprint(&row.org_id, &row.event_id), row.received_at);
+    /// After a successful store: the ids the last `filter` kept count as stored. Expires old ids
+    /// once an hour.
+    pub fn record_stored(&mut self, now: u32) {
+        for (partition, print, received_at) in self.kept.drain(..) {
+            if let Some(window) = self.partitions.get_mut(&partition) {
+                window.insert(print, received_at);
             }
         }
         if hour_tag(now) != self.expired_at_hour {

@@ -32,6 +32,21 @@ use crate::metrics::ConsumerMetrics;
 use crate::reconcile::Reconciler;
 use crate::row::EventRow;
 
+/// Evaluates `$query` (a ClickHouse query that must eventually succeed) until it returns `Ok`,
+/// waiting on `$backoff` between tries; `None` when shutdown came first.
+macro_rules! until_ok {
+    ($backoff:expr, $shutdown:expr, $what:expr, $query:expr) => {{
+        let backoff: &mut Backoff = &mut $backoff;
+        loop {
+            match $query {
+                Ok(value) => break Some(value),
+                Err(error) if backoff.wait($shutdown, $what, &error).await => {}
+                Err(_) => break None,
+            }
+        }
+    }};
+}
+
 /// One Kafka record of the batch, decoded (or not).
 pub struct Pending {
     partition: i32,
@@ -273,16 +288,14 @@ impl Worker {
                 return Attempt::Shutdown;
             }
             reconciler.record_stored(records);
-            loop {
-                match reconciler.filter(records).await {
-                    Ok(outcome) => {
-                        self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
-                        break;
-                    }
-                    Err(error) if backoff.wait(shutdown, "re-check after a failed insert", &error).await => {}
-                    Err(_) => return Attempt::Shutdown,
-                }
-            }
+            let rechecked = until_ok!(
+                backoff,
+                shutdown,
+                "re-check after a failed insert",
+                reconciler.filter(records).await
+            );
+            let Some(outcome) = rechecked else { return Attempt::Shutdown };
+            self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
         }
     }
 
@@ -299,13 +312,14 @@ impl Worker {
         self.consumer.commit(&list, CommitMode::Sync)
     }
 
-    /// Keeps only records of partitions this replica still owns: after a revoke, nothing more is
-    /// written for a partition; its new owner reads those records again from the committed offset.
+    /// The partitions this replica owns now (None when the client cannot tell).
     fn assigned(&self) -> Option<BTreeSet<i32>> {
         let list = self.consumer.assignment().ok()?;
         Some(list.elements().iter().map(|e| e.partition()).collect())
     }
 
+    /// Keeps only records of partitions this replica still owns: after a revoke, nothing more is
+    /// written for a partition; its new owner reads those records again from the committed offset.
     fn drop_revoked(&self, batch: Vec<Pending>) -> Vec<Pending> {
         let Some(owned) = self.assigned() else { return batch };
         let (kept, dropped): (Vec<Pending>, Vec<Pending>) =
@@ -374,14 +388,9 @@ impl Worker {
             return true;
         }
         // Never insert what may already be stored: retry the checks until ClickHouse answers.
-        let mut backoff = Backoff::new();
-        let outcome = loop {
-            match reconciler.filter(&mut batch).await {
-                Ok(outcome) => break outcome,
-                Err(error) if backoff.wait(shutdown, "reconciliation", &error).await => {}
-                Err(_) => return false,
-            }
-        };
+        let reconciled =
+            until_ok!(Backoff::new(), shutdown, "reconciliation", reconciler.filter(&mut batch).await);
+        let Some(outcome) = reconciled else { return false };
         if outcome.skipped_rows > 0 {
             self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
             tracing::info!(
@@ -392,14 +401,9 @@ impl Worker {
         }
         let assigned = self.assigned().unwrap_or_default();
         let now = epoch_now();
-        let mut backoff = Backoff::new();
-        let removed = loop {
-            match dedup.filter(&mut batch, &assigned, now).await {
-                Ok(removed) => break removed,
-                Err(error) if backoff.wait(shutdown, "dedup", &error).await => {}
-                Err(_) => return false,
-            }
-        };
+        let deduplicated =
+            until_ok!(Backoff::new(), shutdown, "dedup", dedup.filter(&mut batch, &assigned, now).await);
+        let Some(removed) = deduplicated else { return false };
         if removed.rebuilt > 0 {
             tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
         }
@@ -412,7 +416,7 @@ impl Worker {
             return false;
         }
         reconciler.record_stored(&batch);
-        dedup.record_stored(&batch, epoch_now());
+        dedup.record_stored(epoch_now());
         self.metrics.dedup_ids.set(dedup.ids() as i64);
         self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
         if self.config.failpoint_crash_after_insert > 0.0
