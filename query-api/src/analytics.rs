@@ -172,23 +172,20 @@ async fn overview_for(
     let request = request(org_id, &params, path_user)?;
     let client = state.client();
     use stats::*;
-    let groups: Vec<Group> = sums(
+    let merged =
+        format!("{M_EVENTS}, {M_ERRORS}, {M_PROMPT}, {M_COMPLETION}, {M_TOKENS}, {M_COST}, {M_INPUT_BYTES}, {M_OUTPUT_BYTES}");
+    let totals = sums::<Group>(
         &state,
         &request.scope,
         &request.range,
         Keys::columns("provider, model, service"),
-        &format!(
-            "{M_EVENTS}, {M_ERRORS}, {M_PROMPT}, {M_COMPLETION}, {M_TOKENS}, {M_COST}, {M_INPUT_BYTES}, {M_OUTPUT_BYTES}"
-        ),
+        &merged,
         "count() AS requests, toUInt64(countIf(status = 'error')) AS errors, sum(toUInt64(prompt_tokens)) AS prompt_tokens, \
          sum(toUInt64(completion_tokens)) AS completion_tokens, sum(toUInt64(total_tokens)) AS tokens, \
          sum(cost_nanos) AS cost_nanos, sum(input_bytes) AS input_bytes, sum(output_bytes) AS output_bytes",
-    )
-    .await?;
-    let latency: Latency = over_states(&state, &request.scope, &request.range, &[LATENCY], M_LATENCY, "")
-        .query(&client)
-        .fetch_one()
-        .await?;
+    );
+    let latency_sql = over_states(&state, &request.scope, &request.range, &[LATENCY], M_LATENCY, "");
+    let (groups, latency) = futures::try_join!(totals, latency_sql.query(&client).fetch_one::<Latency>())?;
     let mut services: BTreeMap<String, Share> = BTreeMap::new();
     let mut models: BTreeMap<String, Share> = BTreeMap::new();
     let mut overview = Overview {
@@ -354,10 +351,10 @@ async fn timeseries_for(
         .fetch_all()
         .await
     };
+    // ClickHouse refuses a zone it does not know: code 1000 (a Poco exception) on 18.16, 36
+    // (BAD_ARGUMENTS) on current versions.
     let points = points.map_err(|error| match tally_common::ch::error_code(&error) {
-        Some(code) if code != 0 && params.tz.is_some() => {
-            ApiError::BadRequest(format!("unknown time zone {tz:?}"))
-        }
+        Some(1000 | 36) if params.tz.is_some() => ApiError::BadRequest(format!("unknown time zone {tz:?}")),
         _ => ApiError::Storage(error),
     })?;
     let mut out: Vec<TimePoint> = points

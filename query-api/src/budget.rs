@@ -6,14 +6,14 @@
 
 use axum::extract::{Path, State};
 use axum::Json;
-use chrono::{DateTime, Datelike, Months, TimeZone, Utc};
+use chrono::{DateTime, Months, Utc};
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use tally_common::keyset::load_orgs;
 use tally_schemas::limits::NANOS_PER_USD;
 
 use crate::auth::{Admin, Org};
-use crate::costs::Range;
+use crate::costs::{month_start, Range};
 use crate::error::ApiError;
 use crate::stats::{self, usd, Scope};
 use crate::AppState;
@@ -65,7 +65,7 @@ struct Spent {
 }
 
 fn month_bounds(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
-    let start = Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single().unwrap_or(now);
+    let start = month_start(now);
     (start, start.checked_add_months(Months::new(1)).unwrap_or(now))
 }
 

@@ -30,6 +30,11 @@ pub struct Range {
     pub to: DateTime<Utc>,
 }
 
+/// The start of `now`'s calendar month, UTC: the default `from`, and the budget period's start.
+pub fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    now.date_naive().with_day0(0).and_then(|d| d.and_hms_opt(0, 0, 0)).map_or(now, |d| d.and_utc())
+}
+
 fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&Utc))
@@ -39,13 +44,8 @@ fn parse_time(name: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
 impl Range {
     pub fn from_params(params: &RangeParams, now: DateTime<Utc>) -> Result<Range, ApiError> {
         let to = params.to.as_deref().map(|t| parse_time("to", t)).transpose()?.unwrap_or(now);
-        let month_start = now
-            .date_naive()
-            .with_day0(0)
-            .and_then(|d| d.and_hms_opt(0, 0, 0))
-            .map(|d| d.and_utc())
-            .unwrap_or(now);
-        let from = params.from.as_deref().map(|t| parse_time("from", t)).transpose()?.unwrap_or(month_start);
+        let from =
+            params.from.as_deref().map(|t| parse_time("from", t)).transpose()?.unwrap_or(month_start(now));
         if from >= to {
             return Err(ApiError::BadRequest("from must be before to".into()));
         }

@@ -12,7 +12,7 @@ use tally_schemas::limits;
 use crate::auth::Org;
 use crate::costs::{Range, RangeParams};
 use crate::error::ApiError;
-use crate::stats::{text_param, usd, Bind, Sql};
+use crate::stats::{text_param, usd, whole_range, Bind, Sql, EVENT_MS};
 use crate::AppState;
 
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -143,23 +143,17 @@ pub async fn list(
             return Err(ApiError::BadRequest(format!("status must be success or error, not {other:?}")))
         }
     };
-    let at = "(toUInt64(timestamp) * 1000 + timestamp_ms)";
+    let at = EVENT_MS;
+    let bounds = whole_range(&range);
     let mut sql = format!(
         "SELECT {at} AS at_ms, event_id, provider, model, prompt_tokens, completion_tokens, total_tokens, cost_nanos, \
          toString(cost_source) AS cost_source, latency_ms, toString(status) AS status, http_status, error, execution_id, \
-         agent_id, user_id, service, action, request_id, metadata_keys, metadata_values FROM {} \
-         WHERE org_id = ? AND timestamp >= toDateTime(?) AND timestamp <= toDateTime(?) AND {at} >= ? AND {at} < ?",
-        state.clickhouse.table("events")
+         agent_id, user_id, service, action, request_id, metadata_keys, metadata_values FROM {} WHERE org_id = ?{}",
+        state.clickhouse.table("events"),
+        bounds.condition()
     );
-    let ms = |t: DateTime<Utc>| u64::try_from(t.timestamp_millis()).unwrap_or(0);
-    let seconds = |t: DateTime<Utc>| u64::try_from(t.timestamp()).unwrap_or(0);
-    let mut binds = vec![
-        Bind::Text(org.org_id.to_string()),
-        Bind::Number(seconds(range.from)),
-        Bind::Number(seconds(range.to)),
-        Bind::Number(ms(range.from)),
-        Bind::Number(ms(range.to)),
-    ];
+    let mut binds = vec![Bind::Text(org.org_id.to_string())];
+    binds.extend(bounds.binds());
     for (column, value) in [
         ("model", text_param("model", &params.model, limits::MAX_NAME_LEN)?),
         ("provider", text_param("provider", &params.provider, limits::MAX_NAME_LEN)?),

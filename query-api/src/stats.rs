@@ -84,11 +84,12 @@ fn seconds(t: DateTime<Utc>) -> u64 {
     u64::try_from(t.timestamp()).unwrap_or(0)
 }
 
-const EVENT_MS: &str = "(toUInt64(timestamp) * 1000 + timestamp_ms)";
+/// An event's time in epoch milliseconds, from its two columns.
+pub(crate) const EVENT_MS: &str = "(toUInt64(timestamp) * 1000 + timestamp_ms)";
 
 /// Which raw rows to read: a condition on the sort key's `timestamp` in seconds (so ClickHouse
 /// reads only those granules) and the exact condition in milliseconds, each with its binds.
-struct RawBounds {
+pub(crate) struct RawBounds {
     seconds: &'static str,
     second_binds: Vec<u64>,
     ms: String,
@@ -96,13 +97,18 @@ struct RawBounds {
 }
 
 impl RawBounds {
-    fn binds(&self) -> impl Iterator<Item = Bind> + '_ {
+    /// `AND (<seconds>) AND (<ms>)`, to append to a WHERE clause.
+    pub(crate) fn condition(&self) -> String {
+        format!(" AND ({}) AND ({})", self.seconds, self.ms)
+    }
+
+    pub(crate) fn binds(&self) -> impl Iterator<Item = Bind> + '_ {
         self.second_binds.iter().chain(&self.ms_binds).map(|n| Bind::Number(*n))
     }
 }
 
 /// All of [from, to): what a user scope reads from the raw table.
-fn whole_range(range: &Range) -> RawBounds {
+pub(crate) fn whole_range(range: &Range) -> RawBounds {
     RawBounds {
         seconds: "timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)",
         second_binds: vec![seconds(range.from), seconds(range.to)],
@@ -127,6 +133,60 @@ fn split_hours(range: &Range) -> (DateTime<Utc>, DateTime<Utc>, RawBounds) {
     (first, last, edges)
 }
 
+/// What one source (the rollup, or the raw table) selects and groups by; an empty `group` means
+/// no GROUP BY.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    select: &'a str,
+    group: &'a str,
+}
+
+/// The queries that read a scope and range: for a user, the raw rows of the whole range; for an
+/// org, the rollup's whole hours and the raw rows of the edge hours, in that order.
+fn source_queries(state: &AppState, scope: &Scope, range: &Range, rollup: Source, raw: Source) -> Vec<Sql> {
+    let events = state.clickhouse.table("events");
+    let table = state.clickhouse.table("rollup_hourly");
+    let filters: String = [("provider", scope.provider), ("model", scope.model)]
+        .iter()
+        .filter(|(_, value)| value.is_some())
+        .map(|(column, _)| format!(" AND {column} = ?"))
+        .collect();
+    let filter_binds =
+        || [scope.provider, scope.model].into_iter().flatten().map(|value| Bind::Text(value.to_owned()));
+    let group_by = |group: &str| if group.is_empty() { String::new() } else { format!(" GROUP BY {group}") };
+    let raw_rows = |bounds: RawBounds| {
+        let mut binds = vec![Bind::Text(scope.org_id.to_owned())];
+        let mut text = format!("SELECT {} FROM {events} WHERE org_id = ?", raw.select);
+        if let Some(user) = scope.user_id {
+            text.push_str(" AND user_id = ?");
+            binds.push(Bind::Text(user.to_owned()));
+        }
+        text.push_str(&format!("{}{filters}{}", bounds.condition(), group_by(raw.group)));
+        binds.extend(bounds.binds());
+        binds.extend(filter_binds());
+        Sql { text, binds }
+    };
+    if scope.user_id.is_some() {
+        return vec![raw_rows(whole_range(range))];
+    }
+    let (first_hour, last_hour, edge_bounds) = split_hours(range);
+    let mut binds = vec![
+        Bind::Text(scope.org_id.to_owned()),
+        Bind::Number(seconds(first_hour)),
+        Bind::Number(seconds(last_hour)),
+    ];
+    binds.extend(filter_binds());
+    let whole_hours = Sql {
+        text: format!(
+            "SELECT {} FROM {table} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?){filters}{}",
+            rollup.select,
+            group_by(rollup.group)
+        ),
+        binds,
+    };
+    vec![whole_hours, raw_rows(edge_bounds)]
+}
+
 /// `SELECT <outer> FROM (<states of scope in range>) <tail>`: `outer` merges the `aggs` states and
 /// may use the key columns hour, provider, model and service.
 pub fn over_states(
@@ -137,56 +197,23 @@ pub fn over_states(
     outer: &str,
     tail: &str,
 ) -> Sql {
-    let events = state.clickhouse.table("events");
-    let rollup = state.clickhouse.table("rollup_hourly");
-    let mut binds = Vec::new();
-    let mut filters = String::new();
-    for (column, value) in [("provider", scope.provider), ("model", scope.model)] {
-        if value.is_some() {
-            filters.push_str(&format!(" AND {column} = ?"));
-        }
-    }
-    let push_filters = |binds: &mut Vec<Bind>| {
-        for value in [scope.provider, scope.model].into_iter().flatten() {
-            binds.push(Bind::Text(value.to_owned()));
-        }
-    };
+    let columns = aggs.iter().map(|a| a.column).collect::<Vec<_>>().join(", ");
     let raw_states = aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
-    let raw_part = |binds: &mut Vec<Bind>, bounds: &RawBounds| {
-        binds.push(Bind::Text(scope.org_id.to_owned()));
-        let mut sql = format!(
-            "SELECT toStartOfHour(timestamp) AS hour, provider, model, service, {raw_states} FROM {events} \
-             WHERE org_id = ?"
-        );
-        if let Some(user) = scope.user_id {
-            sql.push_str(" AND user_id = ?");
-            binds.push(Bind::Text(user.to_owned()));
-        }
-        sql.push_str(&format!(" AND ({}) AND ({})", bounds.seconds, bounds.ms));
-        binds.extend(bounds.binds());
-        sql.push_str(&filters);
-        push_filters(binds);
-        sql.push_str(" GROUP BY hour, provider, model, service");
-        sql
-    };
-    let inner = if scope.user_id.is_some() {
-        raw_part(&mut binds, &whole_range(range))
-    } else {
-        let (first_hour, last_hour, edge_bounds) = split_hours(range);
-        let columns = aggs.iter().map(|a| a.column).collect::<Vec<_>>().join(", ");
-        let mut rollup_sql = format!(
-            "SELECT hour, provider, model, service, {columns} FROM {rollup} \
-             WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?)"
-        );
-        binds.push(Bind::Text(scope.org_id.to_owned()));
-        binds.push(Bind::Number(seconds(first_hour)));
-        binds.push(Bind::Number(seconds(last_hour)));
-        rollup_sql.push_str(&filters);
-        push_filters(&mut binds);
-        let edges = raw_part(&mut binds, &edge_bounds);
-        format!("{rollup_sql} UNION ALL {edges}")
-    };
-    Sql { text: format!("SELECT {outer} FROM ({inner}) {tail}"), binds }
+    let parts = source_queries(
+        state,
+        scope,
+        range,
+        Source { select: &format!("hour, provider, model, service, {columns}"), group: "" },
+        Source {
+            select: &format!("toStartOfHour(timestamp) AS hour, provider, model, service, {raw_states}"),
+            group: "hour, provider, model, service",
+        },
+    );
+    let inner = parts.iter().map(|part| part.text.as_str()).collect::<Vec<_>>().join(" UNION ALL ");
+    Sql {
+        text: format!("SELECT {outer} FROM ({inner}) {tail}"),
+        binds: parts.into_iter().flat_map(|part| part.binds).collect(),
+    }
 }
 
 /// Plain sums (no quantiles) of a scope and range, as one query per source instead of one query
@@ -206,50 +233,15 @@ pub async fn sums<T>(
 where
     T: clickhouse::RowOwned + clickhouse::RowRead,
 {
-    let events = state.clickhouse.table("events");
-    let rollup = state.clickhouse.table("rollup_hourly");
-    let filters: String = [("provider", scope.provider), ("model", scope.model)]
-        .iter()
-        .filter(|(_, v)| v.is_some())
-        .map(|(c, _)| format!(" AND {c} = ?"))
-        .collect();
-    let filter_binds =
-        || [scope.provider, scope.model].into_iter().flatten().map(|v| Bind::Text(v.to_owned()));
-    let group = if keys.group.is_empty() { String::new() } else { format!(" GROUP BY {}", keys.group) };
     let select =
         |keys: &str, aggs: &str| if keys.is_empty() { aggs.to_owned() } else { format!("{keys}, {aggs}") };
-    let raw = |bounds: RawBounds| {
-        let mut binds = vec![Bind::Text(scope.org_id.to_owned())];
-        let mut text = format!("SELECT {} FROM {events} WHERE org_id = ?", select(keys.raw, raw_aggs));
-        if let Some(user) = scope.user_id {
-            text.push_str(" AND user_id = ?");
-            binds.push(Bind::Text(user.to_owned()));
-        }
-        text.push_str(&format!(" AND ({}) AND ({}){filters}{group}", bounds.seconds, bounds.ms));
-        binds.extend(bounds.binds());
-        binds.extend(filter_binds());
-        Sql { text, binds }
-    };
-    let parts = if scope.user_id.is_some() {
-        vec![raw(whole_range(range))]
-    } else {
-        let (first_hour, last_hour, edge_bounds) = split_hours(range);
-        let mut binds = vec![
-            Bind::Text(scope.org_id.to_owned()),
-            Bind::Number(seconds(first_hour)),
-            Bind::Number(seconds(last_hour)),
-        ];
-        binds.extend(filter_binds());
-        let whole_hours = Sql {
-            text: format!(
-                "SELECT {} FROM {rollup} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?){filters}{group}",
-                select(keys.rollup, rollup_aggs)
-            ),
-            binds,
-        };
-        let edges = raw(edge_bounds);
-        vec![whole_hours, edges]
-    };
+    let parts = source_queries(
+        state,
+        scope,
+        range,
+        Source { select: &select(keys.rollup, rollup_aggs), group: keys.group },
+        Source { select: &select(keys.raw, raw_aggs), group: keys.group },
+    );
     let client = state.client();
     let results =
         futures::future::try_join_all(parts.iter().map(|sql| sql.query(&client).fetch_all::<T>())).await?;
