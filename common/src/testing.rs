@@ -215,10 +215,7 @@ impl KafkaBroker {
 
     /// Kills the broker at once (as a crash would).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_now(&mut self.child);
     }
 }
 
@@ -226,6 +223,14 @@ impl Drop for KafkaBroker {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Kills a test server process at once (as a crash would) and reaps it.
+fn kill_now(child: &mut Option<std::process::Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -284,10 +289,7 @@ impl ClickHouseServer {
 
     /// Kills the server at once (as a crash or an outage would).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_now(&mut self.child);
     }
 
     /// Config for a new database on this server, with every migration applied.

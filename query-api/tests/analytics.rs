@@ -524,17 +524,9 @@ async fn admin_prices_top_consumers_and_rate_limit_status() {
     let now = Utc::now();
     generate(&api, &org_a, now - Duration::seconds(10), 10, 8).await;
     generate(&api, &org_b, now - Duration::seconds(10), 100, 9).await;
-    let top: Value = api
-        .http
-        .get(api.url("/admin/top-consumers"))
-        .query(&[("from", rfc(now - Duration::hours(30))), ("to", rfc(now))])
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let top = api
+        .admin_get(&format!("/admin/top-consumers?from={}&to={}", rfc(now - Duration::hours(30)), rfc(now)))
+        .await;
     let consumers = top["consumers"].as_array().unwrap();
     assert_eq!(consumers.len(), 2);
     assert_eq!(
@@ -552,16 +544,7 @@ async fn admin_prices_top_consumers_and_rate_limit_status() {
         .as_i64();
     assert_eq!(consumers[0]["costNanos"].as_i64(), cost_b);
 
-    let status: Value = api
-        .http
-        .get(api.url(&format!("/admin/orgs/{org_b}/rate-limit")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = api.admin_get(&format!("/admin/orgs/{org_b}/rate-limit")).await;
     assert_eq!(status["eventsPerMinute"], 1000);
     // The generated events "arrived" at insert time (received_at defaults to 0 here): none counted.
     assert!(status["acceptedLastMinute"].as_u64().is_some());
@@ -573,8 +556,7 @@ async fn admin_prices_top_consumers_and_rate_limit_status() {
     let created =
         api.http.post(api.url("/admin/prices")).bearer_auth(ADMIN).json(&price).send().await.unwrap();
     assert_eq!(created.status(), 201);
-    let prices: Value =
-        api.http.get(api.url("/admin/prices")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let prices: Value = api.admin_get("/admin/prices").await;
     let gpt5 = prices.as_array().unwrap().iter().find(|p| p["model"] == "gpt-5").expect("listed");
     assert_eq!(
         (gpt5["inputNanosPerMtok"].as_i64(), gpt5["outputNanosPerMtok"].as_i64()),

@@ -30,8 +30,7 @@ async fn admin_surface_requires_the_token_and_validates_input() {
     assert_eq!(post(Some(ADMIN), json!({"name": "x", "orgId": "mine"})).send().await.unwrap().status(), 422);
 
     let (org_id, key, _) = api.create_org("acme").await;
-    let listed: Value =
-        api.http.get(api.url("/admin/orgs")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let listed: Value = api.admin_get("/admin/orgs").await;
     let acme = listed.as_array().unwrap().iter().find(|o| o["orgId"] == org_id.as_str()).expect("listed");
     assert_eq!((acme["name"].as_str(), acme["eventsPerMinute"].as_u64()), (Some("acme"), Some(1000)));
     // An org key is not an admin token.

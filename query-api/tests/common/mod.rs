@@ -69,6 +69,13 @@ impl Api {
         )
     }
 
+    /// GET an admin route (with the admin token) and its JSON body.
+    pub async fn admin_get(&self, path_and_query: &str) -> Value {
+        let response = self.http.get(self.url(path_and_query)).bearer_auth(ADMIN).send().await.unwrap();
+        assert!(response.status().is_success(), "{path_and_query}: {}", response.status());
+        response.json().await.unwrap()
+    }
+
     pub async fn status(&self, key: &str) -> (u16, Value) {
         let response =
             self.http.get(self.url("/api/telemetry/status")).header("X-API-Key", key).send().await.unwrap();
