@@ -62,3 +62,18 @@ impl ConsumerConfig {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dedup_window_is_24_hours_by_default_and_bounded() {
+        let config = ConsumerConfig::from_env(&Env::from_pairs::<&str, &str>([])).expect("valid");
+        assert_eq!(config.dedup_window_hours, 24);
+        for (value, ok) in [("1", true), ("720", true), ("0", false), ("721", false)] {
+            let result = ConsumerConfig::from_env(&Env::from_pairs([("TALLY_DEDUP_WINDOW_HOURS", value)]));
+            assert_eq!(result.is_ok(), ok, "TALLY_DEDUP_WINDOW_HOURS={value}");
+        }
+    }
+}

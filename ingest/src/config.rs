@@ -104,3 +104,22 @@ impl IngestConfig {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_default_to_one_per_core_and_refuse_garbage() {
+        let default = IngestConfig::from_env(&Env::from_pairs([("TALLY_SINK", "discard")])).expect("valid");
+        assert_eq!(default.worker_threads, 0, "0 = tokio's one per core");
+        let one = IngestConfig::from_env(&Env::from_pairs([
+            ("TALLY_SINK", "discard"),
+            ("TALLY_WORKER_THREADS", "1"),
+        ]))
+        .expect("valid");
+        assert_eq!(one.worker_threads, 1);
+        let bad = IngestConfig::from_env(&Env::from_pairs([("TALLY_WORKER_THREADS", "many")]));
+        assert!(matches!(bad, Err(ConfigError::Invalid { ref key, .. }) if key == "TALLY_WORKER_THREADS"));
+    }
+}
