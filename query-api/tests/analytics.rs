@@ -544,10 +544,24 @@ async fn admin_prices_top_consumers_and_rate_limit_status() {
         .as_i64();
     assert_eq!(consumers[0]["costNanos"].as_i64(), cost_b);
 
+    // The generated events carry no arrival time (1970): only these three arrived in the last minute.
+    api.clickhouse
+        .client()
+        .query(&format!(
+            "INSERT INTO {} (org_id, event_id, timestamp, received_at) \
+             SELECT ?, generateUUIDv4(), now(), now() FROM system.numbers LIMIT 3",
+            api.clickhouse.table("events")
+        ))
+        .bind(&org_b)
+        .execute()
+        .await
+        .unwrap();
     let status = api.admin_get(&format!("/admin/orgs/{org_b}/rate-limit")).await;
     assert_eq!(status["eventsPerMinute"], 1000);
-    // The generated events "arrived" at insert time (received_at defaults to 0 here): none counted.
-    assert!(status["acceptedLastMinute"].as_u64().is_some());
+    assert_eq!(status["acceptedLastMinute"], 3);
+    assert_eq!(status["percentOfLimit"], 0.3);
+    let quiet = api.admin_get(&format!("/admin/orgs/{org_a}/rate-limit")).await;
+    assert_eq!(quiet["acceptedLastMinute"], 0);
     let missing =
         api.http.get(api.url("/admin/orgs/nope/rate-limit")).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(missing.status(), 404);
