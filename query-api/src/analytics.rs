@@ -184,7 +184,8 @@ async fn overview_for(
          sum(toUInt64(completion_tokens)) AS completion_tokens, sum(toUInt64(total_tokens)) AS tokens, \
          sum(cost_nanos) AS cost_nanos, sum(input_bytes) AS input_bytes, sum(output_bytes) AS output_bytes",
     );
-    let latency_sql = over_states(&state, &request.scope, &request.range, &[LATENCY], M_LATENCY, "");
+    let latency_sql =
+        over_states(&state, &request.scope, &request.range, Keys::columns(""), &[LATENCY], M_LATENCY, "");
     let (groups, latency) = futures::try_join!(totals, latency_sql.query(&client).fetch_one::<Latency>())?;
     let mut services: BTreeMap<String, Share> = BTreeMap::new();
     let mut models: BTreeMap<String, Share> = BTreeMap::new();
@@ -313,17 +314,11 @@ async fn timeseries_for(
     if bucket == "hour" && request.range.to - request.range.from > chrono::Duration::days(93) {
         return Err(ApiError::BadRequest("hour buckets cover at most 93 days; use bucket=day".into()));
     }
-    // The zone is checked above (letters, digits, / _ - +) and ClickHouse refuses unknown ones.
-    let bucket_sql = match bucket {
-        "hour" => "toString(toUInt32(hour)) AS bucket".to_owned(),
-        _ => format!("toString(toDate(hour, '{tz}')) AS bucket"),
-    };
-    let key_sql = group_by.map_or("'' AS key".to_owned(), |g| format!("{g} AS key"));
     use stats::*;
+    let key = group_by.unwrap_or("''");
     // Hour buckets: each hour comes whole from one source (the rollup, or the raw rows of an edge
     // hour), so two plain queries run concurrently. Day buckets mix both: states merged in one.
     let points: Result<Vec<Point>, clickhouse::error::Error> = if bucket == "hour" {
-        let key = group_by.unwrap_or("''");
         sums(
             &state,
             &request.scope,
@@ -339,13 +334,19 @@ async fn timeseries_for(
         )
         .await
     } else {
+        // The zone is checked above (letters, digits, / _ - +) and ClickHouse refuses unknown ones.
         over_states(
             &state,
             &request.scope,
             &request.range,
+            Keys {
+                rollup: &format!("toString(toDate(hour, '{tz}')) AS bucket, {key} AS key"),
+                raw: &format!("toString(toDate(toStartOfHour(timestamp), '{tz}')) AS bucket, {key} AS key"),
+                group: "bucket, key",
+            },
             &[EVENTS, ERRORS, TOTAL_TOKENS, COST, LATENCY],
-            &format!("{bucket_sql}, {key_sql}, {M_EVENTS}, {M_ERRORS}, {M_TOKENS}, {M_COST}, {M_LATENCY}"),
-            "GROUP BY bucket, key ORDER BY bucket, key",
+            &format!("{M_EVENTS}, {M_ERRORS}, {M_TOKENS}, {M_COST}, {M_LATENCY}"),
+            "ORDER BY bucket, key",
         )
         .query(&state.client())
         .fetch_all()
@@ -429,9 +430,10 @@ async fn perf_for(
         &state,
         &request.scope,
         &request.range,
+        Keys::columns("provider, model"),
         &[EVENTS, ERRORS, LATENCY],
-        &format!("provider, model, {M_EVENTS}, {M_ERRORS}, {M_LATENCY}"),
-        "GROUP BY provider, model ORDER BY requests DESC, provider, model",
+        &format!("{M_EVENTS}, {M_ERRORS}, {M_LATENCY}"),
+        "ORDER BY requests DESC, provider, model",
     )
     .query(&state.client())
     .fetch_all()
@@ -498,9 +500,10 @@ async fn costs_for(
         &state,
         &request.scope,
         &request.range,
+        Keys::columns("service, provider, model"),
         &[EVENTS, TOTAL_TOKENS, COST],
-        &format!("service, provider, model, {M_EVENTS}, {M_TOKENS}, {M_COST}"),
-        "GROUP BY service, provider, model ORDER BY cost_nanos DESC, service, provider, model",
+        &format!("{M_EVENTS}, {M_TOKENS}, {M_COST}"),
+        "ORDER BY cost_nanos DESC, service, provider, model",
     )
     .query(&state.client())
     .fetch_all()

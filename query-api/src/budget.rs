@@ -83,7 +83,9 @@ async fn view(state: &AppState, org_id: &str) -> Result<BudgetView, ApiError> {
     let now = Utc::now();
     let (start, resets_at) = month_bounds(now);
     let spent_nanos = if now > start {
-        let range = Range { from: start, to: now };
+        // The whole calendar month (events stamped a little ahead of the clock count too): whole
+        // hours, so the rollup alone answers.
+        let range = Range { from: start, to: resets_at };
         let scope = Scope { org_id, user_id: None, provider: None, model: None };
         let parts: Vec<Spent> = stats::sums(
             state,

@@ -76,10 +76,6 @@ impl Sql {
     }
 }
 
-fn ms(t: DateTime<Utc>) -> u64 {
-    u64::try_from(t.timestamp_millis()).unwrap_or(0)
-}
-
 fn seconds(t: DateTime<Utc>) -> u64 {
     u64::try_from(t.timestamp()).unwrap_or(0)
 }
@@ -87,50 +83,86 @@ fn seconds(t: DateTime<Utc>) -> u64 {
 /// An event's time in epoch milliseconds, from its two columns.
 pub(crate) const EVENT_MS: &str = "(toUInt64(timestamp) * 1000 + timestamp_ms)";
 
-/// Which raw rows to read: a condition on the sort key's `timestamp` in seconds (so ClickHouse
-/// reads only those granules) and the exact condition in milliseconds, each with its binds.
+/// Which raw rows to read: conditions on the sort key's `timestamp` in seconds (so ClickHouse
+/// reads only those granules), refined by `timestamp_ms` only where a bound falls inside a second.
+/// ClickHouse 18.16 spends most of a small query's CPU analysing its expressions, so the text is
+/// kept as short as exactness allows.
 pub(crate) struct RawBounds {
-    seconds: &'static str,
-    second_binds: Vec<u64>,
-    ms: String,
-    ms_binds: Vec<u64>,
+    text: String,
+    binds: Vec<u64>,
 }
 
 impl RawBounds {
-    /// `AND (<seconds>) AND (<ms>)`, to append to a WHERE clause.
+    /// The rows of the non-empty intervals among `intervals` (each `[from, to)`), or None when all
+    /// are empty.
+    fn of(intervals: &[(DateTime<Utc>, DateTime<Utc>)]) -> Option<RawBounds> {
+        let mut binds = Vec::new();
+        let parts: Vec<String> = intervals
+            .iter()
+            .filter(|(from, to)| from < to)
+            .map(|(from, to)| interval(*from, *to, &mut binds))
+            .collect();
+        match parts.len() {
+            0 => None,
+            1 => Some(RawBounds { text: parts.into_iter().next().unwrap_or_default(), binds }),
+            _ => Some(RawBounds { text: format!("({})", parts.join(") OR (")), binds }),
+        }
+    }
+
+    /// `AND (<condition>)`, to append to a WHERE clause.
     pub(crate) fn condition(&self) -> String {
-        format!(" AND ({}) AND ({})", self.seconds, self.ms)
+        format!(" AND ({})", self.text)
     }
 
     pub(crate) fn binds(&self) -> impl Iterator<Item = Bind> + '_ {
-        self.second_binds.iter().chain(&self.ms_binds).map(|n| Bind::Number(*n))
+        self.binds.iter().map(|n| Bind::Number(*n))
     }
+}
+
+/// `[from, to)` on (timestamp, timestamp_ms); both bounds at or after 1970.
+fn interval(from: DateTime<Utc>, to: DateTime<Utc>, binds: &mut Vec<u64>) -> String {
+    let lower = match from.timestamp_subsec_millis() {
+        0 => {
+            binds.push(seconds(from));
+            "timestamp >= toDateTime(?)"
+        }
+        from_ms => {
+            binds.extend([seconds(from), seconds(from), u64::from(from_ms)]);
+            "timestamp >= toDateTime(?) AND (timestamp > toDateTime(?) OR timestamp_ms >= ?)"
+        }
+    };
+    let upper = match to.timestamp_subsec_millis() {
+        0 => {
+            binds.push(seconds(to));
+            "timestamp < toDateTime(?)"
+        }
+        to_ms => {
+            binds.extend([seconds(to), seconds(to), u64::from(to_ms)]);
+            "timestamp <= toDateTime(?) AND (timestamp < toDateTime(?) OR timestamp_ms < ?)"
+        }
+    };
+    format!("{lower} AND {upper}")
 }
 
 /// All of [from, to): what a user scope reads from the raw table.
 pub(crate) fn whole_range(range: &Range) -> RawBounds {
-    RawBounds {
-        seconds: "timestamp >= toDateTime(?) AND timestamp <= toDateTime(?)",
-        second_binds: vec![seconds(range.from), seconds(range.to)],
-        ms: format!("{EVENT_MS} >= ? AND {EVENT_MS} < ?"),
-        ms_binds: vec![ms(range.from), ms(range.to)],
-    }
+    RawBounds::of(&[(epoch_or_later(range.from), epoch_or_later(range.to))])
+        .unwrap_or(RawBounds { text: "0".into(), binds: Vec::new() })
+}
+
+/// No event is older than 1970 (the ingest refuses them), so earlier bounds mean 1970.
+fn epoch_or_later(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.max(DateTime::UNIX_EPOCH)
 }
 
 /// For an org scope: the whole hours [first, last) the rollup answers, and the partial edge
-/// hours left to the raw table.
-fn split_hours(range: &Range) -> (DateTime<Utc>, DateTime<Utc>, RawBounds) {
+/// hours left to the raw table (None when the range starts and ends on whole hours).
+fn split_hours(range: &Range) -> (DateTime<Utc>, DateTime<Utc>, Option<RawBounds>) {
     let hour = Duration::hours(1);
-    let first = range.from.duration_round_up(hour).unwrap_or(range.from).min(range.to);
-    let last = range.to.duration_trunc(hour).unwrap_or(range.to).max(first);
-    let edges = RawBounds {
-        seconds: "(timestamp >= toDateTime(?) AND timestamp < toDateTime(?)) \
-                  OR (timestamp >= toDateTime(?) AND timestamp <= toDateTime(?))",
-        second_binds: vec![seconds(range.from), seconds(first), seconds(last), seconds(range.to)],
-        ms: format!("({EVENT_MS} >= ? AND {EVENT_MS} < ?) OR ({EVENT_MS} >= ? AND {EVENT_MS} < ?)"),
-        ms_binds: vec![ms(range.from), ms(first), ms(last), ms(range.to)],
-    };
-    (first, last, edges)
+    let (from, to) = (epoch_or_later(range.from), epoch_or_later(range.to));
+    let first = from.duration_round_up(hour).unwrap_or(from).min(to);
+    let last = to.duration_trunc(hour).unwrap_or(to).max(first);
+    (first, last, RawBounds::of(&[(from, first), (last, to)]))
 }
 
 /// What one source (the rollup, or the raw table) selects and groups by; an empty `group` means
@@ -141,78 +173,158 @@ struct Source<'a> {
     group: &'a str,
 }
 
-/// The queries that read a scope and range: for a user, the raw rows of the whole range; for an
-/// org, the rollup's whole hours and the raw rows of the edge hours, in that order.
-fn source_queries(state: &AppState, scope: &Scope, range: &Range, rollup: Source, raw: Source) -> Vec<Sql> {
-    let events = state.clickhouse.table("events");
-    let table = state.clickhouse.table("rollup_hourly");
-    let filters: String = [("provider", scope.provider), ("model", scope.model)]
-        .iter()
-        .filter(|(_, value)| value.is_some())
-        .map(|(column, _)| format!(" AND {column} = ?"))
-        .collect();
-    let filter_binds =
-        || [scope.provider, scope.model].into_iter().flatten().map(|value| Bind::Text(value.to_owned()));
-    let group_by = |group: &str| if group.is_empty() { String::new() } else { format!(" GROUP BY {group}") };
-    let raw_rows = |bounds: RawBounds| {
-        let mut binds = vec![Bind::Text(scope.org_id.to_owned())];
-        let mut text = format!("SELECT {} FROM {events} WHERE org_id = ?", raw.select);
-        if let Some(user) = scope.user_id {
-            text.push_str(" AND user_id = ?");
-            binds.push(Bind::Text(user.to_owned()));
-        }
-        text.push_str(&format!("{}{filters}{}", bounds.condition(), group_by(raw.group)));
-        binds.extend(bounds.binds());
-        binds.extend(filter_binds());
-        Sql { text, binds }
-    };
-    if scope.user_id.is_some() {
-        return vec![raw_rows(whole_range(range))];
-    }
-    let (first_hour, last_hour, edge_bounds) = split_hours(range);
-    let mut binds = vec![
-        Bind::Text(scope.org_id.to_owned()),
-        Bind::Number(seconds(first_hour)),
-        Bind::Number(seconds(last_hour)),
-    ];
-    binds.extend(filter_binds());
-    let whole_hours = Sql {
-        text: format!(
-            "SELECT {} FROM {table} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?){filters}{}",
-            rollup.select,
-            group_by(rollup.group)
-        ),
-        binds,
-    };
-    vec![whole_hours, raw_rows(edge_bounds)]
+/// Where a scope's range is read from: the rollup's whole hours [first, last) and/or raw rows.
+/// At least one of the two is set.
+struct Plan {
+    whole_hours: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    raw: Option<RawBounds>,
 }
 
-/// `SELECT <outer> FROM (<states of scope in range>) <tail>`: `outer` merges the `aggs` states and
-/// may use the key columns hour, provider, model and service.
+impl Plan {
+    /// For a user, the raw rows of the whole range (the rollups have no user column); for an org,
+    /// the rollup's whole hours and the raw rows of the partial edge hours.
+    fn new(scope: &Scope, range: &Range) -> Plan {
+        if scope.user_id.is_some() {
+            return Plan { whole_hours: None, raw: Some(whole_range(range)) };
+        }
+        let (first, last, edges) = split_hours(range);
+        let whole_hours = (first < last).then_some((first, last));
+        let raw = if whole_hours.is_none() && edges.is_none() { Some(whole_range(range)) } else { edges };
+        Plan { whole_hours, raw }
+    }
+}
+
+fn group_by(group: &str) -> String {
+    if group.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {group}")
+    }
+}
+
+fn filters(scope: &Scope) -> (String, Vec<Bind>) {
+    let mut text = String::new();
+    let mut binds = Vec::new();
+    for (column, value) in [("provider", scope.provider), ("model", scope.model)] {
+        if let Some(value) = value {
+            text.push_str(&format!(" AND {column} = ?"));
+            binds.push(Bind::Text(value.to_owned()));
+        }
+    }
+    (text, binds)
+}
+
+/// The rollup's whole hours [first, last) of an org scope.
+fn rollup_query(
+    state: &AppState,
+    scope: &Scope,
+    (first, last): (DateTime<Utc>, DateTime<Utc>),
+    source: Source,
+) -> Sql {
+    let (filters, filter_binds) = filters(scope);
+    let mut binds =
+        vec![Bind::Text(scope.org_id.to_owned()), Bind::Number(seconds(first)), Bind::Number(seconds(last))];
+    binds.extend(filter_binds);
+    Sql {
+        text: format!(
+            "SELECT {} FROM {} WHERE org_id = ? AND hour >= toDateTime(?) AND hour < toDateTime(?){filters}{}",
+            source.select,
+            state.clickhouse.table("rollup_hourly"),
+            group_by(source.group)
+        ),
+        binds,
+    }
+}
+
+/// The raw rows of a scope within `bounds`.
+fn raw_query(state: &AppState, scope: &Scope, bounds: &RawBounds, source: Source) -> Sql {
+    let mut binds = vec![Bind::Text(scope.org_id.to_owned())];
+    let mut text =
+        format!("SELECT {} FROM {} WHERE org_id = ?", source.select, state.clickhouse.table("events"));
+    if let Some(user) = scope.user_id {
+        text.push_str(" AND user_id = ?");
+        binds.push(Bind::Text(user.to_owned()));
+    }
+    let (filters, filter_binds) = filters(scope);
+    text.push_str(&format!("{}{filters}{}", bounds.condition(), group_by(source.group)));
+    binds.extend(bounds.binds());
+    binds.extend(filter_binds);
+    Sql { text, binds }
+}
+
+/// The queries that read a scope and range (see `Plan`): the rollup's, then the raw table's.
+fn source_queries(state: &AppState, scope: &Scope, range: &Range, rollup: Source, raw: Source) -> Vec<Sql> {
+    let plan = Plan::new(scope, range);
+    let mut queries = Vec::new();
+    if let Some(hours) = plan.whole_hours {
+        queries.push(rollup_query(state, scope, hours, rollup));
+    }
+    if let Some(bounds) = &plan.raw {
+        queries.push(raw_query(state, scope, bounds, raw));
+    }
+    queries
+}
+
+/// One query merging the `aggs` states of a scope and range, grouped by `keys`:
+/// `SELECT <keys.group>, <merges> FROM (<rollup rows> UNION ALL <raw states>) GROUP BY <keys.group>
+/// <tail>`, or, when the rollup alone answers (a range of whole hours), `SELECT <keys.rollup>,
+/// <merges> FROM rollup_hourly … GROUP BY <keys.group> <tail>`. `merges` use the `aggs` columns
+/// (the `M_*` expressions); the subqueries carry only the keys and columns asked for, and the raw
+/// side pre-aggregates by the keys.
 pub fn over_states(
     state: &AppState,
     scope: &Scope,
     range: &Range,
+    keys: Keys,
     aggs: &[Agg],
-    outer: &str,
+    merges: &str,
     tail: &str,
 ) -> Sql {
-    let columns = aggs.iter().map(|a| a.column).collect::<Vec<_>>().join(", ");
-    let raw_states = aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
-    let parts = source_queries(
-        state,
-        scope,
-        range,
-        Source { select: &format!("hour, provider, model, service, {columns}"), group: "" },
-        Source {
-            select: &format!("toStartOfHour(timestamp) AS hour, provider, model, service, {raw_states}"),
-            group: "hour, provider, model, service",
-        },
-    );
-    let inner = parts.iter().map(|part| part.text.as_str()).collect::<Vec<_>>().join(" UNION ALL ");
+    let with_keys =
+        |keys: &str, rest: &str| if keys.is_empty() { rest.to_owned() } else { format!("{keys}, {rest}") };
+    let plan = Plan::new(scope, range);
+    let sql = match (plan.whole_hours, &plan.raw) {
+        (Some(hours), None) => {
+            let sql = rollup_query(
+                state,
+                scope,
+                hours,
+                Source { select: &with_keys(keys.rollup, merges), group: keys.group },
+            );
+            return Sql { text: format!("{} {tail}", sql.text), binds: sql.binds };
+        }
+        (hours, raw) => {
+            let columns = aggs.iter().map(|a| a.column).collect::<Vec<_>>().join(", ");
+            let raw_states =
+                aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
+            let mut parts = Vec::new();
+            if let Some(hours) = hours {
+                parts.push(rollup_query(
+                    state,
+                    scope,
+                    hours,
+                    Source { select: &with_keys(keys.rollup, &columns), group: "" },
+                ));
+            }
+            if let Some(bounds) = raw {
+                parts.push(raw_query(
+                    state,
+                    scope,
+                    bounds,
+                    Source { select: &with_keys(keys.raw, &raw_states), group: keys.group },
+                ));
+            }
+            parts
+        }
+    };
+    let inner = sql.iter().map(|part| part.text.as_str()).collect::<Vec<_>>().join(" UNION ALL ");
     Sql {
-        text: format!("SELECT {outer} FROM ({inner}) {tail}"),
-        binds: parts.into_iter().flat_map(|part| part.binds).collect(),
+        text: format!(
+            "SELECT {} FROM ({inner}){} {tail}",
+            with_keys(keys.group, merges),
+            group_by(keys.group)
+        ),
+        binds: sql.into_iter().flat_map(|part| part.binds).collect(),
     }
 }
 
@@ -248,8 +360,8 @@ where
     Ok(results.into_iter().flatten().collect())
 }
 
-/// The grouping keys of `sums`: as selected from the rollup, as selected from raw rows (where the
-/// hour is `toStartOfHour(timestamp)`), and the GROUP BY list (their aliases).
+/// The grouping keys of `sums` and `over_states`: as selected from the rollup, as selected from
+/// raw rows (where the hour is `toStartOfHour(timestamp)`), and the GROUP BY list (their aliases).
 #[derive(Clone, Copy)]
 pub struct Keys<'a> {
     pub rollup: &'a str,

@@ -104,11 +104,23 @@ async fn cost_summary_equals_the_raw_table_for_any_range_and_sees_one_org() {
     api.insert_priced(&org_b, "2026-01-23 05:30:00", 0, "gpt-4o", 999, 5_000_000_000).await;
     // A late event into an hour that already has rollup rows.
     api.insert_priced(&org_a, "2026-01-23 04:15:00", 5, "gpt-4o", 7, 123_456_789).await;
+    // Events one millisecond either side of the bounds below that fall inside a second.
+    for (timestamp, millis) in [
+        ("2026-01-23 04:10:30", 249),
+        ("2026-01-23 04:10:30", 250),
+        ("2026-01-23 11:47:00", 499),
+        ("2026-01-23 11:47:00", 500),
+    ] {
+        api.insert_priced(&org_a, timestamp, millis, "gpt-4o-mini", 11, 1_000 + i64::from(millis)).await;
+    }
 
     for (from, to) in [
         ("2026-01-23T00:00:00Z", "2026-01-24T00:00:00Z"), // whole hours only
         ("2026-01-23T04:10:30.250Z", "2026-01-23T11:47:00.500Z"), // partial hours at both ends
         ("2026-01-23T06:05:00Z", "2026-01-23T06:50:00Z"), // inside one hour
+        ("2026-01-23T04:10:30.250Z", "2026-01-23T04:59:59.999Z"), // inside one hour, to the millisecond
+        ("2026-01-23T04:10:30Z", "2026-01-23T11:47:00Z"), // whole seconds at both ends
+        ("2026-01-23T05:00:00Z", "2026-01-23T11:47:00.500Z"), // a whole hour start, a partial end
     ] {
         let (status, summary) = api.summary(&key_a, from, to).await;
         assert_eq!(status, 200);
