@@ -92,7 +92,7 @@ async fn apply_missing(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
     for migration in MIGRATIONS {
         let current = migration.checksum();
         let records: Vec<&Applied> = applied.iter().filter(|a| a.version == migration.version).collect();
-        if let Some(changed) = records.iter().find(|a| a.checksum != current) {
+        if let Some(changed) = records.iter().find(|a| !migration.accepts(&a.checksum)) {
             return Err(MigrateError::Changed {
                 version: migration.version,
                 name: migration.name,

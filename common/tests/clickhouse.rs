@@ -67,6 +67,54 @@ async fn changed_migration_is_refused() {
     drop_database(&config).await;
 }
 
+#[tokio::test]
+async fn an_earlier_text_listed_as_replaced_is_accepted_and_new_tables_get_the_new_settings() {
+    let config = migrated_database("rep").await;
+    let client = config.client();
+    // A database migrated before 0002 gained `index_granularity = 256` recorded the old checksum.
+    let rollups = &tally_schemas::migrations::MIGRATIONS[1];
+    let old = rollups.replaces[0];
+    client
+        .query(&format!("ALTER TABLE {} DELETE WHERE version = 2", config.table("schema_migrations")))
+        .execute()
+        .await
+        .unwrap();
+    client
+        .query(&format!(
+            "INSERT INTO {} (version, name, checksum) VALUES (2, 'rollups', ?)",
+            config.table("schema_migrations")
+        ))
+        .bind(old)
+        .execute()
+        .await
+        .unwrap();
+    // Mutations apply asynchronously on 18.16: wait until only the old record is left.
+    for _ in 0..100 {
+        let n: Count = client
+            .query(&format!(
+                "SELECT count() AS n FROM {} WHERE version = 2",
+                config.table("schema_migrations")
+            ))
+            .fetch_one()
+            .await
+            .unwrap();
+        if n.n == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(migrate(&config).await.unwrap(), Vec::<u32>::new(), "nothing to apply, nothing refused");
+    assert!(!rollups.accepts("0000"), "only the listed texts");
+    let create: String = client
+        .query("SELECT create_table_query FROM system.tables WHERE database = ? AND name = 'rollup_hourly'")
+        .bind(config.database.as_str())
+        .fetch_one()
+        .await
+        .unwrap();
+    assert!(create.contains("index_granularity = 256"), "{create}");
+    drop_database(&config).await;
+}
+
 async fn insert_org(
     config: &tally_common::ch::ChConfig,
     org: &str,

@@ -3,6 +3,12 @@
 -- nano-dollars) are integers, so a rollup equals the same aggregate over the raw table as long
 -- as the raw table never receives a duplicate (the consumer's job). Read with the -Merge
 -- combinators, e.g. countMerge(events), sumMerge(cost_nanos_sum).
+--
+-- index_granularity = 256: a request reads one org's rows (a few hundred per part for a month of
+-- hours), and ClickHouse reads and decodes whole granules, so the default 8192 made every request
+-- decode tens of thousands of other orgs' quantile states. Databases created before this setting
+-- (checksum listed in schemas/src/migrations.rs) keep 8192 and still work; docs/operations.md says
+-- how to rebuild their rollups offline.
 CREATE TABLE IF NOT EXISTS {db}.rollup_hourly
 (
     org_id String,
@@ -22,7 +28,8 @@ CREATE TABLE IF NOT EXISTS {db}.rollup_hourly
 )
 ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(hour)
-ORDER BY (org_id, hour, provider, model, service);
+ORDER BY (org_id, hour, provider, model, service)
+SETTINGS index_granularity = 256;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.rollup_hourly_mv TO {db}.rollup_hourly AS
 SELECT
@@ -62,7 +69,8 @@ CREATE TABLE IF NOT EXISTS {db}.rollup_daily
 )
 ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(day)
-ORDER BY (org_id, day, provider, model, service);
+ORDER BY (org_id, day, provider, model, service)
+SETTINGS index_granularity = 256;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.rollup_daily_mv TO {db}.rollup_daily AS
 SELECT

@@ -9,13 +9,33 @@ pub struct Migration {
     pub version: u32,
     pub name: &'static str,
     pub sql: &'static str,
+    /// Checksums of earlier texts of this migration that remain valid once applied: edits that
+    /// change only physical settings of new tables (a database made with the earlier text works
+    /// as is). Any other edit needs a new migration.
+    pub replaces: &'static [&'static str],
 }
 
 pub const MIGRATIONS: &[Migration] = &[
-    Migration { version: 1, name: "events", sql: include_str!("../migrations/0001_events.sql") },
-    Migration { version: 2, name: "rollups", sql: include_str!("../migrations/0002_rollups.sql") },
-    Migration { version: 3, name: "admin", sql: include_str!("../migrations/0003_admin.sql") },
-    Migration { version: 4, name: "seed_prices", sql: include_str!("../migrations/0004_seed_prices.sql") },
+    Migration {
+        version: 1,
+        name: "events",
+        sql: include_str!("../migrations/0001_events.sql"),
+        replaces: &[],
+    },
+    Migration {
+        version: 2,
+        name: "rollups",
+        sql: include_str!("../migrations/0002_rollups.sql"),
+        // Before `index_granularity = 256` (2026-11-22).
+        replaces: &["14da48f273c7a7f3e76d0ee62feb6b4f58342271be44958f4451c27859a6d499"],
+    },
+    Migration { version: 3, name: "admin", sql: include_str!("../migrations/0003_admin.sql"), replaces: &[] },
+    Migration {
+        version: 4,
+        name: "seed_prices",
+        sql: include_str!("../migrations/0004_seed_prices.sql"),
+        replaces: &[],
+    },
 ];
 
 impl Migration {
@@ -38,6 +58,11 @@ impl Migration {
     /// Hex SHA-256 of the file: the runner refuses to continue when an applied migration changed.
     pub fn checksum(&self) -> String {
         hex::encode(Sha256::digest(self.sql.as_bytes()))
+    }
+
+    /// Whether a database that recorded `applied` for this migration has it.
+    pub fn accepts(&self, applied: &str) -> bool {
+        applied == self.checksum() || self.replaces.contains(&applied)
     }
 }
 
