@@ -12,6 +12,7 @@
    perf over 30 days).
 
 Usage: loadtest/bench_query.py [--events 50000000] [--rate 200] [--seconds 30] [--keep DATABASE]
+                               [--only status,summary,budget,timeseries,perf,overview,costs]
   --keep DATABASE reuses (and keeps) a database loaded by an earlier run.
 Needs the local stack (dev/stack.sh infra-up), release binaries and k6 (make up installs it).
 """
@@ -73,6 +74,7 @@ def main():
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--keep", default="", help="reuse this already loaded database and keep it")
+    parser.add_argument("--only", default="", help="comma-separated endpoint names (e.g. perf,timeseries) to drive")
     args = parser.parse_args()
     database = args.keep or "tally_bench_query_%08x" % random.getrandbits(32)
     if not args.keep or bc.ch("SELECT count() FROM system.databases WHERE name = '%s'" % database) != "1":
@@ -107,6 +109,9 @@ def main():
         ("overview 30d", "/api/analytics/overview?" + month, None),
         ("costs list", "/api/costs?limit=50", None),
     ]
+    if args.only:
+        wanted = args.only.split(",")
+        endpoints = [e for e in endpoints if e[0].split()[0] in wanted]
     api = bi.start("tally-query-api", {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_ADMIN_TOKEN": bi.ADMIN,
                                        "TALLY_LISTEN_ADDR": "127.0.0.1:18181", "TALLY_MIGRATE": "false"})
     results = []
