@@ -358,9 +358,18 @@ async fn timeseries_for(
         Some(1000 | 36) if params.tz.is_some() => ApiError::BadRequest(format!("unknown time zone {tz:?}")),
         _ => ApiError::Storage(error),
     })?;
-    let mut out: Vec<TimePoint> = points
+    // In time order, then key: hour buckets by their epoch seconds (comparing the RFC 3339 texts
+    // of 700 points cost a quarter of the endpoint's CPU), day buckets by their ISO dates.
+    let mut points: Vec<(i64, Point)> = points
         .into_iter()
-        .map(|p| TimePoint {
+        .map(|p| (if bucket == "hour" { p.bucket.parse::<i64>().unwrap_or(i64::MAX) } else { 0 }, p))
+        .collect();
+    points.sort_unstable_by(|(ta, a), (tb, b)| {
+        ta.cmp(tb).then_with(|| a.bucket.cmp(&b.bucket)).then_with(|| a.key.cmp(&b.key))
+    });
+    let out: Vec<TimePoint> = points
+        .into_iter()
+        .map(|(_, p)| TimePoint {
             time: match bucket {
                 "hour" => p
                     .bucket
@@ -379,7 +388,6 @@ async fn timeseries_for(
             cost_nanos: p.cost_nanos,
         })
         .collect();
-    out.sort_by(|a, b| a.time.cmp(&b.time).then(a.key.cmp(&b.key)));
     Ok(Json(Timeseries {
         from: rfc3339(request.range.from),
         to: rfc3339(request.range.to),
