@@ -1,6 +1,11 @@
 //! Seed 004's analytics for the key's org, optionally one user of it: overview, timeseries, perf
 //! and costs. `/api/analytics/{view}?userId=` and `/analytics/user/{userId}/{view}` are the same
 //! handlers; the org always comes from the API key.
+//!
+//! Analytics work at hour resolution: `from` is rounded down and `to` up to a whole hour (UTC),
+//! and every response states the range it covers. So the rollup alone answers an org's view, in
+//! one query, and each number equals the same aggregate over the raw events of the stated range.
+//! (`/api/costs/summary`, the budget and the events list keep millisecond bounds.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -44,7 +49,8 @@ fn request<'a>(
     path_user: Option<&'a str>,
 ) -> Result<Request<'a>, ApiError> {
     let range =
-        Range::from_params(&RangeParams { from: params.from.clone(), to: params.to.clone() }, Utc::now())?;
+        Range::from_params(&RangeParams { from: params.from.clone(), to: params.to.clone() }, Utc::now())?
+            .whole_hours();
     let query_user = stats::text_param("userId", &params.user_id, limits::MAX_ID_LEN)?;
     if path_user.is_some() && query_user.is_some() {
         return Err(ApiError::BadRequest("give the user in the path or as userId, not both".into()));

@@ -60,6 +60,15 @@ impl Range {
         }
         Ok(Range { from, to })
     }
+
+    /// The smallest range of whole UTC hours that contains this one.
+    pub fn whole_hours(self) -> Range {
+        let hour = Duration::hours(1);
+        Range {
+            from: self.from.duration_trunc(hour).unwrap_or(self.from),
+            to: self.to.duration_round_up(hour).unwrap_or(self.to),
+        }
+    }
 }
 
 #[derive(Row, Deserialize)]

@@ -81,6 +81,15 @@ fn rfc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// The answer states the range it covers.
+fn assert_range(answer: &Value, from: DateTime<Utc>, to: DateTime<Utc>) {
+    assert_eq!(
+        (answer["from"].as_str(), answer["to"].as_str()),
+        (Some(rfc(from).as_str()), Some(rfc(to).as_str())),
+        "{answer}"
+    );
+}
+
 /// The raw-table condition for one org (and optionally user) in [from, to).
 fn raw_where(api: &Api, org: &str, user: Option<&str>, from: DateTime<Utc>, to: DateTime<Utc>) -> String {
     format!(
@@ -116,10 +125,14 @@ async fn check_analytics(
         Some(u) => format!("/analytics/user/{u}"),
         None => "/api/analytics".into(),
     };
+    // Analytics cover whole hours: the range is widened to them and the answer says so.
+    let hour = Duration::hours(1);
+    let (from, to) = (from.duration_trunc(hour).unwrap(), to.duration_round_up(hour).unwrap());
     let w = raw_where(api, org, user, from, to);
 
     let (status, overview) = get(api, key, &format!("{prefix}/overview"), &range).await;
     assert_eq!(status, 200, "{overview}");
+    assert_range(&overview, from, to);
     let expected = &raw(
         api,
         &format!(
@@ -149,6 +162,7 @@ async fn check_analytics(
     }
 
     let (_, perf) = get(api, key, &format!("{prefix}/perf"), &range).await;
+    assert_range(&perf, from, to);
     let expected = raw(
         api,
         &format!(
@@ -167,6 +181,7 @@ async fn check_analytics(
     }
 
     let (_, costs) = get(api, key, &format!("{prefix}/costs"), &range).await;
+    assert_range(&costs, from, to);
     let expected = raw(
         api,
         &format!(
@@ -190,6 +205,7 @@ async fn check_analytics(
     let mut query = range.to_vec();
     query.push(("groupBy", "model".into()));
     let (_, series) = get(api, key, &format!("{prefix}/timeseries"), &query).await;
+    assert_range(&series, from, to);
     let expected = raw(
         api,
         &format!(
@@ -212,6 +228,7 @@ async fn check_analytics(
     let mut query = range.to_vec();
     query.extend([("bucket", "day".to_owned()), ("tz", "America/New_York".to_owned())]);
     let (status, series) = get(api, key, &format!("{prefix}/timeseries"), &query).await;
+    assert_range(&series, from, to);
     assert_eq!(status, 200, "{series}");
     let expected = raw(
         api,
