@@ -4,7 +4,7 @@
 
 use axum::extract::{Query, State};
 use axum::Json;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use tally_schemas::limits;
@@ -18,6 +18,9 @@ use crate::AppState;
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 1000;
 pub const MAX_OFFSET: u32 = 10_000;
+/// How far back from the newest possible event a page is looked for, in turn; None = the range.
+const LOOK_BACK: [Option<Duration>; 4] =
+    [Some(Duration::hours(1)), Some(Duration::days(1)), Some(Duration::days(7)), None];
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -143,36 +146,59 @@ pub async fn list(
             return Err(ApiError::BadRequest(format!("status must be success or error, not {other:?}")))
         }
     };
-    let at = EVENT_MS;
-    let bounds = whole_range(&range);
-    let mut sql = format!(
-        "SELECT {at} AS at_ms, event_id, provider, model, prompt_tokens, completion_tokens, total_tokens, cost_nanos, \
-         toString(cost_source) AS cost_source, latency_ms, toString(status) AS status, http_status, error, execution_id, \
-         agent_id, user_id, service, action, request_id, metadata_keys, metadata_values FROM {} WHERE org_id = ?{}",
-        state.clickhouse.table("events"),
-        bounds.condition()
-    );
-    let mut binds = vec![Bind::Text(org.org_id.to_string())];
-    binds.extend(bounds.binds());
-    for (column, value) in [
+    let filters = [
         ("model", text_param("model", &params.model, limits::MAX_NAME_LEN)?),
         ("provider", text_param("provider", &params.provider, limits::MAX_NAME_LEN)?),
         ("toString(status)", status),
         ("execution_id", text_param("executionId", &params.execution_id, limits::MAX_ID_LEN)?),
         ("user_id", text_param("userId", &params.user_id, limits::MAX_ID_LEN)?),
-    ] {
-        if let Some(value) = value {
-            sql.push_str(&format!(" AND {column} = ?"));
-            binds.push(Bind::Text(value.to_owned()));
+    ];
+    let at = EVENT_MS;
+    // The page of the events in [from, to) (and before the cursor).
+    let page_sql = |from: DateTime<Utc>| {
+        let bounds = whole_range(&Range { from, to: range.to });
+        let mut sql = format!(
+            "SELECT {at} AS at_ms, event_id, provider, model, prompt_tokens, completion_tokens, total_tokens, cost_nanos, \
+             toString(cost_source) AS cost_source, latency_ms, toString(status) AS status, http_status, error, execution_id, \
+             agent_id, user_id, service, action, request_id, metadata_keys, metadata_values FROM {} WHERE org_id = ?{}",
+            state.clickhouse.table("events"),
+            bounds.condition()
+        );
+        let mut binds = vec![Bind::Text(org.org_id.to_string())];
+        binds.extend(bounds.binds());
+        for (column, value) in filters {
+            if let Some(value) = value {
+                sql.push_str(&format!(" AND {column} = ?"));
+                binds.push(Bind::Text(value.to_owned()));
+            }
+        }
+        if let Some((at_ms, id)) = cursor {
+            sql.push_str(&format!(" AND ({at} < ? OR ({at} = ? AND event_id < toUUID(?)))"));
+            binds.extend([Bind::Number(at_ms), Bind::Number(at_ms), Bind::Text(id.to_string())]);
+        }
+        // One more than asked, to know whether another page exists.
+        sql.push_str(&format!(" ORDER BY at_ms DESC, event_id DESC LIMIT {offset}, {}", limit + 1));
+        Sql { text: sql, binds }
+    };
+    // Newest first without reading and sorting the whole range: look back from the newest
+    // possible event over growing windows. A window that holds the whole page (offset + limit + 1
+    // rows) holds the newest ones, since every event outside it is older than every event in it.
+    let newest = match cursor {
+        Some((at_ms, _)) => i64::try_from(at_ms)
+            .ok()
+            .and_then(|ms| DateTime::from_timestamp_millis(ms.saturating_add(1)))
+            .map_or(range.to, |t| t.min(range.to)),
+        None => range.to,
+    };
+    let mut rows: Vec<Stored> = Vec::new();
+    for window in LOOK_BACK {
+        let from =
+            window.and_then(|w| newest.checked_sub_signed(w)).map_or(range.from, |t| t.max(range.from));
+        rows = page_sql(from).query(&state.client()).fetch_all().await?;
+        if rows.len() > limit as usize || from == range.from {
+            break;
         }
     }
-    if let Some((at_ms, id)) = cursor {
-        sql.push_str(&format!(" AND ({at} < ? OR ({at} = ? AND event_id < toUUID(?)))"));
-        binds.extend([Bind::Number(at_ms), Bind::Number(at_ms), Bind::Text(id.to_string())]);
-    }
-    // One more than asked, to know whether another page exists.
-    sql.push_str(&format!(" ORDER BY at_ms DESC, event_id DESC LIMIT {offset}, {}", limit + 1));
-    let mut rows: Vec<Stored> = Sql { text: sql, binds }.query(&state.client()).fetch_all().await?;
     let has_more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next_cursor =
