@@ -144,6 +144,21 @@ async fn rollup_totals(clickhouse: &ChConfig, table: &str) -> (u64, u64, i64, u6
     (r.rows, r.tokens, r.cost, r.errors)
 }
 
+/// The rollup's totals once it holds `rows` events: an INSERT makes its rows visible in `events`
+/// before its materialized views have written the rollups, so a reader can see raw rows whose
+/// rollup rows are a moment away.
+async fn settled_rollup_totals(clickhouse: &ChConfig, table: &str, rows: u64) -> (u64, u64, i64, u64) {
+    let mut totals = rollup_totals(clickhouse, table).await;
+    for _ in 0..100 {
+        if totals.0 >= rows {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        totals = rollup_totals(clickhouse, table).await;
+    }
+    totals
+}
+
 async fn wait_for_rows(clickhouse: &ChConfig, expected: u64) {
     for _ in 0..150 {
         if raw_totals(clickhouse).await.rows >= expected {
@@ -178,7 +193,7 @@ async fn stores_records_once_dead_letters_poison_and_commits_after_insert() {
     assert_eq!((totals.tokens, totals.cost, totals.errors), (expected_tokens, expected_cost, 5));
     for rollup in ["rollup_hourly", "rollup_daily"] {
         assert_eq!(
-            rollup_totals(&clickhouse, rollup).await,
+            settled_rollup_totals(&clickhouse, rollup, 15).await,
             (15, expected_tokens, expected_cost, 5),
             "{rollup} equals raw"
         );
@@ -297,7 +312,7 @@ async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restar
     // The rollups saw exactly the stored rows.
     let totals = raw_totals(&clickhouse).await;
     for rollup in ["rollup_hourly", "rollup_daily"] {
-        let (rows, tokens, cost, _) = rollup_totals(&clickhouse, rollup).await;
+        let (rows, tokens, cost, _) = settled_rollup_totals(&clickhouse, rollup, totals.rows).await;
         assert_eq!((rows, tokens, cost), (totals.rows, totals.tokens, totals.cost), "{rollup}");
     }
     consumer.stop().await;
