@@ -9,6 +9,7 @@ pub mod dlq;
 pub mod metrics;
 pub mod reconcile;
 pub mod row;
+pub mod views;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -288,6 +289,7 @@ impl Worker {
                 return Attempt::Shutdown;
             }
             reconciler.record_stored(records);
+            let attempted: Vec<usize> = records.iter().map(Pending::row_count).collect();
             let rechecked = until_ok!(
                 backoff,
                 shutdown,
@@ -296,7 +298,60 @@ impl Worker {
             );
             let Some(outcome) = rechecked else { return Attempt::Shutdown };
             self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
+            if outcome.skipped_rows > 0 {
+                // The failed insert reached `events`: make sure it reached the rollups too.
+                let applied: Vec<&Pending> = records
+                    .iter()
+                    .zip(&attempted)
+                    .filter(|(p, &before)| p.row_count() < before)
+                    .map(|(p, _)| p)
+                    .collect();
+                let repaired = until_ok!(
+                    backoff,
+                    shutdown,
+                    "rollup check after a failed insert",
+                    self.repair_views(&applied).await
+                );
+                let Some(repair) = repaired else { return Attempt::Shutdown };
+                tracing::info!(
+                    ?repair,
+                    rows = outcome.skipped_rows,
+                    "a failed insert had been applied; rollups checked"
+                );
+                self.metrics.rollup_buckets_repaired.inc_by(repair.repaired as u64);
+            }
         }
+    }
+
+    /// Completes the rollups for records an insert stored in `events` though it reported failure
+    /// (see `views`). The records' rows were removed by the re-check, so their orgs and times
+    /// come from what ClickHouse holds.
+    async fn repair_views(&self, applied: &[&Pending]) -> Result<views::Repair, clickhouse::error::Error> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Span {
+            org_id: String,
+            first: u32,
+        }
+        let records: BTreeSet<(i32, i64)> = applied.iter().map(|p| (p.partition, p.offset)).collect();
+        if records.is_empty() {
+            return Ok(views::Repair::default());
+        }
+        let positions = records
+            .iter()
+            .map(|(partition, offset)| format!("({partition}, {offset})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let spans: Vec<Span> = self
+            .clickhouse
+            .query(&format!(
+                "SELECT org_id, toUInt32(min(timestamp)) AS first FROM {} WHERE (kafka_partition, kafka_offset) IN ({positions}) GROUP BY org_id",
+                self.table
+            ))
+            .fetch_all()
+            .await?;
+        let orgs: BTreeSet<String> = spans.iter().map(|s| s.org_id.clone()).collect();
+        let min_ts = spans.iter().map(|s| s.first).min().unwrap_or(0);
+        views::repair(&self.clickhouse, &self.table, &records, &orgs, min_ts).await
     }
 
     fn commit(&self, batch: &[Pending]) -> Result<(), rdkafka::error::KafkaError> {

@@ -13,6 +13,7 @@ pub struct ConsumerMetrics {
     pub insert_retries: IntCounter,
     pub dead_letters: IntCounterVec,
     pub reconciled_rows_skipped: IntCounter,
+    pub rollup_buckets_repaired: IntCounter,
     pub revoked_records_dropped: IntCounter,
     pub lag: IntGaugeVec,
     pub duplicates_dropped: IntCounter,
@@ -51,6 +52,10 @@ impl ConsumerMetrics {
                 "tally_consumer_reconciled_rows_skipped_total",
                 "rows read again after a crash or rebalance and skipped because ClickHouse already had them",
             )?,
+            rollup_buckets_repaired: IntCounter::new(
+                "tally_consumer_rollup_buckets_repaired_total",
+                "rollup buckets completed after an insert reached events but not its views (ClickHouse died in between)",
+            )?,
             revoked_records_dropped: IntCounter::new(
                 "tally_consumer_revoked_records_dropped_total",
                 "records of partitions revoked before their insert, left to the new owner",
@@ -77,6 +82,7 @@ impl ConsumerMetrics {
         registry.register(Box::new(metrics.dedup_bytes.clone()))?;
         registry.register(Box::new(metrics.lag.clone()))?;
         registry.register(Box::new(metrics.reconciled_rows_skipped.clone()))?;
+        registry.register(Box::new(metrics.rollup_buckets_repaired.clone()))?;
         registry.register(Box::new(metrics.revoked_records_dropped.clone()))?;
         registry.register(Box::new(metrics.rows_inserted.clone()))?;
         registry.register(Box::new(metrics.batches.clone()))?;

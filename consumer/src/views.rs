@@ -1,0 +1,189 @@
+//! Completing the rollups after an insert that ClickHouse applied to `events` but not to its
+//! views. An INSERT into `events` writes the table's part first and then, one by one, the parts of
+//! the materialized views; ClickHouse crashing in between leaves rows in `events` that the
+//! rollups never saw. The consumer learns of it when an insert failed and the re-check finds
+//! (some of) its rows stored: for those records, each rollup is compared with `events` per
+//! (org, bucket), and where a rollup lacks exactly the rows of that insert, it gets them, built by
+//! the view's own SELECT (taken from the migration) restricted to those records.
+//!
+//! Exact because only this worker writes the orgs of its partitions (records are keyed by org),
+//! each rollup bucket (org, hour or day) either has or lacks the insert's rows as a whole (one
+//! view part per month partition), and a bucket whose counts fit neither case is left alone and
+//! reported (`inconsistent`) rather than guessed at.
+
+use std::collections::{BTreeSet, HashMap};
+
+use clickhouse::Row;
+use serde::Deserialize;
+use tally_schemas::migrations::MIGRATIONS;
+
+/// A rollup fed by a view on `events`: its table, the bucket column and how raw rows map to it.
+struct Rollup {
+    table: &'static str,
+    view: &'static str,
+    column: &'static str,
+    raw_bucket: &'static str,
+}
+
+const ROLLUPS: [Rollup; 2] = [
+    Rollup {
+        table: "rollup_hourly",
+        view: "rollup_hourly_mv",
+        column: "hour",
+        raw_bucket: "toStartOfHour(timestamp)",
+    },
+    Rollup { table: "rollup_daily", view: "rollup_daily_mv", column: "day", raw_bucket: "toDate(timestamp)" },
+];
+
+/// What a repair found, summed over the rollups.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Repair {
+    /// Buckets that already held the insert's rows.
+    pub complete: usize,
+    /// Buckets that lacked them and were completed.
+    pub repaired: usize,
+    /// Buckets whose counts fit neither (left alone, logged).
+    pub inconsistent: usize,
+}
+
+#[derive(Row, Deserialize)]
+struct BucketCount {
+    org_id: String,
+    bucket: u32,
+    rows: u64,
+    ours: u64,
+}
+
+#[derive(Row, Deserialize)]
+struct RollupCount {
+    org_id: String,
+    bucket: u32,
+    rows: u64,
+}
+
+/// The SELECT of a view as the migration defines it, split before `FROM` and at `GROUP BY`.
+fn view_select(view: &str, database: &str) -> Option<(String, String)> {
+    let prefix = format!("CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.{view} ");
+    let statement =
+        MIGRATIONS.iter().flat_map(|m| m.statements(database)).find(|s| s.starts_with(&prefix))?;
+    let select = &statement[statement.find("SELECT")?..];
+    let from = select.find("\nFROM ")?;
+    let group = select.rfind("GROUP BY ")?;
+    Some((select[..from].to_owned(), select[group + "GROUP BY ".len()..].trim().to_owned()))
+}
+
+/// Completes the rollups for `records` ((partition, offset) of records whose rows an insert that
+/// reported failure stored in `events`); `orgs` are their orgs and `min_ts` their earliest event
+/// time (epoch seconds), which bound what ClickHouse reads.
+pub async fn repair(
+    client: &clickhouse::Client,
+    events_table: &str,
+    records: &BTreeSet<(i32, i64)>,
+    orgs: &BTreeSet<String>,
+    min_ts: u32,
+) -> Result<Repair, clickhouse::error::Error> {
+    let mut outcome = Repair::default();
+    if records.is_empty() {
+        return Ok(outcome);
+    }
+    let database = events_table.split('.').next().unwrap_or_default();
+    let org_list = vec!["?"; orgs.len()].join(", ");
+    let positions = records
+        .iter()
+        .map(|(partition, offset)| format!("({partition}, {offset})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let ours = format!("(kafka_partition, kafka_offset) IN ({positions})");
+    for rollup in &ROLLUPS {
+        let bind_orgs = |mut query: clickhouse::query::Query| {
+            for org in orgs {
+                query = query.bind(org.as_str());
+            }
+            query
+        };
+        let raw: Vec<BucketCount> = bind_orgs(client.query(&format!(
+            "SELECT org_id, toUInt32({bucket}) AS bucket, count() AS rows, countIf({ours}) AS ours FROM {events_table} \
+             WHERE org_id IN ({org_list}) AND {bucket} >= {bucket_of_min} GROUP BY org_id, bucket HAVING ours > 0",
+            bucket = rollup.raw_bucket,
+            bucket_of_min = rollup.raw_bucket.replace("timestamp", &format!("toDateTime({min_ts}, 'UTC')")),
+        )))
+        .fetch_all()
+        .await?;
+        if raw.is_empty() {
+            continue;
+        }
+        let first_bucket = raw.iter().map(|b| b.bucket).min().unwrap_or(0);
+        let in_rollup: HashMap<(String, u32), u64> = bind_orgs(client.query(&format!(
+            "SELECT org_id, toUInt32({column}) AS bucket, toUInt64(countMerge(events)) AS rows FROM {database}.{table} \
+             WHERE org_id IN ({org_list}) AND toUInt32({column}) >= {first_bucket} GROUP BY org_id, bucket",
+            column = rollup.column,
+            table = rollup.table,
+        )))
+        .fetch_all::<RollupCount>()
+        .await?
+        .into_iter()
+        .map(|r| ((r.org_id, r.bucket), r.rows))
+        .collect();
+        let mut missing = Vec::new();
+        for bucket in &raw {
+            let have = in_rollup.get(&(bucket.org_id.clone(), bucket.bucket)).copied().unwrap_or(0);
+            if have == bucket.rows {
+                outcome.complete += 1;
+            } else if have + bucket.ours == bucket.rows {
+                missing.push(bucket);
+            } else {
+                outcome.inconsistent += 1;
+                tracing::error!(
+                    rollup = rollup.table,
+                    org_id = %bucket.org_id,
+                    bucket = bucket.bucket,
+                    raw = bucket.rows,
+                    rollup_rows = have,
+                    insert_rows = bucket.ours,
+                    "rollup bucket disagrees with events beyond the failed insert; left as is"
+                );
+            }
+        }
+        if missing.is_empty() {
+            continue;
+        }
+        let Some((select, group)) = view_select(rollup.view, database) else {
+            tracing::error!(view = rollup.view, "view definition not found in the migrations");
+            outcome.inconsistent += missing.len();
+            continue;
+        };
+        let buckets = missing.iter().map(|b| format!("(?, {})", b.bucket)).collect::<Vec<_>>().join(", ");
+        let mut query = client.query(&format!(
+            "INSERT INTO {database}.{table} {select} FROM {events_table} WHERE {ours} \
+             AND (org_id, toUInt32({bucket})) IN ({buckets}) GROUP BY {group}",
+            table = rollup.table,
+            bucket = rollup.raw_bucket,
+        ));
+        for bucket in &missing {
+            query = query.bind(bucket.org_id.as_str());
+        }
+        query.execute().await?;
+        outcome.repaired += missing.len();
+        tracing::warn!(
+            rollup = rollup.table,
+            buckets = missing.len(),
+            "completed rollup buckets an interrupted insert had left out"
+        );
+    }
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_views_select_comes_from_the_migration() {
+        for rollup in &ROLLUPS {
+            let (select, group) = view_select(rollup.view, "db1").expect(rollup.view);
+            assert!(select.starts_with("SELECT") && select.contains("quantilesTimingState"), "{select}");
+            assert!(!select.contains("FROM"), "{select}");
+            assert!(group.starts_with("org_id,"), "{group}");
+        }
+    }
+}
