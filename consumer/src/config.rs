@@ -27,6 +27,10 @@ pub struct ConsumerConfig {
     /// Testing only: probability of aborting the process between an insert and its commit, to
     /// exercise recovery (`TALLY_FAILPOINT_CRASH_AFTER_INSERT`, default 0).
     pub failpoint_crash_after_insert: f64,
+    /// Testing only: probability that an insert ClickHouse applied is reported as failed (as when
+    /// the connection drops before the answer), to exercise the re-check and the rollup check
+    /// (`TALLY_FAILPOINT_FAIL_AFTER_INSERT`, default 0).
+    pub failpoint_fail_after_insert: f64,
 }
 
 impl ConsumerConfig {
@@ -44,6 +48,7 @@ impl ConsumerConfig {
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
             dedup_window_hours: env.parse("TALLY_DEDUP_WINDOW_HOURS", 24)?,
             failpoint_crash_after_insert: env.parse("TALLY_FAILPOINT_CRASH_AFTER_INSERT", 0.0)?,
+            failpoint_fail_after_insert: env.parse("TALLY_FAILPOINT_FAIL_AFTER_INSERT", 0.0)?,
         };
         if config.batch_max_rows == 0 || config.batch_max_rows > 1_000_000 {
             return Err(ConfigError::Invalid {

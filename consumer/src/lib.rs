@@ -183,6 +183,12 @@ impl Worker {
         }
         insert.end().await?;
         self.metrics.insert_seconds.observe(started.elapsed().as_secs_f64());
+        if self.config.failpoint_fail_after_insert > 0.0
+            && rand::random::<f64>() < self.config.failpoint_fail_after_insert
+        {
+            tracing::error!("failpoint: reporting an applied insert as failed");
+            return Err(clickhouse::error::Error::Custom("failpoint: answer lost after the insert".into()));
+        }
         Ok(())
     }
 

@@ -417,7 +417,11 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
     let untouched = repair(&normal, &org_b).await;
     assert_eq!((untouched.repaired, untouched.complete), (0, 2));
     for rollup in ["rollup_hourly", "rollup_daily"] {
-        assert_eq!(rollup_totals(&clickhouse, rollup).await.0, totals.rows, "{rollup}: nothing counted twice");
+        assert_eq!(
+            rollup_totals(&clickhouse, rollup).await.0,
+            totals.rows,
+            "{rollup}: nothing counted twice"
+        );
     }
     // Percentiles included: the repaired states merge like the view's.
     #[derive(Row, Deserialize)]

@@ -119,8 +119,18 @@ impl Setup {
 
     /// The real consumer binary as a child process, with static membership id `instance`.
     fn spawn_consumer(&self, instance: &str, crash_probability: f64) -> ConsumerProcess {
+        self.spawn_consumer_with(instance, crash_probability, 0.0)
+    }
+
+    fn spawn_consumer_with(
+        &self,
+        instance: &str,
+        crash_probability: f64,
+        lost_answer_probability: f64,
+    ) -> ConsumerProcess {
         let child = self
             .command()
+            .env("TALLY_FAILPOINT_FAIL_AFTER_INSERT", lost_answer_probability.to_string())
             .env("TALLY_CONSUMER_INSTANCE_ID", format!("{}-{instance}", self.group))
             .env("TALLY_KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("TALLY_LISTEN_ADDR", "127.0.0.1:0")
@@ -355,6 +365,24 @@ async fn clickhouse_stopped_mid_stream_then_back() {
     setup.assert_exactly_once(expected, "clickhouse stopped and restarted").await;
     setup.cleanup().await;
     drop(server);
+}
+
+/// Inserts ClickHouse applied but whose answer was lost: the re-check finds their rows, inserts
+/// only what is missing, and the rollup check finds the views complete (nothing counted twice).
+#[tokio::test]
+async fn inserts_whose_answer_is_lost_are_not_applied_twice() {
+    let setup = Setup::new("lost", kafka_brokers()).await;
+    let expected = setup.produce(0, 150, 40).await;
+    let child = setup.spawn_consumer_with("0", 0.0, 0.5);
+    setup.drain(expected).await;
+    stop(child);
+    setup.assert_exactly_once(expected, "answers lost after applied inserts").await;
+    let log = std::fs::read_to_string(std::env::temp_dir().join(format!("{}-0.log", setup.group)))
+        .unwrap_or_default();
+    assert!(log.contains("failpoint: reporting an applied insert as failed"), "the failpoint fired");
+    assert!(log.contains("rollups checked"), "the rollup check ran");
+    assert!(!log.contains("completed rollup buckets"), "the views had run: nothing to complete");
+    setup.cleanup().await;
 }
 
 async fn send_letter(brokers: &str, topic: &str, letter: &DeadLetter) {
