@@ -304,29 +304,31 @@ impl Worker {
             );
             let Some(outcome) = rechecked else { return Attempt::Shutdown };
             self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
-            if outcome.skipped_rows > 0 {
-                // The failed insert reached `events`: make sure it reached the rollups too.
-                let applied: Vec<&Pending> = records
-                    .iter()
-                    .zip(&attempted)
-                    .filter(|(p, &before)| p.row_count() < before)
-                    .map(|(p, _)| p)
-                    .collect();
-                let repaired = until_ok!(
-                    backoff,
-                    shutdown,
-                    "rollup check after a failed insert",
-                    self.repair_views(&applied).await
-                );
-                let Some(repair) = repaired else { return Attempt::Shutdown };
-                tracing::info!(
-                    ?repair,
-                    rows = outcome.skipped_rows,
-                    "a failed insert had been applied; rollups checked"
-                );
-                self.metrics.rollup_buckets_repaired.inc_by(repair.repaired as u64);
+            // The failed insert reached `events`: make sure it reached the rollups too.
+            if outcome.skipped_rows > 0
+                && self.check_views(records, &attempted, &mut backoff, shutdown).await.is_none()
+            {
+                return Attempt::Shutdown;
             }
         }
+    }
+
+    /// After rows of `records` turned out to be stored already (`before` holds each record's row
+    /// count before the check removed them): completes the rollups for those records if their
+    /// insert stopped between `events` and the views (see `views`). None on shutdown.
+    async fn check_views(
+        &self,
+        records: &[Pending],
+        before: &[usize],
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Option<views::Repair> {
+        let stored: Vec<&Pending> =
+            records.iter().zip(before).filter(|(p, &rows)| p.row_count() < rows).map(|(p, _)| p).collect();
+        let repair = until_ok!(*backoff, shutdown, "rollup check", self.repair_views(&stored).await)?;
+        tracing::info!(?repair, records = stored.len(), "rows found stored; rollups checked");
+        self.metrics.rollup_buckets_repaired.inc_by(repair.repaired as u64);
+        Some(repair)
     }
 
     /// Completes the rollups for records an insert stored in `events` though it reported failure
@@ -449,6 +451,7 @@ impl Worker {
             return true;
         }
         // Never insert what may already be stored: retry the checks until ClickHouse answers.
+        let before: Vec<usize> = batch.iter().map(Pending::row_count).collect();
         let reconciled =
             until_ok!(Backoff::new(), shutdown, "reconciliation", reconciler.filter(&mut batch).await);
         let Some(outcome) = reconciled else { return false };
@@ -459,6 +462,10 @@ impl Worker {
                 skipped_rows = outcome.skipped_rows,
                 "reconciled rows already stored"
             );
+            // Their insert may have died with ClickHouse between `events` and the views.
+            if self.check_views(&batch, &before, &mut Backoff::new(), shutdown).await.is_none() {
+                return false;
+            }
         }
         let assigned = self.assigned().unwrap_or_default();
         let now = epoch_now();

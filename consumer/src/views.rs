@@ -1,15 +1,18 @@
 //! Completing the rollups after an insert that ClickHouse applied to `events` but not to its
 //! views. An INSERT into `events` writes the table's part first and then, one by one, the parts of
 //! the materialized views; ClickHouse crashing in between leaves rows in `events` that the
-//! rollups never saw. The consumer learns of it when an insert failed and the re-check finds
-//! (some of) its rows stored: for those records, each rollup is compared with `events` per
-//! (org, bucket), and where a rollup lacks exactly the rows of that insert, it gets them, built by
-//! the view's own SELECT (taken from the migration) restricted to those records.
+//! rollups never saw. The consumer checks whenever it finds rows of its records already stored:
+//! after an insert that reported failure (the re-check), and when reconciliation skips rows after
+//! a restart or rebalance (the consumer may have died with ClickHouse). For those records, each
+//! rollup is compared with `events` per (org, bucket), and where a rollup lacks exactly the rows
+//! of those records, it gets them, built by the view's own SELECT (taken from the migration)
+//! restricted to those records.
 //!
-//! Exact because only this worker writes the orgs of its partitions (records are keyed by org),
-//! each rollup bucket (org, hour or day) either has or lacks the insert's rows as a whole (one
-//! view part per month partition), and a bucket whose counts fit neither case is left alone and
-//! reported (`inconsistent`) rather than guessed at.
+//! Exact because only the owner of a partition writes its orgs (records are keyed by org), each
+//! rollup bucket (org, hour or day) either has or lacks an insert's rows as a whole (one view part
+//! per month partition), and every earlier gap was completed when it was found; a bucket whose
+//! counts fit neither "complete" nor "lacks exactly these rows" (e.g. rows of a complete and of an
+//! interrupted insert re-read together) is left alone and reported (`inconsistent`).
 
 use std::collections::{BTreeSet, HashMap};
 
