@@ -295,7 +295,6 @@ impl Worker {
                 return Attempt::Shutdown;
             }
             reconciler.record_stored(records);
-            let attempted: Vec<usize> = records.iter().map(Pending::row_count).collect();
             let rechecked = until_ok!(
                 backoff,
                 shutdown,
@@ -306,60 +305,31 @@ impl Worker {
             self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
             // The failed insert reached `events`: make sure it reached the rollups too.
             if outcome.skipped_rows > 0
-                && self.check_views(records, &attempted, &mut backoff, shutdown).await.is_none()
+                && self.check_views(&outcome.stored_records, &mut backoff, shutdown).await.is_none()
             {
                 return Attempt::Shutdown;
             }
         }
     }
 
-    /// After rows of `records` turned out to be stored already (`before` holds each record's row
-    /// count before the check removed them): completes the rollups for those records if their
-    /// insert stopped between `events` and the views (see `views`). None on shutdown.
+    /// After rows of `records` ((partition, offset)) turned out to be stored already: completes
+    /// the rollups for those records if their insert stopped between `events` and the views (see
+    /// `views`). None on shutdown.
     async fn check_views(
         &self,
-        records: &[Pending],
-        before: &[usize],
+        records: &BTreeSet<(i32, i64)>,
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> Option<views::Repair> {
-        let stored: Vec<&Pending> =
-            records.iter().zip(before).filter(|(p, &rows)| p.row_count() < rows).map(|(p, _)| p).collect();
-        let repair = until_ok!(*backoff, shutdown, "rollup check", self.repair_views(&stored).await)?;
-        tracing::info!(?repair, records = stored.len(), "rows found stored; rollups checked");
+        let repair = until_ok!(
+            *backoff,
+            shutdown,
+            "rollup check",
+            views::repair(&self.clickhouse, &self.table, records).await
+        )?;
+        tracing::info!(?repair, records = records.len(), "rows found stored; rollups checked");
         self.metrics.rollup_buckets_repaired.inc_by(repair.repaired as u64);
         Some(repair)
-    }
-
-    /// Completes the rollups for records an insert stored in `events` though it reported failure
-    /// (see `views`). The records' rows were removed by the re-check, so their orgs and times
-    /// come from what ClickHouse holds.
-    async fn repair_views(&self, applied: &[&Pending]) -> Result<views::Repair, clickhouse::error::Error> {
-        #[derive(clickhouse::Row, serde::Deserialize)]
-        struct Span {
-            org_id: String,
-            first: u32,
-        }
-        let records: BTreeSet<(i32, i64)> = applied.iter().map(|p| (p.partition, p.offset)).collect();
-        if records.is_empty() {
-            return Ok(views::Repair::default());
-        }
-        let positions = records
-            .iter()
-            .map(|(partition, offset)| format!("({partition}, {offset})"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let spans: Vec<Span> = self
-            .clickhouse
-            .query(&format!(
-                "SELECT org_id, toUInt32(min(timestamp)) AS first FROM {} WHERE (kafka_partition, kafka_offset) IN ({positions}) GROUP BY org_id",
-                self.table
-            ))
-            .fetch_all()
-            .await?;
-        let orgs: BTreeSet<String> = spans.iter().map(|s| s.org_id.clone()).collect();
-        let min_ts = spans.iter().map(|s| s.first).min().unwrap_or(0);
-        views::repair(&self.clickhouse, &self.table, &records, &orgs, min_ts).await
     }
 
     fn commit(&self, batch: &[Pending]) -> Result<(), rdkafka::error::KafkaError> {
@@ -451,7 +421,6 @@ impl Worker {
             return true;
         }
         // Never insert what may already be stored: retry the checks until ClickHouse answers.
-        let before: Vec<usize> = batch.iter().map(Pending::row_count).collect();
         let reconciled =
             until_ok!(Backoff::new(), shutdown, "reconciliation", reconciler.filter(&mut batch).await);
         let Some(outcome) = reconciled else { return false };
@@ -463,7 +432,7 @@ impl Worker {
                 "reconciled rows already stored"
             );
             // Their insert may have died with ClickHouse between `events` and the views.
-            if self.check_views(&batch, &before, &mut Backoff::new(), shutdown).await.is_none() {
+            if self.check_views(&outcome.stored_records, &mut Backoff::new(), shutdown).await.is_none() {
                 return false;
             }
         }

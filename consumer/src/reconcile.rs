@@ -45,11 +45,13 @@ pub struct Reconciler {
 }
 
 /// What one reconciliation pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub checked_records: usize,
     pub skipped_rows: usize,
     pub duplicate_records: usize,
+    /// (partition, offset) of the records that had rows already stored.
+    pub stored_records: BTreeSet<(i32, i64)>,
 }
 
 impl Reconciler {
@@ -128,7 +130,10 @@ impl Reconciler {
                 if let Ok(rows) = &mut batch[i].decoded {
                     let before = rows.len();
                     rows.retain(|row| !stored.contains(&(offset, row.kafka_index)));
-                    outcome.skipped_rows += before - rows.len();
+                    if rows.len() < before {
+                        outcome.skipped_rows += before - rows.len();
+                        outcome.stored_records.insert((partition, offset));
+                    }
                 }
             }
         }

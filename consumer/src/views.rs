@@ -75,35 +75,47 @@ fn view_select(view: &str, database: &str) -> Option<(String, String)> {
     Some((select[..from].to_owned(), select[group + "GROUP BY ".len()..].trim().to_owned()))
 }
 
-/// Completes the rollups for `records` ((partition, offset) of records whose rows an insert that
-/// reported failure stored in `events`); `orgs` are their orgs and `min_ts` their earliest event
-/// time (epoch seconds), which bound what ClickHouse reads.
+#[derive(Row, Deserialize)]
+struct Span {
+    org_id: String,
+    first: u32,
+}
+
+/// Completes the rollups for `records` ((partition, offset) of records whose rows are in
+/// `events` but whose insert may have stopped before the views).
 pub async fn repair(
     client: &clickhouse::Client,
     events_table: &str,
     records: &BTreeSet<(i32, i64)>,
-    orgs: &BTreeSet<String>,
-    min_ts: u32,
 ) -> Result<Repair, clickhouse::error::Error> {
     let mut outcome = Repair::default();
     if records.is_empty() {
         return Ok(outcome);
     }
     let database = events_table.split('.').next().unwrap_or_default();
-    let org_list = vec!["?"; orgs.len()].join(", ");
     let positions = records
         .iter()
         .map(|(partition, offset)| format!("({partition}, {offset})"))
         .collect::<Vec<_>>()
         .join(", ");
     let ours = format!("(kafka_partition, kafka_offset) IN ({positions})");
+    // The records' orgs and earliest event time bound what ClickHouse reads below.
+    let spans: Vec<Span> = client
+        .query(&format!(
+            "SELECT org_id, toUInt32(min(timestamp)) AS first FROM {events_table} WHERE {ours} GROUP BY org_id"
+        ))
+        .fetch_all()
+        .await?;
+    let orgs: BTreeSet<&str> = spans.iter().map(|s| s.org_id.as_str()).collect();
+    let min_ts = spans.iter().map(|s| s.first).min().unwrap_or(0);
+    let org_list = vec!["?"; orgs.len()].join(", ");
+    let bind_orgs = |mut query: clickhouse::query::Query| {
+        for org in &orgs {
+            query = query.bind(*org);
+        }
+        query
+    };
     for rollup in &ROLLUPS {
-        let bind_orgs = |mut query: clickhouse::query::Query| {
-            for org in orgs {
-                query = query.bind(org.as_str());
-            }
-            query
-        };
         let raw: Vec<BucketCount> = bind_orgs(client.query(&format!(
             "SELECT org_id, toUInt32({bucket}) AS bucket, count() AS rows, countIf({ours}) AS ours FROM {events_table} \
              WHERE org_id IN ({org_list}) AND {bucket} >= {bucket_of_min} GROUP BY org_id, bucket HAVING ours > 0",

@@ -393,12 +393,11 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
         client.query(&format!("ATTACH TABLE {}", clickhouse.table(view))).execute().await.unwrap();
     }
     let records: std::collections::BTreeSet<(i32, i64)> = [(0, 2), (0, 3)].into();
-    let orgs: std::collections::BTreeSet<String> = ["org-a".to_owned()].into();
-    let repair = |records, orgs| {
+    let repair = |records| {
         let (client, table) = (client.clone(), clickhouse.table("events"));
-        async move { tally_consumer::views::repair(&client, &table, records, orgs, 1_795_000_000).await.unwrap() }
+        async move { tally_consumer::views::repair(&client, &table, records).await.unwrap() }
     };
-    let first = repair(&records, &orgs).await;
+    let first = repair(&records).await;
     // Hourly: hour 0 and hour 30 of org-a; daily: the two days. None was complete.
     assert_eq!((first.repaired, first.complete, first.inconsistent), (4, 0, 0), "{first:?}");
     let totals = raw_totals(&clickhouse).await;
@@ -410,11 +409,10 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
         );
     }
     // Checking again (or checking an insert whose views ran) changes nothing.
-    let again = repair(&records, &orgs).await;
+    let again = repair(&records).await;
     assert_eq!((again.repaired, again.complete, again.inconsistent), (0, 4, 0), "{again:?}");
     let normal: std::collections::BTreeSet<(i32, i64)> = [(1, 1)].into();
-    let org_b: std::collections::BTreeSet<String> = ["org-b".to_owned()].into();
-    let untouched = repair(&normal, &org_b).await;
+    let untouched = repair(&normal).await;
     assert_eq!((untouched.repaired, untouched.complete), (0, 2));
     for rollup in ["rollup_hourly", "rollup_daily"] {
         assert_eq!(
