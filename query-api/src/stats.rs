@@ -1,12 +1,13 @@
-//! The one way the query API aggregates: a subquery of aggregate *states* per (hour, provider,
-//! model, service), which each endpoint merges the way it needs.
+//! How the query API aggregates a scope (an org, or one user of it) over a time range.
 //!
-//! For an org, whole hours come from `rollup_hourly` and the partial hours at the two ends of the
-//! range from the raw table (states built on the fly with the same functions the rollup's view
-//! uses), so every range is exact to the millisecond and costs a rollup read plus two partial
-//! hours. For one user of an org (the rollups have no user column) everything comes from the raw
-//! table, still inside the org's range of the sort key. Either way the org is a bound parameter
-//! taken from the API key, never from the request.
+//! `sums`: plain sums, exact to the millisecond: for an org, whole hours from `rollup_hourly` and
+//! the partial hours at the two ends of the range from the raw table, as two concurrent queries
+//! whose rows the caller adds up. `over_states`: anything with quantile states, in one query: from
+//! the rollup when an org's range is whole hours (the analytics ask for whole hours), else from
+//! raw rows with states built by the same functions the rollup's view uses. For one user of an
+//! org (the rollups have no user column) both read the raw table, inside the org's range of the
+//! sort key. Either way the org is a bound parameter taken from the API key, never from the
+//! request.
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
 
@@ -265,12 +266,12 @@ fn source_queries(state: &AppState, scope: &Scope, range: &Range, rollup: Source
     queries
 }
 
-/// One query merging the `aggs` states of a scope and range, grouped by `keys`:
-/// `SELECT <keys.group>, <merges> FROM (<rollup rows> UNION ALL <raw states>) GROUP BY <keys.group>
-/// <tail>`, or, when the rollup alone answers (a range of whole hours), `SELECT <keys.rollup>,
-/// <merges> FROM rollup_hourly … GROUP BY <keys.group> <tail>`. `merges` use the `aggs` columns
-/// (the `M_*` expressions); the subqueries carry only the keys and columns asked for, and the raw
-/// side pre-aggregates by the keys.
+/// One query merging the `aggs` states of a scope and range, grouped by `keys`. An org's range of
+/// whole hours (what the analytics ask for, see `analytics`) is read from the rollup alone:
+/// `SELECT <keys.rollup>, <merges> FROM rollup_hourly … GROUP BY <keys.group> <tail>`. Anything
+/// else (one user, or partial hours) is read from the raw table, whose states, grouped by the
+/// keys, are merged the same way: `SELECT <keys.group>, <merges> FROM (<raw states>) GROUP BY
+/// <keys.group> <tail>`. `merges` use the `aggs` columns (the `M_*` expressions).
 pub fn over_states(
     state: &AppState,
     scope: &Scope,
@@ -283,48 +284,30 @@ pub fn over_states(
     let with_keys =
         |keys: &str, rest: &str| if keys.is_empty() { rest.to_owned() } else { format!("{keys}, {rest}") };
     let plan = Plan::new(scope, range);
-    let sql = match (plan.whole_hours, &plan.raw) {
-        (Some(hours), None) => {
-            let sql = rollup_query(
-                state,
-                scope,
-                hours,
-                Source { select: &with_keys(keys.rollup, merges), group: keys.group },
-            );
-            return Sql { text: format!("{} {tail}", sql.text), binds: sql.binds };
-        }
-        (hours, raw) => {
-            let columns = aggs.iter().map(|a| a.column).collect::<Vec<_>>().join(", ");
-            let raw_states =
-                aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
-            let mut parts = Vec::new();
-            if let Some(hours) = hours {
-                parts.push(rollup_query(
-                    state,
-                    scope,
-                    hours,
-                    Source { select: &with_keys(keys.rollup, &columns), group: "" },
-                ));
-            }
-            if let Some(bounds) = raw {
-                parts.push(raw_query(
-                    state,
-                    scope,
-                    bounds,
-                    Source { select: &with_keys(keys.raw, &raw_states), group: keys.group },
-                ));
-            }
-            parts
-        }
-    };
-    let inner = sql.iter().map(|part| part.text.as_str()).collect::<Vec<_>>().join(" UNION ALL ");
+    if let (Some(hours), None) = (plan.whole_hours, &plan.raw) {
+        let sql = rollup_query(
+            state,
+            scope,
+            hours,
+            Source { select: &with_keys(keys.rollup, merges), group: keys.group },
+        );
+        return Sql { text: format!("{} {tail}", sql.text), binds: sql.binds };
+    }
+    let raw_states = aggs.iter().map(|a| format!("{} AS {}", a.raw, a.column)).collect::<Vec<_>>().join(", ");
+    let inner = raw_query(
+        state,
+        scope,
+        &whole_range(range),
+        Source { select: &with_keys(keys.raw, &raw_states), group: keys.group },
+    );
     Sql {
         text: format!(
-            "SELECT {} FROM ({inner}){} {tail}",
+            "SELECT {} FROM ({}){} {tail}",
             with_keys(keys.group, merges),
+            inner.text,
             group_by(keys.group)
         ),
-        binds: sql.into_iter().flat_map(|part| part.binds).collect(),
+        binds: inner.binds,
     }
 }
 
