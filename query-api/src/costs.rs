@@ -37,7 +37,7 @@ pub fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// `t` rounded up to a whole second.
-pub fn up_to_second(t: DateTime<Utc>) -> DateTime<Utc> {
+fn up_to_second(t: DateTime<Utc>) -> DateTime<Utc> {
     t.duration_round_up(Duration::seconds(1)).unwrap_or(t)
 }
 
