@@ -15,7 +15,7 @@ status: ## show each component
 	@bash dev/stack.sh status
 
 restart: ## restart one component: make restart SERVICE=ingest
-	@test -n "$(SERVICE)" || { echo "usage: make restart SERVICE=<ingest|consumer|query-api|kafka|clickhouse|minio>"; exit 2; }
+	@test -n "$(SERVICE)" || { echo "usage: make restart SERVICE=<ingest|consumer|query-api|kafka|clickhouse|s3>"; exit 2; }
 	@bash dev/stack.sh restart $(SERVICE)
 
 clean: ## stop everything and delete .dev/ (all local data)
@@ -49,8 +49,7 @@ bench-consumer: ## consumer drain: raw ceiling vs tally-consumer vs ClickHouse's
 	cargo build --release --locked --bins -q
 	python3 loadtest/bench_consumer.py $(BENCH_ARGS)
 
-bench-query: ## query API latency on 50 M events of 1000 orgs over 30 days, each endpoint at 200 requests/s with k6
+bench-query: ## query API latency on 50 M events of 1000 orgs over 30 days, each endpoint at 200 requests/s (tally-loadgen, open model)
 	@bash dev/stack.sh infra-up
-	@bash dev/stack.sh install-k6
 	cargo build --release --locked --bins -q
 	python3 loadtest/bench_query.py $(BENCH_ARGS)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The local stack, with no Docker engine: real Apache Kafka (KRaft, Maven Central jars on the JDK),
-# ClickHouse (Debian's package), MinIO (go install), k6 (go install), and Tally's own services.
+# ClickHouse (Debian's package), S3Proxy (an S3 server, Apache-2.0, Maven Central jars on the JDK,
+# filesystem backend), and Tally's own services. Nothing AGPL is installed or run: no MinIO server,
+# no k6 (SREs bring their own k6 for loadtest/k6/; the demo traffic uses tally-loadgen).
 # Everything listens on 127.0.0.1 and keeps its state under .dev/; downloads and builds are cached
 # under $TALLY_CACHE so a second run is fast. Every command is idempotent.
 #
 #   dev/stack.sh install            install whatever is missing
-#   dev/stack.sh infra-up           start kafka, clickhouse, minio (and create topics, bucket)
+#   dev/stack.sh infra-up           start kafka, clickhouse, s3 (and create topics, bucket)
 #   dev/stack.sh up                 infra-up + build + start services + demo org, key and traffic
 #   dev/stack.sh down | status | clean
 #   dev/stack.sh restart NAME       restart one component (ingest, consumer, query-api, kafka, ...)
@@ -19,17 +21,16 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
 BIN_DIR="$TALLY_CACHE/bin"
 
 KAFKA_VERSION="4.1.1"
-K6_VERSION="v1.8.1"
-# MinIO publishes no semver tags; this is the module version of its 2026-02-12 commit.
-MINIO_VERSION="v0.0.0-20260212201848-7aac2a2c5b7c"
+S3PROXY_VERSION="2.6.0"
 KAFKA_LIBS="$TALLY_CACHE/kafka-$KAFKA_VERSION-$(sha256sum "$ROOT/dev/kafka/pom.xml" | cut -c1-12)/libs"
+S3PROXY_LIBS="$TALLY_CACHE/s3proxy-$S3PROXY_VERSION-$(sha256sum "$ROOT/dev/s3proxy/pom.xml" | cut -c1-12)/libs"
 
 KAFKA_BROKERS="127.0.0.1:9092"
 CLICKHOUSE_URL="http://127.0.0.1:8123"
-MINIO_ENDPOINT="http://127.0.0.1:9100"
-MINIO_USER="tally"
-MINIO_PASSWORD="tally-dev-secret"
-MINIO_BUCKET="tally-archive"
+S3_ENDPOINT="http://127.0.0.1:9100"
+S3_ACCESS_KEY="tally"
+S3_SECRET_KEY="tally-dev-secret"
+S3_BUCKET="tally-archive"
 INGEST_ADDR="127.0.0.1:8080"
 QUERY_ADDR="127.0.0.1:8081"
 CONSUMER_ADDR="127.0.0.1:8082"
@@ -111,26 +112,21 @@ install_kafka() {
     || { tail -n 30 "$DEV/log/mvn-kafka.log" >&2; die "mvn could not fetch the Kafka jars"; }
 }
 
-go_install() { # go_install BINARY MODULE@VERSION
-  local bin="$1" module="$2" stamp="$BIN_DIR/.$1.version"
-  [[ -x "$BIN_DIR/$bin" && -f $stamp && $(cat "$stamp") == "$module" ]] && return 0
-  log "building $bin with go install $module (first time only, a few minutes)"
-  GOBIN="$BIN_DIR" GOFLAGS="-trimpath" go install "$module" >"$DEV/log/go-install-$bin.log" 2>&1 \
-    || { tail -n 30 "$DEV/log/go-install-$bin.log" >&2; die "go install $module failed"; }
-  echo "$module" >"$stamp"
+install_s3proxy() {
+  [[ -f "$S3PROXY_LIBS/s3proxy-$S3PROXY_VERSION.jar" ]] && return 0
+  log "fetching S3Proxy $S3PROXY_VERSION jars from Maven Central"
+  mvn -q -B -f "$ROOT/dev/s3proxy/pom.xml" -Ds3proxy.version="$S3PROXY_VERSION" dependency:copy-dependencies \
+    -DoutputDirectory="$S3PROXY_LIBS" -DincludeScope=runtime >"$DEV/log/mvn-s3proxy.log" 2>&1 \
+    || { tail -n 30 "$DEV/log/mvn-s3proxy.log" >&2; die "mvn could not fetch the S3Proxy jars"; }
 }
 
-install_minio() { go_install minio "github.com/minio/minio@$MINIO_VERSION"; }
-install_k6() { go_install k6 "go.k6.io/k6@$K6_VERSION"; }
-
 install_all() {
-  command -v java >/dev/null || die "a JDK (17+) is required"
-  command -v go >/dev/null || die "Go is required (for MinIO and k6)"
+  command -v java >/dev/null || die "a JDK (17+) is required (Kafka and S3Proxy run on it)"
+  command -v mvn >/dev/null || die "Maven is required (it fetches the Kafka and S3Proxy jars)"
   command -v cargo >/dev/null || die "Rust (rustup) is required"
   install_clickhouse
   install_kafka
-  install_minio
-  install_k6
+  install_s3proxy
 }
 
 # ---------------------------------------------------------------- components
@@ -198,26 +194,33 @@ delete_topic() {
     --topic "$1" >>"$DEV/log/kafka-topics.log" 2>&1
 }
 
-start_minio() {
-  if is_running minio; then return 0; fi
-  if port_open 9100; then log "reusing the S3 server already listening on $MINIO_ENDPOINT (not started by this checkout)"; return 0; fi
-  install_minio
-  mkdir -p "$DEV/minio/data"
-  log "starting minio on $MINIO_ENDPOINT (console 127.0.0.1:9101)"
-  MINIO_ROOT_USER="$MINIO_USER" MINIO_ROOT_PASSWORD="$MINIO_PASSWORD" MINIO_BROWSER=on \
-    start_bg minio "$BIN_DIR/minio" server "$DEV/minio/data" --address 127.0.0.1:9100 --console-address 127.0.0.1:9101 --quiet
-  # "live" answers before the object layer is up; "ready" only once it can serve requests.
-  wait_http minio "$MINIO_ENDPOINT/minio/health/ready" 60
-  # Bucket creation with a SigV4-signed PUT: 200 when created, 409 when it exists already; 503
-  # while MinIO still initialises, so retry for a while.
+# s3_request METHOD PATH: a SigV4-signed request to the local S3 server; prints the HTTP status.
+s3_request() {
+  curl -s -o /dev/null -w '%{http_code}' -X "$1" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
+    --aws-sigv4 "aws:amz:us-east-1:s3" --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" "$S3_ENDPOINT$2" || true
+}
+
+start_s3() {
+  if is_running s3; then return 0; fi
+  if port_open 9100; then log "reusing the S3 server already listening on $S3_ENDPOINT (not started by this checkout)"; return 0; fi
+  install_s3proxy
+  local dir="$DEV/s3"
+  mkdir -p "$dir/data"
+  (umask 077; printf '%s\n' "s3proxy.endpoint=$S3_ENDPOINT" "s3proxy.authorization=aws-v2-or-v4" \
+    "s3proxy.identity=$S3_ACCESS_KEY" "s3proxy.credential=$S3_SECRET_KEY" "jclouds.provider=filesystem" \
+    "jclouds.filesystem.basedir=$dir/data" >"$dir/s3proxy.properties")
+  log "starting s3proxy $S3PROXY_VERSION (S3 API, filesystem backend) on $S3_ENDPOINT"
+  start_bg s3 java -Xms64m -Xmx256m -XX:+UseSerialGC -Dlogback.configurationFile="$ROOT/dev/s3proxy/logback.xml" \
+    -cp "$S3PROXY_LIBS/*" org.gaul.s3proxy.Main --properties "$dir/s3proxy.properties"
+  wait_port s3 9100 60
+  # 200 when created, 409 when it exists already.
   local code=""
   for _ in $(seq 1 60); do
-    code="$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" \
-      --user "$MINIO_USER:$MINIO_PASSWORD" "$MINIO_ENDPOINT/$MINIO_BUCKET")"
+    code="$(s3_request PUT "/$S3_BUCKET")"
     [[ $code == 200 || $code == 409 ]] && return 0
     sleep 0.5
   done
-  die "could not create bucket $MINIO_BUCKET (HTTP $code)"
+  die "could not create bucket $S3_BUCKET (HTTP $code; log: .dev/log/s3.log)"
 }
 
 admin_token() {
@@ -256,22 +259,22 @@ start_one() {
   case "$1" in
     clickhouse) start_clickhouse ;;
     kafka) start_kafka ;;
-    minio) start_minio ;;
+    s3) start_s3 ;;
     ingest) start_service ingest tally-ingest "$INGEST_ADDR" ;;
     consumer) start_service consumer tally-consumer "$CONSUMER_ADDR" ;;
     query-api) start_service query-api tally-query-api "$QUERY_ADDR" ;;
-    *) die "unknown component $1 (clickhouse kafka minio ingest consumer query-api)" ;;
+    *) die "unknown component $1 (clickhouse kafka s3 ingest consumer query-api)" ;;
   esac
 }
 
 SERVICES=(query-api consumer ingest)
-INFRA=(clickhouse kafka minio)
+INFRA=(clickhouse kafka s3)
 
 infra_up() {
   install_all
   start_clickhouse
   start_kafka
-  start_minio
+  start_s3
 }
 
 write_demo_env() {
@@ -283,8 +286,10 @@ TALLY_DEMO_API_KEY=$key
 TALLY_ADMIN_TOKEN=$(admin_token)
 TALLY_CLICKHOUSE_URL=$CLICKHOUSE_URL
 TALLY_KAFKA_BROKERS=$KAFKA_BROKERS
-TALLY_S3_ENDPOINT=$MINIO_ENDPOINT
-TALLY_S3_BUCKET=$MINIO_BUCKET
+TALLY_S3_ENDPOINT=$S3_ENDPOINT
+TALLY_S3_BUCKET=$S3_BUCKET
+TALLY_S3_ACCESS_KEY_ID=$S3_ACCESS_KEY
+TALLY_S3_SECRET_ACCESS_KEY=$S3_SECRET_KEY
 EOF
   chmod 600 "$DEV/demo.env"
 }
@@ -316,9 +321,11 @@ demo_traffic() {
     [[ $code != 401 ]] && break
     sleep 0.2
   done
-  log "sending demo traffic with k6 (loadtest/k6/demo.js)"
-  TALLY_INGEST_URL="http://$INGEST_ADDR" TALLY_API_KEY="$key" "$BIN_DIR/k6" run --quiet --no-usage-report \
-    "$ROOT/loadtest/k6/demo.js" >"$DEV/log/k6-demo.log" 2>&1 || { tail -n 30 "$DEV/log/k6-demo.log" >&2; die "demo traffic failed"; }
+  log "sending demo traffic with tally-loadgen (open model: 50 requests/s of 1-20 events for 20 s)"
+  "$CARGO_TARGET_DIR/release/tally-loadgen" demo --url "http://$INGEST_ADDR/v1/ingest" --key "$key" \
+    --rate 50 --duration 20 >"$DEV/log/demo-traffic.log" 2>&1 \
+    || { tail -n 30 "$DEV/log/demo-traffic.log" >&2; die "demo traffic failed"; }
+  tail -n 2 "$DEV/log/demo-traffic.log" >&2
 }
 
 up() {
@@ -336,7 +343,7 @@ Tally is up.
   consumer    http://$CONSUMER_ADDR   (/metrics, /readyz)
   clickhouse  $CLICKHOUSE_URL   (database tally; clickhouse-client --port 9000; read-only user analyst/analyst)
   kafka       $KAFKA_BROKERS   (topics $EVENTS_TOPIC, $DLQ_TOPIC)
-  minio (S3)  $MINIO_ENDPOINT   (bucket $MINIO_BUCKET, user $MINIO_USER; console http://127.0.0.1:9101)
+  s3          $S3_ENDPOINT   (S3Proxy; bucket $S3_BUCKET, access key $S3_ACCESS_KEY, secret in .dev/demo.env)
   logs        .dev/log/      pids .dev/run/      settings .dev/demo.env
 
 Try:
@@ -348,7 +355,7 @@ EOF
 
 down() {
   for s in "${SERVICES[@]}"; do stop_proc "$s"; done
-  for s in minio kafka clickhouse; do stop_proc "$s"; done
+  for s in s3 kafka clickhouse; do stop_proc "$s"; done
 }
 
 status() {
@@ -373,7 +380,7 @@ case "$cmd" in
   clean) down; rm -rf "$DEV"; log "removed .dev/" ;;
   env) service_env ;;
   kafka-libs) install_kafka; echo "$KAFKA_LIBS" ;;
-  install-k6) install_k6 ;;
+  s3-libs) install_s3proxy; echo "$S3PROXY_LIBS" ;;
   create-topic) create_topic "${1:?topic}" "${2:-4}" ;;
   delete-topic) delete_topic "${1:?topic}" ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make test`: every test against the real local stack, then the ClickHouse compatibility check.
-#  1. installs what is missing and starts ClickHouse, Kafka and MinIO (dev/stack.sh infra-up);
+#  1. installs what is missing and starts ClickHouse, Kafka and S3Proxy (dev/stack.sh infra-up);
 #     they stay up afterwards so the next run is fast (`make down` stops them)
-#  2. cargo test --workspace: unit, property and integration tests (each integration test makes
-#     its own database and topics, so they run in parallel)
+#  2. cargo test --workspace with the consumer's test-only failpoints: unit, property and
+#     integration tests (each integration test makes its own database, topics or bucket, so they
+#     run in parallel)
 #  3. dev/fuzz_api.py: schemathesis generates requests from the OpenAPI documents of the ingest
 #     and the query API; any 5xx fails the run
 #  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
@@ -36,8 +37,12 @@ TALLY_KAFKA_LIBS="$(bash dev/stack.sh kafka-libs)"
 export TALLY_KAFKA_LIBS
 
 since="$(curl -fsS "$CLICKHOUSE_URL/?query=SELECT+now()")"
-echo "[test] cargo test --workspace"
-cargo test --workspace --locked
+# The S3 server's endpoint and credentials, for the tests of the object store.
+TALLY_TEST_S3_ENDPOINT="http://127.0.0.1:9100"
+export TALLY_TEST_S3_ENDPOINT
+
+echo "[test] cargo test --workspace --features tally-consumer/failpoints"
+cargo test --workspace --locked --features tally-consumer/failpoints
 echo "[test] schemathesis against the OpenAPI documents of the ingest and the query API"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/fuzz_api.py "$VENV/bin/schemathesis" --max-examples 60
 echo "[test] ClickHouse compatibility (18.16 server vs current chdb) for statements since $since"

@@ -4,9 +4,11 @@
 1. Bulk-loads --events synthetic events (default 50 M) of 1000 orgs spread over the last 30 days
    into a fresh database, through the consumer's own insert path (so the rollup views run as in
    production), and creates the 1000 orgs with an API key and a monthly budget each.
-2. Starts tally-query-api on it and drives each endpoint in turn with k6 (loadtest/k6/query.js:
-   open model, --rate requests/s for --seconds, a random org's key per request), then reads from
-   system.query_log how many ClickHouse rows the endpoint read per request.
+2. Starts tally-query-api on it and drives each endpoint in turn with tally-loadgen (--method GET:
+   open model, --rate requests/s for --seconds, latency from each request's scheduled start, the
+   next org's key per request), then reads from system.query_log how many ClickHouse rows the
+   endpoint read per request. (Earlier runs used k6 with loadtest/k6/query.js, the same open
+   model; the project no longer runs k6, which is AGPL.)
 3. Prints p50/p95/p99/max latency, achieved requests/s, non-200 answers and rows read per request,
    against the targets (p95 <= 20 ms for summary, budget and status; <= 50 ms for timeseries and
    perf over 30 days).
@@ -14,7 +16,7 @@
 Usage: loadtest/bench_query.py [--events 50000000] [--rate 200] [--seconds 30] [--keep DATABASE]
                                [--only status,summary,budget,timeseries,perf,overview,costs]
   --keep DATABASE reuses (and keeps) a database loaded by an earlier run.
-Needs the local stack (dev/stack.sh infra-up), release binaries and k6 (make up installs it).
+Needs the local stack (dev/stack.sh infra-up) and release binaries.
 """
 import argparse
 import datetime
@@ -32,7 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_consumer as bc  # noqa: E402
 import bench_ingest as bi  # noqa: E402
 
-K6 = os.path.join(os.environ.get("TALLY_CACHE", os.path.expanduser("~/.cache/tally")), "bin", "k6")
 ORGS = 1000
 
 
@@ -118,18 +119,17 @@ def main():
     try:
         bi.wait_http("http://127.0.0.1:18181/readyz", 60)
         for name, target, _ in endpoints:
-            summary_file = tempfile.mktemp(suffix=".json")
             since = bc.ch("SELECT now()")
-            env = dict(os.environ, BASE="http://127.0.0.1:18181", TARGET=target, KEYS_FILE=keys_file.name,
-                       RATE=str(args.rate), DURATION="%ds" % args.seconds, SUMMARY_FILE=summary_file)
-            subprocess.run([K6, "run", "--quiet", os.path.join(bi.ROOT, "loadtest", "k6", "query.js")], env=env,
-                           check=True, stdout=subprocess.DEVNULL)
+            out = subprocess.run([os.path.join(bi.BIN, "tally-loadgen"), "--url", "http://127.0.0.1:18181", "--path", target,
+                                  "--method", "GET", "--keys-file", keys_file.name, "--rate", str(args.rate),
+                                  "--duration", str(args.seconds), "--connections", "64"],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
             until = bc.ch("SELECT now()")
-            data = json.load(open(summary_file))
-            metrics = data["metrics"]
-            duration = metrics["http_req_duration"]["values"]
-            requests = metrics["http_reqs"]["values"]
-            failed = metrics.get("checks", {}).get("values", {}).get("fails", 0)
+            summary = json.loads(out.strip().splitlines()[-1])
+            latency = summary["latency_ms"]
+            duration = {"p(50)": latency["p50"], "p(95)": latency["p95"], "p(99)": latency["p99"], "max": latency["max"]}
+            requests = {"count": summary["requests"], "rate": summary["requests_per_s"]}
+            failed = summary["non_2xx"]
             queries, read = rows_read(database, since, until)
             results.append((name, duration, requests, failed, read / max(1, requests["count"]), queries / max(1, requests["count"])))
             print(name, json.dumps({k: round(v, 2) for k, v in duration.items()}), file=sys.stderr, flush=True)
@@ -139,7 +139,7 @@ def main():
         if not args.keep:
             bc.ch("DROP DATABASE IF EXISTS " + database)
 
-    print("\nnproc=%d  %d events, %d orgs, %d rollup_hourly rows; %d requests/s per endpoint for %d s (k6, open model)"
+    print("\nnproc=%d  %d events, %d orgs, %d rollup_hourly rows; %d requests/s per endpoint for %d s (tally-loadgen, open model)"
           % (os.cpu_count(), total, ORGS, rollup, args.rate, args.seconds))
     print("%-15s %8s %8s %8s %8s %9s %7s %12s %8s  %s" % ("endpoint", "p50 ms", "p95 ms", "p99 ms", "max ms", "req/s",
                                                          "non-200", "rows/request", "queries", "target p95"))

@@ -64,3 +64,16 @@ pub async fn ping(client: &clickhouse::Client) -> bool {
         Ok(Ok(()))
     )
 }
+
+/// `n` copies of `placeholder` joined by commas, for an `IN (…)` list bound with `bind_all`.
+pub fn placeholders(n: usize, placeholder: &str) -> String {
+    vec![placeholder; n].join(", ")
+}
+
+/// Binds every item of `values` in order (the `?`s of a `placeholders` list).
+pub fn bind_all<T: clickhouse::sql::Bind>(
+    query: clickhouse::query::Query,
+    values: impl IntoIterator<Item = T>,
+) -> clickhouse::query::Query {
+    values.into_iter().fold(query, |query, value| query.bind(value))
+}

@@ -8,4 +8,3 @@ pub mod migrate;
 pub mod server;
 pub mod snapshot;
 pub mod telemetry;
-pub mod testing;

@@ -193,3 +193,17 @@ pub fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
     let (scheme, token) = authorization.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
+
+/// Why a service's `run` stopped with an error: a dependency it could not set up at start, or the
+/// listener failing.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("migrations: {0}")]
+    Migrate(#[from] crate::migrate::MigrateError),
+}

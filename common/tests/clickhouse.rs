@@ -6,7 +6,7 @@ use clickhouse::Row;
 use serde::Deserialize;
 use tally_common::keyset::KeySet;
 use tally_common::migrate::migrate;
-use tally_common::testing::{drop_database, migrated_database, new_database_config};
+use tally_testkit::{drop_database, migrated_database, new_database_config};
 use tally_schemas::keys;
 use tally_schemas::migrations::MIGRATIONS;
 
@@ -190,5 +190,69 @@ async fn keyset_follows_orgs_keys_and_revocations() {
     keyset.refresh(&config).await.unwrap();
     assert!(keyset.lookup(&a.secret).is_none(), "revoked at the next refresh");
     assert!(keyset.lookup(&b.secret).is_some());
+    drop_database(&config).await;
+}
+
+#[derive(Row, Deserialize)]
+struct DescribedColumn {
+    name: String,
+    #[serde(rename = "type")]
+    column_type: String,
+}
+
+/// The guard the client's disabled RowBinary validation gave up: the one row type
+/// (`tally_schemas::EventRow`, declared with its column list) and the real `events` table agree in
+/// names, types and order. `dev/compat.py` checks the same on a current ClickHouse.
+#[tokio::test]
+async fn the_event_row_type_matches_the_events_table() {
+    let config = migrated_database("row").await;
+    let described: Vec<DescribedColumn> = config
+        .client()
+        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = 'events' ORDER BY position")
+        .bind(&config.database)
+        .fetch_all()
+        .await
+        .unwrap();
+    let actual: Vec<(String, String)> = described.into_iter().map(|c| (c.name, c.column_type)).collect();
+    let expected: Vec<(String, String)> = tally_schemas::row::event_columns()
+        .into_iter()
+        .map(|c| (c.name.to_owned(), c.clickhouse_type))
+        .collect();
+    assert_eq!(actual, expected);
+
+    // And a row written with the type reads back equal through it.
+    let event = tally_schemas::Event {
+        event_id: uuid::Uuid::from_u128(7),
+        org_id: "org-row".into(),
+        received_at_ms: 1_780_000_000_000,
+        timestamp_ms: 1_779_999_999_123,
+        provider: "openai".into(),
+        model: "gpt-4o".into(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        total_tokens: 15,
+        cost_nanos: 123_456_789,
+        cost_source: tally_schemas::CostSource::Computed,
+        latency_ms: 250,
+        status: tally_schemas::Status::Error,
+        http_status: 503,
+        error: "overloaded".into(),
+        execution_id: "exec".into(),
+        agent_id: "agent".into(),
+        user_id: "user".into(),
+        service: "svc".into(),
+        action: "act".into(),
+        request_id: "req".into(),
+        input_bytes: 1,
+        output_bytes: 2,
+        metadata: vec![("k".into(), "v".into())],
+    };
+    let row = tally_schemas::EventRow::new(event, 3, 42, 1);
+    let mut insert = config.client().insert_unescaped::<tally_schemas::EventRow>(&config.table("events")).await.unwrap();
+    insert.write(&row).await.unwrap();
+    insert.end().await.unwrap();
+    let sql = format!("SELECT {} FROM {}", tally_schemas::row::select_list(), config.table("events"));
+    let read: Vec<tally_schemas::EventRow> = config.client().query(&sql).fetch_all().await.unwrap();
+    assert_eq!(read, [row]);
     drop_database(&config).await;
 }

@@ -24,13 +24,9 @@ pub struct ConsumerConfig {
     pub instance_id: Option<String>,
     /// How long an event id is remembered for duplicate removal, in hours of arrival time.
     pub dedup_window_hours: u16,
-    /// Testing only: probability of aborting the process between an insert and its commit, to
-    /// exercise recovery (`TALLY_FAILPOINT_CRASH_AFTER_INSERT`, default 0).
-    pub failpoint_crash_after_insert: f64,
-    /// Testing only: probability that an insert ClickHouse applied is reported as failed (as when
-    /// the connection drops before the answer), to exercise the re-check and the rollup check
-    /// (`TALLY_FAILPOINT_FAIL_AFTER_INSERT`, default 0).
-    pub failpoint_fail_after_insert: f64,
+    /// Test-only faults (the `failpoints` feature).
+    #[cfg(feature = "failpoints")]
+    pub failpoints: crate::failpoints::Failpoints,
 }
 
 impl ConsumerConfig {
@@ -47,8 +43,8 @@ impl ConsumerConfig {
             session_timeout: env.millis("TALLY_KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
             dedup_window_hours: env.parse("TALLY_DEDUP_WINDOW_HOURS", 24)?,
-            failpoint_crash_after_insert: env.parse("TALLY_FAILPOINT_CRASH_AFTER_INSERT", 0.0)?,
-            failpoint_fail_after_insert: env.parse("TALLY_FAILPOINT_FAIL_AFTER_INSERT", 0.0)?,
+            #[cfg(feature = "failpoints")]
+            failpoints: crate::failpoints::Failpoints::from_env(env)?,
         };
         if config.batch_max_rows == 0 || config.batch_max_rows > 1_000_000 {
             return Err(ConfigError::Invalid {

@@ -21,13 +21,11 @@ use std::hash::{BuildHasher, Hash, Hasher};
 
 use foldhash::fast::FixedState;
 
-use clickhouse::Row;
 use hashbrown::HashTable;
-use serde::Deserialize;
-use tally_schemas::limits::MAX_EVENT_AGE_MS;
+use tally_schemas::EventRow;
 
-use crate::row::EventRow;
-use crate::Pending;
+use crate::batch::{BatchContext, Pending, Stage};
+use crate::store::{ClickHouseError, EventStore};
 
 const FINGERPRINT_BITS: u32 = 48;
 const FINGERPRINT_MASK: u64 = (1 << FINGERPRINT_BITS) - 1;
@@ -114,22 +112,6 @@ impl IdWindow {
     }
 }
 
-#[derive(Row, Deserialize)]
-struct StoredId {
-    kafka_partition: u16,
-    org_id: String,
-    #[serde(with = "clickhouse::serde::uuid")]
-    event_id: uuid::Uuid,
-    received_at: u32,
-}
-
-#[derive(Row, Deserialize)]
-struct FoundId {
-    org_id: String,
-    #[serde(with = "clickhouse::serde::uuid")]
-    event_id: uuid::Uuid,
-}
-
 /// What one pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -142,8 +124,7 @@ pub struct Outcome {
 }
 
 pub struct Deduplicator {
-    client: clickhouse::Client,
-    table: String,
+    store: EventStore,
     window_hours: u16,
     partitions: HashMap<i32, IdWindow>,
     expired_at_hour: u16,
@@ -152,10 +133,9 @@ pub struct Deduplicator {
 }
 
 impl Deduplicator {
-    pub fn new(client: clickhouse::Client, table: String, window_hours: u16) -> Self {
+    pub fn new(store: EventStore, window_hours: u16) -> Self {
         Deduplicator {
-            client,
-            table,
+            store,
             window_hours,
             partitions: HashMap::new(),
             expired_at_hour: 0,
@@ -186,65 +166,27 @@ impl Deduplicator {
         &mut self,
         partitions: &BTreeSet<i32>,
         now: u32,
-    ) -> Result<usize, clickhouse::error::Error> {
+    ) -> Result<usize, ClickHouseError> {
         let missing: Vec<i32> =
             partitions.iter().copied().filter(|p| !self.partitions.contains_key(p)).collect();
         if missing.is_empty() {
             return Ok(0);
         }
         let since = self.window_start(now);
-        // An event's time is at most MAX_EVENT_AGE before its arrival: prunes older months.
-        let event_floor = i64::from(since) - MAX_EVENT_AGE_MS / 1000;
-        let placeholders = vec!["?"; missing.len()].join(", ");
-        let sql = format!(
-            "SELECT kafka_partition, org_id, event_id, received_at FROM {} \
-             WHERE timestamp >= toDateTime(?) AND received_at >= toDateTime(?) AND kafka_partition IN ({placeholders})",
-            self.table
-        );
-        let mut query = self.client.query(&sql).bind(event_floor.max(0)).bind(since);
-        for partition in &missing {
-            query = query.bind(*partition);
-        }
         for partition in &missing {
             self.partitions.insert(*partition, IdWindow::default());
         }
-        let mut cursor = query.fetch::<StoredId>()?;
         let mut loaded = 0;
-        while let Some(stored) = cursor.next().await? {
-            if let Some(window) = self.partitions.get_mut(&i32::from(stored.kafka_partition)) {
-                window.insert(fingerprint(&stored.org_id, &stored.event_id), stored.received_at);
-                loaded += 1;
-            }
-        }
+        let partitions = &mut self.partitions;
+        self.store
+            .for_each_id_since(&missing, since, |stored| {
+                if let Some(window) = partitions.get_mut(&i32::from(stored.kafka_partition)) {
+                    window.insert(fingerprint(&stored.org_id, &stored.event_id), stored.received_at);
+                    loaded += 1;
+                }
+            })
+            .await?;
         Ok(loaded)
-    }
-
-    /// Which of the `candidates` (org, id) pairs ClickHouse holds, arrived since `since`.
-    async fn stored(
-        &self,
-        candidates: &HashSet<(&str, uuid::Uuid)>,
-        since: u32,
-    ) -> Result<HashSet<(String, uuid::Uuid)>, clickhouse::error::Error> {
-        let orgs: BTreeSet<&str> = candidates.iter().map(|(org, _)| *org).collect();
-        let ids: BTreeSet<uuid::Uuid> = candidates.iter().map(|(_, id)| *id).collect();
-        let event_floor = (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0);
-        let sql = format!(
-            "SELECT org_id, event_id FROM {} WHERE org_id IN ({}) AND timestamp >= toDateTime(?) \
-             AND received_at >= toDateTime(?) AND event_id IN ({})",
-            self.table,
-            vec!["?"; orgs.len()].join(", "),
-            vec!["toUUID(?)"; ids.len()].join(", "),
-        );
-        let mut query = self.client.query(&sql);
-        for org in &orgs {
-            query = query.bind(*org);
-        }
-        query = query.bind(event_floor).bind(since);
-        for id in &ids {
-            query = query.bind(id.to_string());
-        }
-        let found: Vec<FoundId> = query.fetch_all().await?;
-        Ok(found.into_iter().map(|f| (f.org_id, f.event_id)).collect())
     }
 
     /// Removes from `batch` every row whose id is already stored within the window, or repeated
@@ -254,7 +196,7 @@ impl Deduplicator {
         batch: &mut [Pending],
         assigned: &BTreeSet<i32>,
         now: u32,
-    ) -> Result<Outcome, clickhouse::error::Error> {
+    ) -> Result<Outcome, ClickHouseError> {
         let mut outcome = Outcome::default();
         let mut partitions: BTreeSet<i32> = batch.iter().map(|p| p.partition).collect();
         partitions.extend(assigned.iter().copied());
@@ -282,7 +224,7 @@ impl Deduplicator {
         let stored = if candidates.is_empty() {
             HashSet::new()
         } else {
-            self.stored(&candidates, self.window_start(now)).await?
+            self.store.stored_ids(&candidates, self.window_start(now)).await?
         };
 
         // Keep the first occurrence of each id not stored; compare exactly on a fingerprint match.
@@ -348,6 +290,15 @@ fn same_id(batch: &[Pending], (record, index): (usize, usize), row: &EventRow) -
             rows.get(index).is_some_and(|other| other.org_id == row.org_id && other.event_id == row.event_id)
         }
         Err(_) => false,
+    }
+}
+
+
+impl Stage for Deduplicator {
+    type Outcome = Outcome;
+
+    async fn apply(&mut self, batch: &mut Vec<Pending>, context: &BatchContext) -> Result<Outcome, ClickHouseError> {
+        self.filter(batch, &context.assigned, context.now).await
     }
 }
 

@@ -13,9 +13,11 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use tally_schemas::record::{decode_events, DeadLetter, Stage};
 
+use tally_schemas::EventRow;
+
 use crate::config::ConsumerConfig;
-use crate::reconcile::stored_positions;
-use crate::row::EventRow;
+use crate::error::ConsumerError;
+use crate::store::EventStore;
 
 /// One dead letter as `dlq list` prints it (the original bytes are summarised, not dumped).
 #[derive(Debug, Serialize)]
@@ -42,7 +44,7 @@ pub struct ReplayReport {
 
 /// Every record of the dead-letter topic, oldest first per partition (no consumer group: reading
 /// it changes nothing).
-fn read_letters(config: &ConsumerConfig) -> anyhow::Result<Vec<(i32, i64, DeadLetter)>> {
+fn read_letters(config: &ConsumerConfig) -> Result<Vec<(i32, i64, DeadLetter)>, ConsumerError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", format!("{}-dlq-reader", config.group_id))
@@ -73,7 +75,7 @@ fn read_letters(config: &ConsumerConfig) -> anyhow::Result<Vec<(i32, i64, DeadLe
     Ok(letters)
 }
 
-pub fn list(config: &ConsumerConfig, limit: usize) -> anyhow::Result<Vec<Listed>> {
+pub fn list(config: &ConsumerConfig, limit: usize) -> Result<Vec<Listed>, ConsumerError> {
     Ok(read_letters(config)?
         .into_iter()
         .take(limit)
@@ -92,10 +94,9 @@ pub fn list(config: &ConsumerConfig, limit: usize) -> anyhow::Result<Vec<Listed>
 }
 
 /// Stores again every consume-stage dead letter of the events topic whose record decodes now.
-pub async fn replay(config: &ConsumerConfig) -> anyhow::Result<ReplayReport> {
+pub async fn replay(config: &ConsumerConfig) -> Result<ReplayReport, ConsumerError> {
     let letters = tokio::task::block_in_place(|| read_letters(config))?;
-    let clickhouse = config.common.clickhouse.client();
-    let table = config.common.clickhouse.table("events");
+    let store = EventStore::new(&config.common.clickhouse);
     let mut report = ReplayReport { letters: letters.len(), ..ReplayReport::default() };
     for (_, _, letter) in letters {
         let Some(source) = letter.source.as_ref().filter(|s| s.topic == config.events_topic) else {
@@ -115,18 +116,14 @@ pub async fn replay(config: &ConsumerConfig) -> anyhow::Result<ReplayReport> {
             .map(|(index, event)| EventRow::new(event, source.partition, source.offset, index as u32))
             .collect();
         let offsets = (source.offset, source.offset);
-        let stored = stored_positions(&clickhouse, &table, source.partition, offsets, rows.iter()).await?;
+        let stored = store.stored_positions(source.partition, offsets, rows.iter()).await?;
         let missing: Vec<&EventRow> =
             rows.iter().filter(|row| !stored.contains(&(source.offset, row.kafka_index))).collect();
         report.rows_already_stored += rows.len() - missing.len();
         if missing.is_empty() {
             continue;
         }
-        let mut insert = clickhouse.insert_unescaped::<EventRow>(&table).await?;
-        for row in &missing {
-            insert.write(row).await?;
-        }
-        insert.end().await?;
+        store.insert(&missing).await?;
         report.rows_inserted += missing.len();
     }
     Ok(report)

@@ -17,28 +17,13 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use clickhouse::Row;
-use serde::Deserialize;
 use tally_schemas::limits::{MAX_EVENT_AGE_MS, MAX_EVENT_FUTURE_MS};
 
-use crate::row::EventRow;
-use crate::Pending;
-
-#[derive(Row, Deserialize)]
-struct High {
-    stored: u64,
-    high: u64,
-}
-
-#[derive(Row, Deserialize)]
-struct Position {
-    kafka_offset: u64,
-    kafka_index: u32,
-}
+use crate::batch::{BatchContext, Pending, Stage};
+use crate::store::{ClickHouseError, EventStore};
 
 pub struct Reconciler {
-    client: clickhouse::Client,
-    table: String,
+    store: EventStore,
     /// Per partition: the largest offset already stored when the partition was (re)assigned, or
     /// -1 when none was.
     high: HashMap<i32, i64>,
@@ -55,8 +40,8 @@ pub struct Outcome {
 }
 
 impl Reconciler {
-    pub fn new(client: clickhouse::Client, table: String) -> Self {
-        Reconciler { client, table, high: HashMap::new() }
+    pub fn new(store: EventStore) -> Self {
+        Reconciler { store, high: HashMap::new() }
     }
 
     /// Forgets what was known: called after every rebalance, as another replica may have written.
@@ -64,18 +49,10 @@ impl Reconciler {
         self.high.clear();
     }
 
-    async fn high_offset(
-        &self,
-        partition: i32,
-        first_kafka_ts_ms: i64,
-    ) -> Result<i64, clickhouse::error::Error> {
-        let floor_s = (first_kafka_ts_ms - MAX_EVENT_AGE_MS - MAX_EVENT_FUTURE_MS).div_euclid(1000).max(0);
-        let sql = format!(
-            "SELECT count() AS stored, max(kafka_offset) AS high FROM {} WHERE kafka_partition = ? AND timestamp >= toDateTime(?)",
-            self.table
-        );
-        let found: High = self.client.query(&sql).bind(partition).bind(floor_s).fetch_one().await?;
-        Ok(if found.stored == 0 { -1 } else { i64::try_from(found.high).unwrap_or(i64::MAX) })
+    async fn high_offset(&self, partition: i32, first_kafka_ts_ms: i64) -> Result<i64, ClickHouseError> {
+        let floor_s = (first_kafka_ts_ms - MAX_EVENT_AGE_MS - MAX_EVENT_FUTURE_MS).div_euclid(1000);
+        let high = self.store.high_offset(partition, floor_s).await?;
+        Ok(high.map_or(-1, |h| i64::try_from(h).unwrap_or(i64::MAX)))
     }
 
     /// After a successful insert: what this worker stored counts as stored, so a re-delivery of it
@@ -88,7 +65,7 @@ impl Reconciler {
     }
 
     /// Removes from `batch` every row ClickHouse already holds, and records delivered twice.
-    pub async fn filter(&mut self, batch: &mut [Pending]) -> Result<Outcome, clickhouse::error::Error> {
+    pub async fn filter(&mut self, batch: &mut [Pending]) -> Result<Outcome, ClickHouseError> {
         let mut outcome = Outcome::default();
         // A rebalance during collection can deliver the same record twice into one batch: the
         // second copy keeps its place (it is committed like the first) but loses its rows.
@@ -146,46 +123,21 @@ impl Reconciler {
         batch: &[Pending],
         partition: i32,
         suspects: &[usize],
-    ) -> Result<HashSet<(i64, u32)>, clickhouse::error::Error> {
+    ) -> Result<HashSet<(i64, u32)>, ClickHouseError> {
         let (mut min_offset, mut max_offset) = (i64::MAX, i64::MIN);
         for &i in suspects {
             min_offset = min_offset.min(batch[i].offset);
             max_offset = max_offset.max(batch[i].offset);
         }
         let rows = suspects.iter().flat_map(|&i| batch[i].decoded.iter().flatten());
-        stored_positions(&self.client, &self.table, partition, (min_offset, max_offset), rows).await
+        self.store.stored_positions(partition, (min_offset, max_offset), rows).await
     }
 }
 
-/// Which (offset, index) positions of `partition` within `offsets` (inclusive) are stored, for
-/// records whose rows are `rows`. Filtered by the rows' orgs and earliest event time first, so
-/// ClickHouse reads only the granules of those orgs (the table's sort key) instead of scanning.
-pub async fn stored_positions<'a>(
-    client: &clickhouse::Client,
-    table: &str,
-    partition: i32,
-    offsets: (i64, i64),
-    rows: impl Iterator<Item = &'a EventRow>,
-) -> Result<HashSet<(i64, u32)>, clickhouse::error::Error> {
-    let mut orgs: BTreeSet<&str> = BTreeSet::new();
-    let mut min_ts = u32::MAX;
-    for row in rows {
-        orgs.insert(&row.org_id);
-        min_ts = min_ts.min(row.timestamp);
+impl Stage for Reconciler {
+    type Outcome = Outcome;
+
+    async fn apply(&mut self, batch: &mut Vec<Pending>, _: &BatchContext) -> Result<Outcome, ClickHouseError> {
+        self.filter(batch).await
     }
-    if orgs.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let placeholders = vec!["?"; orgs.len()].join(", ");
-    let sql = format!(
-        "SELECT kafka_offset, kafka_index FROM {table} WHERE org_id IN ({placeholders}) AND timestamp >= toDateTime(?) \
-         AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?"
-    );
-    let mut query = client.query(&sql);
-    for org in &orgs {
-        query = query.bind(*org);
-    }
-    let stored: Vec<Position> =
-        query.bind(min_ts).bind(partition).bind(offsets.0).bind(offsets.1).fetch_all().await?;
-    Ok(stored.into_iter().map(|p| (i64::try_from(p.kafka_offset).unwrap_or(-1), p.kafka_index)).collect())
 }

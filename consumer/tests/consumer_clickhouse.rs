@@ -13,7 +13,7 @@ use rdkafka::Message;
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_common::testing::{
+use tally_testkit::{
     create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name,
 };
 use tally_consumer::config::ConsumerConfig;
@@ -73,7 +73,7 @@ async fn produce(topic: &str, key: &str, payload: &[u8]) {
 struct Consumer_ {
     metrics_url: String,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), tally_consumer::error::ConsumerError>>,
 }
 
 async fn start_consumer(clickhouse: &ChConfig, topic: &str, dlq: &str, group: &str) -> Consumer_ {

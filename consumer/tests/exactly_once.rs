@@ -15,7 +15,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
-use tally_common::testing::{
+use tally_testkit::{
     create_topic_on, delete_topics_on, drop_database, kafka_brokers, migrated_database, unique_name,
     ClickHouseServer, KafkaBroker,
 };

@@ -104,7 +104,7 @@ pub async fn run(
     config: IngestConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), tally_common::server::RunError> {
     let registry = Registry::new();
     let metrics = IngestMetrics::register(&registry)?;
     let http_metrics = HttpMetrics::register(&registry)?;

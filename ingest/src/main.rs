@@ -24,5 +24,5 @@ async fn serve(env: Env, config: IngestConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.common.listen_addr))?;
     let shutdown = tally_common::server::shutdown_on_signal();
-    tally_ingest::run(config, listener, shutdown).await
+    Ok(tally_ingest::run(config, listener, shutdown).await?)
 }

@@ -12,7 +12,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde_json::{json, Value};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_common::testing::{
+use tally_testkit::{
     create_org_with_key, create_topic, create_topic_on, delete_topics, drop_database, kafka_brokers,
     migrated_database, unique_name, KafkaBroker,
 };
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 struct Ingest {
     addr: SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), tally_common::server::RunError>>,
     clickhouse: ChConfig,
     events_topic: String,
     dlq_topic: String,

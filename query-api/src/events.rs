@@ -5,9 +5,9 @@
 use axum::extract::{Query, State};
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
-use clickhouse::Row;
 use serde::{Deserialize, Serialize};
-use tally_schemas::limits;
+use tally_schemas::row::select_list;
+use tally_schemas::{limits, EventRow};
 
 use crate::auth::Org;
 use crate::costs::{Range, RangeParams};
@@ -35,32 +35,6 @@ pub struct ListParams {
     limit: Option<u32>,
     offset: Option<u32>,
     cursor: Option<String>,
-}
-
-#[derive(Row, Deserialize)]
-struct Stored {
-    at_ms: u64,
-    #[serde(with = "clickhouse::serde::uuid")]
-    event_id: uuid::Uuid,
-    provider: String,
-    model: String,
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-    cost_nanos: i64,
-    cost_source: String,
-    latency_ms: u32,
-    status: String,
-    http_status: u16,
-    error: String,
-    execution_id: String,
-    agent_id: String,
-    user_id: String,
-    service: String,
-    action: String,
-    request_id: String,
-    metadata_keys: Vec<String>,
-    metadata_values: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -158,9 +132,8 @@ pub async fn list(
     let page_sql = |from: DateTime<Utc>| {
         let bounds = whole_range(&Range { from, to: range.to });
         let mut sql = format!(
-            "SELECT {at} AS at_ms, event_id, provider, model, prompt_tokens, completion_tokens, total_tokens, cost_nanos, \
-             toString(cost_source) AS cost_source, latency_ms, toString(status) AS status, http_status, error, execution_id, \
-             agent_id, user_id, service, action, request_id, metadata_keys, metadata_values FROM {} WHERE org_id = ?{}",
+            "SELECT {} FROM {} WHERE org_id = ?{}",
+            select_list(),
             state.clickhouse.table("events"),
             bounds.condition()
         );
@@ -177,7 +150,7 @@ pub async fn list(
             binds.extend([Bind::Number(at_ms), Bind::Number(at_ms), Bind::Text(id.to_string())]);
         }
         // One more than asked, to know whether another page exists.
-        sql.push_str(&format!(" ORDER BY at_ms DESC, event_id DESC LIMIT {offset}, {}", limit + 1));
+        sql.push_str(&format!(" ORDER BY {at} DESC, event_id DESC LIMIT {offset}, {}", limit + 1));
         Sql { text: sql, binds }
     };
     // Newest first without reading and sorting the whole range: look back from the newest
@@ -190,7 +163,7 @@ pub async fn list(
             .map_or(range.to, |t| t.min(range.to)),
         None => range.to,
     };
-    let mut rows: Vec<Stored> = Vec::new();
+    let mut rows: Vec<EventRow> = Vec::new();
     for window in LOOK_BACK {
         let from =
             window.and_then(|w| newest.checked_sub_signed(w)).map_or(range.from, |t| t.max(range.from));
@@ -202,12 +175,12 @@ pub async fn list(
     let has_more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next_cursor =
-        if has_more { rows.last().map(|r| format!("{}_{}", r.at_ms, r.event_id)) } else { None };
+        if has_more { rows.last().map(|r| format!("{}_{}", r.timestamp_epoch_ms(), r.event_id)) } else { None };
     let events = rows
         .into_iter()
         .map(|r| EventView {
             event_id: r.event_id.to_string(),
-            timestamp: DateTime::from_timestamp_millis(i64::try_from(r.at_ms).unwrap_or(0))
+            timestamp: DateTime::from_timestamp_millis(r.timestamp_epoch_ms())
                 .unwrap_or_default()
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             provider: r.provider,
@@ -219,9 +192,9 @@ pub async fn list(
             },
             cost: usd(r.cost_nanos),
             cost_nanos: r.cost_nanos,
-            cost_source: r.cost_source,
+            cost_source: r.cost_source.as_str().to_owned(),
             latency: r.latency_ms,
-            status: r.status,
+            status: r.status.as_str().to_owned(),
             http_status: r.http_status,
             error: non_empty(r.error),
             execution_id: non_empty(r.execution_id),

@@ -99,7 +99,7 @@ pub async fn run(
     config: QueryConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), tally_common::server::RunError> {
     let clickhouse = config.common.clickhouse.clone();
     if config.migrate {
         tally_common::migrate::migrate(&clickhouse).await?;

@@ -16,5 +16,5 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.common.listen_addr))?;
     let shutdown = tally_common::server::shutdown_on_signal();
-    tally_query_api::run(config, listener, shutdown).await
+    Ok(tally_query_api::run(config, listener, shutdown).await?)
 }

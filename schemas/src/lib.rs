@@ -9,5 +9,8 @@ pub mod parse;
 pub mod plan;
 pub mod pricing;
 pub mod record;
+pub mod row;
+pub mod time;
 
 pub use event::{CostSource, Event, Status};
+pub use row::EventRow;

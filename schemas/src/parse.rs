@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::event::{CostSource, Event, Status};
 use crate::limits::*;
+pub use crate::time::{fast_datetime_text_seconds, fast_rfc3339_ms};
 
 /// Why a whole body was refused (answered 400 or 413).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -434,99 +435,6 @@ pub fn truncate_utf8(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
-}
-
-fn two_digits(bytes: &[u8], at: usize) -> Option<u32> {
-    let (tens, ones) = (bytes.get(at)?.wrapping_sub(b'0'), bytes.get(at + 1)?.wrapping_sub(b'0'));
-    (tens < 10 && ones < 10).then(|| u32::from(tens) * 10 + u32::from(ones))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year.rem_euclid(400);
-    let month_index = i64::from(if month > 2 { month - 3 } else { month + 9 });
-    let day_of_year = (153 * month_index + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-/// Epoch milliseconds of the common RFC 3339 shapes SDKs send (`2026-01-23T12:00:00Z`, with an
-/// optional fraction and a `Z` or `±hh:mm` offset); `None` for anything else, which then goes
-/// through chrono's full parser. A property test holds the two equal.
-pub fn fast_rfc3339_ms(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    if b.len() < 20 {
-        return None;
-    }
-    let local_seconds = civil_seconds(b, b'T')?;
-    let mut at = 19;
-    let mut millis = 0i64;
-    if b[at] == b'.' {
-        at += 1;
-        let start = at;
-        while at < b.len() && b[at].is_ascii_digit() {
-            if at - start < 3 {
-                millis = millis * 10 + i64::from(b[at] - b'0');
-            }
-            at += 1;
-        }
-        let digits = at - start;
-        if digits == 0 || digits > 9 {
-            return None;
-        }
-        for _ in digits..3 {
-            millis *= 10;
-        }
-    }
-    let offset_s = match &b[at..] {
-        [b'Z'] => 0,
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let (h, m) = (two_digits(b, at + 1)?, two_digits(b, at + 4)?);
-            if h > 23 || m > 59 {
-                return None;
-            }
-            let magnitude = i64::from(h * 3600 + m * 60);
-            if *sign == b'+' {
-                magnitude
-            } else {
-                -magnitude
-            }
-        }
-        _ => return None,
-    };
-    Some((local_seconds - offset_s) * 1000 + millis)
-}
-
-/// Seconds since the epoch of `YYYY-MM-DD<sep>hh:mm:ss` in the first 19 bytes of `b`, validated.
-fn civil_seconds(b: &[u8], sep: u8) -> Option<i64> {
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != sep || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let year = i64::from(two_digits(b, 0)? * 100 + two_digits(b, 2)?);
-    let (month, day) = (two_digits(b, 5)?, two_digits(b, 8)?);
-    let (hour, minute, second) = (two_digits(b, 11)?, two_digits(b, 14)?, two_digits(b, 17)?);
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if !(1..=12).contains(&month)
-        || day == 0
-        || day > month_days[month as usize - 1]
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
-        return None;
-    }
-    Some(days_from_civil(year, month, day) * 86_400 + i64::from(hour * 3600 + minute * 60 + second))
-}
-
-/// Epoch seconds of ClickHouse's DateTime text `YYYY-MM-DD hh:mm:ss` (UTC), exactly 19 bytes.
-pub fn fast_datetime_text_seconds(text: &str) -> Option<i64> {
-    if text.len() != 19 {
-        return None;
-    }
-    civil_seconds(text.as_bytes(), b' ')
 }
 
 fn timestamp_ms(text: &str) -> Result<i64, Rejection> {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::event::{CostSource, Event, Status};
+pub use crate::time::{datetime_text, DateTimeText};
 
 pub const EVENTS_TOPIC: &str = "tally.events.v1";
 pub const DLQ_TOPIC: &str = "tally.events.dlq.v1";
@@ -49,59 +50,8 @@ struct OwnedRow<'a> {
     metadata_values: Vec<String>,
 }
 
-/// The civil date (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// ClickHouse DateTime text of epoch milliseconds (seconds resolution, UTC): `YYYY-MM-DD hh:mm:ss`.
-/// Hand-rolled because it runs twice per event on the ingest's hot path; a property test holds it
-/// equal to chrono's formatting.
-pub struct DateTimeText([u8; 19]);
-
-impl DateTimeText {
-    pub fn from_epoch_ms(epoch_ms: i64) -> Self {
-        let seconds = epoch_ms.div_euclid(1000).clamp(0, 253_402_300_799);
-        let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
-        let of_day = seconds.rem_euclid(86_400);
-        let mut out = *b"0000-00-00 00:00:00";
-        let mut put = |at: usize, value: i64, width: usize| {
-            let mut v = value;
-            for i in (0..width).rev() {
-                out[at + i] = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        };
-        put(0, year, 4);
-        put(5, i64::from(month), 2);
-        put(8, i64::from(day), 2);
-        put(11, of_day / 3600, 2);
-        put(14, of_day / 60 % 60, 2);
-        put(17, of_day % 60, 2);
-        DateTimeText(out)
-    }
-
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or("1970-01-01 00:00:00")
-    }
-}
-
-/// Formats epoch milliseconds as ClickHouse DateTime text (seconds) in UTC.
-pub fn datetime_text(epoch_ms: i64) -> String {
-    DateTimeText::from_epoch_ms(epoch_ms).as_str().to_owned()
-}
-
 fn parse_datetime_text(text: &str, millis: u16) -> Result<i64, RecordError> {
-    if let Some(seconds) = crate::parse::fast_datetime_text_seconds(text) {
+    if let Some(seconds) = crate::time::fast_datetime_text_seconds(text) {
         return Ok(seconds * 1000 + i64::from(millis));
     }
     let parsed = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
@@ -339,7 +289,7 @@ mod fast {
         }
 
         fn seconds(&mut self) -> Option<i64> {
-            crate::parse::fast_datetime_text_seconds(self.raw_str()?)
+            crate::time::fast_datetime_text_seconds(self.raw_str()?)
         }
 
         fn strings(&mut self) -> Option<Vec<String>> {

@@ -9,8 +9,13 @@
 //! It prints one JSON line: requests and events per second, latency percentiles from an HDR
 //! histogram, and counts per status code. The loop is bounded by `--duration` and stops by itself.
 //!
+//! With `--method GET` it drives a read endpoint instead (`make bench-query`), each request with
+//! the next key of `--keys-file` (a JSON array of API keys: many orgs, as real readers are).
+//! `make up` sends its demo traffic with it; the SREs' k6 scenarios live in `loadtest/k6/`.
+//!
 //! Usage: tally-loadgen --url URL --key KEY [--events N] [--rate R] [--connections C]
 //!                      [--duration SECONDS] [--bodies K] [--path /v1/ingest]
+//!                      [--method POST|GET] [--keys-file FILE]
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +37,9 @@ struct Args {
     connections: usize,
     duration: Duration,
     bodies: usize,
+    method: hyper::Method,
+    /// One key per request in turn; `--key` when empty.
+    keys: Vec<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -44,6 +52,8 @@ fn parse_args() -> anyhow::Result<Args> {
         connections: 32,
         duration: Duration::from_secs(10),
         bodies: 64,
+        method: hyper::Method::POST,
+        keys: Vec::new(),
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -57,11 +67,20 @@ fn parse_args() -> anyhow::Result<Args> {
             "--connections" => args.connections = value.parse()?,
             "--duration" => args.duration = Duration::from_secs_f64(value.parse()?),
             "--bodies" => args.bodies = value.parse()?,
+            "--method" => args.method = value.parse()?,
+            "--keys-file" => args.keys = serde_json::from_slice(&std::fs::read(&value)?)?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
     anyhow::ensure!(args.events >= 1 && args.connections >= 1 && args.bodies >= 1, "counts must be positive");
     anyhow::ensure!(args.duration <= Duration::from_secs(3600), "at most an hour");
+    anyhow::ensure!(
+        args.method == hyper::Method::POST || args.method == hyper::Method::GET,
+        "--method is POST or GET"
+    );
+    if args.keys.is_empty() {
+        args.keys.push(args.key.clone());
+    }
     Ok(args)
 }
 
@@ -141,12 +160,15 @@ async fn worker(
         }
         let Some(active) = sender.as_mut() else { continue };
         active.ready().await?;
-        let body = bodies[n % bodies.len()].clone();
+        let body = if args.method == hyper::Method::GET { Bytes::new() } else { bodies[n % bodies.len()].clone() };
+        let key = &args.keys[n % args.keys.len()];
         n += 1;
-        let request = Request::post(format!("{}{}", args.url, args.path))
+        let request = Request::builder()
+            .method(args.method.clone())
+            .uri(format!("{}{}", args.url, args.path))
             .header("host", &authority)
             .header("content-type", "application/json")
-            .header("x-api-key", &args.key)
+            .header("x-api-key", key)
             .body(Full::new(body))?;
         match active.send_request(request).await {
             Ok(response) => {
@@ -221,6 +243,7 @@ async fn main() -> anyhow::Result<()> {
     let histogram = shared.histogram.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let statuses = shared.statuses.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let ok = statuses.get("202").copied().unwrap_or(0);
+    let answered_2xx: u64 = statuses.iter().filter(|(code, _)| code.starts_with('2')).map(|(_, n)| n).sum();
     let summary = serde_json::json!({
         "events_per_request": args.events,
         "body_bytes": body_bytes,
@@ -233,11 +256,14 @@ async fn main() -> anyhow::Result<()> {
         "latency_ms": {
             "p50": histogram.value_at_quantile(0.50) as f64 / 1000.0,
             "p90": histogram.value_at_quantile(0.90) as f64 / 1000.0,
+            "p95": histogram.value_at_quantile(0.95) as f64 / 1000.0,
             "p99": histogram.value_at_quantile(0.99) as f64 / 1000.0,
             "max": histogram.max() as f64 / 1000.0,
         },
         "statuses": statuses,
+        "non_2xx": histogram.len() - answered_2xx,
     });
     println!("{summary}");
+    anyhow::ensure!(answered_2xx > 0, "no request was answered 2xx: {statuses:?}");
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use serde_json::{json, Value};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_common::testing::{drop_database, new_database_config};
+use tally_testkit::{drop_database, new_database_config};
 use tally_query_api::config::QueryConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +16,7 @@ pub const ADMIN: &str = "test-admin-token-0123456789";
 pub struct Api {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), tally_common::server::RunError>>,
     pub clickhouse: ChConfig,
     pub http: reqwest::Client,
 }

@@ -1,8 +1,9 @@
-//! Helpers for integration tests against the local stack: a fresh, migrated database per test.
+//! Test scaffolding, for tests only (a dev-dependency, never a dependency of a service): a fresh,
+//! migrated database per test, topics, private Kafka and ClickHouse servers to stop and restart.
 
 use rand::Rng;
 
-use crate::ch::ChConfig;
+use tally_common::ch::ChConfig;
 
 /// The ClickHouse of the local stack, overridable with `TALLY_TEST_CLICKHOUSE_URL`.
 pub fn clickhouse_url() -> String {
@@ -32,7 +33,7 @@ pub fn new_database_config(prefix: &str) -> ChConfig {
 /// A new database with every migration applied.
 pub async fn migrated_database(prefix: &str) -> ChConfig {
     let config = new_database_config(prefix);
-    crate::migrate::migrate(&config).await.expect("migrations apply on the local ClickHouse");
+    tally_common::migrate::migrate(&config).await.expect("migrations apply on the local ClickHouse");
     config
 }
 
@@ -295,7 +296,7 @@ impl ClickHouseServer {
     /// Config for a new database on this server, with every migration applied.
     pub async fn migrated_database(&self, prefix: &str) -> ChConfig {
         let config = ChConfig { url: self.url.clone(), ..new_database_config(prefix) };
-        crate::migrate::migrate(&config).await.expect("migrations apply on the test clickhouse");
+        tally_common::migrate::migrate(&config).await.expect("migrations apply on the test clickhouse");
         config
     }
 }
@@ -311,7 +312,7 @@ fn ping_probe(url: &str) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Futu
     .client();
     move || {
         let client = client.clone();
-        Box::pin(async move { crate::ch::ping(&client).await })
+        Box::pin(async move { tally_common::ch::ping(&client).await })
     }
 }
 

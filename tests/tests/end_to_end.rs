@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tally_common::config::Env;
-use tally_common::testing::{
+use tally_testkit::{
     create_topic, delete_topics, drop_database, kafka_brokers, new_database_config, unique_name,
 };
 use tokio_util::sync::CancellationToken;
@@ -151,9 +151,9 @@ async fn sdk_batch_flows_from_ingest_to_status() {
     );
 
     shutdown.cancel();
-    for task in [query, consumer, ingest] {
-        task.await.unwrap().unwrap();
-    }
+    query.await.unwrap().unwrap();
+    consumer.await.unwrap().unwrap();
+    ingest.await.unwrap().unwrap();
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
 }

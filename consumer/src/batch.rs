@@ -1,0 +1,129 @@
+//! The unit the consumer works on: the Kafka records of one batch, each decoded into its rows (or
+//! not), and the stages that take out of a batch what must not be inserted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tally_schemas::record::{decode_events, RecordError};
+use tally_schemas::EventRow;
+
+/// One Kafka record as polled, not decoded yet.
+pub struct RawRecord {
+    pub partition: i32,
+    pub offset: i64,
+    /// The record's Kafka timestamp (set by the ingest's producer when it accepted the events).
+    pub kafka_timestamp_ms: i64,
+    pub original: Vec<u8>,
+}
+
+/// One Kafka record of the batch, decoded (or not).
+pub struct Pending {
+    pub partition: i32,
+    pub offset: i64,
+    pub kafka_timestamp_ms: i64,
+    pub original: Vec<u8>,
+    pub decoded: Result<Vec<EventRow>, RecordError>,
+}
+
+impl Pending {
+    pub fn decode(raw: RawRecord) -> Pending {
+        let RawRecord { partition, offset, kafka_timestamp_ms, original } = raw;
+        let decoded = decode_events(&original).map(|events| {
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(index, event)| EventRow::new(event, partition, offset, index as u32))
+                .collect::<Vec<_>>()
+        });
+        Pending { partition, offset, kafka_timestamp_ms, original, decoded }
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.decoded.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Every decoded row of `records`, in order.
+pub fn rows_of(records: &[Pending]) -> Vec<&EventRow> {
+    records.iter().filter_map(|p| p.decoded.as_ref().ok()).flatten().collect()
+}
+
+/// The offset to commit per partition once `records` are stored: one past the last record.
+pub fn next_offsets(records: &[Pending]) -> BTreeMap<i32, i64> {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for pending in records {
+        let entry = next.entry(pending.partition).or_insert(0);
+        *entry = (*entry).max(pending.offset + 1);
+    }
+    next
+}
+
+/// What every stage sees of the moment a batch is checked.
+pub struct BatchContext {
+    /// The partitions this replica owns now.
+    pub assigned: BTreeSet<i32>,
+    /// Epoch seconds.
+    pub now: u32,
+}
+
+/// A step between polling and inserting that removes from the batch what must not be inserted
+/// (records of partitions no longer owned, rows stored already, event ids seen already) and says
+/// what it removed. The worker runs them in order, retrying a stage whose query failed.
+pub trait Stage {
+    type Outcome;
+
+    fn apply(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        context: &BatchContext,
+    ) -> impl std::future::Future<Output = Result<Self::Outcome, clickhouse::error::Error>> + Send;
+}
+
+/// Keeps only records of partitions this replica still owns: after a revoke, nothing more is
+/// written for a partition; its new owner reads those records again from the committed offset.
+pub struct DropRevoked;
+
+impl Stage for DropRevoked {
+    /// Records dropped.
+    type Outcome = usize;
+
+    async fn apply(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        context: &BatchContext,
+    ) -> Result<usize, clickhouse::error::Error> {
+        let before = batch.len();
+        batch.retain(|p| context.assigned.contains(&p.partition));
+        Ok(before - batch.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(partition: i32, offset: i64, payload: &str) -> Pending {
+        Pending::decode(RawRecord { partition, offset, kafka_timestamp_ms: 0, original: payload.as_bytes().to_vec() })
+    }
+
+    #[test]
+    fn commits_one_past_the_last_record_of_each_partition() {
+        let batch = [record(0, 5, "x"), record(1, 2, "x"), record(0, 7, "x"), record(0, 6, "x")];
+        assert_eq!(next_offsets(&batch), BTreeMap::from([(0, 8), (1, 3)]));
+    }
+
+    #[test]
+    fn undecodable_records_have_no_rows() {
+        let batch = [record(0, 1, "not json")];
+        assert!(batch[0].decoded.is_err());
+        assert_eq!(batch[0].row_count(), 0);
+        assert!(rows_of(&batch).is_empty());
+    }
+
+    #[tokio::test]
+    async fn revoked_partitions_are_dropped_whole() {
+        let mut batch = vec![record(0, 1, "x"), record(1, 1, "x"), record(2, 1, "x")];
+        let context = BatchContext { assigned: BTreeSet::from([0, 2]), now: 0 };
+        assert_eq!(DropRevoked.apply(&mut batch, &context).await.ok(), Some(1));
+        assert_eq!(batch.iter().map(|p| p.partition).collect::<Vec<_>>(), [0, 2]);
+    }
+}

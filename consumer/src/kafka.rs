@@ -1,0 +1,197 @@
+//! The consumer's Kafka side: the group consumer (prefetch sized for big batches, static
+//! membership), offset commits, the lag sampler, and the producer of the consumer's own dead
+//! letters.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use tally_common::server;
+use tally_schemas::record::{DeadLetter, SourcePosition, Stage};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{next_offsets, Pending};
+use crate::config::ConsumerConfig;
+
+/// Counts rebalances, so the worker knows when what it learnt about partitions is stale.
+#[derive(Default)]
+pub struct RebalanceCounter {
+    generation: AtomicU64,
+}
+
+impl RebalanceCounter {
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+}
+
+impl rdkafka::client::ClientContext for RebalanceCounter {}
+
+impl rdkafka::consumer::ConsumerContext for RebalanceCounter {
+    fn post_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        tracing::info!(rebalance = ?rebalance, "rebalance");
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+pub type KafkaConsumer = StreamConsumer<RebalanceCounter>;
+
+pub fn consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
+        .set("fetch.max.bytes", "52428800")
+        // Prefetch enough to keep the loop fed: a batch of 100 000 rows is about 60 MB of JSON,
+        // and with librdkafka's defaults (1 MiB per partition per fetch, a 64 MiB queue) polling
+        // waited on the broker for up to 0.8 s per batch; with these, polling a batch takes ~12 ms
+        // and the drain went from 200 000 to 370 000 rows/s (loadtest/RESULTS.md). Costs up to
+        // 128 MiB of queued records per replica.
+        .set("max.partition.fetch.bytes", "8388608")
+        .set("queued.max.messages.kbytes", "131072");
+    // Static membership: a replica restarted with the same id takes its partitions back at once,
+    // without a rebalance of the whole group.
+    if let Some(instance) = &config.instance_id {
+        client.set("group.instance.id", instance);
+    }
+    client.create_with_context(RebalanceCounter::default())
+}
+
+/// Commits one past the last record of each partition of `batch`, synchronously.
+pub fn commit(consumer: &KafkaConsumer, topic: &str, batch: &[Pending]) -> Result<(), KafkaError> {
+    let mut list = TopicPartitionList::new();
+    for (partition, offset) in next_offsets(batch) {
+        list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    }
+    consumer.commit(&list, CommitMode::Sync)
+}
+
+/// The partitions this replica owns now (None when the client cannot tell).
+pub fn assigned(consumer: &KafkaConsumer) -> Option<BTreeSet<i32>> {
+    let list = consumer.assignment().ok()?;
+    Some(list.elements().iter().map(|e| e.partition()).collect())
+}
+
+/// Samples the lag of every assigned partition (high watermark minus committed offset) every
+/// `interval` until `shutdown`, on the blocking pool because librdkafka's metadata calls block.
+pub fn spawn_lag_sampler(
+    consumer: Arc<KafkaConsumer>,
+    lag: prometheus::IntGaugeVec,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    server::spawn_every(interval, shutdown, move || {
+        let (consumer, lag) = (Arc::clone(&consumer), lag.clone());
+        async move {
+            let _ = tokio::task::spawn_blocking(move || sample_lag(&consumer, &lag)).await;
+        }
+    })
+}
+
+fn sample_lag(consumer: &KafkaConsumer, lag: &prometheus::IntGaugeVec) {
+    let Ok(assigned) = consumer.assignment() else { return };
+    let Ok(committed) = consumer.committed_offsets(assigned, Duration::from_secs(2)) else { return };
+    lag.reset();
+    for element in committed.elements() {
+        let watermarks = consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(2));
+        let Ok((_, high)) = watermarks else { continue };
+        let committed_offset = match element.offset() {
+            Offset::Offset(offset) => offset,
+            _ => 0,
+        };
+        lag.with_label_values(&[&element.partition().to_string()]).set((high - committed_offset).max(0));
+    }
+}
+
+/// Why the consumer dead-letters a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The record is not Tally's JSONEachRow.
+    UndecodableRecord,
+    /// ClickHouse refused its rows with a permanent error.
+    RejectedByClickHouse,
+}
+
+impl DeadLetterReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            DeadLetterReason::UndecodableRecord => "undecodable_record",
+            DeadLetterReason::RejectedByClickHouse => "rejected_by_clickhouse",
+        }
+    }
+}
+
+/// The consumer's producer of dead letters (acks=all, idempotent).
+pub struct DeadLetters {
+    producer: FutureProducer,
+    dlq_topic: String,
+    events_topic: String,
+    counter: prometheus::IntCounterVec,
+}
+
+impl DeadLetters {
+    pub fn new(config: &ConsumerConfig, counter: prometheus::IntCounterVec) -> Result<Self, KafkaError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("compression.type", "lz4")
+            .create()?;
+        Ok(DeadLetters {
+            producer,
+            dlq_topic: config.dlq_topic.clone(),
+            events_topic: config.events_topic.clone(),
+            counter,
+        })
+    }
+
+    /// Sends `pending` with the reason. Never returns before the letter is durable: the offset of
+    /// a record is not committed before its dead letter is.
+    pub async fn send(&self, pending: &Pending, reason: DeadLetterReason, detail: String) {
+        let letter = DeadLetter {
+            stage: Stage::Consume,
+            reason: reason.code().to_owned(),
+            detail,
+            org_id: String::new(),
+            request_id: String::new(),
+            index: None,
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            source: Some(SourcePosition {
+                topic: self.events_topic.clone(),
+                partition: pending.partition,
+                offset: pending.offset,
+            }),
+            original: None,
+            original_hex: None,
+        }
+        .with_original(&pending.original);
+        let payload = serde_json::to_vec(&letter).unwrap_or_default();
+        loop {
+            let record = FutureRecord::<(), _>::to(&self.dlq_topic).payload(&payload);
+            match self.producer.send(record, Timeout::After(Duration::from_secs(10))).await {
+                Ok(_) => break,
+                Err((error, _)) => {
+                    tracing::warn!(error = %error, "dead letter produce failed, retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.counter.with_label_values(&[reason.code()]).inc();
+    }
+}

@@ -1,0 +1,300 @@
+//! The loop: poll a batch, run it through the stages (revoked partitions, reconciliation, dedup),
+//! store it, commit it. Offsets are committed only after ClickHouse confirmed, so a failure in
+//! between means the batch is read again and reconciled, never skipped.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{rows_of, BatchContext, DropRevoked, Pending, RawRecord, Stage};
+use crate::config::ConsumerConfig;
+use crate::dedup::Deduplicator;
+use crate::error::ConsumerError;
+use crate::kafka::{self, DeadLetterReason, DeadLetters, KafkaConsumer};
+use crate::metrics::ConsumerMetrics;
+use crate::reconcile::Reconciler;
+use crate::retry::{until_ok, Backoff};
+use crate::store::{is_permanent, ClickHouseError, EventStore};
+use crate::views;
+
+pub struct Worker {
+    pub config: ConsumerConfig,
+    pub consumer: Arc<KafkaConsumer>,
+    pub dead_letters: DeadLetters,
+    pub store: EventStore,
+    pub metrics: ConsumerMetrics,
+}
+
+/// What the loop learns across batches, reset after every rebalance.
+struct LoopState {
+    reconciler: Reconciler,
+    dedup: Deduplicator,
+    generation_seen: u64,
+}
+
+/// How an insert ended.
+enum Attempt {
+    Stored(usize),
+    Refused(ClickHouseError),
+    Shutdown,
+}
+
+fn epoch_now() -> u32 {
+    u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX)
+}
+
+impl Worker {
+    /// Polling never overlaps an insert, so a revoke (delivered during a poll) is always seen by
+    /// `DropRevoked` before the next insert. Under a backlog (a batch that reached the row bound),
+    /// the next batch is polled first and decoded on a blocking thread while this one is checked
+    /// and stored: ClickHouse's insert work and the consumer's JSON decoding overlap. A batch
+    /// closed by time (light traffic) is stored at once.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let mut state = LoopState {
+            reconciler: Reconciler::new(self.store.clone()),
+            dedup: Deduplicator::new(self.store.clone(), self.config.dedup_window_hours),
+            generation_seen: u64::MAX,
+        };
+        let mut ready: Vec<Pending> = Vec::new();
+        loop {
+            let (raw, full) = self.collect_raw(&shutdown, ready.is_empty()).await;
+            let stopping = shutdown.is_cancelled();
+            let decoding = tokio::task::spawn_blocking(move || raw.into_iter().map(Pending::decode).collect());
+            if !ready.is_empty() && !self.process(std::mem::take(&mut ready), &mut state, &shutdown).await {
+                return Ok(());
+            }
+            let batch: Vec<Pending> = decoding.await?;
+            if full && !stopping {
+                ready = batch;
+                continue;
+            }
+            if !batch.is_empty() && !self.process(batch, &mut state, &shutdown).await {
+                return Ok(());
+            }
+            if stopping {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Polls up to a batch of records, undecoded: rows are counted by line, so the bound holds
+    /// before decoding. With `wait`, waits for a first record and then up to the batch wait;
+    /// without, takes only what the client already fetched. Returns the records and whether the
+    /// row bound was reached.
+    async fn collect_raw(&self, shutdown: &CancellationToken, wait: bool) -> (Vec<RawRecord>, bool) {
+        let mut batch = Vec::new();
+        let mut rows = 0usize;
+        let mut deadline: Option<Instant> = if wait { None } else { Some(Instant::now()) };
+        while rows < self.config.batch_max_rows {
+            let wait = deadline.map_or(Duration::from_millis(200), |d| d.saturating_duration_since(Instant::now()));
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                received = tokio::time::timeout(wait, self.consumer.recv()) => received,
+            };
+            let message = match message {
+                Err(_elapsed) if batch.is_empty() && deadline.is_none() => continue,
+                Err(_elapsed) => break,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, "kafka receive failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Ok(Ok(message)) => message,
+            };
+            deadline.get_or_insert_with(|| Instant::now() + self.config.batch_max_wait);
+            let original = message.payload().unwrap_or_default().to_vec();
+            rows += memchr::memchr_iter(b'\n', &original).count().max(1);
+            batch.push(RawRecord {
+                partition: message.partition(),
+                offset: message.offset(),
+                kafka_timestamp_ms: message.timestamp().to_millis().unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+                original,
+            });
+        }
+        (batch, rows >= self.config.batch_max_rows)
+    }
+
+    /// Checks and stores one batch, then commits it. False on shutdown.
+    async fn process(&self, mut batch: Vec<Pending>, state: &mut LoopState, shutdown: &CancellationToken) -> bool {
+        let LoopState { reconciler, dedup, generation_seen } = state;
+        let generation = self.consumer.context().generation();
+        if generation != *generation_seen {
+            reconciler.reset();
+            dedup.reset();
+            *generation_seen = generation;
+        }
+        let context = BatchContext {
+            assigned: kafka::assigned(&self.consumer).unwrap_or_else(|| batch.iter().map(|p| p.partition).collect()),
+            now: epoch_now(),
+        };
+        let Some(revoked) = self.run_stage(&mut DropRevoked, &mut batch, &context, shutdown).await else { return false };
+        if revoked > 0 {
+            self.metrics.revoked_records_dropped.inc_by(revoked as u64);
+            tracing::info!(records = revoked, "dropped records of revoked partitions before insert");
+        }
+        if batch.is_empty() {
+            return true;
+        }
+        // Never insert what may already be stored: the stages retry until ClickHouse answers.
+        let Some(reconciled) = self.run_stage(reconciler, &mut batch, &context, shutdown).await else { return false };
+        if reconciled.skipped_rows > 0 {
+            self.metrics.reconciled_rows_skipped.inc_by(reconciled.skipped_rows as u64);
+            tracing::info!(
+                records = reconciled.checked_records,
+                skipped_rows = reconciled.skipped_rows,
+                "reconciled rows already stored"
+            );
+            // Their insert may have died with ClickHouse between `events` and the views.
+            if self.check_views(&reconciled.stored_records, &mut Backoff::default(), shutdown).await.is_none() {
+                return false;
+            }
+        }
+        let Some(removed) = self.run_stage(dedup, &mut batch, &context, shutdown).await else { return false };
+        if removed.rebuilt > 0 {
+            tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
+        }
+        if removed.duplicates > 0 {
+            self.metrics.duplicates_dropped.inc_by(removed.duplicates as u64);
+            tracing::info!(rows = removed.duplicates, "dropped rows whose event id was already stored");
+        }
+        if !self.store_batch(&mut batch, reconciler, shutdown).await {
+            tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
+            return false;
+        }
+        reconciler.record_stored(&batch);
+        dedup.record_stored(epoch_now());
+        self.metrics.dedup_ids.set(dedup.ids() as i64);
+        self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
+        #[cfg(feature = "failpoints")]
+        self.config.failpoints.crash_before_commit();
+        // A failed commit is safe: the batch is read again and reconciled.
+        if let Err(error) = kafka::commit(&self.consumer, &self.config.events_topic, &batch) {
+            tracing::warn!(error = %error, "offset commit failed");
+        }
+        self.metrics.batches.inc();
+        true
+    }
+
+    /// Runs `stage` over `batch` until its queries succeed; None on shutdown.
+    async fn run_stage<S: Stage + Send>(
+        &self,
+        stage: &mut S,
+        batch: &mut Vec<Pending>,
+        context: &BatchContext,
+        shutdown: &CancellationToken,
+    ) -> Option<S::Outcome> {
+        let what = std::any::type_name::<S>().rsplit("::").next().unwrap_or("stage");
+        let mut state = (stage, batch);
+        until_ok(&mut Backoff::default(), shutdown, what, &mut state, |(stage, batch)| {
+            Box::pin(stage.apply(batch, context))
+        })
+        .await
+    }
+
+    /// Stores a batch: one insert, or, when ClickHouse refuses it permanently, one insert per record
+    /// so the bad records can be dead-lettered and the rest stored. Returns false on shutdown.
+    async fn store_batch(&self, batch: &mut [Pending], reconciler: &mut Reconciler, shutdown: &CancellationToken) -> bool {
+        for pending in batch.iter() {
+            if let Err(error) = &pending.decoded {
+                self.dead_letters.send(pending, DeadLetterReason::UndecodableRecord, error.to_string()).await;
+            }
+        }
+        let batch_rows = batch.iter().map(Pending::row_count).sum::<usize>();
+        if batch_rows == 0 {
+            return true;
+        }
+        let mut inserted = 0;
+        match self.insert_until_done(batch, reconciler, shutdown).await {
+            Attempt::Stored(rows) => inserted += rows,
+            Attempt::Shutdown => return false,
+            Attempt::Refused(error) => {
+                tracing::warn!(error = %error, records = batch.len(), "batch refused permanently, isolating records");
+                for index in 0..batch.len() {
+                    match self.insert_until_done(&mut batch[index..=index], reconciler, shutdown).await {
+                        Attempt::Stored(rows) => inserted += rows,
+                        Attempt::Shutdown => return false,
+                        Attempt::Refused(error) => {
+                            let reason = DeadLetterReason::RejectedByClickHouse;
+                            self.dead_letters.send(&batch[index], reason, error.to_string()).await;
+                        }
+                    }
+                }
+            }
+        }
+        self.metrics.rows_inserted.inc_by(inserted as u64);
+        self.metrics.batch_rows.observe(batch_rows as f64);
+        true
+    }
+
+    /// Inserts the decoded rows of `records` as one INSERT, retrying transient failures with
+    /// backoff. A failed insert may still have been applied (a timeout after ClickHouse committed,
+    /// a connection lost before the answer), so before every retry the rows are checked again by
+    /// position and only the missing ones are sent.
+    async fn insert_until_done(
+        &self,
+        records: &mut [Pending],
+        reconciler: &mut Reconciler,
+        shutdown: &CancellationToken,
+    ) -> Attempt {
+        let mut backoff = Backoff::default();
+        loop {
+            let rows = rows_of(records);
+            if rows.is_empty() {
+                return Attempt::Stored(0);
+            }
+            let count = rows.len();
+            let error = match self.insert(&rows).await {
+                Ok(()) => return Attempt::Stored(count),
+                Err(error) if is_permanent(&error) => return Attempt::Refused(error),
+                Err(error) => error,
+            };
+            self.metrics.insert_retries.inc();
+            if !backoff.wait(shutdown, "insert", &error).await {
+                return Attempt::Shutdown;
+            }
+            reconciler.record_stored(records);
+            let mut state = (&mut *reconciler, &mut *records);
+            let rechecked = until_ok(&mut backoff, shutdown, "re-check after a failed insert", &mut state, |(r, b)| {
+                Box::pin(r.filter(b))
+            })
+            .await;
+            let Some(outcome) = rechecked else { return Attempt::Shutdown };
+            self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
+            // The failed insert reached `events`: make sure it reached the rollups too.
+            if outcome.skipped_rows > 0 && self.check_views(&outcome.stored_records, &mut backoff, shutdown).await.is_none() {
+                return Attempt::Shutdown;
+            }
+        }
+    }
+
+    async fn insert(&self, rows: &[&tally_schemas::EventRow]) -> Result<(), ClickHouseError> {
+        let took = self.store.insert(rows).await?;
+        self.metrics.insert_seconds.observe(took.as_secs_f64());
+        #[cfg(feature = "failpoints")]
+        self.config.failpoints.lose_insert_answer()?;
+        Ok(())
+    }
+
+    /// After rows of `records` ((partition, offset)) turned out to be stored already: completes
+    /// the rollups for those records if their insert stopped between `events` and the views (see
+    /// `views`). None on shutdown.
+    async fn check_views(
+        &self,
+        records: &BTreeSet<(i32, i64)>,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Option<views::Repair> {
+        let repair = until_ok(backoff, shutdown, "rollup check", &mut (&self.store, records), |(store, records)| {
+            Box::pin(views::repair(store.client(), store.table(), records))
+        })
+        .await?;
+        tracing::info!(?repair, records = records.len(), "rows found stored; rollups checked");
+        self.metrics.rollup_buckets_repaired.inc_by(repair.repaired as u64);
+        Some(repair)
+    }
+}
