@@ -72,6 +72,7 @@ def main():
     parser.add_argument("--clickhouse-url", default="http://127.0.0.1:8123/")
     parser.add_argument("--since", required=True)
     parser.add_argument("--migrations", default=os.path.join(os.path.dirname(__file__), "..", "schemas", "migrations"))
+    parser.add_argument("--event-columns", help="JSON of the event row type's columns (tally-event-columns)")
     args = parser.parse_args()
 
     import chdb
@@ -101,6 +102,16 @@ def main():
         error = run(statement)
         if error:
             failures.append(("migration " + name, statement, error))
+    checked_row_type = 0
+    if args.event_columns:
+        # The one row type against the table the migrations made here (18.16: common/tests).
+        expected = [[c["name"], c["clickhouse_type"]] for c in json.load(open(args.event_columns))]
+        actual = json.loads(sess.query("SELECT name, type FROM system.columns WHERE database = 'compat' "
+                                       "AND table = 'events' ORDER BY position", "JSONCompact").bytes())["data"]
+        checked_row_type = 1
+        if actual != expected:
+            diff = [(e, a) for e, a in zip(expected, actual) if e != a] or [(len(expected), len(actual))]
+            failures.append(("event row type", "EventRow vs compat.events", "differs: %s" % diff[:5]))
     replayed = list(logged_statements(args.clickhouse_url, args.since))
     # query_log has second resolution, so statements of the same second may come out of order (an
     # INSERT before its CREATE): replay in passes until a pass makes no progress.
@@ -115,7 +126,7 @@ def main():
 
     for label, statement, error in failures:
         print("FAIL [%s] %s\n  statement: %s\n" % (label, error, statement[:600]))
-    checked = len(migrations) + len(replayed)
+    checked = len(migrations) + len(replayed) + checked_row_type
     print("compat: %d statements (%d migration, %d distinct logged) checked on ClickHouse %s (chdb %s)"
           % (checked, len(migrations), len(replayed), server_version, chdb.__version__))
     print("compat: %d passed, %d failed" % (checked - len(failures), len(failures)))

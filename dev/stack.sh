@@ -321,9 +321,9 @@ demo_traffic() {
     [[ $code != 401 ]] && break
     sleep 0.2
   done
-  log "sending demo traffic with tally-loadgen (open model: 50 requests/s of 1-20 events for 20 s)"
-  "$CARGO_TARGET_DIR/release/tally-loadgen" demo --url "http://$INGEST_ADDR/v1/ingest" --key "$key" \
-    --rate 50 --duration 20 >"$DEV/log/demo-traffic.log" 2>&1 \
+  log "sending demo traffic with tally-loadgen (open model: 20 requests/s of 10-event batches for 15 s)"
+  "$CARGO_TARGET_DIR/release/tally-loadgen" --url "http://$INGEST_ADDR" --path /v1/ingest --key "$key" \
+    --rate 20 --duration 15 --events 10 --connections 4 >"$DEV/log/demo-traffic.log" 2>&1 \
     || { tail -n 30 "$DEV/log/demo-traffic.log" >&2; die "demo traffic failed"; }
   tail -n 2 "$DEV/log/demo-traffic.log" >&2
 }

@@ -8,7 +8,8 @@
 #  3. dev/fuzz_api.py: schemathesis generates requests from the OpenAPI documents of the ingest
 #     and the query API; any 5xx fails the run
 #  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
-#     replayed on a current ClickHouse (chdb); any statement that fails there fails the run
+#     replayed on a current ClickHouse (chdb); any statement that fails there fails the run; and
+#     the event row type's columns must equal the `events` table the migrations make there
 #  5. dev/analysts.py: every query of docs/analysts.md runs on 18.16 (as the read-only analyst)
 #     and on chdb over the same sample data, and must give the same rows
 set -euo pipefail
@@ -46,6 +47,8 @@ cargo test --workspace --locked --features tally-consumer/failpoints
 echo "[test] schemathesis against the OpenAPI documents of the ingest and the query API"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/fuzz_api.py "$VENV/bin/schemathesis" --max-examples 60
 echo "[test] ClickHouse compatibility (18.16 server vs current chdb) for statements since $since"
-"$VENV/bin/python" dev/compat.py --clickhouse-url "$CLICKHOUSE_URL/" --since "$since"
+cargo run -q --locked -p tally-testkit --bin event_columns >"$CARGO_TARGET_DIR/event-columns.json"
+"$VENV/bin/python" dev/compat.py --clickhouse-url "$CLICKHOUSE_URL/" --since "$since" \
+  --event-columns "$CARGO_TARGET_DIR/event-columns.json"
 echo "[test] the analysts' cookbook (docs/analysts.md) on both ClickHouse versions"
 "$VENV/bin/python" dev/analysts.py --clickhouse-url "$CLICKHOUSE_URL/"

@@ -25,6 +25,9 @@ pub enum IngestError {
     NotReady(String),
     #[error("rate limit of {} events per minute reached", .0.limit)]
     RateLimited(crate::ratelimit::Admission),
+    /// Tally could not write its own dead letter (a server fault, not the client's).
+    #[error("internal error: dead letter not encodable: {0}")]
+    DeadLetterEncoding(serde_json::Error),
 }
 
 impl IngestError {
@@ -50,6 +53,9 @@ impl IngestError {
             ),
             IngestError::Unavailable(_) | IngestError::NotReady(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "retry after the delay in Retry-After")
+            }
+            IngestError::DeadLetterEncoding(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "retry; if it persists, report it with the request id")
             }
             IngestError::RateLimited(_) => (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -123,10 +123,10 @@ async fn handle(
                 });
             }
             Err(rejection) => {
-                state.metrics.events_rejected.with_label_values(&[rejection.code]).inc();
+                state.metrics.events_rejected.with_label_values(&[rejection.code.as_str()]).inc();
                 let letter = DeadLetter {
                     stage: Stage::Ingest,
-                    reason: rejection.code.to_owned(),
+                    reason: rejection.code.as_str().to_owned(),
                     detail: rejection.detail.clone(),
                     org_id: org.org_id.to_string(),
                     request_id: request_id.0.to_string(),
@@ -138,7 +138,7 @@ async fn handle(
                 }
                 .with_original(batch.original(index).as_bytes());
                 dead_letters
-                    .push(serde_json::to_vec(&letter).map_err(|e| IngestError::Malformed(e.to_string()))?);
+                    .push(serde_json::to_vec(&letter).map_err(IngestError::DeadLetterEncoding)?);
                 rejected.push(Rejected { index, reason: rejection.to_string() });
             }
         }

@@ -23,15 +23,76 @@ pub enum BodyError {
     TooManyEvents { count: usize, max: usize },
 }
 
-/// Why one event was rejected. `code` is stable and machine-readable; `detail` is for people.
+/// Why one event was rejected, as a stable machine-readable code (the `reason` of the response's
+/// `rejected` entries, of the dead letter and of the `tally_ingest_events_rejected_total` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectionCode {
+    InvalidEvent,
+    MissingField,
+    InvalidTimestamp,
+    TimestampTooOld,
+    TimestampInFuture,
+    InvalidTokens,
+    InvalidCost,
+    InvalidLatency,
+    InvalidSize,
+    InvalidStatus,
+    InvalidEventId,
+    InvalidMetadata,
+    FieldTooLong,
+}
+
+impl RejectionCode {
+    pub const ALL: [RejectionCode; 13] = [
+        RejectionCode::InvalidEvent,
+        RejectionCode::MissingField,
+        RejectionCode::InvalidTimestamp,
+        RejectionCode::TimestampTooOld,
+        RejectionCode::TimestampInFuture,
+        RejectionCode::InvalidTokens,
+        RejectionCode::InvalidCost,
+        RejectionCode::InvalidLatency,
+        RejectionCode::InvalidSize,
+        RejectionCode::InvalidStatus,
+        RejectionCode::InvalidEventId,
+        RejectionCode::InvalidMetadata,
+        RejectionCode::FieldTooLong,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectionCode::InvalidEvent => "invalid_event",
+            RejectionCode::MissingField => "missing_field",
+            RejectionCode::InvalidTimestamp => "invalid_timestamp",
+            RejectionCode::TimestampTooOld => "timestamp_too_old",
+            RejectionCode::TimestampInFuture => "timestamp_in_future",
+            RejectionCode::InvalidTokens => "invalid_tokens",
+            RejectionCode::InvalidCost => "invalid_cost",
+            RejectionCode::InvalidLatency => "invalid_latency",
+            RejectionCode::InvalidSize => "invalid_size",
+            RejectionCode::InvalidStatus => "invalid_status",
+            RejectionCode::InvalidEventId => "invalid_event_id",
+            RejectionCode::InvalidMetadata => "invalid_metadata",
+            RejectionCode::FieldTooLong => "field_too_long",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectionCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why one event was rejected: the code, and a `detail` for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    pub code: &'static str,
+    pub code: RejectionCode,
     pub detail: String,
 }
 
 impl Rejection {
-    fn new(code: &'static str, detail: impl Into<String>) -> Self {
+    fn new(code: RejectionCode, detail: impl Into<String>) -> Self {
         Rejection { code, detail: detail.into() }
     }
 }
@@ -280,7 +341,7 @@ struct Fields<'a> {
 }
 
 fn invalid(e: serde_json::Error) -> Rejection {
-    Rejection::new("invalid_event", e.to_string())
+    Rejection::new(RejectionCode::InvalidEvent, e.to_string())
 }
 
 fn sdk_fields(raw: &RawValue) -> Result<Fields<'_>, Rejection> {
@@ -293,7 +354,7 @@ fn sdk_event_fields(e: SdkEvent<'_>) -> Result<Fields<'_>, Rejection> {
         "error" => Status::Error,
         other => {
             return Err(Rejection::new(
-                "invalid_status",
+                RejectionCode::InvalidStatus,
                 format!("status must be \"success\" or \"error\", got {other:?}"),
             ))
         }
@@ -327,7 +388,7 @@ fn analytics_fields(raw: &RawValue) -> Result<Fields<'_>, Rejection> {
     let e: AnalyticsEvent = serde_json::from_str(raw.get()).map_err(invalid)?;
     if !(100..=599).contains(&e.status) {
         return Err(Rejection::new(
-            "invalid_status",
+            RejectionCode::InvalidStatus,
             format!("status must be an HTTP status code, got {}", e.status),
         ));
     }
@@ -389,7 +450,7 @@ fn bounded(name: &'static str, value: Option<Cow<'_, str>>, max: usize) -> Resul
     let text = value.map(Cow::into_owned).unwrap_or_default();
     if text.len() > max {
         return Err(Rejection::new(
-            "field_too_long",
+            RejectionCode::FieldTooLong,
             format!("{name} is {} bytes, at most {max}", text.len()),
         ));
     }
@@ -399,14 +460,14 @@ fn bounded(name: &'static str, value: Option<Cow<'_, str>>, max: usize) -> Resul
 fn required_name(name: &'static str, value: Cow<'_, str>) -> Result<String, Rejection> {
     let trimmed = value.trim();
     if trimmed.is_empty() {
-        return Err(Rejection::new("missing_field", format!("{name} must not be empty")));
+        return Err(Rejection::new(RejectionCode::MissingField, format!("{name} must not be empty")));
     }
     bounded(name, Some(Cow::Borrowed(trimmed)), MAX_NAME_LEN)
 }
 
 fn count(name: &'static str, value: u64) -> Result<u32, Rejection> {
     if value > MAX_TOKENS {
-        return Err(Rejection::new("invalid_tokens", format!("{name} is {value}, at most {MAX_TOKENS}")));
+        return Err(Rejection::new(RejectionCode::InvalidTokens, format!("{name} is {value}, at most {MAX_TOKENS}")));
     }
     Ok(value as u32)
 }
@@ -443,7 +504,7 @@ fn timestamp_ms(text: &str) -> Result<i64, Rejection> {
     }
     DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
-        .map_err(|e| Rejection::new("invalid_timestamp", format!("timestamp {text:?} is not RFC 3339: {e}")))
+        .map_err(|e| Rejection::new(RejectionCode::InvalidTimestamp, format!("timestamp {text:?} is not RFC 3339: {e}")))
 }
 
 impl Fields<'_> {
@@ -451,13 +512,13 @@ impl Fields<'_> {
         let timestamp_ms = timestamp_ms(&self.timestamp)?;
         if timestamp_ms < ctx.received_at_ms - MAX_EVENT_AGE_MS {
             return Err(Rejection::new(
-                "timestamp_too_old",
+                RejectionCode::TimestampTooOld,
                 format!("timestamp is more than {} days in the past", MAX_EVENT_AGE_MS / 86_400_000),
             ));
         }
         if timestamp_ms > ctx.received_at_ms + MAX_EVENT_FUTURE_MS {
             return Err(Rejection::new(
-                "timestamp_in_future",
+                RejectionCode::TimestampInFuture,
                 format!("timestamp is more than {} minutes in the future", MAX_EVENT_FUTURE_MS / 60_000),
             ));
         }
@@ -467,7 +528,7 @@ impl Fields<'_> {
         let total_tokens = count("totalTokens", self.total_tokens.unwrap_or(sum))?;
         if u64::from(total_tokens) < sum {
             return Err(Rejection::new(
-                "invalid_tokens",
+                RejectionCode::InvalidTokens,
                 format!("totalTokens {total_tokens} is less than promptTokens + completionTokens ({sum})"),
             ));
         }
@@ -476,7 +537,7 @@ impl Fields<'_> {
                 Some(nanos) => (nanos, CostSource::Client),
                 None => {
                     return Err(Rejection::new(
-                        "invalid_cost",
+                        RejectionCode::InvalidCost,
                         format!(
                             "cost must be between 0 and {} USD, got {usd}",
                             MAX_COST_NANOS / NANOS_PER_USD
@@ -488,34 +549,34 @@ impl Fields<'_> {
         };
         if !self.latency_ms.is_finite() || self.latency_ms < 0.0 || self.latency_ms > MAX_LATENCY_MS as f64 {
             return Err(Rejection::new(
-                "invalid_latency",
+                RejectionCode::InvalidLatency,
                 format!("latency must be between 0 and {MAX_LATENCY_MS} ms, got {}", self.latency_ms),
             ));
         }
         for (name, value) in [("inputBytes", self.input_bytes), ("outputBytes", self.output_bytes)] {
             if value > MAX_PAYLOAD_BYTES {
                 return Err(Rejection::new(
-                    "invalid_size",
+                    RejectionCode::InvalidSize,
                     format!("{name} is {value}, at most {MAX_PAYLOAD_BYTES}"),
                 ));
             }
         }
         let event_id = match (&self.event_id, ctx.idempotency_key) {
             (Some(text), _) => Uuid::parse_str(text)
-                .map_err(|_| Rejection::new("invalid_event_id", format!("eventId {text:?} is not a UUID")))?,
+                .map_err(|_| Rejection::new(RejectionCode::InvalidEventId, format!("eventId {text:?} is not a UUID")))?,
             (None, Some(key)) => derived_event_id(ctx.org_id, key, index),
             (None, None) => new_v7(ctx.received_at_ms),
         };
         if self.metadata.len() > MAX_METADATA_ENTRIES {
             return Err(Rejection::new(
-                "invalid_metadata",
+                RejectionCode::InvalidMetadata,
                 format!("metadata has {} entries, at most {MAX_METADATA_ENTRIES}", self.metadata.len()),
             ));
         }
         for (key, value) in &self.metadata {
             if key.is_empty() || key.len() > MAX_METADATA_KEY_LEN || value.len() > MAX_METADATA_VALUE_LEN {
                 return Err(Rejection::new(
-                    "invalid_metadata",
+                    RejectionCode::InvalidMetadata,
                     format!(
                         "metadata keys must be 1..={MAX_METADATA_KEY_LEN} bytes and values at most {MAX_METADATA_VALUE_LEN} bytes (key {:?})",
                         truncate_utf8(key, MAX_METADATA_KEY_LEN)
@@ -550,5 +611,21 @@ impl Fields<'_> {
             output_bytes: self.output_bytes,
             metadata: self.metadata.into_iter().collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod rejection_code_tests {
+    use super::RejectionCode;
+
+    #[test]
+    fn codes_are_distinct_snake_case_words() {
+        let mut seen = std::collections::BTreeSet::new();
+        for code in RejectionCode::ALL {
+            let text = code.as_str();
+            assert!(text.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{text}");
+            assert!(seen.insert(text), "{text} used twice");
+            assert_eq!(code.to_string(), text);
+        }
     }
 }
