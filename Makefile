@@ -32,7 +32,7 @@ test: ## every test against the real local stack (started if needed), then the C
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy --workspace --all-targets --locked --features tally-consumer/failpoints -- -D warnings
 
 fmt:
 	cargo fmt --all

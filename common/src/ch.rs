@@ -56,6 +56,7 @@ pub fn error_code(error: &clickhouse::error::Error) -> Option<u32> {
 }
 
 pub const CODE_TABLE_ALREADY_EXISTS: u32 = 57;
+pub const CODE_UNKNOWN_TABLE: u32 = 60;
 
 /// Is the server reachable? A `SELECT 1` with a short timeout.
 pub async fn ping(client: &clickhouse::Client) -> bool {

@@ -10,7 +10,7 @@ use clickhouse::Row;
 use serde::Deserialize;
 use tally_schemas::migrations::{Migration, MIGRATIONS};
 
-use crate::ch::{error_code, ChConfig, CODE_TABLE_ALREADY_EXISTS};
+use crate::ch::{error_code, ChConfig, CODE_TABLE_ALREADY_EXISTS, CODE_UNKNOWN_TABLE};
 
 /// A lock older than this is considered left behind by a crashed runner and broken.
 const STALE_LOCK_AFTER_S: u32 = 120;
@@ -58,6 +58,9 @@ async fn acquire_lock(config: &ChConfig) -> Result<(), MigrateError> {
         match client.query(&create).execute().await {
             Ok(()) => return Ok(()),
             Err(e) if error_code(&e) == Some(CODE_TABLE_ALREADY_EXISTS) => {}
+            // 18.16 answers UNKNOWN_TABLE to a CREATE that races another runner's DROP of the lock
+            // (seen under a loaded test run): the lock is contended, try again.
+            Err(e) if error_code(&e) == Some(CODE_UNKNOWN_TABLE) => {}
             Err(e) => return Err(e.into()),
         }
         let age: Option<u32> = client

@@ -6,9 +6,9 @@ use clickhouse::Row;
 use serde::Deserialize;
 use tally_common::keyset::KeySet;
 use tally_common::migrate::migrate;
-use tally_testkit::{drop_database, migrated_database, new_database_config};
 use tally_schemas::keys;
 use tally_schemas::migrations::MIGRATIONS;
+use tally_testkit::{drop_database, migrated_database, new_database_config};
 
 #[derive(Row, Deserialize)]
 struct Count {
@@ -193,27 +193,30 @@ async fn keyset_follows_orgs_keys_and_revocations() {
     drop_database(&config).await;
 }
 
-#[derive(Row, Deserialize)]
-struct DescribedColumn {
-    name: String,
-    #[serde(rename = "type")]
-    column_type: String,
-}
-
 /// The guard the client's disabled RowBinary validation gave up: the one row type
 /// (`tally_schemas::EventRow`, declared with its column list) and the real `events` table agree in
 /// names, types and order. `dev/compat.py` checks the same on a current ClickHouse.
 #[tokio::test]
 async fn the_event_row_type_matches_the_events_table() {
     let config = migrated_database("row").await;
-    let described: Vec<DescribedColumn> = config
+    // DESCRIBE lists the columns in table order on every version (18.16's system.columns has no
+    // `position`); its first two tab-separated fields are the name and the type.
+    let described = config
         .client()
-        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = 'events' ORDER BY position")
-        .bind(&config.database)
-        .fetch_all()
+        .query(&format!("DESCRIBE TABLE {}", config.table("events")))
+        .fetch_bytes("TabSeparated")
+        .unwrap()
+        .collect()
         .await
         .unwrap();
-    let actual: Vec<(String, String)> = described.into_iter().map(|c| (c.name, c.column_type)).collect();
+    let actual: Vec<(String, String)> = String::from_utf8(described.to_vec())
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut fields = line.split('\t');
+            (fields.next().unwrap_or("").to_owned(), fields.next().unwrap_or("").replace("\\'", "'"))
+        })
+        .collect();
     let expected: Vec<(String, String)> = tally_schemas::row::event_columns()
         .into_iter()
         .map(|c| (c.name.to_owned(), c.clickhouse_type))
@@ -248,7 +251,8 @@ async fn the_event_row_type_matches_the_events_table() {
         metadata: vec![("k".into(), "v".into())],
     };
     let row = tally_schemas::EventRow::new(event, 3, 42, 1);
-    let mut insert = config.client().insert_unescaped::<tally_schemas::EventRow>(&config.table("events")).await.unwrap();
+    let mut insert =
+        config.client().insert_unescaped::<tally_schemas::EventRow>(&config.table("events")).await.unwrap();
     insert.write(&row).await.unwrap();
     insert.end().await.unwrap();
     let sql = format!("SELECT {} FROM {}", tally_schemas::row::select_list(), config.table("events"));

@@ -102,7 +102,12 @@ mod tests {
     use super::*;
 
     fn record(partition: i32, offset: i64, payload: &str) -> Pending {
-        Pending::decode(RawRecord { partition, offset, kafka_timestamp_ms: 0, original: payload.as_bytes().to_vec() })
+        Pending::decode(RawRecord {
+            partition,
+            offset,
+            kafka_timestamp_ms: 0,
+            original: payload.as_bytes().to_vec(),
+        })
     }
 
     #[test]

@@ -134,13 +134,7 @@ pub struct Deduplicator {
 
 impl Deduplicator {
     pub fn new(store: EventStore, window_hours: u16) -> Self {
-        Deduplicator {
-            store,
-            window_hours,
-            partitions: HashMap::new(),
-            expired_at_hour: 0,
-            kept: Vec::new(),
-        }
+        Deduplicator { store, window_hours, partitions: HashMap::new(), expired_at_hour: 0, kept: Vec::new() }
     }
 
     /// Forgets everything: called after every rebalance, as another replica may have written.
@@ -162,11 +156,7 @@ impl Deduplicator {
     }
 
     /// Loads the ids stored within the window for every partition of `partitions` not loaded yet.
-    async fn rebuild(
-        &mut self,
-        partitions: &BTreeSet<i32>,
-        now: u32,
-    ) -> Result<usize, ClickHouseError> {
+    async fn rebuild(&mut self, partitions: &BTreeSet<i32>, now: u32) -> Result<usize, ClickHouseError> {
         let missing: Vec<i32> =
             partitions.iter().copied().filter(|p| !self.partitions.contains_key(p)).collect();
         if missing.is_empty() {
@@ -293,11 +283,14 @@ fn same_id(batch: &[Pending], (record, index): (usize, usize), row: &EventRow) -
     }
 }
 
-
 impl Stage for Deduplicator {
     type Outcome = Outcome;
 
-    async fn apply(&mut self, batch: &mut Vec<Pending>, context: &BatchContext) -> Result<Outcome, ClickHouseError> {
+    async fn apply(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        context: &BatchContext,
+    ) -> Result<Outcome, ClickHouseError> {
         self.filter(batch, &context.assigned, context.now).await
     }
 }

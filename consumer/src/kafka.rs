@@ -109,7 +109,8 @@ fn sample_lag(consumer: &KafkaConsumer, lag: &prometheus::IntGaugeVec) {
     let Ok(committed) = consumer.committed_offsets(assigned, Duration::from_secs(2)) else { return };
     lag.reset();
     for element in committed.elements() {
-        let watermarks = consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(2));
+        let watermarks =
+            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(2));
         let Ok((_, high)) = watermarks else { continue };
         let committed_offset = match element.offset() {
             Offset::Offset(offset) => offset,

@@ -55,7 +55,11 @@ impl Readiness for ConsumerReadiness {
 
 /// Runs the consumer until `shutdown`, serving `/healthz`, `/readyz`, `/metrics` on `listener`.
 /// On shutdown the batch in hand is inserted and committed before returning.
-pub async fn run(config: ConsumerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+pub async fn run(
+    config: ConsumerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
     let clickhouse = config.common.clickhouse.clone();
     if config.migrate {
         tally_common::migrate::migrate(&clickhouse).await?;
@@ -66,7 +70,12 @@ pub async fn run(config: ConsumerConfig, listener: TcpListener, shutdown: Cancel
     consumer.subscribe(&[&config.events_topic])?;
     let consumer = Arc::new(consumer);
     let background = CancellationToken::new();
-    kafka::spawn_lag_sampler(Arc::clone(&consumer), metrics.lag.clone(), Duration::from_secs(5), background.clone());
+    kafka::spawn_lag_sampler(
+        Arc::clone(&consumer),
+        metrics.lag.clone(),
+        Duration::from_secs(5),
+        background.clone(),
+    );
     let worker = Worker {
         dead_letters: DeadLetters::new(&config, metrics.dead_letters.clone())?,
         store: EventStore::new(&clickhouse),

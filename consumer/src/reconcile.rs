@@ -137,7 +137,11 @@ impl Reconciler {
 impl Stage for Reconciler {
     type Outcome = Outcome;
 
-    async fn apply(&mut self, batch: &mut Vec<Pending>, _: &BatchContext) -> Result<Outcome, ClickHouseError> {
+    async fn apply(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        _: &BatchContext,
+    ) -> Result<Outcome, ClickHouseError> {
         self.filter(batch).await
     }
 }

@@ -23,7 +23,12 @@ impl Default for Backoff {
 
 impl Backoff {
     /// Logs the failure and sleeps; false when shutdown came first.
-    pub async fn wait(&mut self, shutdown: &CancellationToken, what: &str, error: &(dyn Display + Sync)) -> bool {
+    pub async fn wait(
+        &mut self,
+        shutdown: &CancellationToken,
+        what: &str,
+        error: &(dyn Display + Sync),
+    ) -> bool {
         tracing::warn!(error = %error, what, backoff_ms = self.next.as_millis() as u64, "query failed, retrying");
         let slept = tokio::select! {
             _ = shutdown.cancelled() => false,
@@ -64,17 +69,18 @@ mod tests {
     async fn retries_until_success_with_growing_waits() {
         let mut tries = 0;
         let started = tokio::time::Instant::now();
-        let value = until_ok(&mut Backoff::default(), &CancellationToken::new(), "test", &mut tries, |tries| {
-            Box::pin(async move {
-                *tries += 1;
-                if *tries < 4 {
-                    Err("not yet")
-                } else {
-                    Ok(*tries)
-                }
+        let value =
+            until_ok(&mut Backoff::default(), &CancellationToken::new(), "test", &mut tries, |tries| {
+                Box::pin(async move {
+                    *tries += 1;
+                    if *tries < 4 {
+                        Err("not yet")
+                    } else {
+                        Ok(*tries)
+                    }
+                })
             })
-        })
-        .await;
+            .await;
         assert_eq!(value, Some(4));
         // 100 + 200 + 400 ms of backoff.
         assert_eq!(started.elapsed(), Duration::from_millis(700));
@@ -90,7 +96,8 @@ mod tests {
         assert_eq!(backoff.next, CAP);
         shutdown.cancel();
         let gave_up =
-            until_ok(&mut backoff, &shutdown, "test", &mut (), |_| Box::pin(async { Err::<(), _>("down") })).await;
+            until_ok(&mut backoff, &shutdown, "test", &mut (), |_| Box::pin(async { Err::<(), _>("down") }))
+                .await;
         assert_eq!(gave_up, None);
     }
 }

@@ -63,7 +63,8 @@ impl Worker {
         loop {
             let (raw, full) = self.collect_raw(&shutdown, ready.is_empty()).await;
             let stopping = shutdown.is_cancelled();
-            let decoding = tokio::task::spawn_blocking(move || raw.into_iter().map(Pending::decode).collect());
+            let decoding =
+                tokio::task::spawn_blocking(move || raw.into_iter().map(Pending::decode).collect());
             if !ready.is_empty() && !self.process(std::mem::take(&mut ready), &mut state, &shutdown).await {
                 return Ok(());
             }
@@ -90,7 +91,8 @@ impl Worker {
         let mut rows = 0usize;
         let mut deadline: Option<Instant> = if wait { None } else { Some(Instant::now()) };
         while rows < self.config.batch_max_rows {
-            let wait = deadline.map_or(Duration::from_millis(200), |d| d.saturating_duration_since(Instant::now()));
+            let wait =
+                deadline.map_or(Duration::from_millis(200), |d| d.saturating_duration_since(Instant::now()));
             let message = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -112,7 +114,10 @@ impl Worker {
             batch.push(RawRecord {
                 partition: message.partition(),
                 offset: message.offset(),
-                kafka_timestamp_ms: message.timestamp().to_millis().unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+                kafka_timestamp_ms: message
+                    .timestamp()
+                    .to_millis()
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
                 original,
             });
         }
@@ -120,7 +125,12 @@ impl Worker {
     }
 
     /// Checks and stores one batch, then commits it. False on shutdown.
-    async fn process(&self, mut batch: Vec<Pending>, state: &mut LoopState, shutdown: &CancellationToken) -> bool {
+    async fn process(
+        &self,
+        mut batch: Vec<Pending>,
+        state: &mut LoopState,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let LoopState { reconciler, dedup, generation_seen } = state;
         let generation = self.consumer.context().generation();
         if generation != *generation_seen {
@@ -129,10 +139,13 @@ impl Worker {
             *generation_seen = generation;
         }
         let context = BatchContext {
-            assigned: kafka::assigned(&self.consumer).unwrap_or_else(|| batch.iter().map(|p| p.partition).collect()),
+            assigned: kafka::assigned(&self.consumer)
+                .unwrap_or_else(|| batch.iter().map(|p| p.partition).collect()),
             now: epoch_now(),
         };
-        let Some(revoked) = self.run_stage(&mut DropRevoked, &mut batch, &context, shutdown).await else { return false };
+        let Some(revoked) = self.run_stage(&mut DropRevoked, &mut batch, &context, shutdown).await else {
+            return false;
+        };
         if revoked > 0 {
             self.metrics.revoked_records_dropped.inc_by(revoked as u64);
             tracing::info!(records = revoked, "dropped records of revoked partitions before insert");
@@ -141,7 +154,9 @@ impl Worker {
             return true;
         }
         // Never insert what may already be stored: the stages retry until ClickHouse answers.
-        let Some(reconciled) = self.run_stage(reconciler, &mut batch, &context, shutdown).await else { return false };
+        let Some(reconciled) = self.run_stage(reconciler, &mut batch, &context, shutdown).await else {
+            return false;
+        };
         if reconciled.skipped_rows > 0 {
             self.metrics.reconciled_rows_skipped.inc_by(reconciled.skipped_rows as u64);
             tracing::info!(
@@ -150,7 +165,8 @@ impl Worker {
                 "reconciled rows already stored"
             );
             // Their insert may have died with ClickHouse between `events` and the views.
-            if self.check_views(&reconciled.stored_records, &mut Backoff::default(), shutdown).await.is_none() {
+            if self.check_views(&reconciled.stored_records, &mut Backoff::default(), shutdown).await.is_none()
+            {
                 return false;
             }
         }
@@ -198,7 +214,12 @@ impl Worker {
 
     /// Stores a batch: one insert, or, when ClickHouse refuses it permanently, one insert per record
     /// so the bad records can be dead-lettered and the rest stored. Returns false on shutdown.
-    async fn store_batch(&self, batch: &mut [Pending], reconciler: &mut Reconciler, shutdown: &CancellationToken) -> bool {
+    async fn store_batch(
+        &self,
+        batch: &mut [Pending],
+        reconciler: &mut Reconciler,
+        shutdown: &CancellationToken,
+    ) -> bool {
         for pending in batch.iter() {
             if let Err(error) = &pending.decoded {
                 self.dead_letters.send(pending, DeadLetterReason::UndecodableRecord, error.to_string()).await;
@@ -259,14 +280,17 @@ impl Worker {
             }
             reconciler.record_stored(records);
             let mut state = (&mut *reconciler, &mut *records);
-            let rechecked = until_ok(&mut backoff, shutdown, "re-check after a failed insert", &mut state, |(r, b)| {
-                Box::pin(r.filter(b))
-            })
-            .await;
+            let rechecked =
+                until_ok(&mut backoff, shutdown, "re-check after a failed insert", &mut state, |(r, b)| {
+                    Box::pin(r.filter(b))
+                })
+                .await;
             let Some(outcome) = rechecked else { return Attempt::Shutdown };
             self.metrics.reconciled_rows_skipped.inc_by(outcome.skipped_rows as u64);
             // The failed insert reached `events`: make sure it reached the rollups too.
-            if outcome.skipped_rows > 0 && self.check_views(&outcome.stored_records, &mut backoff, shutdown).await.is_none() {
+            if outcome.skipped_rows > 0
+                && self.check_views(&outcome.stored_records, &mut backoff, shutdown).await.is_none()
+            {
                 return Attempt::Shutdown;
             }
         }
@@ -289,10 +313,11 @@ impl Worker {
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
     ) -> Option<views::Repair> {
-        let repair = until_ok(backoff, shutdown, "rollup check", &mut (&self.store, records), |(store, records)| {
-            Box::pin(views::repair(store.client(), store.table(), records))
-        })
-        .await?;
+        let repair =
+            until_ok(backoff, shutdown, "rollup check", &mut (&self.store, records), |(store, records)| {
+                Box::pin(views::repair(store.client(), store.table(), records))
+            })
+            .await?;
         tracing::info!(?repair, records = records.len(), "rows found stored; rollups checked");
         self.metrics.rollup_buckets_repaired.inc_by(repair.repaired as u64);
         Some(repair)

@@ -13,12 +13,12 @@ use rdkafka::Message;
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_testkit::{
-    create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name,
-};
 use tally_consumer::config::ConsumerConfig;
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 use tally_schemas::{CostSource, Event, Status};
+use tally_testkit::{
+    create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name,
+};
 use tokio_util::sync::CancellationToken;
 
 fn sample_event(org: &str, n: u32) -> Event {

@@ -15,12 +15,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
+use tally_schemas::record::{encode_event, DeadLetter, SourcePosition, Stage};
+use tally_schemas::{CostSource, Event, Status};
 use tally_testkit::{
     create_topic_on, delete_topics_on, drop_database, kafka_brokers, migrated_database, unique_name,
     ClickHouseServer, KafkaBroker,
 };
-use tally_schemas::record::{encode_event, DeadLetter, SourcePosition, Stage};
-use tally_schemas::{CostSource, Event, Status};
 
 const ORGS: [&str; 3] = ["org-a", "org-b", "org-c"];
 

@@ -54,9 +54,11 @@ impl IngestError {
             IngestError::Unavailable(_) | IngestError::NotReady(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "retry after the delay in Retry-After")
             }
-            IngestError::DeadLetterEncoding(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "retry; if it persists, report it with the request id")
-            }
+            IngestError::DeadLetterEncoding(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "retry; if it persists, report it with the request id",
+            ),
             IngestError::RateLimited(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",

@@ -137,8 +137,7 @@ async fn handle(
                     original_hex: None,
                 }
                 .with_original(batch.original(index).as_bytes());
-                dead_letters
-                    .push(serde_json::to_vec(&letter).map_err(IngestError::DeadLetterEncoding)?);
+                dead_letters.push(serde_json::to_vec(&letter).map_err(IngestError::DeadLetterEncoding)?);
                 rejected.push(Rejected { index, reason: rejection.to_string() });
             }
         }

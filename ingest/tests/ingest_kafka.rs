@@ -12,12 +12,12 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde_json::{json, Value};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
+use tally_ingest::config::IngestConfig;
+use tally_schemas::record::{decode_events, DeadLetter, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION};
 use tally_testkit::{
     create_org_with_key, create_topic, create_topic_on, delete_topics, drop_database, kafka_brokers,
     migrated_database, unique_name, KafkaBroker,
 };
-use tally_ingest::config::IngestConfig;
-use tally_schemas::record::{decode_events, DeadLetter, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 
 struct Ingest {

@@ -174,8 +174,11 @@ pub async fn list(
     }
     let has_more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
-    let next_cursor =
-        if has_more { rows.last().map(|r| format!("{}_{}", r.timestamp_epoch_ms(), r.event_id)) } else { None };
+    let next_cursor = if has_more {
+        rows.last().map(|r| format!("{}_{}", r.timestamp_epoch_ms(), r.event_id))
+    } else {
+        None
+    };
     let events = rows
         .into_iter()
         .map(|r| EventView {

@@ -467,7 +467,10 @@ fn required_name(name: &'static str, value: Cow<'_, str>) -> Result<String, Reje
 
 fn count(name: &'static str, value: u64) -> Result<u32, Rejection> {
     if value > MAX_TOKENS {
-        return Err(Rejection::new(RejectionCode::InvalidTokens, format!("{name} is {value}, at most {MAX_TOKENS}")));
+        return Err(Rejection::new(
+            RejectionCode::InvalidTokens,
+            format!("{name} is {value}, at most {MAX_TOKENS}"),
+        ));
     }
     Ok(value as u32)
 }
@@ -502,9 +505,9 @@ fn timestamp_ms(text: &str) -> Result<i64, Rejection> {
     if let Some(ms) = fast_rfc3339_ms(text) {
         return Ok(ms);
     }
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_millis())
-        .map_err(|e| Rejection::new(RejectionCode::InvalidTimestamp, format!("timestamp {text:?} is not RFC 3339: {e}")))
+    DateTime::parse_from_rfc3339(text).map(|t| t.timestamp_millis()).map_err(|e| {
+        Rejection::new(RejectionCode::InvalidTimestamp, format!("timestamp {text:?} is not RFC 3339: {e}"))
+    })
 }
 
 impl Fields<'_> {
@@ -562,8 +565,9 @@ impl Fields<'_> {
             }
         }
         let event_id = match (&self.event_id, ctx.idempotency_key) {
-            (Some(text), _) => Uuid::parse_str(text)
-                .map_err(|_| Rejection::new(RejectionCode::InvalidEventId, format!("eventId {text:?} is not a UUID")))?,
+            (Some(text), _) => Uuid::parse_str(text).map_err(|_| {
+                Rejection::new(RejectionCode::InvalidEventId, format!("eventId {text:?} is not a UUID"))
+            })?,
             (None, Some(key)) => derived_event_id(ctx.org_id, key, index),
             (None, None) => new_v7(ctx.received_at_ms),
         };

@@ -31,14 +31,18 @@ pub trait Enum8: Copy + Sized + 'static {
 
     /// `Enum8('a' = 1, 'b' = 2)`, as `system.columns` prints it.
     fn clickhouse_type() -> String {
-        let items: Vec<String> = Self::VARIANTS.iter().map(|(_, name, code)| format!("'{name}' = {code}")).collect();
+        let items: Vec<String> =
+            Self::VARIANTS.iter().map(|(_, name, code)| format!("'{name}' = {code}")).collect();
         format!("Enum8({})", items.join(", "))
     }
 }
 
 impl Enum8 for CostSource {
-    const VARIANTS: &'static [(Self, &'static str, i8)] =
-        &[(CostSource::Client, "client", 1), (CostSource::Computed, "computed", 2), (CostSource::Unknown, "unknown", 3)];
+    const VARIANTS: &'static [(Self, &'static str, i8)] = &[
+        (CostSource::Client, "client", 1),
+        (CostSource::Computed, "computed", 2),
+        (CostSource::Unknown, "unknown", 3),
+    ];
 
     fn code(self) -> i8 {
         match self {
@@ -50,7 +54,8 @@ impl Enum8 for CostSource {
 }
 
 impl Enum8 for Status {
-    const VARIANTS: &'static [(Self, &'static str, i8)] = &[(Status::Success, "success", 1), (Status::Error, "error", 2)];
+    const VARIANTS: &'static [(Self, &'static str, i8)] =
+        &[(Status::Success, "success", 1), (Status::Error, "error", 2)];
 
     fn code(self) -> i8 {
         match self {
@@ -70,7 +75,8 @@ mod enum8 {
 
     pub fn deserialize<'de, T: Enum8, D: Deserializer<'de>>(deserializer: D) -> Result<T, D::Error> {
         let code = i8::deserialize(deserializer)?;
-        T::from_code(code).ok_or_else(|| serde::de::Error::custom(format!("no variant has Enum8 code {code}")))
+        T::from_code(code)
+            .ok_or_else(|| serde::de::Error::custom(format!("no variant has Enum8 code {code}")))
     }
 }
 

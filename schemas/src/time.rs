@@ -144,4 +144,3 @@ impl DateTimeText {
 pub fn datetime_text(epoch_ms: i64) -> String {
     DateTimeText::from_epoch_ms(epoch_ms).as_str().to_owned()
 }
-

@@ -63,7 +63,8 @@ async fn bucket_put_get_list_multipart_delete() {
 
     // Multipart: three parts of 5 MiB + a tail (S3's minimum part size is 5 MiB).
     let large = Path::from("events/year=2026/month=10/part-00001.parquet");
-    let mut upload = WriteMultipart::new_with_chunk_size(s3.put_multipart(&large).await.unwrap(), 5 * 1024 * 1024);
+    let mut upload =
+        WriteMultipart::new_with_chunk_size(s3.put_multipart(&large).await.unwrap(), 5 * 1024 * 1024);
     let mut expected = Vec::new();
     for i in 0..16u8 {
         let chunk = vec![i; 1024 * 1024];
@@ -85,9 +86,13 @@ async fn bucket_put_get_list_multipart_delete() {
     let months = s3.list_with_delimiter(Some(&Path::from("events/year=2026"))).await.unwrap();
     assert_eq!(months.common_prefixes.len(), 2);
 
-    // Delete, then the objects are gone and the bucket can be removed.
+    // Delete. object_store 0.14 deletes through S3's multi-object delete (`POST ?delete`), which
+    // S3Proxy 2.6.0 answers 501 NotImplemented (found by this test; the archiver must delete
+    // with single-object DELETEs on this server). Single-object DELETE works.
+    let bulk = s3.delete(&small).await;
+    assert!(bulk.is_ok() || format!("{bulk:?}").contains("501"), "{bulk:?}");
     for path in [&small, &large, &other] {
-        s3.delete(path).await.unwrap();
+        assert_eq!(bucket_request("DELETE", &format!("{bucket}/{path}")), 204, "delete {path}");
     }
     assert!(matches!(s3.get(&small).await, Err(object_store::Error::NotFound { .. })));
     assert_eq!(bucket_request("DELETE", &bucket), 204, "delete the emptied bucket");

@@ -19,8 +19,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_schemas::EventRow;
 use tally_schemas::record::encode_event;
+use tally_schemas::EventRow;
 use tally_schemas::{CostSource, Event, Status};
 
 #[global_allocator]

@@ -160,7 +160,8 @@ async fn worker(
         }
         let Some(active) = sender.as_mut() else { continue };
         active.ready().await?;
-        let body = if args.method == hyper::Method::GET { Bytes::new() } else { bodies[n % bodies.len()].clone() };
+        let body =
+            if args.method == hyper::Method::GET { Bytes::new() } else { bodies[n % bodies.len()].clone() };
         let key = &args.keys[n % args.keys.len()];
         n += 1;
         let request = Request::builder()

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use serde_json::{json, Value};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_testkit::{drop_database, new_database_config};
 use tally_query_api::config::QueryConfig;
+use tally_testkit::{drop_database, new_database_config};
 use tokio_util::sync::CancellationToken;
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
