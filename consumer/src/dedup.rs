@@ -163,19 +163,20 @@ impl Deduplicator {
             return Ok(0);
         }
         let since = self.window_start(now);
-        for partition in &missing {
-            self.partitions.insert(*partition, IdWindow::default());
-        }
+        // Filled aside and kept only once the whole query succeeded: a partition whose rebuild
+        // failed half-way must not count as loaded (it would let duplicates through), so the
+        // retry rebuilds it from scratch.
+        let mut rebuilt: HashMap<i32, IdWindow> = missing.iter().map(|p| (*p, IdWindow::default())).collect();
         let mut loaded = 0;
-        let partitions = &mut self.partitions;
         self.store
             .for_each_id_since(&missing, since, |stored| {
-                if let Some(window) = partitions.get_mut(&i32::from(stored.kafka_partition)) {
+                if let Some(window) = rebuilt.get_mut(&i32::from(stored.kafka_partition)) {
                     window.insert(fingerprint(&stored.org_id, &stored.event_id), stored.received_at);
                     loaded += 1;
                 }
             })
             .await?;
+        self.partitions.extend(rebuilt);
         Ok(loaded)
     }
 
@@ -298,6 +299,22 @@ impl Stage for Deduplicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rebuild that fails leaves its partitions unloaded, so the next try rebuilds them instead
+    /// of trusting an empty (or half-filled) window. Nothing listens on port 1: the query fails.
+    #[tokio::test]
+    async fn a_failed_rebuild_marks_no_partition_loaded() {
+        let unreachable = tally_common::ch::ChConfig {
+            url: "http://127.0.0.1:1".into(),
+            database: "tally".into(),
+            user: "default".into(),
+            password: String::new(),
+        };
+        let mut dedup = Deduplicator::new(EventStore::new(&unreachable), 24);
+        let failed = dedup.filter(&mut [], &BTreeSet::from([0, 3]), 1_800_000_000).await;
+        assert!(failed.is_err());
+        assert!(dedup.partitions.is_empty(), "no partition may count as rebuilt");
+    }
 
     #[test]
     fn window_remembers_and_expires_by_arrival_hour() {
