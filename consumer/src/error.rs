@@ -1,8 +1,6 @@
 //! What can stop the consumer (or one of its commands): each variant names the dependency that
 //! failed, so `main` can say what to check.
 
-use tally_common::config::ConfigError;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("kafka: {0}")]
@@ -13,10 +11,6 @@ pub enum ConsumerError {
     Migrate(#[from] tally_common::migrate::MigrateError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("configuration: {0}")]
-    Config(#[from] ConfigError),
     #[error("decoding worker panicked: {0}")]
     Join(#[from] tokio::task::JoinError),
-    #[error("dead-letter topic {topic}: {detail}")]
-    DeadLetterTopic { topic: String, detail: String },
 }

@@ -18,31 +18,30 @@ pub struct Column {
     pub clickhouse_type: String,
 }
 
-/// A Rust enum stored as a ClickHouse `Enum8`: its names and numbers are declared here once and
-/// give both the RowBinary codec (an `Int8`) and the column's type text.
-pub trait Enum8: Copy + Sized + 'static {
-    const VARIANTS: &'static [(Self, &'static str, i8)];
+/// A Rust enum stored as a ClickHouse `Enum8`: each variant's number (`code`) and name (`as_str`,
+/// the enum's own text) give both the RowBinary codec (an `Int8`) and the column's type text.
+pub trait Enum8: Copy + PartialEq + Sized + 'static {
+    /// Every variant, in code order.
+    const VARIANTS: &'static [Self];
 
     fn code(self) -> i8;
 
+    fn name(self) -> &'static str;
+
     fn from_code(code: i8) -> Option<Self> {
-        Self::VARIANTS.iter().find(|(_, _, c)| *c == code).map(|(v, _, _)| *v)
+        Self::VARIANTS.iter().copied().find(|v| v.code() == code)
     }
 
     /// `Enum8('a' = 1, 'b' = 2)`, as `system.columns` prints it.
     fn clickhouse_type() -> String {
         let items: Vec<String> =
-            Self::VARIANTS.iter().map(|(_, name, code)| format!("'{name}' = {code}")).collect();
+            Self::VARIANTS.iter().map(|v| format!("'{}' = {}", v.name(), v.code())).collect();
         format!("Enum8({})", items.join(", "))
     }
 }
 
 impl Enum8 for CostSource {
-    const VARIANTS: &'static [(Self, &'static str, i8)] = &[
-        (CostSource::Client, "client", 1),
-        (CostSource::Computed, "computed", 2),
-        (CostSource::Unknown, "unknown", 3),
-    ];
+    const VARIANTS: &'static [Self] = &[CostSource::Client, CostSource::Computed, CostSource::Unknown];
 
     fn code(self) -> i8 {
         match self {
@@ -51,17 +50,24 @@ impl Enum8 for CostSource {
             CostSource::Unknown => 3,
         }
     }
+
+    fn name(self) -> &'static str {
+        self.as_str()
+    }
 }
 
 impl Enum8 for Status {
-    const VARIANTS: &'static [(Self, &'static str, i8)] =
-        &[(Status::Success, "success", 1), (Status::Error, "error", 2)];
+    const VARIANTS: &'static [Self] = &[Status::Success, Status::Error];
 
     fn code(self) -> i8 {
         match self {
             Status::Success => 1,
             Status::Error => 2,
         }
+    }
+
+    fn name(self) -> &'static str {
+        self.as_str()
     }
 }
 
@@ -196,14 +202,11 @@ mod tests {
     fn enum8_types_read_as_clickhouse_prints_them() {
         assert_eq!(CostSource::clickhouse_type(), "Enum8('client' = 1, 'computed' = 2, 'unknown' = 3)");
         assert_eq!(Status::clickhouse_type(), "Enum8('success' = 1, 'error' = 2)");
-        for (variant, name, code) in CostSource::VARIANTS {
-            assert_eq!(variant.code(), *code);
-            assert_eq!(variant.as_str(), *name);
-            assert_eq!(CostSource::from_code(*code), Some(*variant));
+        for variant in CostSource::VARIANTS {
+            assert_eq!(CostSource::from_code(variant.code()), Some(*variant));
         }
-        for (variant, name, code) in Status::VARIANTS {
-            assert_eq!(variant.code(), *code);
-            assert_eq!(variant.as_str(), *name);
+        for variant in Status::VARIANTS {
+            assert_eq!(Status::from_code(variant.code()), Some(*variant));
         }
         assert_eq!(Status::from_code(0), None);
     }
