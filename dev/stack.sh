@@ -18,7 +18,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEV="$ROOT/.dev"
 TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
-BIN_DIR="$TALLY_CACHE/bin"
 
 KAFKA_VERSION="4.1.1"
 S3PROXY_VERSION="2.6.0"
@@ -41,7 +40,7 @@ EVENTS_PARTITIONS=8
 log() { printf '\033[1m[stack]\033[0m %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-mkdir -p "$DEV/run" "$DEV/log" "$BIN_DIR"
+mkdir -p "$DEV/run" "$DEV/log"
 
 # ---------------------------------------------------------------- process helpers
 

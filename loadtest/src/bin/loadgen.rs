@@ -191,8 +191,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(parse_args()?);
-    let bodies: Arc<Vec<Bytes>> =
-        Arc::new((0..args.bodies).map(|seed| build_body(seed, args.events)).collect());
+    // A GET sends no body.
+    let bodies: Arc<Vec<Bytes>> = Arc::new(if args.method == hyper::Method::GET {
+        vec![Bytes::new()]
+    } else {
+        (0..args.bodies).map(|seed| build_body(seed, args.events)).collect()
+    });
     let body_bytes: usize = bodies.iter().map(Bytes::len).sum::<usize>() / bodies.len();
     let shared = Arc::new(Shared {
         histogram: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
