@@ -8,7 +8,7 @@ use std::io::Read;
 use axum::body::{to_bytes, Body, Bytes};
 use axum::http::{header, HeaderMap};
 
-use crate::error::IngestError;
+use crate::error::{IngestError, MalformedBody, UnsupportedMedia};
 
 /// zstd frames may ask for a window up to 2 GiB; refuse anything above 8 MiB so a hostile frame
 /// cannot make the decoder allocate more than that.
@@ -31,7 +31,7 @@ pub fn encoding(headers: &HeaderMap) -> Result<Encoding, IngestError> {
     } else if text.eq_ignore_ascii_case("zstd") {
         Ok(Encoding::Zstd)
     } else {
-        Err(IngestError::Unsupported(format!("content encoding {text:?}; send gzip, zstd or identity")))
+        Err(IngestError::Unsupported(UnsupportedMedia::Encoding(text.to_owned())))
     }
 }
 
@@ -41,7 +41,7 @@ fn read_bounded(reader: impl Read, limit: usize) -> Result<Vec<u8>, IngestError>
     reader
         .take(limit as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(|e| IngestError::Malformed(format!("body does not decompress: {e}")))?;
+        .map_err(|e| IngestError::Malformed(MalformedBody::Decompress(e)))?;
     if out.len() > limit {
         return Err(IngestError::TooLarge { limit });
     }
@@ -61,10 +61,10 @@ pub fn decode(encoding: Encoding, raw: Bytes, max_decompressed: usize) -> Result
         }
         Encoding::Zstd => {
             let mut decoder = zstd::stream::read::Decoder::new(&raw[..])
-                .map_err(|e| IngestError::Malformed(format!("zstd: {e}")))?;
+                .map_err(|e| IngestError::Malformed(MalformedBody::Zstd(e)))?;
             decoder
                 .window_log_max(ZSTD_WINDOW_LOG_MAX)
-                .map_err(|e| IngestError::Malformed(format!("zstd: {e}")))?;
+                .map_err(|e| IngestError::Malformed(MalformedBody::Zstd(e)))?;
             read_bounded(decoder, max_decompressed).map(Bytes::from)
         }
     }
@@ -86,7 +86,7 @@ pub async fn read(
     }
     tokio::task::spawn_blocking(move || decode(encoding, raw, max_decompressed))
         .await
-        .map_err(|e| IngestError::Malformed(format!("decompression task failed: {e}")))?
+        .map_err(IngestError::DecompressionTask)?
 }
 
 #[cfg(test)]

@@ -4,6 +4,10 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
+use tally_schemas::parse::BodyError;
+
+use crate::sink::SinkError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -12,22 +16,57 @@ pub enum IngestError {
     #[error("unknown or revoked API key")]
     InvalidKey,
     #[error("{0}")]
-    Malformed(String),
+    Malformed(MalformedBody),
     #[error("body larger than {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("{0}")]
-    TooManyEvents(String),
+    #[error("a request may carry at most {max} events, this one has {count}")]
+    TooManyEvents { count: usize, max: usize },
     #[error("unsupported media: {0}")]
-    Unsupported(String),
+    Unsupported(UnsupportedMedia),
     #[error("event store unavailable: {0}")]
-    Unavailable(String),
-    #[error("not ready: {0}")]
-    NotReady(String),
+    Unavailable(#[from] SinkError),
+    #[error("not ready: api keys and prices not loaded from clickhouse yet")]
+    NotReady,
     #[error("rate limit of {} events per minute reached", .0.limit)]
     RateLimited(crate::ratelimit::Admission),
     /// Tally could not write its own dead letter (a server fault, not the client's).
     #[error("internal error: dead letter not encodable: {0}")]
     DeadLetterEncoding(serde_json::Error),
+    /// The blocking task that decompresses a large body died (a server fault, not the client's).
+    #[error("internal error: decompression task failed: {0}")]
+    DecompressionTask(tokio::task::JoinError),
+}
+
+/// Why a body is not one the ingest can read (400 `malformed_body`).
+#[derive(Debug, thiserror::Error)]
+pub enum MalformedBody {
+    /// Not JSON of the expected shape (the parser's message).
+    #[error("{0}")]
+    Json(BodyError),
+    #[error("body does not decompress: {0}")]
+    Decompress(std::io::Error),
+    #[error("zstd: {0}")]
+    Zstd(std::io::Error),
+    #[error("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters")]
+    IdempotencyKey,
+}
+
+/// A `Content-Encoding` or `Content-Type` the ingest does not take (415).
+#[derive(Debug, thiserror::Error)]
+pub enum UnsupportedMedia {
+    #[error("content encoding {0:?}; send gzip, zstd or identity")]
+    Encoding(String),
+    #[error("content type {0:?}; send application/json")]
+    ContentType(String),
+}
+
+impl From<BodyError> for IngestError {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::TooManyEvents { count, max } => IngestError::TooManyEvents { count, max },
+            BodyError::Malformed(_) => IngestError::Malformed(MalformedBody::Json(error)),
+        }
+    }
 }
 
 impl IngestError {
@@ -43,7 +82,7 @@ impl IngestError {
             IngestError::TooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "split the batch into smaller requests")
             }
-            IngestError::TooManyEvents(_) => {
+            IngestError::TooManyEvents { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too_many_events", "send at most 1000 events per request")
             }
             IngestError::Unsupported(_) => (
@@ -51,10 +90,10 @@ impl IngestError {
                 "unsupported_media",
                 "send Content-Type: application/json",
             ),
-            IngestError::Unavailable(_) | IngestError::NotReady(_) => {
+            IngestError::Unavailable(_) | IngestError::NotReady => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "retry after the delay in Retry-After")
             }
-            IngestError::DeadLetterEncoding(_) => (
+            IngestError::DeadLetterEncoding(_) | IngestError::DecompressionTask(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "retry; if it persists, report it with the request id",

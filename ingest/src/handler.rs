@@ -13,11 +13,11 @@ use axum::{Extension, Json};
 use serde::Serialize;
 use tally_common::server::{presented_key, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
-use tally_schemas::parse::{parse_batch, BodyError, Dialect, RequestContext};
+use tally_schemas::parse::{parse_batch, Dialect, RequestContext};
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 
 use crate::body;
-use crate::error::{rate_limit_headers, IngestError};
+use crate::error::{rate_limit_headers, IngestError, MalformedBody, UnsupportedMedia};
 use crate::sink::Topic;
 use crate::AppState;
 
@@ -57,7 +57,7 @@ fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let essence = content_type.to_str().unwrap_or("").split(';').next().unwrap_or("").trim();
         if !essence.eq_ignore_ascii_case("application/json") {
-            return Err(IngestError::Unsupported(format!("content type {essence:?}; send application/json")));
+            return Err(IngestError::Unsupported(UnsupportedMedia::ContentType(essence.to_owned())));
         }
     }
     Ok(())
@@ -72,7 +72,7 @@ async fn handle(
 ) -> Result<Response, IngestError> {
     let key = presented_key(&headers).ok_or(IngestError::MissingKey)?;
     if !state.keys.is_loaded() || !state.prices.is_loaded() {
-        return Err(IngestError::NotReady("api keys and prices not loaded from clickhouse yet".into()));
+        return Err(IngestError::NotReady);
     }
     let org = state.keys.lookup(key).ok_or(IngestError::InvalidKey)?;
     check_media(&headers)?;
@@ -80,20 +80,13 @@ async fn handle(
         None => None,
         Some(value) => match value.to_str() {
             Ok(text) if !text.is_empty() && text.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(text),
-            _ => {
-                return Err(IngestError::Malformed(format!(
-                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
-                )))
-            }
+            _ => return Err(IngestError::Malformed(MalformedBody::IdempotencyKey)),
         },
     };
     let bytes = body::read(&headers, body, state.max_compressed_bytes, state.max_body_bytes).await?;
     let received_at_ms = (state.clock)();
     let context = RequestContext { org_id: &org.org_id, received_at_ms, idempotency_key };
-    let mut batch = parse_batch(dialect, &bytes, &context).map_err(|error| match error {
-        BodyError::Malformed(_) => IngestError::Malformed(error.to_string()),
-        BodyError::TooManyEvents { .. } => IngestError::TooManyEvents(error.to_string()),
-    })?;
+    let mut batch = parse_batch(dialect, &bytes, &context)?;
     let outcomes = std::mem::take(&mut batch.outcomes);
     let valid = outcomes.iter().filter(|p| p.is_ok()).count() as u32;
     let admission = state.limits.admit(&org, valid);
@@ -150,7 +143,7 @@ async fn handle(
         let events_send =
             state.sink.produce(Topic::Events, Arc::clone(&org.org_id), payload, Arc::clone(&request_id.0));
         let (events_result, dead_letter_results) = futures::join!(events_send, dead_letter_sends);
-        events_result.map_err(|error| IngestError::Unavailable(error.to_string()))?;
+        events_result?;
         report_dead_letter_failures(&state, &dead_letter_results);
         state.metrics.events_accepted.inc_by(accepted as u64);
     } else {
