@@ -46,31 +46,46 @@ struct OrgRow {
 
 /// The latest version of every org that is not deleted.
 pub async fn load_orgs(config: &ChConfig) -> Result<Vec<OrgInfo>, clickhouse::error::Error> {
-    let sql = format!(
+    let rows: Vec<OrgRow> = config.client().query(&orgs_sql(config, "")).fetch_all().await?;
+    Ok(rows.into_iter().filter_map(OrgRow::into_live_org).collect())
+}
+
+/// The latest version of one org, or None when it does not exist or is deleted: one query that
+/// reads that org's rows only, not the whole table.
+pub async fn load_org(config: &ChConfig, org_id: &str) -> Result<Option<OrgInfo>, clickhouse::error::Error> {
+    let sql = orgs_sql(config, "WHERE org_id = ? ");
+    let row: Option<OrgRow> = config.client().query(&sql).bind(org_id).fetch_optional().await?;
+    Ok(row.and_then(OrgRow::into_live_org))
+}
+
+/// The latest version of each org (of those `filter` keeps), deleted ones included.
+fn orgs_sql(config: &ChConfig, filter: &str) -> String {
+    format!(
         "SELECT org_id, argMax(name, version) AS org_name, toString(argMax(plan, version)) AS org_plan, \
          argMax(rate_limit_per_min, version) AS org_limit, argMax(rate_limit_burst, version) AS org_burst, \
-         argMax(deleted, version) AS is_deleted FROM {} GROUP BY org_id ORDER BY org_id",
+         argMax(deleted, version) AS is_deleted FROM {} {filter}GROUP BY org_id ORDER BY org_id",
         config.table("orgs")
-    );
-    let rows: Vec<OrgRow> = config.client().query(&sql).fetch_all().await?;
-    Ok(rows
-        .into_iter()
-        .filter(|row| row.is_deleted == 0)
-        .map(|row| {
-            let plan = row.org_plan.parse().unwrap_or(Plan::Free);
-            OrgInfo {
-                org_id: Arc::from(row.org_id),
-                name: row.org_name,
-                plan,
-                events_per_minute: if row.org_limit > 0 {
-                    row.org_limit
-                } else {
-                    plan.default_events_per_minute()
-                },
-                burst: row.org_burst,
-            }
+    )
+}
+
+impl OrgRow {
+    fn into_live_org(self) -> Option<OrgInfo> {
+        if self.is_deleted != 0 {
+            return None;
+        }
+        let plan = self.org_plan.parse().unwrap_or(Plan::Free);
+        Some(OrgInfo {
+            org_id: Arc::from(self.org_id),
+            name: self.org_name,
+            plan,
+            events_per_minute: if self.org_limit > 0 {
+                self.org_limit
+            } else {
+                plan.default_events_per_minute()
+            },
+            burst: self.org_burst,
         })
-        .collect())
+    }
 }
 
 #[derive(Debug, Default)]

@@ -260,3 +260,27 @@ async fn the_event_row_type_matches_the_events_table() {
     assert_eq!(read, [row]);
     drop_database(&config).await;
 }
+
+/// `load_org` reads one org's latest version: a rename shows, a deleted org is gone, another org
+/// and an unknown id are told apart; `load_orgs` agrees.
+#[tokio::test]
+async fn one_org_is_read_at_its_latest_version() {
+    let config = migrated_database("org").await;
+    tally_testkit::create_org_with_key(&config, "org-a", "FREE", 0).await;
+    tally_testkit::create_org_with_key(&config, "org-b", "STARTUP", 500).await;
+    let insert = format!(
+        "INSERT INTO {} (org_id, name, plan, rate_limit_per_min, rate_limit_burst, created_at, deleted, version) \
+         VALUES (?, ?, 'FREE', 0, 0, now(), ?, 2)",
+        config.table("orgs")
+    );
+    config.client().query(&insert).bind("org-a").bind("renamed").bind(0u8).execute().await.unwrap();
+    config.client().query(&insert).bind("org-b").bind("org-b").bind(1u8).execute().await.unwrap();
+
+    let a = tally_common::keyset::load_org(&config, "org-a").await.unwrap().expect("org-a exists");
+    assert_eq!((&*a.org_id, a.name.as_str()), ("org-a", "renamed"));
+    assert!(tally_common::keyset::load_org(&config, "org-b").await.unwrap().is_none(), "deleted");
+    assert!(tally_common::keyset::load_org(&config, "org-c").await.unwrap().is_none(), "unknown");
+    let all = tally_common::keyset::load_orgs(&config).await.unwrap();
+    assert_eq!(all.iter().map(|o| &*o.org_id).collect::<Vec<_>>(), ["org-a"]);
+    drop_database(&config).await;
+}

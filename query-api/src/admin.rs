@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
-use tally_common::keyset::load_orgs;
+use tally_common::keyset::{load_org, load_orgs};
 use tally_schemas::keys;
 use tally_schemas::plan::Plan;
 
@@ -77,7 +77,6 @@ async fn write_key_row(
         state.clickhouse.table("api_keys")
     );
     state
-        .clickhouse
         .client()
         .query(&sql)
         .bind(hash)
@@ -120,7 +119,6 @@ pub async fn create_org(
         state.clickhouse.table("orgs")
     );
     state
-        .clickhouse
         .client()
         .query(&sql)
         .bind(&org_id)
@@ -160,8 +158,7 @@ pub async fn create_key(
     _: Admin,
     Path(org_id): Path<String>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    let exists = load_orgs(&state.clickhouse).await?.iter().any(|org| *org.org_id == *org_id);
-    if !exists {
+    if load_org(&state.clickhouse, &org_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("org {org_id}")));
     }
     let key = insert_key(&state, &org_id, "admin").await?;
@@ -261,7 +258,6 @@ pub async fn add_price(
         state.clickhouse.table("model_prices")
     );
     state
-        .clickhouse
         .client()
         .query(&sql)
         .bind(&body.provider)
@@ -359,7 +355,6 @@ pub async fn top_consumers(
         state.clickhouse.table("rollup_hourly")
     );
     let rows: Vec<Consumer> = state
-        .clickhouse
         .client()
         .query(&sql)
         .bind(u32::try_from(from.timestamp()).unwrap_or(0))
@@ -409,10 +404,8 @@ pub async fn rate_limit_status(
     _: Admin,
     Path(org_id): Path<String>,
 ) -> Result<Json<RateLimitStatus>, ApiError> {
-    let orgs = load_orgs(&state.clickhouse).await?;
-    let org = orgs
-        .iter()
-        .find(|o| *o.org_id == *org_id)
+    let org = load_org(&state.clickhouse, &org_id)
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("org {org_id}")))?;
     let now = chrono::Utc::now().timestamp();
     // Arrival time is not in the sort key: the event-time bound (validation keeps events at most
@@ -423,7 +416,6 @@ pub async fn rate_limit_status(
     );
     let floor = now - 60 - tally_schemas::limits::MAX_EVENT_AGE_MS / 1000;
     let used: u64 = state
-        .clickhouse
         .client()
         .query(&sql)
         .bind(&org_id)

@@ -9,7 +9,7 @@ use axum::Json;
 use chrono::{DateTime, Months, Utc};
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
-use tally_common::keyset::load_orgs;
+use tally_common::keyset::load_org;
 use tally_schemas::limits::NANOS_PER_USD;
 
 use crate::auth::{Admin, Org};
@@ -188,7 +188,7 @@ pub async fn admin_put(
     Path(org_id): Path<String>,
     Json(body): Json<SetBudget>,
 ) -> Result<Json<BudgetView>, ApiError> {
-    if !load_orgs(&state.clickhouse).await?.iter().any(|org| *org.org_id == *org_id) {
+    if load_org(&state.clickhouse, &org_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("org {org_id}")));
     }
     write(&state, &org_id, body).await?;
