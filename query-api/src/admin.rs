@@ -4,7 +4,6 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use tally_common::keyset::{load_org, load_orgs};
 use tally_schemas::keys;
@@ -12,6 +11,8 @@ use tally_schemas::plan::Plan;
 
 use crate::auth::Admin;
 use crate::error::ApiError;
+use crate::range::{usd, Range, RangeParams};
+use crate::store::admin::{KeyRow, NewPrice as PriceRow};
 use crate::AppState;
 
 #[derive(Deserialize)]
@@ -54,45 +55,15 @@ pub struct CreatedKey {
     key_id: String,
 }
 
-fn now_ms() -> u64 {
-    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
-}
-
 /// The public id of a key: the first 16 hex digits of its hash (reveals nothing of the key).
 fn key_id(hash: &str) -> String {
     hash[..16].to_owned()
 }
 
-/// Writes a version of an `api_keys` row (a new key, or a revocation of an existing one).
-async fn write_key_row(
-    state: &AppState,
-    hash: &str,
-    prefix: &str,
-    org_id: &str,
-    name: &str,
-    revoked: bool,
-) -> Result<(), ApiError> {
-    let sql = format!(
-        "INSERT INTO {} (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES (?, ?, ?, ?, now(), ?, ?)",
-        state.clickhouse.table("api_keys")
-    );
-    state
-        .client()
-        .query(&sql)
-        .bind(hash)
-        .bind(prefix)
-        .bind(org_id)
-        .bind(name)
-        .bind(u8::from(revoked))
-        .bind(now_ms())
-        .execute()
-        .await?;
-    Ok(())
-}
-
 async fn insert_key(state: &AppState, org_id: &str, name: &str) -> Result<keys::NewKey, ApiError> {
     let key = keys::generate();
-    write_key_row(state, &key.hash, &key.display_prefix, org_id, name, false).await?;
+    let row = KeyRow { hash: &key.hash, prefix: &key.display_prefix, org_id, name, revoked: false };
+    state.store().write_key(&row).await?;
     Ok(key)
 }
 
@@ -114,21 +85,8 @@ pub async fn create_org(
     }
     let plan: Plan = body.plan.as_deref().unwrap_or("FREE").parse().map_err(ApiError::BadRequest)?;
     let org_id = uuid::Uuid::new_v4().to_string();
-    let sql = format!(
-        "INSERT INTO {} (org_id, name, plan, rate_limit_per_min, rate_limit_burst, created_at, deleted, version) VALUES (?, ?, ?, ?, ?, now(), 0, ?)",
-        state.clickhouse.table("orgs")
-    );
-    state
-        .client()
-        .query(&sql)
-        .bind(&org_id)
-        .bind(&name)
-        .bind(plan.as_str())
-        .bind(body.rate_limit_per_min.unwrap_or(0))
-        .bind(body.rate_limit_burst.unwrap_or(0))
-        .bind(now_ms())
-        .execute()
-        .await?;
+    let (per_minute, burst) = (body.rate_limit_per_min.unwrap_or(0), body.rate_limit_burst.unwrap_or(0));
+    state.store().insert_org(&org_id, &name, plan, per_minute, burst).await?;
     let key = insert_key(&state, &org_id, "default").await?;
     refresh_keys(&state).await;
     tracing::info!(org_id = %org_id, key_prefix = %key.display_prefix, "created org");
@@ -166,13 +124,6 @@ pub async fn create_key(
     Ok((StatusCode::CREATED, Json(CreatedKey { org_id, key_id: key_id(&key.hash), api_key: key.secret })))
 }
 
-#[derive(Row, Deserialize)]
-struct KeyOwner {
-    key_hash: String,
-    key_prefix: String,
-    owner: String,
-}
-
 pub async fn revoke_key(
     State(state): State<AppState>,
     _: Admin,
@@ -181,15 +132,18 @@ pub async fn revoke_key(
     if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::BadRequest("a key id is 16 hex digits".into()));
     }
-    let sql = format!(
-        "SELECT key_hash, any(key_prefix) AS key_prefix, argMax(org_id, version) AS owner FROM {} WHERE substring(key_hash, 1, 16) = ? GROUP BY key_hash",
-        state.clickhouse.table("api_keys")
-    );
-    let found: Vec<KeyOwner> = state.client().query(&sql).bind(id.to_ascii_lowercase()).fetch_all().await?;
+    let found = state.store().keys_by_id(&id.to_ascii_lowercase()).await?;
     let [key] = found.as_slice() else {
         return Err(ApiError::NotFound(format!("key {id}")));
     };
-    write_key_row(&state, &key.key_hash, &key.key_prefix, &key.owner, "revoked", true).await?;
+    let row = KeyRow {
+        hash: &key.key_hash,
+        prefix: &key.key_prefix,
+        org_id: &key.owner,
+        name: "revoked",
+        revoked: true,
+    };
+    state.store().write_key(&row).await?;
     refresh_keys(&state).await;
     tracing::info!(key_prefix = %key.key_prefix, org_id = %key.owner, "revoked key");
     Ok(StatusCode::NO_CONTENT)
@@ -208,7 +162,7 @@ pub struct NewPrice {
     output_per_mtok: f64,
 }
 
-#[derive(Row, Deserialize, Serialize)]
+#[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PriceView {
     provider: String,
@@ -252,21 +206,15 @@ pub async fn add_price(
         price_nanos("inputPerMtok", body.input_per_mtok)?,
         price_nanos("outputPerMtok", body.output_per_mtok)?,
     );
-    let sql = format!(
-        "INSERT INTO {} (provider, model, effective_from, input_nanos_per_mtok, output_nanos_per_mtok, version) \
-         VALUES (?, ?, toDateTime(?), ?, ?, ?)",
-        state.clickhouse.table("model_prices")
-    );
     state
-        .client()
-        .query(&sql)
-        .bind(&body.provider)
-        .bind(&body.model)
-        .bind(effective_s)
-        .bind(input)
-        .bind(output)
-        .bind(now_ms())
-        .execute()
+        .store()
+        .insert_price(&PriceRow {
+            provider: &body.provider,
+            model: &body.model,
+            effective_from_s: effective_s,
+            input_nanos_per_mtok: input,
+            output_nanos_per_mtok: output,
+        })
         .await?;
     tracing::info!(provider = %body.provider, model = %body.model, effective_from = %effective, "added model price");
     Ok((
@@ -283,14 +231,19 @@ pub async fn add_price(
 
 /// `GET /admin/prices`: the registry, latest version of each (provider, model, effective_from).
 pub async fn list_prices(State(state): State<AppState>, _: Admin) -> Result<Json<Vec<PriceView>>, ApiError> {
-    let sql = format!(
-        "SELECT provider, model, concat(replaceOne(toString(effective_from), ' ', 'T'), 'Z') AS effective_from, \
-         argMax(input_nanos_per_mtok, version) AS input_nanos_per_mtok, \
-         argMax(output_nanos_per_mtok, version) AS output_nanos_per_mtok \
-         FROM {} GROUP BY provider, model, effective_from ORDER BY provider, model, effective_from",
-        state.clickhouse.table("model_prices")
-    );
-    Ok(Json(state.client().query(&sql).fetch_all().await?))
+    let prices = state.store().prices().await?;
+    Ok(Json(
+        prices
+            .into_iter()
+            .map(|p| PriceView {
+                provider: p.provider,
+                model: p.model,
+                effective_from: p.effective_from,
+                input_nanos_per_mtok: p.input_nanos_per_mtok,
+                output_nanos_per_mtok: p.output_nanos_per_mtok,
+            })
+            .collect(),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -299,14 +252,6 @@ pub struct TopParams {
     from: Option<String>,
     to: Option<String>,
     limit: Option<u32>,
-}
-
-#[derive(Row, Deserialize)]
-struct Consumer {
-    org_id: String,
-    requests: u64,
-    tokens: u64,
-    cost_nanos: i64,
 }
 
 #[derive(Serialize)]
@@ -336,31 +281,14 @@ pub async fn top_consumers(
     _: Admin,
     axum::extract::Query(params): axum::extract::Query<TopParams>,
 ) -> Result<Json<TopConsumers>, ApiError> {
-    use chrono::DurationRound;
-    let range = crate::costs::Range::from_params(
-        &crate::costs::RangeParams { from: params.from, to: params.to },
-        chrono::Utc::now(),
-    )?;
+    let range = Range::from_params(&RangeParams { from: params.from, to: params.to }, chrono::Utc::now())?;
     let limit = params.limit.unwrap_or(20);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest("limit must be 1..=1000".into()));
     }
-    let hour = chrono::Duration::hours(1);
-    let from = range.from.duration_trunc(hour).unwrap_or(range.from);
-    let to = range.to.duration_round_up(hour).unwrap_or(range.to);
-    let sql = format!(
-        "SELECT org_id, toUInt64(countMerge(events)) AS requests, sumMerge(total_tokens_sum) AS tokens, \
-         sumMerge(cost_nanos_sum) AS cost_nanos FROM {} WHERE hour >= toDateTime(?) AND hour < toDateTime(?) \
-         GROUP BY org_id ORDER BY cost_nanos DESC, org_id LIMIT {limit}",
-        state.clickhouse.table("rollup_hourly")
-    );
-    let rows: Vec<Consumer> = state
-        .client()
-        .query(&sql)
-        .bind(u32::try_from(from.timestamp()).unwrap_or(0))
-        .bind(u32::try_from(to.timestamp()).unwrap_or(u32::MAX))
-        .fetch_all()
-        .await?;
+    let Range { from, to } = range.whole_hours();
+    let seconds = |t: chrono::DateTime<chrono::Utc>, default| u32::try_from(t.timestamp()).unwrap_or(default);
+    let rows = state.store().top_orgs(seconds(from, 0), seconds(to, u32::MAX), limit).await?;
     let orgs = load_orgs(&state.clickhouse).await?;
     let format = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     Ok(Json(TopConsumers {
@@ -373,7 +301,7 @@ pub async fn top_consumers(
                 ConsumerView {
                     name: org.map(|o| o.name.clone()),
                     plan: org.map(|o| o.plan),
-                    cost: crate::stats::usd(r.cost_nanos),
+                    cost: usd(r.cost_nanos),
                     org_id: r.org_id,
                     requests: r.requests,
                     tokens: r.tokens,
@@ -408,21 +336,9 @@ pub async fn rate_limit_status(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("org {org_id}")))?;
     let now = chrono::Utc::now().timestamp();
-    // Arrival time is not in the sort key: the event-time bound (validation keeps events at most
-    // 35 days old on arrival) limits the read to the org's recent range.
-    let sql = format!(
-        "SELECT count() FROM {} WHERE org_id = ? AND timestamp >= toDateTime(?) AND received_at >= toDateTime(?)",
-        state.clickhouse.table("events")
-    );
     let floor = now - 60 - tally_schemas::limits::MAX_EVENT_AGE_MS / 1000;
-    let used: u64 = state
-        .client()
-        .query(&sql)
-        .bind(&org_id)
-        .bind(u32::try_from(floor).unwrap_or(0))
-        .bind(u32::try_from(now - 60).unwrap_or(0))
-        .fetch_one()
-        .await?;
+    let seconds = |t: i64| u32::try_from(t).unwrap_or(0);
+    let used = state.store().arrived_since(&org_id, seconds(floor), seconds(now - 60)).await?;
     Ok(Json(RateLimitStatus {
         org_id: org_id.clone(),
         plan: org.plan,

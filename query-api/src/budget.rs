@@ -7,15 +7,13 @@
 use axum::extract::{Path, State};
 use axum::Json;
 use chrono::{DateTime, Months, Utc};
-use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use tally_common::keyset::load_org;
 use tally_schemas::limits::NANOS_PER_USD;
 
 use crate::auth::{Admin, Org};
-use crate::costs::{month_start, Range};
 use crate::error::ApiError;
-use crate::stats::{self, usd, Scope};
+use crate::range::{month_start, rfc3339, usd, Range};
 use crate::AppState;
 
 pub const DEFAULT_THRESHOLDS: [u8; 3] = [50, 80, 100];
@@ -52,51 +50,20 @@ pub struct BudgetView {
     alert: Option<u8>,
 }
 
-#[derive(Row, Deserialize)]
-struct Stored {
-    versions: u64,
-    limit_nanos: i64,
-    thresholds: Vec<u8>,
-}
-
-#[derive(Row, Deserialize)]
-struct Spent {
-    cost_nanos: i64,
-}
-
 fn month_bounds(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
     let start = month_start(now);
     (start, start.checked_add_months(Months::new(1)).unwrap_or(now))
 }
 
 async fn view(state: &AppState, org_id: &str) -> Result<BudgetView, ApiError> {
-    let client = state.client();
-    let stored: Stored = client
-        .query(&format!(
-            "SELECT count() AS versions, argMax(monthly_limit_nanos, version) AS limit_nanos, \
-             argMax(alert_thresholds, version) AS thresholds FROM {} WHERE org_id = ?",
-            state.clickhouse.table("budgets")
-        ))
-        .bind(org_id)
-        .fetch_one()
-        .await?;
+    let store = state.store();
+    let stored = store.budget(org_id).await?;
     let now = Utc::now();
     let (start, resets_at) = month_bounds(now);
     let spent_nanos = if now > start {
         // The whole calendar month (events stamped a little ahead of the clock count too): whole
         // hours, so the rollup alone answers.
-        let range = Range { from: start, to: resets_at };
-        let scope = Scope { org_id, user_id: None, provider: None, model: None };
-        let parts: Vec<Spent> = stats::sums(
-            state,
-            &scope,
-            &range,
-            stats::Keys::columns(""),
-            "sumMerge(cost_nanos_sum) AS cost_nanos",
-            "sum(cost_nanos) AS cost_nanos",
-        )
-        .await?;
-        parts.iter().map(|p| p.cost_nanos).sum()
+        store.spent(org_id, &Range { from: start, to: resets_at }).await?
     } else {
         0
     };
@@ -129,7 +96,6 @@ async fn view(state: &AppState, org_id: &str) -> Result<BudgetView, ApiError> {
         .with_label_values(&[org_id])
         .set(percent_used.map_or(0.0, |p| p.min(1e6)));
     state.metrics.budget_threshold_crossed.with_label_values(&[org_id]).set(i64::from(alert.unwrap_or(0)));
-    let format = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     Ok(BudgetView {
         limit: limit_nanos.map(usd),
         limit_nanos,
@@ -139,8 +105,8 @@ async fn view(state: &AppState, org_id: &str) -> Result<BudgetView, ApiError> {
         remaining_nanos: limit_nanos.map(|l| l - spent_nanos),
         percent_used: percent_used.map(|p| if p.is_finite() { (p * 100.0).round() / 100.0 } else { 1e6 }),
         period: "monthly",
-        period_start: format(start),
-        resets_at: format(resets_at),
+        period_start: rfc3339(start),
+        resets_at: rfc3339(resets_at),
         thresholds,
         crossed_thresholds: crossed,
         alert,
@@ -158,14 +124,7 @@ async fn write(state: &AppState, org_id: &str, body: SetBudget) -> Result<(), Ap
     if thresholds.len() > 10 || thresholds.iter().any(|t| !(1..=200).contains(t)) {
         return Err(ApiError::BadRequest("thresholds are at most 10 percentages, each 1..=200".into()));
     }
-    let list = thresholds.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
-    // The array is spliced as validated integers; 18.16 takes array constants in VALUES.
-    let sql = format!(
-        "INSERT INTO {} (org_id, monthly_limit_nanos, alert_thresholds, version) VALUES (?, ?, [{list}], ?)",
-        state.clickhouse.table("budgets")
-    );
-    let version = u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0);
-    state.client().query(&sql).bind(org_id).bind(limit_nanos).bind(version).execute().await?;
+    state.store().set_budget(org_id, limit_nanos, &thresholds).await?;
     Ok(())
 }
 

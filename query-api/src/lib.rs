@@ -1,5 +1,5 @@
 //! The query API: org-scoped reads over ClickHouse (an org's key sees only its own data) and the
-//! admin surface. Handlers live in one module per area.
+//! admin surface. Handlers live in one module per area; every query is in `store`.
 
 pub mod admin;
 pub mod analytics;
@@ -10,8 +10,10 @@ pub mod costs;
 pub mod error;
 pub mod events;
 pub mod metrics;
-pub mod stats;
+pub mod params;
+pub mod range;
 pub mod status;
+pub mod store;
 
 use std::sync::Arc;
 
@@ -41,6 +43,11 @@ impl AppState {
     /// org's month of the hourly rollup); concurrency comes from concurrent requests.
     pub fn client(&self) -> clickhouse::Client {
         self.clickhouse.client().with_setting("max_threads", "1")
+    }
+
+    /// The data access of one request (see `store`), through `client`.
+    pub fn store(&self) -> store::Store<'_> {
+        store::Store::new(self.client(), &self.clickhouse)
     }
 }
 

@@ -225,27 +225,135 @@ async fn check_analytics(
         assert_eq!(got["latencyMs"]["p95"].as_f64(), want["q"][1].as_f64());
     }
     // Day buckets in a time zone other than UTC.
-    let mut query = range.to_vec();
-    query.extend([("bucket", "day".to_owned()), ("tz", "America/New_York".to_owned())]);
+    check_days(api, key, org, user, (from, to), "America/New_York").await;
+}
+
+/// Day buckets in `tz` (grouped by model) against the raw table grouped by `toDate(timestamp, tz)`,
+/// over the whole hours of `range`.
+async fn check_days(
+    api: &Api,
+    key: &str,
+    org: &str,
+    user: Option<&str>,
+    (from, to): (DateTime<Utc>, DateTime<Utc>),
+    tz: &str,
+) {
+    let prefix = match user {
+        Some(u) => format!("/analytics/user/{u}"),
+        None => "/api/analytics".into(),
+    };
+    let query = [
+        ("from", rfc(from)),
+        ("to", rfc(to)),
+        ("bucket", "day".to_owned()),
+        ("tz", tz.to_owned()),
+        ("groupBy", "model".to_owned()),
+    ];
     let (status, series) = get(api, key, &format!("{prefix}/timeseries"), &query).await;
-    assert_range(&series, from, to);
     assert_eq!(status, 200, "{series}");
+    assert_range(&series, from, to);
+    assert_eq!(series["tz"].as_str(), Some(tz));
+    let w = raw_where(api, org, user, from, to);
     let expected = raw(
         api,
         &format!(
-            "SELECT toString(toDate(timestamp, 'America/New_York')) AS d, count() AS requests, sum(cost_nanos) AS cost \
-             {w} GROUP BY d ORDER BY d"
+            "SELECT toString(toDate(timestamp, '{tz}')) AS d, model, count() AS requests, sum(cost_nanos) AS cost, \
+             countIf(status = 'error') AS errors, quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q \
+             {w} GROUP BY d, model ORDER BY d, model"
         ),
     )
     .await;
+    assert!(expected.len() > 1, "the range spans several local days in {tz}");
     let points = series["points"].as_array().unwrap();
-    assert_eq!(points.len(), expected.len());
-    for (got, want) in points.iter().zip(&expected) {
-        assert_eq!(
-            (&got["time"], got["requests"].as_u64(), got["costNanos"].as_i64()),
-            (&want["d"], want["requests"].as_u64(), want["cost"].as_i64())
-        );
+    let got: Vec<_> = points
+        .iter()
+        .map(|p| {
+            (
+                p["time"].clone(),
+                p["key"].clone(),
+                p["requests"].as_u64(),
+                p["costNanos"].as_i64(),
+                p["errors"].as_u64(),
+            )
+        })
+        .collect();
+    let want: Vec<_> = expected
+        .iter()
+        .map(|r| {
+            (
+                r["d"].clone(),
+                r["model"].clone(),
+                r["requests"].as_u64(),
+                r["cost"].as_i64(),
+                r["errors"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "day buckets in {tz} for {user:?}");
+    for (point, row) in points.iter().zip(&expected) {
+        assert_eq!(point["latencyMs"]["p99"].as_f64(), row["q"][2].as_f64(), "p99 of {} in {tz}", row["d"]);
     }
+}
+
+#[tokio::test]
+async fn day_buckets_are_exact_in_zones_whose_midnight_is_not_on_a_whole_utc_hour() {
+    let api = Api::start().await;
+    let (org, key, _) = api.create_org("zones").await;
+    // ~5.4 days of events every ~9.7 minutes up to each end: Adelaide moves from +09:30 to +10:30
+    // on 2026-10-04, St John's from -02:30 to -03:30 on 2026-11-01.
+    let ends = [at("2026-10-06T23:59:00Z"), at("2026-11-03T12:00:00Z"), at("2026-11-30T06:00:00Z")];
+    for (seed, end) in ends.iter().enumerate() {
+        generate(&api, &org, *end, 800, seed as u32 + 11).await;
+    }
+    // The issue's case: 18:15Z and 18:45Z on 2026-11-29 are 23:45 and 00:15 in Kolkata.
+    for at_utc in ["2026-11-29 18:15:00", "2026-11-29 18:45:00"] {
+        api.clickhouse
+            .client()
+            .query(&format!(
+                "INSERT INTO {} (org_id, event_id, timestamp, provider, model, cost_nanos, user_id) \
+                 VALUES (?, toUUID(?), ?, 'openai', 'gpt-4o', 1000, 'user-1')",
+                api.clickhouse.table("events")
+            ))
+            .bind(&org)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(at_utc)
+            .execute()
+            .await
+            .unwrap();
+    }
+    let cases = [
+        ("Australia/Adelaide", ends[0]),
+        ("America/St_Johns", ends[1]),
+        ("Asia/Kolkata", ends[2]),
+        ("Asia/Kathmandu", ends[2]),
+        ("Asia/Tehran", ends[2]),
+        ("Australia/Eucla", ends[2]),
+        ("Pacific/Chatham", ends[2]),
+    ];
+    for (tz, end) in cases {
+        let hour = Duration::hours(1);
+        let range =
+            ((end - Duration::days(5)).duration_trunc(hour).unwrap(), end.duration_round_up(hour).unwrap());
+        check_days(&api, &key, &org, None, range, tz).await;
+        check_days(&api, &key, &org, Some("user-1"), range, tz).await;
+    }
+    // The two events of the issue land on two local days.
+    let query = [
+        ("from", "2026-11-29T18:00:00Z".to_owned()),
+        ("to", "2026-11-29T19:00:00Z".to_owned()),
+        ("bucket", "day".to_owned()),
+        ("tz", "Asia/Kolkata".to_owned()),
+        ("model", "gpt-4o".to_owned()),
+    ];
+    let (_, series) = get(&api, &key, "/api/analytics/timeseries", &query).await;
+    let days: Vec<&str> =
+        series["points"].as_array().unwrap().iter().map(|p| p["time"].as_str().unwrap()).collect();
+    assert_eq!(days, ["2026-11-29", "2026-11-30"], "{series}");
+    api.stop().await;
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
 }
 
 #[tokio::test]

@@ -1,0 +1,291 @@
+//! The org-scoped reads: every query here is bounded by the org of the caller's API key.
+
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use clickhouse::error::Error;
+use clickhouse::Row;
+use serde::Deserialize;
+use tally_schemas::row::select_list;
+use tally_schemas::EventRow;
+
+use super::measures::{
+    Measure, COMPLETION_TOKENS, COST, ERRORS, INPUT_BYTES, LATENCY, OUTPUT_BYTES, PROMPT_TOKENS, REQUESTS,
+    TOKENS,
+};
+use super::plan::{self, Keys, Plan, Scope};
+use super::sql::{Bind, RawBounds, Sql, EVENT_MS};
+use super::Store;
+use crate::params::{Bucket, GroupBy};
+use crate::range::Range;
+
+/// Usage of one (provider, model, service).
+#[derive(Row, Deserialize)]
+pub struct Usage {
+    pub provider: String,
+    pub model: String,
+    pub service: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub tokens: u64,
+    pub cost_nanos: i64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+}
+const USAGE: [Measure; 8] =
+    [REQUESTS, ERRORS, PROMPT_TOKENS, COMPLETION_TOKENS, TOKENS, COST, INPUT_BYTES, OUTPUT_BYTES];
+
+#[derive(Row, Deserialize)]
+struct Latency {
+    latency: Vec<f32>,
+}
+
+/// One point of a timeseries: its bucket (epoch seconds of the UTC hour, or the local date
+/// `YYYY-MM-DD`) and the group's value ("" when not grouped).
+#[derive(Row, Deserialize)]
+pub struct Point {
+    pub bucket: String,
+    pub key: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub tokens: u64,
+    pub cost_nanos: i64,
+    pub latency: Vec<f32>,
+}
+const POINT: [Measure; 5] = [REQUESTS, ERRORS, TOKENS, COST, LATENCY];
+
+#[derive(Row, Deserialize)]
+pub struct ModelPerf {
+    pub provider: String,
+    pub model: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: Vec<f32>,
+}
+
+#[derive(Row, Deserialize)]
+pub struct ServiceCost {
+    pub service: String,
+    pub provider: String,
+    pub model: String,
+    pub requests: u64,
+    pub tokens: u64,
+    pub cost_nanos: i64,
+}
+
+#[derive(Row, Deserialize)]
+pub struct ModelTotals {
+    pub provider: String,
+    pub model: String,
+    pub requests: u64,
+    pub tokens: u64,
+    pub cost_nanos: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct Spent {
+    cost_nanos: i64,
+}
+
+/// What the org's SDKs have sent so far.
+#[derive(Row, Deserialize)]
+pub struct Telemetry {
+    pub total: u64,
+    pub first_ms: u64,
+    pub last_ms: u64,
+}
+
+/// The filters of the events list (each an exact match).
+#[derive(Default)]
+pub struct EventFilters<'a> {
+    pub model: Option<&'a str>,
+    pub provider: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub execution_id: Option<&'a str>,
+    pub user_id: Option<&'a str>,
+}
+
+/// A page of the events list, newest first: after `cursor` (event time in ms, event id) if
+/// given, else skipping `offset` events.
+pub struct PageRequest {
+    pub cursor: Option<(u64, uuid::Uuid)>,
+    pub offset: u32,
+    /// Rows to return (callers ask one more than they show, to know whether a next page exists).
+    pub rows: u32,
+}
+
+/// How far back from the newest possible event a page is looked for, in turn; None = the range.
+const LOOK_BACK: [Option<Duration>; 4] =
+    [Some(Duration::hours(1)), Some(Duration::days(1)), Some(Duration::days(7)), None];
+
+impl Store<'_> {
+    /// Usage by (provider, model, service): exact to the millisecond.
+    pub async fn usage(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<Usage>, Error> {
+        let keys = Keys::columns("provider, model, service");
+        self.fetch_all_of(&plan::sums(&self.tables, scope, &Plan::new(scope, range), &keys, &USAGE)).await
+    }
+
+    /// p50, p95, p99 of the latency in ms (empty without events).
+    pub async fn latency(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<f32>, Error> {
+        let sql = plan::merged(&self.tables, scope, &Plan::new(scope, range), &Keys::none(), &[LATENCY], "");
+        Ok(sql.query(&self.client).fetch_one::<Latency>().await?.latency)
+    }
+
+    /// The points of a timeseries, in no particular order. Hour buckets: each hour comes whole
+    /// from one source, so one plain query per source, run concurrently. Day buckets: the local
+    /// days of `tz`, states of both sources merged in one query.
+    pub async fn timeseries(
+        &self,
+        scope: &Scope<'_>,
+        range: &Range,
+        bucket: Bucket,
+        group_by: Option<GroupBy>,
+        tz: Tz,
+    ) -> Result<Vec<Point>, Error> {
+        let key = group_by.map_or("''", GroupBy::column);
+        match bucket {
+            Bucket::Hour => {
+                let keys = Keys {
+                    rollup: format!("toString(toUInt32(hour)) AS bucket, {key} AS key"),
+                    raw: format!("toString(toUInt32(toStartOfHour(timestamp))) AS bucket, {key} AS key"),
+                    group: "bucket, key".into(),
+                    binds: Vec::new(),
+                };
+                self.fetch_all_of(&plan::sums(&self.tables, scope, &Plan::new(scope, range), &keys, &POINT))
+                    .await
+            }
+            Bucket::Day => {
+                let keys = Keys {
+                    rollup: format!("toString(toDate(hour, ?)) AS bucket, {key} AS key"),
+                    raw: format!("toString(toDate(timestamp, ?)) AS bucket, {key} AS key"),
+                    group: "bucket, key".into(),
+                    binds: vec![Bind::Text(tz.name().to_owned())],
+                };
+                let plan = Plan::for_days(scope, range, tz);
+                plan::merged(&self.tables, scope, &plan, &keys, &POINT, "ORDER BY bucket, key")
+                    .query(&self.client)
+                    .fetch_all()
+                    .await
+            }
+        }
+    }
+
+    /// Requests, errors and latency by model, most used first.
+    pub async fn perf(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelPerf>, Error> {
+        let keys = Keys::columns("provider, model");
+        let tail = "ORDER BY requests DESC, provider, model";
+        plan::merged(&self.tables, scope, &Plan::new(scope, range), &keys, &[REQUESTS, ERRORS, LATENCY], tail)
+            .query(&self.client)
+            .fetch_all()
+            .await
+    }
+
+    /// Cost by (service, provider, model), most expensive first.
+    pub async fn costs(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ServiceCost>, Error> {
+        let keys = Keys::columns("service, provider, model");
+        let tail = "ORDER BY cost_nanos DESC, service, provider, model";
+        plan::merged(&self.tables, scope, &Plan::new(scope, range), &keys, &[REQUESTS, TOKENS, COST], tail)
+            .query(&self.client)
+            .fetch_all()
+            .await
+    }
+
+    /// Requests, tokens and cost by (provider, model): exact to the millisecond.
+    pub async fn model_totals(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelTotals>, Error> {
+        let keys = Keys::columns("provider, model");
+        let plan = Plan::new(scope, range);
+        self.fetch_all_of(&plan::sums(&self.tables, scope, &plan, &keys, &[REQUESTS, TOKENS, COST])).await
+    }
+
+    /// The org's cost over `range`, in nano-dollars.
+    pub async fn spent(&self, org_id: &str, range: &Range) -> Result<i64, Error> {
+        let scope = Scope::org(org_id);
+        let plan = Plan::new(&scope, range);
+        let parts: Vec<Spent> =
+            self.fetch_all_of(&plan::sums(&self.tables, &scope, &plan, &Keys::none(), &[COST])).await?;
+        Ok(parts.iter().map(|p| p.cost_nanos).sum())
+    }
+
+    pub async fn telemetry(&self, org_id: &str) -> Result<Telemetry, Error> {
+        let sql = format!(
+            "SELECT count() AS total, min({EVENT_MS}) AS first_ms, max({EVENT_MS}) AS last_ms FROM {} WHERE org_id = ?",
+            self.tables.events
+        );
+        self.client.query(&sql).bind(org_id).fetch_one().await
+    }
+
+    /// A page of the org's events in `range`, newest first. Without reading and sorting the whole
+    /// range: looks back from the newest possible event over growing windows. A window that holds
+    /// the whole page (offset + rows) holds the newest ones, since every event outside it is older
+    /// than every event in it.
+    pub async fn events_page(
+        &self,
+        org_id: &str,
+        range: &Range,
+        filters: &EventFilters<'_>,
+        page: &PageRequest,
+    ) -> Result<Vec<EventRow>, Error> {
+        let newest = match page.cursor {
+            Some((at_ms, _)) => i64::try_from(at_ms)
+                .ok()
+                .and_then(|ms| DateTime::from_timestamp_millis(ms.saturating_add(1)))
+                .map_or(range.to, |t| t.min(range.to)),
+            None => range.to,
+        };
+        let mut rows = Vec::new();
+        for window in LOOK_BACK {
+            let from =
+                window.and_then(|w| newest.checked_sub_signed(w)).map_or(range.from, |t| t.max(range.from));
+            rows = self
+                .events_sql(org_id, from, range.to, filters, page)
+                .query(&self.client)
+                .fetch_all()
+                .await?;
+            if rows.len() >= page.rows as usize || from == range.from {
+                break;
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The page among the events in `[from, to)` (and before the cursor).
+    fn events_sql(
+        &self,
+        org_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        filters: &EventFilters<'_>,
+        page: &PageRequest,
+    ) -> Sql {
+        let bounds = RawBounds::of(&[(from.max(DateTime::UNIX_EPOCH), to.max(DateTime::UNIX_EPOCH))]);
+        let mut text = format!(
+            "SELECT {} FROM {} WHERE org_id = ?{}",
+            select_list(),
+            self.tables.events,
+            bounds.condition()
+        );
+        let mut binds = vec![Bind::Text(org_id.to_owned())];
+        binds.extend(bounds.binds());
+        for (column, value) in [
+            ("model", filters.model),
+            ("provider", filters.provider),
+            ("toString(status)", filters.status),
+            ("execution_id", filters.execution_id),
+            ("user_id", filters.user_id),
+        ] {
+            if let Some(value) = value {
+                text.push_str(&format!(" AND {column} = ?"));
+                binds.push(Bind::Text(value.to_owned()));
+            }
+        }
+        let at = EVENT_MS;
+        if let Some((at_ms, id)) = page.cursor {
+            text.push_str(&format!(" AND ({at} < ? OR ({at} = ? AND event_id < toUUID(?)))"));
+            binds.extend([Bind::Number(at_ms), Bind::Number(at_ms), Bind::Text(id.to_string())]);
+        }
+        text.push_str(&format!(" ORDER BY {at} DESC, event_id DESC LIMIT ?, ?"));
+        binds.extend([Bind::Number(u64::from(page.offset)), Bind::Number(u64::from(page.rows))]);
+        Sql { text, binds }
+    }
+}
