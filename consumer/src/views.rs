@@ -18,6 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use clickhouse::Row;
 use serde::Deserialize;
+use tally_common::ch::{bind_all, placeholders};
 use tally_schemas::migrations::MIGRATIONS;
 
 /// A rollup fed by a view on `events`: its table, the bucket column and how raw rows map to it.
@@ -92,7 +93,6 @@ pub async fn repair(
     if records.is_empty() {
         return Ok(outcome);
     }
-    let database = events_table.split('.').next().unwrap_or_default();
     let positions = records
         .iter()
         .map(|(partition, offset)| format!("({partition}, {offset})"))
@@ -106,86 +106,136 @@ pub async fn repair(
         ))
         .fetch_all()
         .await?;
-    let orgs: BTreeSet<&str> = spans.iter().map(|s| s.org_id.as_str()).collect();
-    let min_ts = spans.iter().map(|s| s.first).min().unwrap_or(0);
-    let org_list = vec!["?"; orgs.len()].join(", ");
-    let bind_orgs = |mut query: clickhouse::query::Query| {
-        for org in &orgs {
-            query = query.bind(*org);
-        }
-        query
+    let records = Records {
+        client,
+        events_table,
+        database: events_table.split('.').next().unwrap_or_default(),
+        orgs: spans.iter().map(|s| s.org_id.as_str()).collect::<BTreeSet<_>>().into_iter().collect(),
+        min_ts: spans.iter().map(|s| s.first).min().unwrap_or(0),
+        ours,
     };
     for rollup in &ROLLUPS {
-        let raw: Vec<BucketCount> = bind_orgs(client.query(&format!(
-            "SELECT org_id, toUInt32({bucket}) AS bucket, count() AS rows, countIf({ours}) AS ours FROM {events_table} \
-             WHERE org_id IN ({org_list}) AND {bucket} >= {bucket_of_min} GROUP BY org_id, bucket HAVING ours > 0",
+        records.repair_rollup(rollup, &mut outcome).await?;
+    }
+    Ok(outcome)
+}
+
+/// The records being checked: their orgs, their earliest event time, and the condition that
+/// selects their rows of `events`.
+struct Records<'a> {
+    client: &'a clickhouse::Client,
+    events_table: &'a str,
+    database: &'a str,
+    orgs: Vec<&'a str>,
+    min_ts: u32,
+    ours: String,
+}
+
+impl Records<'_> {
+    fn org_list(&self) -> String {
+        placeholders(self.orgs.len(), "?")
+    }
+
+    /// Per (org, bucket) holding rows of the records: all its raw rows and how many are ours.
+    async fn raw_counts(&self, rollup: &Rollup) -> Result<Vec<BucketCount>, clickhouse::error::Error> {
+        let sql = format!(
+            "SELECT org_id, toUInt32({bucket}) AS bucket, count() AS rows, countIf({ours}) AS ours FROM {events} \
+             WHERE org_id IN ({orgs}) AND {bucket} >= {bucket_of_min} GROUP BY org_id, bucket HAVING ours > 0",
             bucket = rollup.raw_bucket,
-            bucket_of_min = rollup.raw_bucket.replace("timestamp", &format!("toDateTime({min_ts}, 'UTC')")),
-        )))
-        .fetch_all()
-        .await?;
-        if raw.is_empty() {
-            continue;
-        }
-        let first_bucket = raw.iter().map(|b| b.bucket).min().unwrap_or(0);
-        let in_rollup: HashMap<(String, u32), u64> = bind_orgs(client.query(&format!(
+            ours = self.ours,
+            events = self.events_table,
+            orgs = self.org_list(),
+            bucket_of_min = rollup.raw_bucket.replace("timestamp", &format!("toDateTime({}, 'UTC')", self.min_ts)),
+        );
+        bind_all(self.client.query(&sql), self.orgs.iter().copied()).fetch_all().await
+    }
+
+    /// The rows the rollup counts per (org, bucket) from `first_bucket` on.
+    async fn rollup_counts(
+        &self,
+        rollup: &Rollup,
+        first_bucket: u32,
+    ) -> Result<HashMap<(String, u32), u64>, clickhouse::error::Error> {
+        let sql = format!(
             "SELECT org_id, toUInt32({column}) AS bucket, toUInt64(countMerge(events)) AS rows FROM {database}.{table} \
-             WHERE org_id IN ({org_list}) AND toUInt32({column}) >= {first_bucket} GROUP BY org_id, bucket",
+             WHERE org_id IN ({orgs}) AND toUInt32({column}) >= {first_bucket} GROUP BY org_id, bucket",
             column = rollup.column,
+            database = self.database,
             table = rollup.table,
-        )))
-        .fetch_all::<RollupCount>()
-        .await?
-        .into_iter()
-        .map(|r| ((r.org_id, r.bucket), r.rows))
-        .collect();
-        let mut missing = Vec::new();
-        for bucket in &raw {
-            let have = in_rollup.get(&(bucket.org_id.clone(), bucket.bucket)).copied().unwrap_or(0);
-            if have == bucket.rows {
-                outcome.complete += 1;
-            } else if have + bucket.ours == bucket.rows {
-                missing.push(bucket);
-            } else {
-                outcome.inconsistent += 1;
-                tracing::error!(
-                    rollup = rollup.table,
-                    org_id = %bucket.org_id,
-                    bucket = bucket.bucket,
-                    raw = bucket.rows,
-                    rollup_rows = have,
-                    insert_rows = bucket.ours,
-                    "rollup bucket disagrees with events beyond the failed insert; left as is"
-                );
-            }
-        }
+            orgs = self.org_list(),
+        );
+        let rows: Vec<RollupCount> =
+            bind_all(self.client.query(&sql), self.orgs.iter().copied()).fetch_all().await?;
+        Ok(rows.into_iter().map(|r| ((r.org_id, r.bucket), r.rows)).collect())
+    }
+
+    /// Compares one rollup with the raw rows and completes the buckets that lack exactly ours.
+    async fn repair_rollup(
+        &self,
+        rollup: &Rollup,
+        outcome: &mut Repair,
+    ) -> Result<(), clickhouse::error::Error> {
+        let raw = self.raw_counts(rollup).await?;
+        let Some(first_bucket) = raw.iter().map(|b| b.bucket).min() else { return Ok(()) };
+        let in_rollup = self.rollup_counts(rollup, first_bucket).await?;
+        let missing: Vec<&BucketCount> =
+            raw.iter().filter(|bucket| lacks_ours(rollup, bucket, &in_rollup, outcome)).collect();
         if missing.is_empty() {
-            continue;
+            return Ok(());
         }
-        let Some((select, group)) = view_select(rollup.view, database) else {
+        let Some((select, group)) = view_select(rollup.view, self.database) else {
             tracing::error!(view = rollup.view, "view definition not found in the migrations");
             outcome.inconsistent += missing.len();
-            continue;
+            return Ok(());
         };
         let buckets = missing.iter().map(|b| format!("(?, {})", b.bucket)).collect::<Vec<_>>().join(", ");
-        let mut query = client.query(&format!(
-            "INSERT INTO {database}.{table} {select} FROM {events_table} WHERE {ours} \
+        let sql = format!(
+            "INSERT INTO {database}.{table} {select} FROM {events} WHERE {ours} \
              AND (org_id, toUInt32({bucket})) IN ({buckets}) GROUP BY {group}",
+            database = self.database,
             table = rollup.table,
+            events = self.events_table,
+            ours = self.ours,
             bucket = rollup.raw_bucket,
-        ));
-        for bucket in &missing {
-            query = query.bind(bucket.org_id.as_str());
-        }
-        query.execute().await?;
+        );
+        bind_all(self.client.query(&sql), missing.iter().map(|b| b.org_id.as_str())).execute().await?;
         outcome.repaired += missing.len();
         tracing::warn!(
             rollup = rollup.table,
             buckets = missing.len(),
             "completed rollup buckets an interrupted insert had left out"
         );
+        Ok(())
     }
-    Ok(outcome)
+}
+
+/// Whether the rollup lacks exactly our rows of `bucket`; counts a complete bucket, and logs and
+/// counts one whose numbers fit neither.
+fn lacks_ours(
+    rollup: &Rollup,
+    bucket: &BucketCount,
+    in_rollup: &HashMap<(String, u32), u64>,
+    outcome: &mut Repair,
+) -> bool {
+    let have = in_rollup.get(&(bucket.org_id.clone(), bucket.bucket)).copied().unwrap_or(0);
+    if have == bucket.rows {
+        outcome.complete += 1;
+        false
+    } else if have + bucket.ours == bucket.rows {
+        true
+    } else {
+        outcome.inconsistent += 1;
+        tracing::error!(
+            rollup = rollup.table,
+            org_id = %bucket.org_id,
+            bucket = bucket.bucket,
+            raw = bucket.rows,
+            rollup_rows = have,
+            insert_rows = bucket.ours,
+            "rollup bucket disagrees with events beyond the failed insert; left as is"
+        );
+        false
+    }
 }
 
 #[cfg(test)]

@@ -11,13 +11,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Serialize;
+use tally_common::keyset::OrgInfo;
 use tally_common::server::{presented_key, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
-use tally_schemas::parse::{parse_batch, Dialect, RequestContext};
+use tally_schemas::parse::{parse_batch, Batch, Dialect, RequestContext};
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 
 use crate::body;
 use crate::error::{rate_limit_headers, IngestError, MalformedBody, UnsupportedMedia};
+use crate::ratelimit::Admission;
 use crate::sink::Topic;
 use crate::AppState;
 
@@ -63,57 +65,56 @@ fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
     Ok(())
 }
 
-async fn handle(
-    state: AppState,
-    dialect: Dialect,
-    request_id: RequestId,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, IngestError> {
-    let key = presented_key(&headers).ok_or(IngestError::MissingKey)?;
-    if !state.keys.is_loaded() || !state.prices.is_loaded() {
-        return Err(IngestError::NotReady);
-    }
-    let org = state.keys.lookup(key).ok_or(IngestError::InvalidKey)?;
-    check_media(&headers)?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
+/// The request's `Idempotency-Key`, if any: 1..=MAX_IDEMPOTENCY_KEY_LEN visible bytes.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, IngestError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
         Some(value) => match value.to_str() {
-            Ok(text) if !text.is_empty() && text.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(text),
-            _ => return Err(IngestError::Malformed(MalformedBody::IdempotencyKey)),
+            Ok(text) if !text.is_empty() && text.len() <= MAX_IDEMPOTENCY_KEY_LEN => Ok(Some(text)),
+            _ => Err(IngestError::Malformed(MalformedBody::IdempotencyKey)),
         },
-    };
-    let bytes = body::read(&headers, body, state.max_compressed_bytes, state.max_body_bytes).await?;
-    let received_at_ms = (state.clock)();
-    let context = RequestContext { org_id: &org.org_id, received_at_ms, idempotency_key };
-    let mut batch = parse_batch(dialect, &bytes, &context)?;
-    let outcomes = std::mem::take(&mut batch.outcomes);
-    let valid = outcomes.iter().filter(|p| p.is_ok()).count() as u32;
-    let admission = state.limits.admit(&org, valid);
-    if valid > 0 && admission.allowed == 0 {
-        state.metrics.events_rate_limited.inc_by(u64::from(valid));
-        return Err(IngestError::RateLimited(admission));
     }
+}
 
+/// What becomes of a request's events: the accepted ones encoded as Kafka lines, the rejected
+/// ones with their reasons and, for invalid events, their dead letters.
+struct Sorted {
+    payload: Vec<u8>,
+    accepted: usize,
+    rejected: Vec<Rejected>,
+    dead_letters: Vec<Vec<u8>>,
+}
+
+/// Prices and encodes the valid events the rate limit admits; rejects the others (over the limit,
+/// or invalid, with a dead letter holding the original JSON).
+fn sort_events(
+    state: &AppState,
+    org: &OrgInfo,
+    request_id: &RequestId,
+    received_at_ms: i64,
+    batch: &mut Batch<'_>,
+    admission: &Admission,
+    body_len: usize,
+) -> Result<Sorted, IngestError> {
     let prices = state.prices.current();
     // A row of JSONEachRow is about twice its SDK event (every column is written).
-    let mut payload = Vec::with_capacity(bytes.len() * 5 / 2 + 1024);
-    let mut accepted = 0usize;
-    let mut rejected = Vec::new();
-    let mut dead_letters = Vec::new();
-    for (index, outcome) in outcomes.into_iter().enumerate() {
+    let mut sorted = Sorted {
+        payload: Vec::with_capacity(body_len * 5 / 2 + 1024),
+        accepted: 0,
+        rejected: Vec::new(),
+        dead_letters: Vec::new(),
+    };
+    for (index, outcome) in std::mem::take(&mut batch.outcomes).into_iter().enumerate() {
         match outcome {
-            Ok(mut event) if accepted < admission.allowed as usize => {
+            Ok(mut event) if sorted.accepted < admission.allowed as usize => {
                 prices.price(&mut event);
-                encode_event(&event, &mut payload);
-                accepted += 1;
+                encode_event(&event, &mut sorted.payload);
+                sorted.accepted += 1;
             }
             Ok(_) => {
                 state.metrics.events_rate_limited.inc();
-                rejected.push(Rejected {
-                    index,
-                    reason: format!("rate_limited: over {} events per minute, retry later", admission.limit),
-                });
+                let reason = format!("rate_limited: over {} events per minute, retry later", admission.limit);
+                sorted.rejected.push(Rejected { index, reason });
             }
             Err(rejection) => {
                 state.metrics.events_rejected.with_label_values(&[rejection.code.as_str()]).inc();
@@ -130,27 +131,73 @@ async fn handle(
                     original_hex: None,
                 }
                 .with_original(batch.original(index).as_bytes());
-                dead_letters.push(serde_json::to_vec(&letter).map_err(IngestError::DeadLetterEncoding)?);
-                rejected.push(Rejected { index, reason: rejection.to_string() });
+                sorted
+                    .dead_letters
+                    .push(serde_json::to_vec(&letter).map_err(IngestError::DeadLetterEncoding)?);
+                sorted.rejected.push(Rejected { index, reason: rejection.to_string() });
             }
         }
     }
+    Ok(sorted)
+}
 
+/// Produces the accepted events and the dead letters concurrently. Only the events decide the
+/// answer: a dead letter that fails is logged and counted (see `report_dead_letter_failures`).
+async fn produce(
+    state: &AppState,
+    org: &OrgInfo,
+    request_id: &RequestId,
+    payload: Vec<u8>,
+    accepted: usize,
+    dead_letters: Vec<Vec<u8>>,
+) -> Result<(), IngestError> {
     let dead_letter_sends = futures::future::join_all(dead_letters.into_iter().map(|letter| {
         state.sink.produce(Topic::DeadLetters, Arc::clone(&org.org_id), letter, Arc::clone(&request_id.0))
     }));
-    if accepted > 0 {
-        let events_send =
-            state.sink.produce(Topic::Events, Arc::clone(&org.org_id), payload, Arc::clone(&request_id.0));
-        let (events_result, dead_letter_results) = futures::join!(events_send, dead_letter_sends);
-        events_result?;
-        report_dead_letter_failures(&state, &dead_letter_results);
-        state.metrics.events_accepted.inc_by(accepted as u64);
-    } else {
-        let dead_letter_results = dead_letter_sends.await;
-        report_dead_letter_failures(&state, &dead_letter_results);
+    if accepted == 0 {
+        report_dead_letter_failures(state, &dead_letter_sends.await);
+        return Ok(());
     }
-    let body = Accepted { accepted, rejected, message: "Events queued for processing" };
+    let events_send =
+        state.sink.produce(Topic::Events, Arc::clone(&org.org_id), payload, Arc::clone(&request_id.0));
+    let (events_result, dead_letter_results) = futures::join!(events_send, dead_letter_sends);
+    events_result?;
+    report_dead_letter_failures(state, &dead_letter_results);
+    state.metrics.events_accepted.inc_by(accepted as u64);
+    Ok(())
+}
+
+async fn handle(
+    state: AppState,
+    dialect: Dialect,
+    request_id: RequestId,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let key = presented_key(&headers).ok_or(IngestError::MissingKey)?;
+    if !state.keys.is_loaded() || !state.prices.is_loaded() {
+        return Err(IngestError::NotReady);
+    }
+    let org = state.keys.lookup(key).ok_or(IngestError::InvalidKey)?;
+    check_media(&headers)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let bytes = body::read(&headers, body, state.max_compressed_bytes, state.max_body_bytes).await?;
+    let received_at_ms = (state.clock)();
+    let context = RequestContext { org_id: &org.org_id, received_at_ms, idempotency_key };
+    let mut batch = parse_batch(dialect, &bytes, &context)?;
+    let valid = batch.outcomes.iter().filter(|p| p.is_ok()).count() as u32;
+    let admission = state.limits.admit(&org, valid);
+    if valid > 0 && admission.allowed == 0 {
+        state.metrics.events_rate_limited.inc_by(u64::from(valid));
+        return Err(IngestError::RateLimited(admission));
+    }
+    let sorted = sort_events(&state, &org, &request_id, received_at_ms, &mut batch, &admission, bytes.len())?;
+    produce(&state, &org, &request_id, sorted.payload, sorted.accepted, sorted.dead_letters).await?;
+    let body = Accepted {
+        accepted: sorted.accepted,
+        rejected: sorted.rejected,
+        message: "Events queued for processing",
+    };
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     rate_limit_headers(response.headers_mut(), &admission);
     Ok(response)

@@ -188,6 +188,58 @@ async fn worker(
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Open model: emits each request's intended start time on schedule, `rate` per second, for
+/// `duration` from `started` (a slow server does not slow the schedule down).
+async fn open_model_schedule(
+    tx: tokio::sync::mpsc::Sender<Instant>,
+    rate: f64,
+    started: Instant,
+    duration: Duration,
+) {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut next = Instant::now();
+    while next.duration_since(started) < duration {
+        tokio::time::sleep_until(next.into()).await;
+        while next <= Instant::now() && next.duration_since(started) < duration {
+            if tx.try_send(next).is_err() {
+                break;
+            }
+            next += interval;
+        }
+    }
+}
+
+/// The run's summary as printed (one JSON line).
+fn summary(
+    args: &Args,
+    body_bytes: usize,
+    elapsed: f64,
+    histogram: &Histogram<u64>,
+    statuses: &BTreeMap<String, u64>,
+) -> serde_json::Value {
+    let ok = statuses.get("202").copied().unwrap_or(0);
+    let answered_2xx: u64 = statuses.iter().filter(|(code, _)| code.starts_with('2')).map(|(_, n)| n).sum();
+    serde_json::json!({
+        "events_per_request": args.events,
+        "body_bytes": body_bytes,
+        "connections": args.connections,
+        "target_rate": args.rate,
+        "seconds": elapsed,
+        "requests": histogram.len(),
+        "requests_per_s": histogram.len() as f64 / elapsed,
+        "accepted_events_per_s": (ok as usize * args.events) as f64 / elapsed,
+        "latency_ms": {
+            "p50": histogram.value_at_quantile(0.50) as f64 / 1000.0,
+            "p90": histogram.value_at_quantile(0.90) as f64 / 1000.0,
+            "p95": histogram.value_at_quantile(0.95) as f64 / 1000.0,
+            "p99": histogram.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": histogram.max() as f64 / 1000.0,
+        },
+        "statuses": statuses,
+        "non_2xx": histogram.len() - answered_2xx,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(parse_args()?);
@@ -222,23 +274,12 @@ async fn main() -> anyhow::Result<()> {
             ))
         })
         .collect();
-    if let Some(tx) = schedule_tx {
-        // Open model: emit each request's intended start time on schedule.
-        let interval = Duration::from_secs_f64(1.0 / args.rate);
-        let mut next = Instant::now();
-        while next.duration_since(started) < args.duration {
-            tokio::time::sleep_until(next.into()).await;
-            while next <= Instant::now() && next.duration_since(started) < args.duration {
-                if tx.try_send(next).is_err() {
-                    break;
-                }
-                next += interval;
-            }
+    match schedule_tx {
+        Some(tx) => open_model_schedule(tx, args.rate, started, args.duration).await,
+        None => {
+            tokio::time::sleep(args.duration).await;
+            stop.store(true, Ordering::Relaxed);
         }
-        drop(tx);
-    } else {
-        tokio::time::sleep(args.duration).await;
-        stop.store(true, Ordering::Relaxed);
     }
     for handle in workers {
         // Bounded: a worker stuck on a dead server is abandoned after 30 s.
@@ -247,27 +288,8 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let histogram = shared.histogram.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let statuses = shared.statuses.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let ok = statuses.get("202").copied().unwrap_or(0);
     let answered_2xx: u64 = statuses.iter().filter(|(code, _)| code.starts_with('2')).map(|(_, n)| n).sum();
-    let summary = serde_json::json!({
-        "events_per_request": args.events,
-        "body_bytes": body_bytes,
-        "connections": args.connections,
-        "target_rate": args.rate,
-        "seconds": elapsed,
-        "requests": histogram.len(),
-        "requests_per_s": histogram.len() as f64 / elapsed,
-        "accepted_events_per_s": (ok as usize * args.events) as f64 / elapsed,
-        "latency_ms": {
-            "p50": histogram.value_at_quantile(0.50) as f64 / 1000.0,
-            "p90": histogram.value_at_quantile(0.90) as f64 / 1000.0,
-            "p95": histogram.value_at_quantile(0.95) as f64 / 1000.0,
-            "p99": histogram.value_at_quantile(0.99) as f64 / 1000.0,
-            "max": histogram.max() as f64 / 1000.0,
-        },
-        "statuses": statuses,
-        "non_2xx": histogram.len() - answered_2xx,
-    });
+    let summary = summary(&args, body_bytes, elapsed, &histogram, &statuses);
     println!("{summary}");
     anyhow::ensure!(answered_2xx > 0, "no request was answered 2xx: {statuses:?}");
     Ok(())
