@@ -3,9 +3,11 @@
 
 Starts an ingest and a query API (the binaries `cargo test` built) against the local stack with
 their own database, topic and org, then lets schemathesis generate requests from each service's
-own OpenAPI document (/openapi.json) and fails on any 5xx. The query API is fuzzed with the org's
-key on its org routes (the admin routes are covered by its integration tests). Exits non-zero
-when either run fails.
+own OpenAPI document (/openapi.json) and fails on any 5xx and on any answer the document does not
+declare: a status it does not list for the route, a content type other than the declared one, a
+body that does not match the declared schema (schemathesis' conformance checks). The query API is
+fuzzed twice: its org routes with the org's key, its admin routes with the admin token. Exits
+non-zero when any run fails.
 
 Usage: dev/fuzz_api.py SCHEMATHESIS [--max-examples 60]    (TALLY_BIN_DIR = the binaries' folder)
 """
@@ -31,12 +33,15 @@ def main():
     query = services.start("tally-query-api", {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_ADMIN_TOKEN": services.ADMIN,
                                                "TALLY_LISTEN_ADDR": "127.0.0.1:18182"})
     statuses = {}
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    org_key = ["--header", "X-API-Key: " + key]
+    admin = ["--header", "Authorization: Bearer " + services.ADMIN]
     try:
-        for name, base, extra in (("ingest", "http://127.0.0.1:18180", []),
-                                  ("query-api", "http://127.0.0.1:18182", ["--exclude-path-regex", "^/admin"])):
+        for name, base, extra in (("ingest", "http://127.0.0.1:18180", org_key),
+                                  ("query API's org routes", "http://127.0.0.1:18182", org_key + ["--exclude-path-regex", "^/admin"]),
+                                  ("query API's admin routes", "http://127.0.0.1:18182", admin + ["--include-path-regex", "^/admin"])):
             services.wait_http(base + "/readyz", 60)
-            statuses[name] = subprocess.run([schemathesis, "run", base + "/openapi.json",
-                                             "--checks", "not_a_server_error", "--header", "X-API-Key: " + key,
+            statuses[name] = subprocess.run([schemathesis, "run", base + "/openapi.json", "--checks", checks,
                                              "--max-examples", max_examples, "--request-timeout", "15",
                                              "--suppress-health-check", "all", *extra]).returncode
     finally:
@@ -46,7 +51,7 @@ def main():
         services.delete_topic(topic + ".dlq")
         subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
     for name, status in statuses.items():
-        print("fuzz_api: schemathesis %s against the %s's /openapi.json" % ("passed" if status == 0 else "FAILED", name))
+        print("fuzz_api: schemathesis (%s) %s against the %s" % (checks.replace(",", ", "), "passed" if status == 0 else "FAILED", name))
     return 0 if statuses and all(status == 0 for status in statuses.values()) else 1
 
 

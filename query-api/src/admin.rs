@@ -1,7 +1,7 @@
 //! The admin surface (bearer `TALLY_ADMIN_TOKEN`): orgs with plans and limit overrides, and their
 //! API keys. A key is shown once, at creation; only its SHA-256 is stored.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -11,6 +11,7 @@ use tally_schemas::plan::Plan;
 
 use crate::auth::Admin;
 use crate::error::ApiError;
+use crate::extract::{JsonBody, PathParams, QueryParams};
 use crate::range::{usd, Range, RangeParams};
 use crate::store::admin::{KeyRow, NewPrice as PriceRow};
 use crate::AppState;
@@ -77,7 +78,7 @@ async fn refresh_keys(state: &AppState) {
 pub async fn create_org(
     State(state): State<AppState>,
     _: Admin,
-    Json(body): Json<CreateOrg>,
+    JsonBody(body): JsonBody<CreateOrg>,
 ) -> Result<(StatusCode, Json<CreatedOrg>), ApiError> {
     let name = body.name.trim().to_owned();
     if name.is_empty() || name.len() > 128 {
@@ -114,7 +115,7 @@ pub async fn list_orgs(State(state): State<AppState>, _: Admin) -> Result<Json<V
 pub async fn create_key(
     State(state): State<AppState>,
     _: Admin,
-    Path(org_id): Path<String>,
+    PathParams(org_id): PathParams<String>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     if load_org(&state.clickhouse, &org_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("org {org_id}")));
@@ -127,7 +128,7 @@ pub async fn create_key(
 pub async fn revoke_key(
     State(state): State<AppState>,
     _: Admin,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
 ) -> Result<StatusCode, ApiError> {
     if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::BadRequest("a key id is 16 hex digits".into()));
@@ -185,7 +186,7 @@ fn price_nanos(name: &str, usd: f64) -> Result<i64, ApiError> {
 pub async fn add_price(
     State(state): State<AppState>,
     _: Admin,
-    Json(body): Json<NewPrice>,
+    JsonBody(body): JsonBody<NewPrice>,
 ) -> Result<(StatusCode, Json<PriceView>), ApiError> {
     for (name, value) in [("provider", &body.provider), ("model", &body.model)] {
         if value.is_empty()
@@ -279,7 +280,7 @@ pub struct TopConsumers {
 pub async fn top_consumers(
     State(state): State<AppState>,
     _: Admin,
-    axum::extract::Query(params): axum::extract::Query<TopParams>,
+    QueryParams(params): QueryParams<TopParams>,
 ) -> Result<Json<TopConsumers>, ApiError> {
     let range = Range::from_params(&RangeParams { from: params.from, to: params.to }, chrono::Utc::now())?;
     let limit = params.limit.unwrap_or(20);
@@ -330,7 +331,7 @@ pub struct RateLimitStatus {
 pub async fn rate_limit_status(
     State(state): State<AppState>,
     _: Admin,
-    Path(org_id): Path<String>,
+    PathParams(org_id): PathParams<String>,
 ) -> Result<Json<RateLimitStatus>, ApiError> {
     let org = load_org(&state.clickhouse, &org_id)
         .await?

@@ -4,7 +4,7 @@
 //! (`crossedThresholds`, `alert`) and in the metrics `tally_budget_percent_used` and
 //! `tally_budget_threshold_crossed`, labelled by org, each time the budget is read.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Months, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use tally_schemas::limits::NANOS_PER_USD;
 
 use crate::auth::{Admin, Org};
 use crate::error::ApiError;
+use crate::extract::{JsonBody, PathParams};
 use crate::range::{month_start, rfc3339, usd, Range};
 use crate::AppState;
 
@@ -135,7 +136,7 @@ pub async fn get(State(state): State<AppState>, Org(org): Org) -> Result<Json<Bu
 pub async fn put(
     State(state): State<AppState>,
     Org(org): Org,
-    Json(body): Json<SetBudget>,
+    JsonBody(body): JsonBody<SetBudget>,
 ) -> Result<Json<BudgetView>, ApiError> {
     write(&state, &org.org_id, body).await?;
     Ok(Json(view(&state, &org.org_id).await?))
@@ -144,8 +145,8 @@ pub async fn put(
 pub async fn admin_put(
     State(state): State<AppState>,
     _: Admin,
-    Path(org_id): Path<String>,
-    Json(body): Json<SetBudget>,
+    PathParams(org_id): PathParams<String>,
+    JsonBody(body): JsonBody<SetBudget>,
 ) -> Result<Json<BudgetView>, ApiError> {
     if load_org(&state.clickhouse, &org_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("org {org_id}")));

@@ -5,13 +5,14 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::Utc;
 use serde::Serialize;
 
 use crate::auth::Org;
 use crate::error::ApiError;
+use crate::extract::QueryParams;
 use crate::range::{rfc3339, usd, Range, RangeParams};
 use crate::store::Scope;
 use crate::AppState;
@@ -51,7 +52,7 @@ pub struct Summary {
 pub async fn summary(
     State(state): State<AppState>,
     Org(org): Org,
-    Query(params): Query<RangeParams>,
+    QueryParams(params): QueryParams<RangeParams>,
 ) -> Result<Json<Summary>, ApiError> {
     let range = Range::from_params(&params, Utc::now())?;
     let groups = state.store().model_totals(&Scope::org(&org.org_id), &range).await?;

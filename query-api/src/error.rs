@@ -1,4 +1,6 @@
-//! The query API's errors and the one place that maps them to HTTP responses (JSON with a code).
+//! The query API's errors and the one place that maps them to HTTP responses: JSON
+//! `{"error": {"code", "message", "hint"?}}` with a documented status, including for requests the
+//! framework refuses before a handler runs (see `extract`).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -15,25 +17,81 @@ pub enum ApiError {
     AdminOnly,
     #[error("{0}")]
     BadRequest(String),
+    /// A JSON body that does not parse, or does not fit the route's fields.
+    #[error("{0}")]
+    InvalidBody(String),
+    /// A query string or path parameter of the wrong type.
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("the body must be JSON")]
+    UnsupportedMedia,
+    #[error("the body is larger than {0} bytes")]
+    BodyTooLarge(usize),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("no route {0}")]
+    NoRoute(String),
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
     #[error("storage error")]
     Storage(#[from] clickhouse::error::Error),
 }
 
+impl ApiError {
+    fn status_code_hint(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        match self {
+            ApiError::MissingKey => (StatusCode::UNAUTHORIZED, "missing_api_key", None),
+            ApiError::InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_api_key", None),
+            ApiError::AdminOnly => (
+                StatusCode::UNAUTHORIZED,
+                "admin_token_required",
+                Some("send the admin token as Authorization: Bearer <TALLY_ADMIN_TOKEN>"),
+            ),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
+            ApiError::InvalidBody(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                Some("send a JSON object with the fields this route documents in /openapi.json"),
+            ),
+            ApiError::InvalidParameter(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                Some("see /openapi.json for each parameter's type and range"),
+            ),
+            ApiError::UnsupportedMedia => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                Some("send Content-Type: application/json"),
+            ),
+            ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
+            ApiError::NoRoute(_) => {
+                (StatusCode::NOT_FOUND, "no_route", Some("the routes are listed in /openapi.json"))
+            }
+            ApiError::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                Some("the methods of each route are listed in /openapi.json"),
+            ),
+            ApiError::Storage(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                Some("ClickHouse did not answer; retry with backoff"),
+            ),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self {
-            ApiError::MissingKey => (StatusCode::UNAUTHORIZED, "missing_api_key"),
-            ApiError::InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
-            ApiError::AdminOnly => (StatusCode::UNAUTHORIZED, "admin_token_required"),
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Storage(error) => {
-                tracing::error!(error = %error, "clickhouse query failed");
-                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
-            }
-        };
-        (status, Json(json!({"error": {"code": code, "message": self.to_string()}}))).into_response()
+        let (status, code, hint) = self.status_code_hint();
+        if let ApiError::Storage(error) = &self {
+            tracing::error!(error = %error, "clickhouse query failed");
+        }
+        let mut error = json!({"code": code, "message": self.to_string()});
+        if let Some(hint) = hint {
+            error["hint"] = json!(hint);
+        }
+        (status, Json(json!({ "error": error }))).into_response()
     }
 }

@@ -2,7 +2,7 @@
 //! `limit`/`offset` for small jumps, and a stable `cursor` (the position of the last event of a
 //! page) that never skips or repeats an event when new ones arrive meanwhile.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,7 @@ use tally_schemas::{limits, EventRow};
 
 use crate::auth::Org;
 use crate::error::ApiError;
+use crate::extract::QueryParams;
 use crate::params::text_param;
 use crate::range::{rfc3339, usd, Range, RangeParams};
 use crate::store::reads::{EventFilters, PageRequest};
@@ -163,7 +164,7 @@ fn view(r: EventRow) -> EventView {
 pub async fn list(
     State(state): State<AppState>,
     Org(org): Org,
-    Query(params): Query<ListParams>,
+    QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<Page>, ApiError> {
     let range =
         Range::from_params(&RangeParams { from: params.from.clone(), to: params.to.clone() }, Utc::now())?;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod costs;
 pub mod error;
 pub mod events;
+pub mod extract;
 pub mod metrics;
 pub mod params;
 pub mod range;
@@ -17,6 +18,7 @@ pub mod store;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use axum::{middleware, Router};
 use futures::future::BoxFuture;
@@ -73,7 +75,10 @@ pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
         .route("/admin/keys/{key_id}", delete(admin::revoke_key))
         .route("/admin/prices", post(admin::add_price).get(admin::list_prices))
         .route("/admin/top-consumers", get(admin::top_consumers))
+        .fallback(extract::no_route)
+        .method_not_allowed_fallback(extract::method_not_allowed)
         .with_state(state)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(http_metrics, server::observe))
 }
 

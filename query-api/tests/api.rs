@@ -153,3 +153,98 @@ async fn cost_summary_equals_the_raw_table_for_any_range_and_sees_one_org() {
     assert_eq!(api.summary(&key_a, "2020-01-01T00:00:00Z", "2026-01-23T00:00:00Z").await.0, 400);
     api.stop().await;
 }
+
+/// Sends one request and returns its status, content type and JSON body.
+async fn send(request: reqwest::RequestBuilder) -> (u16, String, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let content_type =
+        response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let text = response.text().await.unwrap();
+    let body =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status} {content_type}: not JSON: {text}"));
+    (status, content_type, body)
+}
+
+#[tokio::test]
+async fn requests_the_framework_refuses_answer_the_documented_json_error() {
+    let api = Api::start().await;
+    let (org, key, _) = api.create_org("shapes").await;
+    let budget = || api.http.put(api.url("/api/costs/budget")).header("X-API-Key", &key);
+    let admin_post = |path: &str| api.http.post(api.url(path)).bearer_auth(ADMIN);
+    let get = |path: &str| api.http.get(api.url(path)).header("X-API-Key", &key);
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        ("budget {}", budget().json(&json!({})), 400, "invalid_body"),
+        ("budget unknown field", budget().json(&json!({"limit": 1, "extra": true})), 400, "invalid_body"),
+        ("budget limit text", budget().json(&json!({"limit": "abc"})), 400, "invalid_body"),
+        (
+            "budget fractional threshold",
+            budget().json(&json!({"limit": 1, "thresholds": [50.5]})),
+            400,
+            "invalid_body",
+        ),
+        (
+            "budget truncated JSON",
+            budget().header("content-type", "application/json").body("{\"limit\":"),
+            400,
+            "invalid_body",
+        ),
+        (
+            "budget as text/plain",
+            budget().header("content-type", "text/plain").body("{\"limit\":1}"),
+            415,
+            "unsupported_media_type",
+        ),
+        ("budget without content type", budget().body("{\"limit\":1}"), 415, "unsupported_media_type"),
+        (
+            "budget over 64 KiB",
+            budget()
+                .header("content-type", "application/json")
+                .body(format!("{{\"limit\":1,\"x\":\"{}\"}}", "a".repeat(70_000))),
+            413,
+            "body_too_large",
+        ),
+        ("create org {}", admin_post("/admin/orgs").json(&json!({})), 400, "invalid_body"),
+        (
+            "create org unknown field",
+            admin_post("/admin/orgs").json(&json!({"name": "x", "color": "red"})),
+            400,
+            "invalid_body",
+        ),
+        (
+            "price missing field",
+            admin_post("/admin/prices").json(&json!({"provider": "p", "model": "m"})),
+            400,
+            "invalid_body",
+        ),
+        ("limit=abc", get("/api/costs?limit=abc"), 400, "invalid_parameter"),
+        ("limit=-1", get("/api/costs?limit=-1"), 400, "invalid_parameter"),
+        ("offset=-1", get("/api/costs?offset=-1"), 400, "invalid_parameter"),
+        (
+            "top consumers limit=abc",
+            api.http.get(api.url("/admin/top-consumers?limit=abc")).bearer_auth(ADMIN),
+            400,
+            "invalid_parameter",
+        ),
+        ("unknown route", get("/api/nothing-here"), 404, "no_route"),
+        (
+            "wrong method",
+            api.http.delete(api.url("/api/costs")).header("X-API-Key", &key),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (name, request, status, code) in cases {
+        let (got, content_type, body) = send(request).await;
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{name}: {body}");
+        assert_eq!(content_type, "application/json", "{name}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty(), "{name}: {body}");
+    }
+    // The hint says what to do where the code alone does not.
+    let (_, _, body) = send(budget().header("content-type", "text/plain").body("{}")).await;
+    assert_eq!(body["error"]["hint"], "send Content-Type: application/json");
+    // Nothing of the refused budgets was stored.
+    let (status, _, budget) = send(get("/api/costs/budget")).await;
+    assert_eq!((status, &budget["limit"]), (200, &Value::Null), "{org}: {budget}");
+    api.stop().await;
+}

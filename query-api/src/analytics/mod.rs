@@ -12,7 +12,7 @@ mod breakdowns;
 mod overview;
 mod timeseries;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use tally_schemas::limits;
 
 use crate::auth::Org;
 use crate::error::ApiError;
+use crate::extract::{PathParams, QueryParams};
 use crate::params::text_param;
 use crate::range::{Range, RangeParams};
 use crate::store::Scope;
@@ -114,14 +115,14 @@ macro_rules! routes {
         /// `GET /analytics/user/{userId}/{view}` (seed 004's paths).
         pub mod org {
             use super::*;
-            $(pub async fn $view(State(state): State<AppState>, Org(org): Org, Query(params): Query<Params>) -> Result<Json<$out>, ApiError> {
+            $(pub async fn $view(State(state): State<AppState>, Org(org): Org, QueryParams(params): QueryParams<Params>) -> Result<Json<$out>, ApiError> {
                 $for(state, &org.org_id, params, None).await.map(Json)
             })*
         }
         pub mod user {
             use super::*;
             $(pub async fn $view(
-                State(state): State<AppState>, Org(org): Org, Path(user_id): Path<String>, Query(params): Query<Params>,
+                State(state): State<AppState>, Org(org): Org, PathParams(user_id): PathParams<String>, QueryParams(params): QueryParams<Params>,
             ) -> Result<Json<$out>, ApiError> {
                 $for(state, &org.org_id, params, Some(&user_id)).await.map(Json)
             })*
