@@ -6,6 +6,12 @@
 2. On a current ClickHouse (chdb, run with the tools venv's python): the same migrations, data
    and queries.
 3. Every query must succeed on both, return at least one row, and return the same rows.
+4. The analyst must not reach the admin tables: reading the key hashes (or orgs, budgets) of the
+   sample's admin database, or going around the user's databases with a table function, must be
+   refused by the server.
+
+The sample database has a fixed name, `tally_t_analysts`: the analyst user may see it and `tally`
+only (dev/clickhouse/users.xml), so one run at a time.
 
 Usage: analysts.py [--clickhouse-url http://127.0.0.1:8123/] [--doc docs/analysts.md]
 Prints 'analysts: N passed, M failed' and exits non-zero on any failure.
@@ -47,9 +53,21 @@ def sample_rows(db):
         "INSERT INTO %s.events (org_id, event_id, timestamp, timestamp_ms, received_at, provider, model, prompt_tokens, "
         "completion_tokens, total_tokens, cost_nanos, cost_source, latency_ms, status, user_id, service, input_bytes, "
         "output_bytes, metadata_keys, metadata_values) VALUES %s" % (db, ", ".join(rows)),
-        "INSERT INTO %s.budgets (org_id, monthly_limit_nanos, alert_thresholds, version) VALUES "
+        "INSERT INTO %s_admin.budgets (org_id, monthly_limit_nanos, alert_thresholds, version) VALUES "
         "('org-demo', 5000000000000, [50, 80, 100], 1), ('org-demo', 3000000000000, [50, 80, 100], 2)" % db,
+        "INSERT INTO %s_admin.api_keys (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES "
+        "('%s', 'tly_demo', 'org-demo', 'default', now(), 0, 1)" % (db, "ab" * 32),
     ]
+
+
+def forbidden_reads(db):
+    """Queries the analyst must be refused: the admin tables, directly or around the user's databases."""
+    admin = db + "_admin"
+    reads = ["SELECT key_hash FROM %s.api_keys" % admin, "SELECT * FROM %s.orgs" % admin,
+             "SELECT * FROM %s.budgets" % admin,
+             "SELECT key_hash FROM remote('127.0.0.1', '%s', 'api_keys')" % admin,
+             "SELECT * FROM url('http://127.0.0.1:8123/?query=SELECT%%20key_hash%%20FROM%%20%s.api_keys', TSV, 'k String')" % admin]
+    return reads + ["SELECT key_hash FROM tally_admin.api_keys"]
 
 
 def doc_queries(path):
@@ -84,11 +102,12 @@ def main():
     import chdb
     from chdb import session
 
-    db = "tally_t_analysts_%012x" % random.getrandbits(48)
+    db = "tally_t_analysts"
     queries = doc_queries(args.doc)
     server = Server(args.clickhouse_url)
     sess = session.Session(tempfile.mkdtemp(prefix="tally-chdb-analysts-"))
-    setup = ["CREATE DATABASE IF NOT EXISTS %s" % db]
+    setup = ["DROP DATABASE IF EXISTS %s" % db, "DROP DATABASE IF EXISTS %s_admin" % db,
+             "CREATE DATABASE IF NOT EXISTS %s" % db]
     setup += [statement for _, statement in migration_statements(args.migrations, db)]
     setup += sample_rows(db)
     failures = []
@@ -112,14 +131,24 @@ def main():
                 failures.append((index, "no rows on the sample data", query))
             elif old != new:
                 failures.append((index, "results differ:\n  18.16:   %r\n  current: %r" % (old[:300], new[:300]), query))
+        refused = 0
+        for query in forbidden_reads(db):
+            try:
+                answer = server.run(query + "\nFORMAT TSV", user=("analyst", "analyst"))
+                failures.append(("admin", "the analyst read it: %r" % answer[:200], query))
+            except RuntimeError as error:
+                refused += 1
+                print("analysts: refused as it must be: %s\n  -> %s" % (query[:90], str(error)[:140]))
     finally:
         server.run("DROP DATABASE IF EXISTS %s" % db)
+        server.run("DROP DATABASE IF EXISTS %s_admin" % db)
     for index, error, query in failures:
         print("FAIL query %d of %s: %s\n%s\n" % (index, os.path.relpath(args.doc, ROOT), error, query))
     print("analysts: %d queries of %s run on 18.16 (as the read-only analyst) and on ClickHouse %s (chdb %s)"
           % (len(queries), os.path.relpath(args.doc, ROOT),
              sess.query("SELECT version()", "CSV").bytes().decode().strip(), chdb.__version__))
-    print("analysts: %d passed, %d failed" % (len(queries) - len(failures), len(failures)))
+    print("analysts: %d passed, %d failed; %d reads of the admin tables refused to the analyst"
+          % (len(queries) - len([f for f in failures if f[0] != "admin"]), len(failures), refused))
     return 1 if failures or not queries else 0
 
 

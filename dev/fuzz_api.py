@@ -50,6 +50,7 @@ def main():
         services.delete_topic(topic)
         services.delete_topic(topic + ".dlq")
         subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+        subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database + "_admin"])
     for name, status in statuses.items():
         print("fuzz_api: schemathesis (%s) %s against the %s" % (checks.replace(",", ", "), "passed" if status == 0 else "FAILED", name))
     return 0 if statuses and all(status == 0 for status in statuses.values()) else 1

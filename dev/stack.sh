@@ -340,7 +340,7 @@ Tally is up.
   ingest      http://$INGEST_ADDR   (POST /v1/ingest, POST /analytics/events)
   query-api   http://$QUERY_ADDR   (GET /api/telemetry/status, /api/costs/summary, admin /admin/orgs)
   consumer    http://$CONSUMER_ADDR   (/metrics, /readyz)
-  clickhouse  $CLICKHOUSE_URL   (database tally; clickhouse-client --port 9000; read-only user analyst/analyst)
+  clickhouse  $CLICKHOUSE_URL   (database tally, admin tables in tally_admin; clickhouse-client --port 9000; read-only user analyst/analyst)
   kafka       $KAFKA_BROKERS   (topics $EVENTS_TOPIC, $DLQ_TOPIC)
   s3          $S3_ENDPOINT   (S3Proxy; bucket $S3_BUCKET, access key $S3_ACCESS_KEY, secret in .dev/demo.env)
   logs        .dev/log/      pids .dev/run/      settings .dev/demo.env

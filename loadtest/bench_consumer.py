@@ -152,7 +152,7 @@ def check_equal(databases):
 def freshness(rate, seconds):
     database = "tally_bench_%08x" % random.getrandbits(32)
     key = bi.bench_org(database)
-    org = ch("SELECT org_id FROM %s.orgs LIMIT 1" % database)
+    org = ch("SELECT org_id FROM %s_admin.orgs LIMIT 1" % database)
     topic = "tally.bench.fresh.%08x" % random.getrandbits(32)
     bi.create_topic(topic, 8)
     env = {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_EVENTS_TOPIC": topic}
@@ -195,6 +195,7 @@ def freshness(rate, seconds):
         bi.stop(ingest)
         bi.stop(consumer)
         ch("DROP DATABASE IF EXISTS " + database)
+        ch("DROP DATABASE IF EXISTS " + database + "_admin")
         bi.delete_topic(topic)
     samples.sort()
 
@@ -241,6 +242,7 @@ def main():
     finally:
         for database in databases.values():
             ch("DROP DATABASE IF EXISTS " + database)
+            ch("DROP DATABASE IF EXISTS " + database + "_admin")
         bi.delete_topic(topic)
 
     print("\nnproc=%d  events=%d  per record=%d  (everything on this machine)" % (

@@ -182,6 +182,7 @@ def main():
             print("%s at %d events/request: %.1f%% of the ceiling" % (
                 r["scenario"], r["events_per_request"], 100 * r["accepted_events_per_s"] / ceiling[r["events_per_request"]]))
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+    subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database + "_admin"])
     if "kafka" in scenarios:
         delete_topic(topic)
 
@@ -204,6 +205,7 @@ def sustain(args):
     finally:
         stop(process)
         subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+        subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database + "_admin"])
         delete_topic(topic)
     print(json.dumps(result))
     print("sustained kafka (acks=all), nproc=%d: target %.0f events/s for %.0f s at %d events/request -> "

@@ -51,11 +51,11 @@ def setup_orgs(database):
         orgs.append("('%s', 'bench org %d', 'ENTERPRISE', 0, 0, now(), 0, 1)" % (org, i))
         key_rows.append("('%s', '%s', '%s', 'bench', now(), 0, 1)" % (hashlib.sha256(key.encode()).hexdigest(), key[:14], org))
         budgets.append("('%s', %d, [50, 80, 100], 1)" % (org, 1000 * 10**9))
-    bc.ch("INSERT INTO %s.orgs (org_id, name, plan, rate_limit_per_min, rate_limit_burst, created_at, deleted, version) VALUES %s"
+    bc.ch("INSERT INTO %s_admin.orgs (org_id, name, plan, rate_limit_per_min, rate_limit_burst, created_at, deleted, version) VALUES %s"
           % (database, ", ".join(orgs)))
-    bc.ch("INSERT INTO %s.api_keys (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES %s"
+    bc.ch("INSERT INTO %s_admin.api_keys (key_hash, key_prefix, org_id, name, created_at, revoked, version) VALUES %s"
           % (database, ", ".join(key_rows)))
-    bc.ch("INSERT INTO %s.budgets (org_id, monthly_limit_nanos, alert_thresholds, version) VALUES %s"
+    bc.ch("INSERT INTO %s_admin.budgets (org_id, monthly_limit_nanos, alert_thresholds, version) VALUES %s"
           % (database, ", ".join(budgets)))
     return keys
 
@@ -138,6 +138,7 @@ def main():
         os.unlink(keys_file.name)
         if not args.keep:
             bc.ch("DROP DATABASE IF EXISTS " + database)
+            bc.ch("DROP DATABASE IF EXISTS " + database + "_admin")
 
     print("\nnproc=%d  %d events, %d orgs, %d rollup_hourly rows; %d requests/s per endpoint for %d s (tally-loadgen, open model)"
           % (os.cpu_count(), total, ORGS, rollup, args.rate, args.seconds))

@@ -68,6 +68,7 @@ def main():
         for process in replicas.values():
             bench.stop(process)
         subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
+        subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database + "_admin"])
         bench.delete_topic(topic)
     warm = next((s for s in samples if s[0] >= 60), samples[0])
     last = samples[-1]

@@ -41,9 +41,10 @@ impl ChConfig {
             .with_validation(false)
     }
 
-    /// `database.table`, for splicing into SQL (the database name is validated at start).
+    /// `database.table`, for splicing into SQL (the database name is validated at start). The
+    /// admin tables (orgs, API keys, budgets) are in the admin database (migration 0005).
     pub fn table(&self, table: &str) -> String {
-        format!("{}.{}", self.database, table)
+        format!("{}.{}", tally_schemas::migrations::database_of(table, &self.database), table)
     }
 }
 

@@ -112,15 +112,36 @@ async fn apply_missing(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
     Ok(newly_applied)
 }
 
+/// Whether `statement` is a `RENAME TABLE a TO b` that an earlier run already did (`b` exists,
+/// `a` does not): ClickHouse has no `RENAME … IF EXISTS`, and a runner that died between the
+/// rename and recording its migration must be able to finish it.
+async fn already_renamed(client: &clickhouse::Client, statement: &str) -> Result<bool, MigrateError> {
+    let Some(tables) = statement.strip_prefix("RENAME TABLE ") else { return Ok(false) };
+    let Some((from, to)) = tables.split_once(" TO ") else { return Ok(false) };
+    let exists = |name: &str| {
+        let (database, table) = name.trim().split_once('.').unwrap_or(("", name.trim()));
+        client
+            .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
+            .bind(database.to_owned())
+            .bind(table.to_owned())
+            .fetch_one::<u64>()
+    };
+    Ok(exists(from).await? == 0 && exists(to).await? == 1)
+}
+
 async fn apply(config: &ChConfig, migration: &Migration) -> Result<(), MigrateError> {
     let client = config.client();
     for (index, statement) in migration.statements(&config.database).iter().enumerate() {
-        client.query_raw(statement).execute().await.map_err(|source| MigrateError::Statement {
+        let Err(source) = client.query_raw(statement).execute().await else { continue };
+        if already_renamed(&client, statement).await? {
+            continue;
+        }
+        return Err(MigrateError::Statement {
             version: migration.version,
             name: migration.name,
             statement: index + 1,
             source,
-        })?;
+        });
     }
     let record = format!(
         "INSERT INTO {}.schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, now())",

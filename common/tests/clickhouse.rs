@@ -284,3 +284,72 @@ async fn one_org_is_read_at_its_latest_version() {
     assert_eq!(all.iter().map(|o| &*o.org_id).collect::<Vec<_>>(), ["org-a"]);
     drop_database(&config).await;
 }
+
+/// Runs migrations 1..=4 by hand, as a database made before the admin tables moved has them.
+async fn database_before_migration_5(config: &tally_common::ch::ChConfig) {
+    let client = config.client();
+    let db = &config.database;
+    client.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await.unwrap();
+    client
+        .query(&format!(
+            "CREATE TABLE {db}.schema_migrations (version UInt32, name String, checksum String, applied_at DateTime('UTC')) ENGINE = MergeTree() ORDER BY version"
+        ))
+        .execute()
+        .await
+        .unwrap();
+    for migration in MIGRATIONS.iter().filter(|m| m.version < 5) {
+        for statement in migration.statements(db) {
+            client.query_raw(&statement).execute().await.unwrap();
+        }
+        client
+            .query(&format!("INSERT INTO {db}.schema_migrations VALUES (?, ?, ?, now())"))
+            .bind(migration.version)
+            .bind(migration.name)
+            .bind(migration.checksum())
+            .execute()
+            .await
+            .unwrap();
+    }
+}
+
+async fn count(client: &clickhouse::Client, table: &str) -> u64 {
+    client.query(&format!("SELECT count() AS n FROM {table}")).fetch_one::<Count>().await.unwrap().n
+}
+
+#[tokio::test]
+async fn the_admin_tables_move_to_their_database_with_every_row_and_a_broken_run_finishes() {
+    let config = new_database_config("adm");
+    database_before_migration_5(&config).await;
+    let db = config.database.clone();
+    let client = config.client();
+    // Rows written where the admin tables were, as a running deployment has them.
+    for (table, values) in [
+        ("orgs", "('o1', 'one', 'FREE', 0, 0, now(), 0, 1), ('o2', 'two', 'STARTUP', 5, 5, now(), 0, 1)"),
+        ("api_keys", "('h1', 'tly_1', 'o1', 'k', now(), 0, 1), ('h2', 'tly_2', 'o2', 'k', now(), 1, 2)"),
+        ("budgets", "('o1', 5, [50], 1)"),
+    ] {
+        client.query(&format!("INSERT INTO {db}.{table} VALUES {values}")).execute().await.unwrap();
+    }
+    // A runner that died after moving the first table, before recording the migration.
+    let admin = tally_schemas::migrations::admin_database(&db);
+    client.query(&format!("CREATE DATABASE {admin}")).execute().await.unwrap();
+    client.query(&format!("RENAME TABLE {db}.orgs TO {admin}.orgs")).execute().await.unwrap();
+
+    assert_eq!(migrate(&config).await.unwrap(), [5], "the next run finishes migration 5");
+    for (table, rows) in [("orgs", 2), ("api_keys", 2), ("budgets", 1)] {
+        assert_eq!(config.table(table), format!("{admin}.{table}"));
+        assert_eq!(count(&client, &config.table(table)).await, rows, "{table} kept every row");
+        let left: Count = client
+            .query("SELECT count() AS n FROM system.tables WHERE database = ? AND name = ?")
+            .bind(db.as_str())
+            .bind(table)
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!(left.n, 0, "{table} is gone from {db}");
+    }
+    assert_eq!(config.table("model_prices"), format!("{db}.model_prices"));
+    // A later run applies nothing.
+    assert!(migrate(&config).await.unwrap().is_empty());
+    drop_database(&config).await;
+}

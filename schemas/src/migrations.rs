@@ -36,10 +36,31 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0004_seed_prices.sql"),
         replaces: &[],
     },
+    Migration {
+        version: 5,
+        name: "admin_database",
+        sql: include_str!("../migrations/0005_admin_database.sql"),
+        replaces: &[],
+    },
 ];
 
+/// The database that holds the admin tables (orgs, API keys, budgets) of events database `db`:
+/// one the read-only analyst user is not allowed to see.
+pub fn admin_database(db: &str) -> String {
+    format!("{db}_admin")
+}
+
+/// Where each table lives: the admin tables in `admin_database`, the others beside the events.
+pub fn database_of(table: &str, db: &str) -> String {
+    match table {
+        "orgs" | "api_keys" | "budgets" => admin_database(db),
+        _ => db.to_owned(),
+    }
+}
+
 impl Migration {
-    /// The statements of this migration for database `db`, comments removed.
+    /// The statements of this migration for database `db` (and its admin database), comments
+    /// removed.
     pub fn statements(&self, db: &str) -> Vec<String> {
         let without_comments: String = self
             .sql
@@ -51,7 +72,7 @@ impl Migration {
             .split(";\n")
             .map(|statement| statement.trim().trim_end_matches(';').trim())
             .filter(|statement| !statement.is_empty())
-            .map(|statement| statement.replace("{db}", db))
+            .map(|statement| statement.replace("{admin}", &admin_database(db)).replace("{db}", db))
             .collect()
     }
 
@@ -66,10 +87,11 @@ impl Migration {
     }
 }
 
-/// A database name is spliced into DDL, so it must be a plain identifier.
+/// A database name is spliced into DDL, so it must be a plain identifier (short enough that its
+/// admin database's name is one too).
 pub fn is_valid_database_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= 58
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit()
 }
@@ -88,6 +110,20 @@ mod tests {
         assert!(statements.iter().all(|s| !s.contains("{db}") && !s.ends_with(';')));
         assert!(statements[1]
             .starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS t1.rollup_hourly_mv TO t1.rollup_hourly"));
+    }
+
+    #[test]
+    fn the_admin_tables_move_to_the_admin_database() {
+        let statements = MIGRATIONS[4].statements("t1");
+        assert_eq!(statements[0], "CREATE DATABASE IF NOT EXISTS t1_admin");
+        assert_eq!(statements[2], "RENAME TABLE t1.api_keys TO t1_admin.api_keys");
+        for table in ["orgs", "api_keys", "budgets"] {
+            assert_eq!(database_of(table, "t1"), "t1_admin");
+            assert!(statements.iter().any(|s| s == &format!("RENAME TABLE t1.{table} TO t1_admin.{table}")));
+        }
+        for table in ["events", "rollup_hourly", "model_prices"] {
+            assert_eq!(database_of(table, "t1"), "t1");
+        }
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub async fn migrated_database(prefix: &str) -> ChConfig {
 }
 
 pub async fn drop_database(config: &ChConfig) {
-    let _ = config.client().query(&format!("DROP DATABASE IF EXISTS {}", config.database)).execute().await;
+    let admin = tally_schemas::migrations::admin_database(&config.database);
+    for database in [config.database.as_str(), admin.as_str()] {
+        let _ = config.client().query(&format!("DROP DATABASE IF EXISTS {database}")).execute().await;
+    }
 }
 
 /// Creates a topic on the local Kafka (waits until it exists).
