@@ -292,7 +292,7 @@ async fn database_before_migration_5(config: &tally_common::ch::ChConfig) {
     client.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await.unwrap();
     client
         .query(&format!(
-            "CREATE TABLE {db}.schema_migrations (version UInt32, name String, checksum String, applied_at DateTime('UTC')) ENGINE = MergeTree() ORDER BY version"
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, checksum String, applied_at DateTime('UTC')) ENGINE = MergeTree() ORDER BY version"
         ))
         .execute()
         .await
@@ -302,7 +302,9 @@ async fn database_before_migration_5(config: &tally_common::ch::ChConfig) {
             client.query_raw(&statement).execute().await.unwrap();
         }
         client
-            .query(&format!("INSERT INTO {db}.schema_migrations VALUES (?, ?, ?, now())"))
+            .query(&format!(
+                "INSERT INTO {db}.schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, now())"
+            ))
             .bind(migration.version)
             .bind(migration.name)
             .bind(migration.checksum())
@@ -323,16 +325,28 @@ async fn the_admin_tables_move_to_their_database_with_every_row_and_a_broken_run
     let db = config.database.clone();
     let client = config.client();
     // Rows written where the admin tables were, as a running deployment has them.
-    for (table, values) in [
-        ("orgs", "('o1', 'one', 'FREE', 0, 0, now(), 0, 1), ('o2', 'two', 'STARTUP', 5, 5, now(), 0, 1)"),
-        ("api_keys", "('h1', 'tly_1', 'o1', 'k', now(), 0, 1), ('h2', 'tly_2', 'o2', 'k', now(), 1, 2)"),
-        ("budgets", "('o1', 5, [50], 1)"),
+    for (table, columns, values) in [
+        (
+            "orgs",
+            "org_id, name, plan, rate_limit_per_min, rate_limit_burst, created_at, deleted, version",
+            "('o1', 'one', 'FREE', 0, 0, now(), 0, 1), ('o2', 'two', 'STARTUP', 5, 5, now(), 0, 1)",
+        ),
+        (
+            "api_keys",
+            "key_hash, key_prefix, org_id, name, created_at, revoked, version",
+            "('h1', 'tly_1', 'o1', 'k', now(), 0, 1), ('h2', 'tly_2', 'o2', 'k', now(), 1, 2)",
+        ),
+        ("budgets", "org_id, monthly_limit_nanos, alert_thresholds, version", "('o1', 5, [50], 1)"),
     ] {
-        client.query(&format!("INSERT INTO {db}.{table} VALUES {values}")).execute().await.unwrap();
+        client
+            .query(&format!("INSERT INTO {db}.{table} ({columns}) VALUES {values}"))
+            .execute()
+            .await
+            .unwrap();
     }
     // A runner that died after moving the first table, before recording the migration.
     let admin = tally_schemas::migrations::admin_database(&db);
-    client.query(&format!("CREATE DATABASE {admin}")).execute().await.unwrap();
+    client.query(&format!("CREATE DATABASE IF NOT EXISTS {admin}")).execute().await.unwrap();
     client.query(&format!("RENAME TABLE {db}.orgs TO {admin}.orgs")).execute().await.unwrap();
 
     assert_eq!(migrate(&config).await.unwrap(), [5], "the next run finishes migration 5");
