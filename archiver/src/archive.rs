@@ -1,0 +1,321 @@
+//! One archiving pass: every closed month of `tally.events` not yet archived is written to
+//! Parquet, read back and checked against ClickHouse's exact per-org sums, and only then
+//! published by its manifest; with a number of hot months configured, archived months older than
+//! them are dropped from ClickHouse after their files are checked once more.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tally_common::ch::ChConfig;
+
+use crate::columns::{self, SCHEMA_VERSION};
+use crate::config::ArchiverConfig;
+use crate::error::ArchiveError;
+use crate::manifest::{self, FileEntry, Manifest, Source};
+use crate::month::Month;
+use crate::source::{self, Lock};
+use crate::store::Archive;
+use crate::totals::{differences, total, OrgSums};
+use crate::verify;
+use crate::writer::{PartWriter, Spooled};
+
+/// What a pass did with one month.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Still receiving events (or within the lag margin): left alone.
+    Open,
+    /// Archived now, as this manifest version.
+    Archived { version: u32, rows: u64, files: usize, seconds: u64 },
+    /// Its latest manifest holds exactly what ClickHouse holds.
+    UpToDate { version: u32 },
+    /// Archived and no longer in ClickHouse.
+    Dropped { version: u32 },
+    /// ClickHouse holds other rows than the latest manifest (rows arrived after it was archived):
+    /// left in ClickHouse, never dropped, reported.
+    ChangedSinceArchived { version: u32, orgs: Vec<String> },
+    /// Dropped from ClickHouse by this pass's retention.
+    DroppedNow { version: u32, rows: u64 },
+    /// Another archiver holds the month's lock: left to it.
+    Busy,
+    /// This month failed (the reason says what to do); the pass went on with the others.
+    Failed { reason: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct MonthReport {
+    pub month: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// The spool directory of one pass (removed at the end).
+fn spool_dir() -> Result<PathBuf, ArchiveError> {
+    let dir =
+        std::env::temp_dir().join(format!("tally-archiver-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).map_err(ArchiveError::Spool)?;
+    Ok(dir)
+}
+
+/// Archives every closed month, then applies retention.
+pub async fn run(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    now: DateTime<Utc>,
+) -> Result<Vec<MonthReport>, ArchiveError> {
+    let spool = spool_dir()?;
+    let result = run_in(config, archive, now, &spool).await;
+    let _ = std::fs::remove_dir_all(&spool);
+    result
+}
+
+async fn run_in(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    now: DateTime<Utc>,
+    spool: &Path,
+) -> Result<Vec<MonthReport>, ArchiveError> {
+    let ch = &config.common.clickhouse;
+    let mut reports = Vec::new();
+    for month in source::months(ch).await? {
+        let outcome = if month.is_closed(now, config.lag_margin) {
+            archive_month(config, archive, month, spool).await
+        } else {
+            Ok(Outcome::Open)
+        };
+        let outcome = match (outcome, config.hot_months) {
+            (Ok(Outcome::UpToDate { version }), Some(hot))
+            | (Ok(Outcome::Archived { version, .. }), Some(hot))
+                if month < Month::first_hot(now, hot) =>
+            {
+                drop_month(ch, archive, month, version, spool).await
+            }
+            (outcome, _) => outcome,
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(ArchiveError::Locked(..)) => Outcome::Busy,
+            Err(error) => {
+                tracing::error!(month = %month, error = %error, "month failed");
+                Outcome::Failed { reason: error.to_string() }
+            }
+        };
+        tracing::info!(month = %month, outcome = ?outcome, "month done");
+        reports.push(MonthReport { month: month.to_string(), outcome });
+    }
+    Ok(reports)
+}
+
+/// Archives one closed month if ClickHouse holds rows its latest manifest does not.
+pub async fn archive_month(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    month: Month,
+    spool: &Path,
+) -> Result<Outcome, ArchiveError> {
+    let ch = &config.common.clickhouse;
+    let latest = Manifest::latest(archive, month).await?;
+    let held = source::sums(ch, month).await?;
+    if let Some(outcome) = settled(latest.as_ref(), &held) {
+        return Ok(outcome);
+    }
+    let lock = Lock::take(ch, month).await?;
+    let result = archive_locked(config, archive, month, spool).await;
+    lock.release().await?;
+    result
+}
+
+/// What to do about a month given its latest manifest and ClickHouse's sums: None = archive it.
+fn settled(latest: Option<&Manifest>, held: &OrgSums) -> Option<Outcome> {
+    match latest {
+        None if held.is_empty() => Some(Outcome::Open),
+        None => None,
+        Some(m) if held.is_empty() => Some(Outcome::Dropped { version: m.version }),
+        Some(m) if m.orgs == *held => Some(Outcome::UpToDate { version: m.version }),
+        Some(m) => {
+            Some(Outcome::ChangedSinceArchived { version: m.version, orgs: differences(held, &m.orgs) })
+        }
+    }
+}
+
+async fn archive_locked(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    month: Month,
+    spool: &Path,
+) -> Result<Outcome, ArchiveError> {
+    let started = Instant::now();
+    let ch = &config.common.clickhouse;
+    // Another archiver may have published while this one waited for the lock.
+    let latest = Manifest::latest(archive, month).await?;
+    let snapshot_at = Utc::now();
+    let parts = source::parts(ch, month).await?;
+    let held = source::sums(ch, month).await?;
+    if let Some(outcome) = settled(latest.as_ref(), &held) {
+        return Ok(outcome);
+    }
+    let version = latest.map_or(1, |m| m.version + 1);
+    let expected_rows = total(&held).rows;
+    tracing::info!(month = %month, version, rows = expected_rows, orgs = held.len(), "archiving");
+    let (files, written) = write_files(config, archive, month, version, spool, expected_rows).await?;
+    let differ = differences(&written, &held);
+    if !differ.is_empty() {
+        return Err(ArchiveError::Mismatch {
+            month: month.to_string(),
+            reason: format!(
+                "the rows read differ from the snapshot for {} org(s) (rows arrived while archiving?); nothing was published, re-run later: {}",
+                differ.len(),
+                differ.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+            ),
+        });
+    }
+    let manifest = Manifest {
+        format: manifest::FORMAT.into(),
+        schema_version: SCHEMA_VERSION,
+        month: month.to_string(),
+        version,
+        created_at: Utc::now().to_rfc3339(),
+        source: Source {
+            database: ch.database.clone(),
+            table: "events".into(),
+            partition: month.partition(),
+            snapshot_at: snapshot_at.to_rfc3339(),
+            parts,
+        },
+        files,
+        totals: total(&held),
+        orgs: held,
+        verified: "every file read back from the store: size, SHA-256, schema, per-org rows and exact sums equal ClickHouse's".into(),
+    };
+    verify::check_manifest(archive, &manifest, spool).await?;
+    manifest.publish(archive).await?;
+    Ok(Outcome::Archived {
+        version,
+        rows: manifest.totals.rows,
+        files: manifest.files.len(),
+        seconds: started.elapsed().as_secs(),
+    })
+}
+
+/// Streams the month out of ClickHouse chunk by chunk into files of at most `file_rows` rows,
+/// each uploaded as soon as it is complete. Returns the entries and the sums of the rows written.
+async fn write_files(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    month: Month,
+    version: u32,
+    spool: &Path,
+    expected_rows: u64,
+) -> Result<(Vec<FileEntry>, OrgSums), ArchiveError> {
+    let ch = &config.common.clickhouse;
+    let schema = columns::schema()?;
+    let new_part = |part: usize| {
+        PartWriter::create(
+            spool.join(format!("part-{part:05}.parquet")),
+            schema.clone(),
+            config.row_group_bytes,
+        )
+    };
+    let mut files = Vec::new();
+    let mut written = OrgSums::new();
+    let mut writer = new_part(0)?;
+    let mut done = 0u64;
+    let mut last_report = Instant::now();
+    for chunk in source::plan(ch, month, config.chunk_rows).await? {
+        let mut cursor = source::rows(ch, month, &chunk)?;
+        while let Some(row) = cursor.next().await? {
+            writer.append(row)?;
+            done += 1;
+            if writer.rows() >= config.file_rows {
+                let next = new_part(files.len() + 1)?;
+                let full = std::mem::replace(&mut writer, next);
+                files.push(upload(archive, month, version, files.len(), full.finish()?, &mut written).await?);
+            }
+            if last_report.elapsed().as_secs() >= 10 {
+                tracing::info!(month = %month, rows = done, of = expected_rows, "archiving: {:.0} %", done as f64 * 100.0 / expected_rows.max(1) as f64);
+                last_report = Instant::now();
+            }
+        }
+    }
+    if writer.rows() > 0 || files.is_empty() {
+        files.push(upload(archive, month, version, files.len(), writer.finish()?, &mut written).await?);
+    }
+    Ok((files, written))
+}
+
+async fn upload(
+    archive: &Archive,
+    month: Month,
+    version: u32,
+    part: usize,
+    spooled: Spooled,
+    written: &mut OrgSums,
+) -> Result<FileEntry, ArchiveError> {
+    let key = manifest::file_key(month, version, part);
+    let (bytes, sha256) = archive.upload_file(&key, &spooled.path).await?;
+    let _ = std::fs::remove_file(&spooled.path);
+    for (org, sums) in &spooled.orgs {
+        written.entry(org.clone()).or_default().add(sums);
+    }
+    tracing::info!(key = %key, rows = spooled.rows, bytes, "uploaded");
+    Ok(FileEntry { path: key, bytes, rows: spooled.rows, sha256, row_groups: spooled.row_groups })
+}
+
+/// Drops an archived month from ClickHouse: its files are read back and checked against the
+/// manifest, and ClickHouse's sums re-read and compared with the manifest's just before the drop.
+async fn drop_month(
+    ch: &ChConfig,
+    archive: &Archive,
+    month: Month,
+    version: u32,
+    spool: &Path,
+) -> Result<Outcome, ArchiveError> {
+    let manifest = Manifest::read(archive, month, version).await?;
+    verify::check_manifest(archive, &manifest, spool).await?;
+    let lock = Lock::take(ch, month).await?;
+    let held = source::sums(ch, month).await;
+    let result = match held {
+        Ok(held) if held == manifest.orgs => source::drop_partition(ch, month)
+            .await
+            .map(|()| Outcome::DroppedNow { version, rows: manifest.totals.rows }),
+        Ok(held) => Ok(Outcome::ChangedSinceArchived { version, orgs: differences(&held, &manifest.orgs) }),
+        Err(e) => Err(e),
+    };
+    lock.release().await?;
+    result
+}
+
+/// Re-checks every published manifest (its latest version per month) against its files.
+pub async fn verify_all(archive: &Archive) -> Result<Vec<(String, Result<u32, String>)>, ArchiveError> {
+    let spool = spool_dir()?;
+    let mut months: Vec<Month> = archive
+        .list("events/")
+        .await?
+        .iter()
+        .filter_map(|(key, _)| {
+            let mut parts = key.split('/');
+            let (_, year, month) = (parts.next()?, parts.next()?, parts.next()?);
+            Month::parse(&format!("{}-{}", year.strip_prefix("year=")?, month.strip_prefix("month=")?))
+        })
+        .collect();
+    months.sort_unstable();
+    months.dedup();
+    let mut results = Vec::new();
+    for month in months {
+        let checked = match Manifest::latest(archive, month).await {
+            Ok(Some(manifest)) => verify::check_manifest(archive, &manifest, &spool)
+                .await
+                .map(|_| manifest.version)
+                .map_err(|e| e.to_string()),
+            Ok(None) => {
+                Err("files but no manifest (an interrupted run; they are not part of the archive)".into())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        results.push((month.to_string(), checked));
+    }
+    let _ = std::fs::remove_dir_all(&spool);
+    Ok(results)
+}

@@ -1,0 +1,71 @@
+//! The archiver's configuration, from `TALLY_*` settings, validated at start.
+
+use std::time::Duration;
+
+use tally_common::config::{CommonConfig, ConfigError, Env};
+
+#[derive(Debug, Clone)]
+pub struct ArchiverConfig {
+    pub common: CommonConfig,
+    /// `TALLY_ARCHIVE_URL`: `file:///path` (the default, `.dev/archive` under `make up`) or
+    /// `s3://bucket[/prefix]` with `TALLY_S3_ENDPOINT`, `TALLY_S3_REGION` and the credentials in
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.
+    pub archive_url: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    /// Added to the ingest's maximum event age before a month counts as closed (consumer lag).
+    pub lag_margin: chrono::Duration,
+    /// Months kept in ClickHouse before the current one; older archived months are dropped.
+    /// None = never drop (the default).
+    pub hot_months: Option<u32>,
+    /// Uncompressed bytes of a row group before it is written out (bounds memory).
+    pub row_group_bytes: usize,
+    /// Rows of one Parquet file (bounds the local spool file and a reader's unit of work).
+    pub file_rows: u64,
+    /// Rows one ClickHouse query streams (bounds ClickHouse's sort of a chunk).
+    pub chunk_rows: u64,
+    /// `serve`: time between runs.
+    pub interval: Duration,
+}
+
+impl ArchiverConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let hot: i64 = env.parse("TALLY_ARCHIVE_HOT_MONTHS", -1)?;
+        let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
+        let archive_url = env.string("TALLY_ARCHIVE_URL", "file://.dev/archive");
+        if !archive_url.starts_with("file://") && !archive_url.starts_with("s3://") {
+            return Err(invalid("TALLY_ARCHIVE_URL", archive_url, "expected file:///path or s3://bucket"));
+        }
+        let config = ArchiverConfig {
+            common: CommonConfig::from_env(env, "127.0.0.1:8083")?,
+            archive_url,
+            s3_endpoint: env.optional("TALLY_S3_ENDPOINT"),
+            s3_region: env.string("TALLY_S3_REGION", "us-east-1"),
+            lag_margin: chrono::Duration::hours(env.parse("TALLY_ARCHIVE_LAG_MARGIN_HOURS", 24)?),
+            hot_months: u32::try_from(hot).ok(),
+            row_group_bytes: env.parse("TALLY_ARCHIVE_ROW_GROUP_BYTES", 64 << 20)?,
+            file_rows: env.parse("TALLY_ARCHIVE_FILE_ROWS", 10_000_000)?,
+            chunk_rows: env.parse("TALLY_ARCHIVE_CHUNK_ROWS", 2_000_000)?,
+            interval: Duration::from_secs(env.parse("TALLY_ARCHIVE_INTERVAL_S", 3600)?),
+        };
+        if config.lag_margin < chrono::Duration::zero() {
+            return Err(invalid(
+                "TALLY_ARCHIVE_LAG_MARGIN_HOURS",
+                config.lag_margin.to_string(),
+                "must be >= 0",
+            ));
+        }
+        if config.file_rows == 0 || config.chunk_rows == 0 || config.row_group_bytes < 1 << 20 {
+            return Err(invalid(
+                "TALLY_ARCHIVE_FILE_ROWS/CHUNK_ROWS/ROW_GROUP_BYTES",
+                format!("{}/{}/{}", config.file_rows, config.chunk_rows, config.row_group_bytes),
+                "rows must be > 0 and row groups at least 1 MiB",
+            ));
+        }
+        Ok(config)
+    }
+}

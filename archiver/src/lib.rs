@@ -1,0 +1,17 @@
+//! The archiver: closed months of `tally.events` to Parquet on a local directory or S3, checked
+//! against ClickHouse before a manifest publishes them, and dropped from ClickHouse (retention)
+//! only after that. `archive` runs a pass; `source` reads ClickHouse; `columns` and `writer` make
+//! the Parquet files; `store` is the object store; `manifest` the commit point; `verify` reads
+//! files back; `month` says when a month is closed.
+
+pub mod archive;
+pub mod columns;
+pub mod config;
+pub mod error;
+pub mod manifest;
+pub mod month;
+pub mod source;
+pub mod store;
+pub mod totals;
+pub mod verify;
+pub mod writer;

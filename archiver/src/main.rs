@@ -1,0 +1,57 @@
+//! `tally-archiver run` (one pass, for a CronJob) and `tally-archiver verify` (re-check every
+//! published manifest against its files). Exit status: 0 all well, 1 an error, 2 a month needs
+//! attention (rows in ClickHouse that its archive does not hold, or a manifest that fails).
+
+use anyhow::Context;
+use tally_archiver::archive::{self, Outcome};
+use tally_archiver::config::ArchiverConfig;
+use tally_archiver::store::Archive;
+use tally_common::config::Env;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const USAGE: &str = "usage: tally-archiver run | verify\n\
+  run     archive every closed month not yet archived (and drop archived months older than\n\
+          TALLY_ARCHIVE_HOT_MONTHS, if set); prints one JSON line per month\n\
+  verify  read every published manifest's files back and check them; one JSON line per month";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let env = Env::from_process();
+    let config = ArchiverConfig::from_env(&env).context("invalid configuration")?;
+    tally_common::telemetry::init(config.common.log_format, env.optional("TALLY_LOG").as_deref());
+    let archive = Archive::open(&config).context("cannot open the archive")?;
+    let command = std::env::args().nth(1).unwrap_or_default();
+    let attention = match command.as_str() {
+        "run" => {
+            let reports = archive::run(&config, &archive, chrono::Utc::now()).await?;
+            for report in &reports {
+                println!("{}", serde_json::to_string(report)?);
+            }
+            if reports.iter().any(|r| matches!(r.outcome, Outcome::Failed { .. })) {
+                std::process::exit(1);
+            }
+            reports.iter().any(|r| matches!(r.outcome, Outcome::ChangedSinceArchived { .. }))
+        }
+        "verify" => {
+            let results = archive::verify_all(&archive).await?;
+            for (month, result) in &results {
+                let line = match result {
+                    Ok(version) => serde_json::json!({"month": month, "verified": true, "version": version}),
+                    Err(reason) => serde_json::json!({"month": month, "verified": false, "reason": reason}),
+                };
+                println!("{line}");
+            }
+            results.iter().any(|(_, r)| r.is_err())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if attention {
+        std::process::exit(2);
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! What the archiver reads from ClickHouse: a month's partitions, its exact per-org sums, and its
+//! rows in (org, time) order, streamed chunk by chunk so neither ClickHouse nor the archiver holds
+//! more than a chunk (`chunk_rows`, cut on (org, day) boundaries) whatever the month's size.
+
+use clickhouse::Row;
+use serde::Deserialize;
+use tally_common::ch::ChConfig;
+use tally_schemas::row::select_list;
+use tally_schemas::EventRow;
+
+use crate::error::ArchiveError;
+use crate::month::Month;
+use crate::totals::{OrgSums, Sums};
+
+/// The months `tally.events` holds rows of, from its active partitions.
+pub async fn months(config: &ChConfig) -> Result<Vec<Month>, ArchiveError> {
+    let ids: Vec<String> = config
+        .client()
+        .query("SELECT DISTINCT partition_id FROM system.parts WHERE database = ? AND table = 'events' AND active ORDER BY partition_id")
+        .bind(config.database.as_str())
+        .fetch_all()
+        .await?;
+    Ok(ids.iter().filter_map(|id| Month::from_partition(id)).collect())
+}
+
+/// The active parts of the month's partition (recorded in the manifest).
+pub async fn parts(config: &ChConfig, month: Month) -> Result<Vec<String>, ArchiveError> {
+    Ok(config
+        .client()
+        .query("SELECT name FROM system.parts WHERE database = ? AND table = 'events' AND active AND partition_id = ? ORDER BY name")
+        .bind(config.database.as_str())
+        .bind(month.partition().to_string())
+        .fetch_all()
+        .await?)
+}
+
+#[derive(Row, Deserialize)]
+struct OrgRow {
+    org_id: String,
+    rows: u64,
+    cost_nanos: i64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+/// The month's rows per org with their exact sums.
+pub async fn sums(config: &ChConfig, month: Month) -> Result<OrgSums, ArchiveError> {
+    let sql = format!(
+        "SELECT org_id, count() AS rows, sum(cost_nanos) AS cost_nanos, sum(toUInt64(prompt_tokens)) AS prompt_tokens, \
+         sum(toUInt64(completion_tokens)) AS completion_tokens, sum(toUInt64(total_tokens)) AS total_tokens \
+         FROM {} WHERE toYYYYMM(timestamp) = ? GROUP BY org_id ORDER BY org_id",
+        config.table("events")
+    );
+    let rows: Vec<OrgRow> = config.client().query(&sql).bind(month.partition()).fetch_all().await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let sums = Sums {
+                rows: r.rows,
+                cost_nanos: r.cost_nanos,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+                total_tokens: r.total_tokens,
+            };
+            (r.org_id, sums)
+        })
+        .collect())
+}
+
+/// A contiguous run of (org, day) in sort order: `[first, last]` inclusive, days since 1970.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub first: (String, u32),
+    pub last: (String, u32),
+    pub rows: u64,
+}
+
+#[derive(Row, Deserialize)]
+struct DayCount {
+    org_id: String,
+    day: u32,
+    rows: u64,
+}
+
+/// Cuts `(org, day, rows)` in sort order into chunks of at most `chunk_rows` rows (one (org, day)
+/// larger than that is a chunk of its own).
+pub fn chunks(counts: impl IntoIterator<Item = (String, u32, u64)>, chunk_rows: u64) -> Vec<Chunk> {
+    let mut chunks: Vec<Chunk> = Vec::new();
+    for (org, day, rows) in counts {
+        match chunks.last_mut() {
+            Some(chunk) if chunk.rows + rows <= chunk_rows => {
+                chunk.last = (org, day);
+                chunk.rows += rows;
+            }
+            _ => chunks.push(Chunk { first: (org.clone(), day), last: (org, day), rows }),
+        }
+    }
+    chunks
+}
+
+/// The month's chunks, from its row counts per (org, day).
+pub async fn plan(config: &ChConfig, month: Month, chunk_rows: u64) -> Result<Vec<Chunk>, ArchiveError> {
+    let sql = format!(
+        "SELECT org_id, toUInt32(toDate(timestamp)) AS day, count() AS rows FROM {} \
+         WHERE toYYYYMM(timestamp) = ? GROUP BY org_id, day ORDER BY org_id, day",
+        config.table("events")
+    );
+    let counts: Vec<DayCount> = config.client().query(&sql).bind(month.partition()).fetch_all().await?;
+    Ok(chunks(counts.into_iter().map(|c| (c.org_id, c.day, c.rows)), chunk_rows))
+}
+
+/// The rows of one chunk, in (org, time, event id) order.
+pub fn rows(
+    config: &ChConfig,
+    month: Month,
+    chunk: &Chunk,
+) -> Result<clickhouse::query::RowCursor<EventRow>, ArchiveError> {
+    let day = "toUInt32(toDate(timestamp))";
+    let sql = format!(
+        "SELECT {} FROM {} WHERE toYYYYMM(timestamp) = ? \
+         AND (org_id > ? OR (org_id = ? AND {day} >= ?)) AND (org_id < ? OR (org_id = ? AND {day} <= ?)) \
+         ORDER BY org_id, timestamp, timestamp_ms, event_id",
+        select_list(),
+        config.table("events")
+    );
+    let (first_org, first_day) = &chunk.first;
+    let (last_org, last_day) = &chunk.last;
+    Ok(config
+        .client()
+        .query(&sql)
+        .bind(month.partition())
+        .bind(first_org.as_str())
+        .bind(first_org.as_str())
+        .bind(*first_day)
+        .bind(last_org.as_str())
+        .bind(last_org.as_str())
+        .bind(*last_day)
+        .fetch::<EventRow>()?)
+}
+
+/// Drops the month's partition of `tally.events` (the rollups keep their rows).
+pub async fn drop_partition(config: &ChConfig, month: Month) -> Result<(), ArchiveError> {
+    let sql = format!("ALTER TABLE {} DROP PARTITION {}", config.table("events"), month.partition());
+    config.client().query(&sql).execute().await?;
+    Ok(())
+}
+
+/// A lock on archiving `month`, across archivers sharing the ClickHouse: the table
+/// `archiver_lock_<YYYYMM>`, whose creation fails for all but one.
+pub struct Lock {
+    config: ChConfig,
+    table: String,
+}
+
+impl Lock {
+    pub async fn take(config: &ChConfig, month: Month) -> Result<Lock, ArchiveError> {
+        let table = config.table(&format!("archiver_lock_{}", month.partition()));
+        let create = format!("CREATE TABLE {table} (owner String) ENGINE = Log");
+        match config.client().query(&create).execute().await {
+            Ok(()) => Ok(Lock { config: config.clone(), table }),
+            Err(e)
+                if tally_common::ch::error_code(&e) == Some(tally_common::ch::CODE_TABLE_ALREADY_EXISTS) =>
+            {
+                Err(ArchiveError::Locked(month.to_string(), table))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn release(self) -> Result<(), ArchiveError> {
+        self.config.client().query(&format!("DROP TABLE IF EXISTS {}", self.table)).execute().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cut_on_org_day_boundaries_within_the_bound() {
+        let counts = [("a", 1, 40), ("a", 2, 50), ("b", 1, 20), ("c", 1, 150), ("d", 3, 10)]
+            .map(|(o, d, n)| (o.to_string(), d, n));
+        let cut = chunks(counts, 100);
+        let spans: Vec<_> = cut.iter().map(|c| (c.first.0.as_str(), c.last.0.as_str(), c.rows)).collect();
+        assert_eq!(spans, [("a", "a", 90), ("b", "b", 20), ("c", "c", 150), ("d", "d", 10)]);
+        assert_eq!(cut.iter().map(|c| c.rows).sum::<u64>(), 270, "every row in exactly one chunk");
+        assert!(chunks(Vec::new(), 100).is_empty());
+    }
+}

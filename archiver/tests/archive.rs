@@ -1,0 +1,342 @@
+//! The archiver against the real local ClickHouse and object stores (a local directory and the
+//! stack's S3 server): closed months archived and read back exactly, re-runs idempotent, two
+//! archivers archiving a month once, retention dropping only archived closed months, and a
+//! corrupted file reported and blocking the drop.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::process::Command;
+use std::sync::Arc;
+
+use arrow_schema::{DataType, TimeUnit};
+use chrono::{DateTime, Utc};
+use object_store::aws::AmazonS3Builder;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tally_archiver::archive::{self, Outcome};
+use tally_archiver::config::ArchiverConfig;
+use tally_archiver::manifest::Manifest;
+use tally_archiver::month::Month;
+use tally_archiver::source;
+use tally_archiver::store::Archive;
+use tally_common::ch::ChConfig;
+use tally_common::config::Env;
+use tally_schemas::event::{CostSource, Status};
+use tally_schemas::EventRow;
+use tally_testkit::{drop_database, migrated_database, unique_name};
+
+fn at(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+}
+
+/// "Now" for the tests: 2026-11-30, when August and September are closed and October is not.
+fn now() -> DateTime<Utc> {
+    at("2026-11-30T12:00:00Z")
+}
+
+fn config(clickhouse: &ChConfig, archive_url: &str, hot_months: Option<u32>) -> ArchiverConfig {
+    let mut env = Env::from_pairs([
+        ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
+        ("TALLY_CLICKHOUSE_DATABASE", clickhouse.database.clone()),
+        ("TALLY_ARCHIVE_URL", archive_url.to_owned()),
+        // Small files and chunks, so a test month spans several of each.
+        ("TALLY_ARCHIVE_FILE_ROWS", "700".to_owned()),
+        ("TALLY_ARCHIVE_CHUNK_ROWS", "300".to_owned()),
+    ]);
+    if let Some(hot) = hot_months {
+        env = env.with("TALLY_ARCHIVE_HOT_MONTHS", hot.to_string());
+    }
+    ArchiverConfig::from_env(&env).unwrap()
+}
+
+/// `count` events of three orgs spread over `month`, deterministic.
+fn rows(month: Month, count: u32, seed: u32) -> Vec<EventRow> {
+    let start = month.start().timestamp() as u32;
+    let span = (month.end().timestamp() - month.start().timestamp()) as u32;
+    (0..count)
+        .map(|i| {
+            let n = i.wrapping_mul(2_654_435_761).wrapping_add(seed);
+            EventRow {
+                org_id: format!("org-{}", n % 3),
+                event_id: uuid::Uuid::from_u128(u128::from(n) << 64 | u128::from(i) | u128::from(seed) << 32),
+                timestamp: start + n % span,
+                timestamp_ms: (n % 1000) as u16,
+                received_at: start + n % span,
+                provider: "openai".into(),
+                model: ["gpt-4o", "gpt-4o-mini"][(n % 2) as usize].into(),
+                prompt_tokens: n % 5000,
+                completion_tokens: n % 700,
+                total_tokens: n % 5000 + n % 700,
+                cost_nanos: 1_000_003 + i64::from(n % 90_000) * 7_919,
+                cost_source: if n % 2 == 0 { CostSource::Client } else { CostSource::Computed },
+                latency_ms: n % 3000,
+                status: if n % 7 == 0 { Status::Error } else { Status::Success },
+                http_status: 200,
+                error: String::new(),
+                execution_id: format!("exec-{}", n % 17),
+                agent_id: String::new(),
+                user_id: format!("user-{}", n % 5),
+                service: "svc".into(),
+                action: String::new(),
+                request_id: String::new(),
+                input_bytes: u64::from(n % 10_000),
+                output_bytes: u64::from(n % 20_000),
+                metadata_keys: vec!["env".into()],
+                metadata_values: vec![["prod", "dev"][(n % 2) as usize].into()],
+                kafka_partition: (n % 4) as u16,
+                kafka_offset: u64::from(i),
+                kafka_index: seed,
+            }
+        })
+        .collect()
+}
+
+async fn insert(clickhouse: &ChConfig, rows: Vec<EventRow>) {
+    let mut insert =
+        clickhouse.client().insert_unescaped::<EventRow>(&clickhouse.table("events")).await.unwrap();
+    for row in &rows {
+        insert.write(row).await.unwrap();
+    }
+    insert.end().await.unwrap();
+}
+
+fn month(text: &str) -> Month {
+    Month::parse(text).unwrap()
+}
+
+/// A database with 1000 events in each of August, September and November 2026.
+async fn database_with_three_months(prefix: &str) -> ChConfig {
+    let clickhouse = migrated_database(prefix).await;
+    for (seed, m) in [(1, "2026-08"), (2, "2026-09"), (3, "2026-11")] {
+        insert(&clickhouse, rows(month(m), 1000, seed)).await;
+    }
+    clickhouse
+}
+
+fn outcomes(reports: &[archive::MonthReport]) -> Vec<(String, Outcome)> {
+    reports.iter().map(|r| (r.month.clone(), r.outcome.clone())).collect()
+}
+
+fn local_archive_url() -> (String, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(unique_name("archive"));
+    (format!("file://{}", dir.display()), dir)
+}
+
+#[tokio::test]
+async fn closed_months_are_archived_read_back_exactly_and_a_rerun_adds_nothing() {
+    let clickhouse = database_with_three_months("arch").await;
+    let (url, dir) = local_archive_url();
+    let config = config(&clickhouse, &url, None);
+    let store = Archive::open(&config).unwrap();
+    // A file an interrupted run left behind, under the name the run will use: not part of the
+    // archive (no manifest names it), and replaced.
+    std::fs::create_dir_all(dir.join("events/year=2026/month=08")).unwrap();
+    std::fs::write(dir.join("events/year=2026/month=08/v0001-part-00000.parquet"), b"half a file").unwrap();
+
+    let reports = archive::run(&config, &store, now()).await.unwrap();
+    let got = outcomes(&reports);
+    assert_eq!(got.len(), 3, "{got:?}");
+    for (index, m) in ["2026-08", "2026-09"].iter().enumerate() {
+        assert!(
+            matches!(&got[index], (name, Outcome::Archived { version: 1, rows: 1000, files: 2, .. }) if name == m),
+            "{got:?}"
+        );
+        let manifest = Manifest::latest(&store, month(m)).await.unwrap().unwrap();
+        assert_eq!(manifest.orgs, source::sums(&clickhouse, month(m)).await.unwrap(), "exact per org");
+        assert_eq!(manifest.files.iter().map(|f| f.rows).sum::<u64>(), 1000);
+        assert_eq!(manifest.source.partition, month(m).partition());
+    }
+    assert_eq!(got[2], ("2026-11".into(), Outcome::Open), "the current month is not closed");
+
+    // The files are Parquet with the types a reader expects, sorted by org then time.
+    let manifest = Manifest::latest(&store, month("2026-08")).await.unwrap().unwrap();
+    let file = std::fs::File::open(dir.join(&manifest.files[0].path)).unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let schema = reader.schema().clone();
+    assert_eq!(
+        schema.field_with_name("timestamp").unwrap().data_type(),
+        &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+    );
+    assert_eq!(schema.field_with_name("cost").unwrap().data_type(), &DataType::Decimal128(18, 9));
+    assert_eq!(schema.field_with_name("event_id").unwrap().data_type(), &DataType::FixedSizeBinary(16));
+    let parquet_schema = format!("{:?}", reader.parquet_schema().columns());
+    assert!(parquet_schema.contains("Timestamp") && parquet_schema.contains("Decimal"), "{parquet_schema}");
+    let metadata = reader.metadata().clone();
+    assert!(metadata.row_group(0).column(0).statistics().is_some(), "statistics are written");
+    let first = metadata.row_group(0).column(0);
+    assert!(
+        first.column_index_offset().is_some() && first.offset_index_offset().is_some(),
+        "page indexes are written"
+    );
+    assert_eq!(metadata.file_metadata().num_rows(), 700);
+    let mut previous: Option<(String, i64)> = None;
+    for batch in reader.build().unwrap() {
+        let batch = batch.unwrap();
+        let orgs = arrow_array::cast::AsArray::as_string::<i32>(batch.column(0));
+        let times = arrow_array::cast::AsArray::as_primitive::<arrow_array::types::TimestampMillisecondType>(
+            batch.column(2),
+        );
+        for i in 0..batch.num_rows() {
+            let key = (orgs.value(i).to_owned(), times.value(i));
+            if let Some(previous) = &previous {
+                assert!(*previous <= key, "sorted by org then time: {previous:?} > {key:?}");
+            }
+            previous = Some(key);
+        }
+    }
+
+    // A second pass finds nothing to do; `verify` checks every manifest.
+    let again = outcomes(&archive::run(&config, &store, now()).await.unwrap());
+    assert_eq!(again[0], ("2026-08".into(), Outcome::UpToDate { version: 1 }));
+    assert_eq!(again[1], ("2026-09".into(), Outcome::UpToDate { version: 1 }));
+    let verified = archive::verify_all(&store).await.unwrap();
+    assert_eq!(verified, [("2026-08".to_owned(), Ok(1)), ("2026-09".to_owned(), Ok(1))]);
+    drop_database(&clickhouse).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn two_archivers_at_once_archive_a_month_once() {
+    let clickhouse = database_with_three_months("arch2").await;
+    let (url, dir) = local_archive_url();
+    let config = config(&clickhouse, &url, None);
+    let store = Archive::open(&config).unwrap();
+    let (a, b) = tokio::join!(archive::run(&config, &store, now()), archive::run(&config, &store, now()));
+    let all: Vec<Outcome> =
+        outcomes(&a.unwrap()).into_iter().chain(outcomes(&b.unwrap())).map(|(_, o)| o).collect();
+    let archived = all.iter().filter(|o| matches!(o, Outcome::Archived { .. })).count();
+    assert_eq!(archived, 2, "August and September once each: {all:?}");
+    for m in ["2026-08", "2026-09"] {
+        let keys: Vec<String> =
+            store.list(&month(m).prefix()).await.unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys.iter().filter(|k| k.contains("manifest-")).count(), 1, "{keys:?}");
+    }
+    drop_database(&clickhouse).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn retention_drops_only_archived_closed_months_and_keeps_rows_that_came_later() {
+    let clickhouse = database_with_three_months("arch3").await;
+    let (url, dir) = local_archive_url();
+    // One hot month before the current one: October stays, August and September may go.
+    let config = config(&clickhouse, &url, Some(1));
+    let store = Archive::open(&config).unwrap();
+    let daily_before = rollup_rows(&clickhouse).await;
+    let got = outcomes(&archive::run(&config, &store, now()).await.unwrap());
+    assert_eq!(got[0], ("2026-08".into(), Outcome::DroppedNow { version: 1, rows: 1000 }));
+    assert_eq!(got[1], ("2026-09".into(), Outcome::DroppedNow { version: 1, rows: 1000 }));
+    assert_eq!(got[2], ("2026-11".into(), Outcome::Open));
+    assert!(source::sums(&clickhouse, month("2026-08")).await.unwrap().is_empty(), "the partition is gone");
+    assert_eq!(rollup_rows(&clickhouse).await, daily_before, "the rollups keep the dropped months");
+    assert_eq!(source::months(&clickhouse).await.unwrap(), [month("2026-11")]);
+
+    // A row for September arrives after the drop (a dead-letter replay): kept in ClickHouse,
+    // reported, never dropped, never lost.
+    insert(&clickhouse, rows(month("2026-09"), 1, 99)).await;
+    let got = outcomes(&archive::run(&config, &store, now()).await.unwrap());
+    assert!(
+        matches!(&got[0], (m, Outcome::ChangedSinceArchived { version: 1, .. }) if m == "2026-09"),
+        "{got:?}"
+    );
+    assert_eq!(
+        source::sums(&clickhouse, month("2026-09")).await.unwrap().values().map(|s| s.rows).sum::<u64>(),
+        1
+    );
+    drop_database(&clickhouse).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn rollup_rows(clickhouse: &ChConfig) -> u64 {
+    clickhouse
+        .client()
+        .query(&format!("SELECT toUInt64(countMerge(events)) FROM {}", clickhouse.table("rollup_daily")))
+        .fetch_one()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_corrupted_file_is_reported_by_verify_and_blocks_the_drop() {
+    let clickhouse = database_with_three_months("arch4").await;
+    let (url, dir) = local_archive_url();
+    let store = Archive::open(&config(&clickhouse, &url, None)).unwrap();
+    archive::run(&config(&clickhouse, &url, None), &store, now()).await.unwrap();
+    let manifest = Manifest::latest(&store, month("2026-08")).await.unwrap().unwrap();
+    let damaged = dir.join(&manifest.files[1].path);
+    let bytes = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
+
+    let verified = archive::verify_all(&store).await.unwrap();
+    let (m, result) = &verified[0];
+    let reason = result.as_ref().unwrap_err();
+    assert_eq!(m, "2026-08");
+    assert!(reason.contains(&manifest.files[1].path) && reason.contains("SHA-256"), "{reason}");
+    assert_eq!(verified[1], ("2026-09".to_owned(), Ok(1)));
+
+    let got = outcomes(&archive::run(&config(&clickhouse, &url, Some(1)), &store, now()).await.unwrap());
+    assert!(
+        matches!(&got[0], (m, Outcome::Failed { reason }) if m == "2026-08" && reason.contains("SHA-256")),
+        "{got:?}"
+    );
+    assert_eq!(got[1], ("2026-09".into(), Outcome::DroppedNow { version: 1, rows: 1000 }));
+    assert_eq!(
+        source::sums(&clickhouse, month("2026-08")).await.unwrap().values().map(|s| s.rows).sum::<u64>(),
+        1000,
+        "kept"
+    );
+    drop_database(&clickhouse).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn s3_endpoint() -> String {
+    std::env::var("TALLY_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9100".into())
+}
+
+/// Creates (or deletes) a bucket on the local S3 server with a SigV4-signed curl; the status.
+fn bucket(method: &str, name: &str) -> u16 {
+    let output = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "--aws-sigv4", "aws:amz:us-east-1:s3"])
+        .args(["--user", "tally:tally-dev-secret", &format!("{}/{name}", s3_endpoint())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).parse().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn archives_to_the_s3_server_and_fails_cleanly_when_it_refuses() {
+    let clickhouse = database_with_three_months("arch5").await;
+    let name = unique_name("arch").replace('_', "-");
+    assert_eq!(bucket("PUT", &name), 200);
+    let s3 = |secret: &str| {
+        Archive::on(
+            Arc::new(
+                AmazonS3Builder::new()
+                    .with_endpoint(s3_endpoint())
+                    .with_bucket_name(&name)
+                    .with_region("us-east-1")
+                    .with_access_key_id("tally")
+                    .with_secret_access_key(secret)
+                    .with_allow_http(true)
+                    .with_virtual_hosted_style_request(false)
+                    .build()
+                    .unwrap(),
+            ),
+            &format!("s3://{name}"),
+        )
+    };
+    let config = config(&clickhouse, "file:///unused", None);
+    // Wrong credentials: every closed month fails with the store's reason; nothing is published.
+    let refused = outcomes(&archive::run(&config, &s3("not-the-secret"), now()).await.unwrap());
+    assert!(
+        matches!(&refused[0].1, Outcome::Failed { reason } if reason.contains("archive store")),
+        "{refused:?}"
+    );
+    let store = s3("tally-dev-secret");
+    assert!(Manifest::latest(&store, month("2026-08")).await.unwrap().is_none());
+    // With the right ones, the run succeeds and reads back exactly.
+    let got = outcomes(&archive::run(&config, &store, now()).await.unwrap());
+    assert!(matches!(got[0].1, Outcome::Archived { version: 1, rows: 1000, .. }), "{got:?}");
+    assert_eq!(archive::verify_all(&store).await.unwrap().len(), 2);
+    drop_database(&clickhouse).await;
+}
