@@ -327,12 +327,23 @@ demo_traffic() {
   tail -n 2 "$DEV/log/demo-traffic.log" >&2
 }
 
+# One archiver pass into .dev/archive (a CronJob runs `tally-archiver run` in production). On a
+# fresh stack every month is still open, so it archives nothing and says so.
+archive_pass() {
+  log "running one archiver pass (tally-archiver run, archive in .dev/archive)"
+  TALLY_CLICKHOUSE_URL="$CLICKHOUSE_URL" TALLY_CLICKHOUSE_DATABASE=tally TALLY_ARCHIVE_URL="file://$DEV/archive" \
+    "$CARGO_TARGET_DIR/release/tally-archiver" run >"$DEV/log/archiver.log" 2>&1 \
+    || { tail -n 20 "$DEV/log/archiver.log" >&2; die "the archiver pass failed (.dev/log/archiver.log)"; }
+  sed 's/^/  /' "$DEV/log/archiver.log" | grep '"month"' || true
+}
+
 up() {
   infra_up
   build_services
   for s in "${SERVICES[@]}"; do start_one "$s"; done
   demo_org
   demo_traffic
+  archive_pass
   local key; key="$(sed -n 's/^TALLY_DEMO_API_KEY=//p' "$DEV/demo.env")"
   cat <<EOF
 
@@ -343,6 +354,7 @@ Tally is up.
   clickhouse  $CLICKHOUSE_URL   (database tally, admin tables in tally_admin; clickhouse-client --port 9000; read-only user analyst/analyst)
   kafka       $KAFKA_BROKERS   (topics $EVENTS_TOPIC, $DLQ_TOPIC)
   s3          $S3_ENDPOINT   (S3Proxy; bucket $S3_BUCKET, access key $S3_ACCESS_KEY, secret in .dev/demo.env)
+  archive     .dev/archive/   (tally-archiver run: closed months as Parquet + manifests; .dev/log/archiver.log)
   logs        .dev/log/      pids .dev/run/      settings .dev/demo.env
 
 Try:

@@ -6,18 +6,22 @@
 #     integration tests (each integration test makes its own database, topics or bucket, so they
 #     run in parallel)
 #  3. dev/fuzz_api.py: schemathesis generates requests from the OpenAPI documents of the ingest
-#     and the query API; any 5xx fails the run
+#     and the query API; any 5xx, or any answer the document does not declare, fails the run
 #  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
 #     replayed on a current ClickHouse (chdb); any statement that fails there fails the run; and
 #     the event row type's columns must equal the `events` table the migrations make there
 #  5. dev/analysts.py: every query of docs/analysts.md runs on 18.16 (as the read-only analyst)
-#     and on chdb over the same sample data, and must give the same rows
+#     and on chdb over the same sample data, and must give the same rows; the analyst must be
+#     refused the admin tables
+#  6. dev/archive_roundtrip.py: tally-archiver archives two generated months; pyarrow, DuckDB and
+#     chdb read the files back and must find ClickHouse's per-org rows and exact sums
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
-# Python tools, pinned: chdb embeds a current ClickHouse; schemathesis fuzzes the HTTP APIs.
-TOOLS="chdb==4.4.0 schemathesis==4.32.5"
+# Python tools, pinned: chdb embeds a current ClickHouse; schemathesis fuzzes the HTTP APIs;
+# pyarrow and DuckDB read the archive's Parquet files as analysts' tools do.
+TOOLS="chdb==4.4.0 schemathesis==4.32.5 duckdb==2.0.0 pyarrow==26.0.1"
 VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"
 CLICKHOUSE_URL="http://127.0.0.1:8123"
 
@@ -52,3 +56,5 @@ cargo run -q --locked -p tally-testkit --bin event_columns >"$CARGO_TARGET_DIR/e
   --event-columns "$CARGO_TARGET_DIR/event-columns.json"
 echo "[test] the analysts' cookbook (docs/analysts.md) on both ClickHouse versions"
 "$VENV/bin/python" dev/analysts.py --clickhouse-url "$CLICKHOUSE_URL/"
+echo "[test] the archive read back by pyarrow, DuckDB and chdb"
+TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" "$VENV/bin/python" dev/archive_roundtrip.py --clickhouse-url "$CLICKHOUSE_URL/"

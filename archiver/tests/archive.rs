@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::process::Command;
 use std::sync::Arc;
 
 use arrow_schema::{DataType, TimeUnit};
@@ -22,7 +21,7 @@ use tally_common::ch::ChConfig;
 use tally_common::config::Env;
 use tally_schemas::event::{CostSource, Status};
 use tally_schemas::EventRow;
-use tally_testkit::{drop_database, migrated_database, unique_name};
+use tally_testkit::{drop_database, migrated_database, s3_bucket as bucket, s3_endpoint, unique_name};
 
 fn at(text: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
@@ -286,21 +285,6 @@ async fn a_corrupted_file_is_reported_by_verify_and_blocks_the_drop() {
     );
     drop_database(&clickhouse).await;
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn s3_endpoint() -> String {
-    std::env::var("TALLY_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9100".into())
-}
-
-/// Creates (or deletes) a bucket on the local S3 server with a SigV4-signed curl; the status.
-fn bucket(method: &str, name: &str) -> u16 {
-    let output = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
-        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "--aws-sigv4", "aws:amz:us-east-1:s3"])
-        .args(["--user", "tally:tally-dev-secret", &format!("{}/{name}", s3_endpoint())])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).parse().unwrap_or(0)
 }
 
 #[tokio::test]

@@ -325,3 +325,22 @@ impl Drop for ClickHouseServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The local stack's S3 server (S3Proxy) and its development credentials.
+pub const S3_ACCESS_KEY: &str = "tally";
+pub const S3_SECRET_KEY: &str = "tally-dev-secret";
+
+pub fn s3_endpoint() -> String {
+    std::env::var("TALLY_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9100".into())
+}
+
+/// A SigV4-signed request on a bucket (or `bucket/key`) of the local S3 server, with curl
+/// (object_store has no bucket operations): `PUT` creates, `DELETE` deletes. The HTTP status.
+pub fn s3_bucket(method: &str, name: &str) -> u16 {
+    let output = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "--aws-sigv4", "aws:amz:us-east-1:s3"])
+        .args(["--user", &format!("{S3_ACCESS_KEY}:{S3_SECRET_KEY}"), &format!("{}/{name}", s3_endpoint())])
+        .output();
+    output.map_or(0, |o| String::from_utf8_lossy(&o.stdout).parse().unwrap_or(0))
+}

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-use std::process::Command;
 use std::sync::Arc;
 
 use object_store::aws::AmazonS3Builder;
@@ -12,23 +11,10 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use tally_testkit::unique_name;
 
-const ACCESS_KEY: &str = "tally";
-const SECRET_KEY: &str = "tally-dev-secret";
-
-fn endpoint() -> String {
-    std::env::var("TALLY_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9100".into())
-}
-
-/// A SigV4-signed bucket request with curl (object_store has no bucket operations); the status.
-fn bucket_request(method: &str, bucket: &str) -> u16 {
-    let output = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
-        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "--aws-sigv4", "aws:amz:us-east-1:s3"])
-        .args(["--user", &format!("{ACCESS_KEY}:{SECRET_KEY}"), &format!("{}/{bucket}", endpoint())])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).parse().unwrap_or(0)
-}
+use tally_testkit::{
+    s3_bucket as bucket_request, s3_endpoint as endpoint, S3_ACCESS_KEY as ACCESS_KEY,
+    S3_SECRET_KEY as SECRET_KEY,
+};
 
 fn store(bucket: &str) -> Arc<dyn ObjectStore> {
     Arc::new(

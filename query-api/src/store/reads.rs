@@ -173,19 +173,30 @@ impl Store<'_> {
 
     /// Requests, errors and latency by model, most used first.
     pub async fn perf(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelPerf>, Error> {
-        let keys = Keys::columns("provider, model");
         let tail = "ORDER BY requests DESC, provider, model";
-        plan::merged(&self.tables, scope, &Plan::new(scope, range), &keys, &[REQUESTS, ERRORS, LATENCY], tail)
-            .query(&self.client)
-            .fetch_all()
-            .await
+        self.merged_by(scope, range, "provider, model", &[REQUESTS, ERRORS, LATENCY], tail).await
     }
 
     /// Cost by (service, provider, model), most expensive first.
     pub async fn costs(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ServiceCost>, Error> {
-        let keys = Keys::columns("service, provider, model");
         let tail = "ORDER BY cost_nanos DESC, service, provider, model";
-        plan::merged(&self.tables, scope, &Plan::new(scope, range), &keys, &[REQUESTS, TOKENS, COST], tail)
+        self.merged_by(scope, range, "service, provider, model", &[REQUESTS, TOKENS, COST], tail).await
+    }
+
+    /// `measures` merged over both sources, grouped by plain `columns`, then `tail`.
+    async fn merged_by<T>(
+        &self,
+        scope: &Scope<'_>,
+        range: &Range,
+        columns: &str,
+        measures: &[Measure],
+        tail: &str,
+    ) -> Result<Vec<T>, Error>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let keys = Keys::columns(columns);
+        plan::merged(&self.tables, scope, &Plan::new(scope, range), &keys, measures, tail)
             .query(&self.client)
             .fetch_all()
             .await
