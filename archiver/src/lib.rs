@@ -2,7 +2,8 @@
 //! against ClickHouse before a manifest publishes them, and dropped from ClickHouse (retention)
 //! only after that. `archive` runs a pass; `source` reads ClickHouse; `columns` and `writer` make
 //! the Parquet files; `store` is the object store; `manifest` the commit point; `verify` reads
-//! files back; `month` says when a month is closed.
+//! files back; `month` says when a month is closed; `serve` runs passes periodically with the ops
+//! routes.
 
 pub mod archive;
 pub mod columns;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod manifest;
 pub mod month;
+pub mod serve;
 pub mod source;
 pub mod store;
 pub mod totals;

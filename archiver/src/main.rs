@@ -1,5 +1,5 @@
-//! `tally-archiver run` (one pass, for a CronJob) and `tally-archiver verify` (re-check every
-//! published manifest against its files). Exit status: 0 all well, 1 an error, 2 a month needs
+//! `tally-archiver run` (one pass, for a CronJob), `verify` (re-check every published manifest
+//! against its files) and `serve` (a pass every interval, with the ops routes). Exit status: 0 all well, 1 an error, 2 a month needs
 //! attention (rows in ClickHouse that its archive does not hold, or a manifest that fails).
 
 use anyhow::Context;
@@ -11,10 +11,11 @@ use tally_common::config::Env;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: tally-archiver run | verify\n\
+const USAGE: &str = "usage: tally-archiver run | verify | serve\n\
   run     archive every closed month not yet archived (and drop archived months older than\n\
           TALLY_ARCHIVE_HOT_MONTHS, if set); prints one JSON line per month\n\
-  verify  read every published manifest's files back and check them; one JSON line per month";
+  verify  read every published manifest's files back and check them; one JSON line per month\n\
+  serve   a pass every TALLY_ARCHIVE_INTERVAL_S, with /healthz, /readyz and /metrics on TALLY_LISTEN_ADDR";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,6 +45,14 @@ async fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
             results.iter().any(|(_, r)| r.is_err())
+        }
+        "serve" => {
+            let listener = tokio::net::TcpListener::bind(config.common.listen_addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.common.listen_addr))?;
+            let shutdown = tally_common::server::shutdown_on_signal();
+            tally_archiver::serve::serve(config, archive, listener, shutdown).await?;
+            false
         }
         _ => {
             eprintln!("{USAGE}");

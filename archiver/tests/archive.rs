@@ -324,3 +324,43 @@ async fn archives_to_the_s3_server_and_fails_cleanly_when_it_refuses() {
     assert_eq!(archive::verify_all(&store).await.unwrap().len(), 2);
     drop_database(&clickhouse).await;
 }
+
+#[tokio::test]
+async fn serve_runs_passes_and_reports_them_on_its_ops_routes() {
+    let clickhouse = database_with_three_months("arch6").await;
+    let (url, dir) = local_archive_url();
+    let mut config = config(&clickhouse, &url, None);
+    config.interval = std::time::Duration::from_millis(200);
+    let store = Archive::open(&config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(tally_archiver::serve::serve(config, store.clone(), listener, shutdown.clone()));
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
+    // The passes run on the real clock: August and September 2026 are closed (November too, from
+    // 2027-01-07 on); the metrics say what they did.
+    let value = |metrics: &str, name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        if let Ok(response) = get("/metrics").await {
+            metrics = response.text().await.unwrap();
+            if value(&metrics, "tally_archiver_months{outcome=\"up_to_date\"}") >= 2.0 {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(value(&metrics, "tally_archiver_months{outcome=\"up_to_date\"}") >= 2.0, "{metrics}");
+    assert!(value(&metrics, "tally_archiver_rows_archived_total") >= 2000.0, "{metrics}");
+    assert!(value(&metrics, "tally_archiver_last_success_timestamp_seconds") > 1.7e9, "{metrics}");
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    assert!(Manifest::latest(&store, month("2026-09")).await.unwrap().is_some());
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    drop_database(&clickhouse).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
