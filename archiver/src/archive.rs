@@ -38,6 +38,8 @@ pub enum Outcome {
     ChangedSinceArchived { version: u32, orgs: Vec<String> },
     /// Dropped from ClickHouse by this pass's retention.
     DroppedNow { version: u32, rows: u64 },
+    /// Loaded back into ClickHouse from this manifest version by `restore`.
+    Restored { version: u32, rows: u64 },
     /// Another archiver holds the month's lock: left to it.
     Busy,
     /// This month failed (the reason says what to do); the pass went on with the others.
@@ -318,4 +320,74 @@ pub async fn verify_all(archive: &Archive) -> Result<Vec<(String, Result<u32, St
     }
     let _ = std::fs::remove_dir_all(&spool);
     Ok(results)
+}
+
+/// Loads an archived month back into ClickHouse, exactly once: the files of its latest manifest
+/// are checked, staged in `events_restore_<YYYYMM>`, their per-org sums compared with the
+/// manifest's, and the partition attached to `events` in one step. A month ClickHouse already
+/// holds exactly is left alone (a second restore adds nothing); one holding other rows is refused
+/// (restore into an empty month only). The rollups are not touched: they kept the month.
+pub async fn restore(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    month: Month,
+) -> Result<Outcome, ArchiveError> {
+    let ch = &config.common.clickhouse;
+    let manifest = Manifest::latest(archive, month).await?.ok_or_else(|| ArchiveError::Mismatch {
+        month: month.to_string(),
+        reason: "it was never archived (no manifest)".into(),
+    })?;
+    let lock = Lock::take(ch, month).await?;
+    let spool = spool_dir()?;
+    let result = restore_locked(ch, archive, month, &manifest, &spool).await;
+    let _ = std::fs::remove_dir_all(&spool);
+    lock.release().await?;
+    result
+}
+
+async fn restore_locked(
+    ch: &ChConfig,
+    archive: &Archive,
+    month: Month,
+    manifest: &Manifest,
+    spool: &Path,
+) -> Result<Outcome, ArchiveError> {
+    let held = source::sums(ch, month).await?;
+    if held == manifest.orgs {
+        return Ok(Outcome::UpToDate { version: manifest.version });
+    }
+    if !held.is_empty() {
+        return Err(ArchiveError::Mismatch {
+            month: month.to_string(),
+            reason: format!(
+                "ClickHouse holds {} rows of it that are not the archive's; restore only into an empty month",
+                total(&held).rows
+            ),
+        });
+    }
+    verify::check_manifest(archive, manifest, spool).await?;
+    let staging = source::create_staging(ch, month).await?;
+    for entry in &manifest.files {
+        let local = spool.join("restore.parquet");
+        archive.download(&entry.path, &local).await?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&local).map_err(ArchiveError::Spool)?,
+        )?
+        .with_batch_size(65_536)
+        .build()?;
+        for batch in reader {
+            source::insert(ch, &staging, crate::rows::rows_of(&batch?)?).await?;
+        }
+        let _ = std::fs::remove_file(&local);
+    }
+    let staged = source::sums_of(ch, &staging).await?;
+    let differ = differences(&staged, &manifest.orgs);
+    if !differ.is_empty() {
+        return Err(ArchiveError::Mismatch {
+            month: month.to_string(),
+            reason: format!("the staged rows differ from the manifest: {}", differ.join("; ")),
+        });
+    }
+    source::attach_staging(ch, month, &staging).await?;
+    Ok(Outcome::Restored { version: manifest.version, rows: manifest.totals.rows })
 }

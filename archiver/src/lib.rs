@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod manifest;
 pub mod month;
+pub mod rows;
 pub mod serve;
 pub mod source;
 pub mod store;

@@ -11,11 +11,12 @@ use tally_common::config::Env;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: tally-archiver run | verify | serve\n\
+const USAGE: &str = "usage: tally-archiver run | verify | serve | restore YYYY-MM\n\
   run     archive every closed month not yet archived (and drop archived months older than\n\
           TALLY_ARCHIVE_HOT_MONTHS, if set); prints one JSON line per month\n\
   verify  read every published manifest's files back and check them; one JSON line per month\n\
-  serve   a pass every TALLY_ARCHIVE_INTERVAL_S, with /healthz, /readyz and /metrics on TALLY_LISTEN_ADDR";
+  serve   a pass every TALLY_ARCHIVE_INTERVAL_S, with /healthz, /readyz and /metrics on TALLY_LISTEN_ADDR\n\
+  restore load an archived month back into ClickHouse (an empty month; once)";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -45,6 +46,17 @@ async fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
             results.iter().any(|(_, r)| r.is_err())
+        }
+        "restore" => {
+            let Some(month) =
+                std::env::args().nth(2).as_deref().and_then(tally_archiver::month::Month::parse)
+            else {
+                eprintln!("{USAGE}");
+                std::process::exit(2);
+            };
+            let outcome = archive::restore(&config, &archive, month).await?;
+            println!("{}", serde_json::json!({"month": month.to_string(), "restore": outcome}));
+            false
         }
         "serve" => {
             let listener = tokio::net::TcpListener::bind(config.common.listen_addr)

@@ -44,6 +44,19 @@ struct OrgRow {
     total_tokens: u64,
 }
 
+impl OrgRow {
+    fn into_entry(self) -> (String, Sums) {
+        let sums = Sums {
+            rows: self.rows,
+            cost_nanos: self.cost_nanos,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+        };
+        (self.org_id, sums)
+    }
+}
+
 /// The month's rows per org with their exact sums.
 pub async fn sums(config: &ChConfig, month: Month) -> Result<OrgSums, ArchiveError> {
     let sql = format!(
@@ -53,19 +66,7 @@ pub async fn sums(config: &ChConfig, month: Month) -> Result<OrgSums, ArchiveErr
         config.table("events")
     );
     let rows: Vec<OrgRow> = config.client().query(&sql).bind(month.partition()).fetch_all().await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let sums = Sums {
-                rows: r.rows,
-                cost_nanos: r.cost_nanos,
-                prompt_tokens: r.prompt_tokens,
-                completion_tokens: r.completion_tokens,
-                total_tokens: r.total_tokens,
-            };
-            (r.org_id, sums)
-        })
-        .collect())
+    Ok(rows.into_iter().map(OrgRow::into_entry).collect())
 }
 
 /// A contiguous run of (org, day) in sort order: `[first, last]` inclusive, days since 1970.
@@ -137,6 +138,50 @@ pub fn rows(
         .bind(last_org.as_str())
         .bind(*last_day)
         .fetch::<EventRow>()?)
+}
+
+/// The staging table of a restore of `month`: `events_restore_<YYYYMM>`, empty, shaped like
+/// `events` (no views read it).
+pub async fn create_staging(config: &ChConfig, month: Month) -> Result<String, ArchiveError> {
+    let staging = config.table(&format!("events_restore_{}", month.partition()));
+    config.client().query(&format!("DROP TABLE IF EXISTS {staging}")).execute().await?;
+    config.client().query(&format!("CREATE TABLE {staging} AS {}", config.table("events"))).execute().await?;
+    Ok(staging)
+}
+
+/// Inserts rows into `table` (one INSERT).
+pub async fn insert(config: &ChConfig, table: &str, rows: Vec<EventRow>) -> Result<(), ArchiveError> {
+    let mut insert = config.client().insert_unescaped::<EventRow>(table).await?;
+    for row in &rows {
+        insert.write(row).await?;
+    }
+    insert.end().await?;
+    Ok(())
+}
+
+/// Per-org sums of any table shaped like `events` (a staging table).
+pub async fn sums_of(config: &ChConfig, table: &str) -> Result<OrgSums, ArchiveError> {
+    let sql = format!(
+        "SELECT org_id, count() AS rows, sum(cost_nanos) AS cost_nanos, sum(toUInt64(prompt_tokens)) AS prompt_tokens, \
+         sum(toUInt64(completion_tokens)) AS completion_tokens, sum(toUInt64(total_tokens)) AS total_tokens \
+         FROM {table} GROUP BY org_id ORDER BY org_id"
+    );
+    let rows: Vec<OrgRow> = config.client().query(&sql).fetch_all().await?;
+    Ok(rows.into_iter().map(OrgRow::into_entry).collect())
+}
+
+/// Moves the staged month into `events` in one step (`ATTACH PARTITION … FROM` copies the parts
+/// atomically and, unlike an INSERT, does not run the rollup views: the rollups still hold the
+/// month), then drops the staging table.
+pub async fn attach_staging(config: &ChConfig, month: Month, staging: &str) -> Result<(), ArchiveError> {
+    let sql = format!(
+        "ALTER TABLE {} ATTACH PARTITION {} FROM {staging}",
+        config.table("events"),
+        month.partition()
+    );
+    config.client().query(&sql).execute().await?;
+    config.client().query(&format!("DROP TABLE IF EXISTS {staging}")).execute().await?;
+    Ok(())
 }
 
 /// Drops the month's partition of `tally.events` (the rollups keep their rows).

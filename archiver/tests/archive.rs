@@ -229,6 +229,31 @@ async fn retention_drops_only_archived_closed_months_and_keeps_rows_that_came_la
     assert_eq!(rollup_rows(&clickhouse).await, daily_before, "the rollups keep the dropped months");
     assert_eq!(source::months(&clickhouse).await.unwrap(), [month("2026-11")]);
 
+    // `restore` brings August back exactly once, without touching the rollups.
+    let august = month("2026-08");
+    let restored = archive::restore(&config, &store, august).await.unwrap();
+    assert_eq!(restored, Outcome::Restored { version: 1, rows: 1000 });
+    let manifest = Manifest::latest(&store, august).await.unwrap().unwrap();
+    assert_eq!(source::sums(&clickhouse, august).await.unwrap(), manifest.orgs, "every row back, exactly");
+    assert_eq!(
+        archive::restore(&config, &store, august).await.unwrap(),
+        Outcome::UpToDate { version: 1 },
+        "once"
+    );
+    assert_eq!(rollup_rows(&clickhouse).await, daily_before, "the rollups did not count it twice");
+    let august_rows: Vec<EventRow> = clickhouse
+        .client()
+        .query(&format!(
+            "SELECT {} FROM {} WHERE toYYYYMM(timestamp) = 202608 ORDER BY kafka_offset",
+            tally_schemas::row::select_list(),
+            clickhouse.table("events")
+        ))
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(august_rows, rows(august, 1000, 1), "the restored rows are the rows archived, field by field");
+    source::drop_partition(&clickhouse, august).await.unwrap();
+
     // A row for September arrives after the drop (a dead-letter replay): kept in ClickHouse,
     // reported, never dropped, never lost.
     insert(&clickhouse, rows(month("2026-09"), 1, 99)).await;
