@@ -75,6 +75,8 @@ def main():
             failures.append(what)
             print("FAIL " + what)
 
+    # chdb embeds one server per process: one session for all reads.
+    sess = chdb.session.Session(tempfile.mkdtemp(prefix="tally-chdb-roundtrip-"))
     try:
         ch(url, "CREATE DATABASE IF NOT EXISTS %s" % db)
         for _, statement in migration_statements(os.path.join(ROOT, "schemas", "migrations"), db):
@@ -86,7 +88,7 @@ def main():
         run = subprocess.run([binary, "run"], env=env, stdout=subprocess.PIPE, text=True)
         print(run.stdout.strip())
         check(run.returncode == 0, "tally-archiver run exits 0 (got %d)" % run.returncode)
-        outcomes = {line["month"]: line for line in map(json.loads, run.stdout.split("\n")) if line} if run.stdout.strip() else {}
+        outcomes = {line["month"]: line for line in (json.loads(l) for l in run.stdout.split("\n") if l.strip())}
         for month in ("2026-08", "2026-09"):
             year, mm = month.split("-")
             check(outcomes.get(month, {}).get("outcome") == "archived", "%s archived: %s" % (month, outcomes.get(month)))
@@ -123,7 +125,6 @@ def main():
             check(by_duckdb == expected, "%s: DuckDB's per-org sums equal ClickHouse's" % month)
             check(all(str(r[4]) == year and int(r[5]) == int(mm) for r in rows), "%s: DuckDB sees the Hive year/month columns" % month)
 
-            sess = chdb.session.Session(tempfile.mkdtemp(prefix="tally-chdb-roundtrip-"))
             union = " UNION ALL ".join("SELECT org_id, cost, total_tokens FROM file('%s', Parquet)" % f for f in files)
             text = sess.query("SELECT org_id, count(), toString(sum(cost)), sum(total_tokens) FROM (%s) GROUP BY org_id ORDER BY org_id" % union, "TSV").bytes().decode()
             by_chdb = {}

@@ -61,6 +61,11 @@ def logged_statements(url, since):
         # Databases are dropped by the tests; the admin tables' RENAMEs are checked as migration 0005.
         if re.match(r"^\s*(DROP\s+DATABASE|RENAME\s+TABLE)", mapped, re.I):
             continue
+        # A fault a test injects into its own database (consumer_clickhouse.rs adds a column that
+        # refuses one org's rows): replayed into the one shared `compat` database it would change
+        # `events` for every other test's statements (an ATTACH PARTITION then sees two structures).
+        if "ADD COLUMN guard" in mapped:
+            continue
         shape = LITERAL.sub("?", re.sub(r"\s+", " ", mapped))
         if shape in seen:
             continue
