@@ -60,6 +60,25 @@ pub struct EventStore {
     table: String,
 }
 
+/// The query id of an insert into `table` of rows of these Kafka partitions:
+/// `tally-insert.<table>.p<a>_<b>….<uuid>`. `views::repair` reads it from `system.processes` to
+/// wait for an insert of its partitions that ClickHouse is still applying.
+pub fn insert_query_id(table: &str, partitions: &std::collections::BTreeSet<u16>) -> String {
+    let list: Vec<String> = partitions.iter().map(u16::to_string).collect();
+    format!("{}p{}.{}", insert_query_id_prefix(table), list.join("_"), uuid::Uuid::new_v4())
+}
+
+pub fn insert_query_id_prefix(table: &str) -> String {
+    format!("tally-insert.{table}.")
+}
+
+/// The partitions named in an insert's query id (see `insert_query_id`).
+pub fn partitions_of_insert(query_id: &str, table: &str) -> Vec<i32> {
+    let Some(rest) = query_id.strip_prefix(&insert_query_id_prefix(table)) else { return Vec::new() };
+    let list = rest.strip_prefix('p').and_then(|r| r.split('.').next()).unwrap_or("");
+    list.split('_').filter_map(|p| p.parse().ok()).collect()
+}
+
 impl EventStore {
     pub fn new(config: &ChConfig) -> Self {
         EventStore { client: config.client(), table: config.table("events") }
@@ -78,11 +97,13 @@ impl EventStore {
     /// Returns the time ClickHouse took.
     pub async fn insert(&self, rows: &[&EventRow]) -> Result<std::time::Duration, ClickHouseError> {
         let started = Instant::now();
+        let partitions: std::collections::BTreeSet<u16> = rows.iter().map(|r| r.kafka_partition).collect();
         let mut insert = self
             .client
             .insert_unescaped::<EventRow>(&self.table)
             .await?
-            .with_setting("max_insert_block_size", "1048576");
+            .with_setting("max_insert_block_size", "1048576")
+            .with_setting("query_id", insert_query_id(&self.table, &partitions));
         for row in rows {
             insert.write(row).await?;
         }
