@@ -79,6 +79,40 @@ pub fn partitions_of_insert(query_id: &str, table: &str) -> Vec<i32> {
     list.split('_').filter_map(|p| p.parse().ok()).collect()
 }
 
+/// ClickHouse finishes an INSERT whose client is gone (a consumer killed after sending its batch):
+/// the `events` part first, then each view's. Judging the rollups while such an insert of these
+/// partitions still runs would "complete" a bucket its view is about to complete (the rollup
+/// repair), or insert again rows that are about to appear (reconciliation after a rebalance):
+/// both seen in the kill -9 crash test under loaded fresh-clone CI runs. So the repair, and the
+/// reconciliation of a newly assigned partition, first wait, at most a minute, until no insert
+/// of these partitions (named in its query id, `insert_query_id`) runs on the server.
+pub async fn wait_for_inserts(
+    client: &clickhouse::Client,
+    events_table: &str,
+    partitions: &BTreeSet<i32>,
+) -> Result<(), clickhouse::error::Error> {
+    let prefix = insert_query_id_prefix(events_table);
+    for _ in 0..600 {
+        let running: Vec<String> = client
+            .query("SELECT query_id FROM system.processes WHERE query_id LIKE ?")
+            .bind(format!("{prefix}%"))
+            .fetch_all()
+            .await?;
+        let busy = running
+            .iter()
+            .any(|id| partitions_of_insert(id, events_table).iter().any(|p| partitions.contains(p)));
+        if !busy {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tracing::warn!(
+        table = events_table,
+        "an insert of these partitions still runs after 60 s; checking the rollups anyway"
+    );
+    Ok(())
+}
+
 impl EventStore {
     pub fn new(config: &ChConfig) -> Self {
         EventStore { client: config.client(), table: config.table("events") }

@@ -93,7 +93,7 @@ pub async fn repair(
     if records.is_empty() {
         return Ok(outcome);
     }
-    wait_for_inserts(client, events_table, &records.iter().map(|(p, _)| *p).collect()).await?;
+    crate::store::wait_for_inserts(client, events_table, &records.iter().map(|(p, _)| *p).collect()).await?;
     let positions = records
         .iter()
         .map(|(partition, offset)| format!("({partition}, {offset})"))
@@ -119,38 +119,6 @@ pub async fn repair(
         records.repair_rollup(rollup, &mut outcome).await?;
     }
     Ok(outcome)
-}
-
-/// ClickHouse finishes an INSERT whose client is gone (a consumer killed after sending its batch):
-/// the `events` part first, then each view's. Judging the rollups while such an insert of these
-/// partitions still runs would "complete" a bucket its view is about to complete, counting it twice
-/// (seen once in the kill -9 crash test under a loaded CI run). So this waits, at most a minute,
-/// until no insert of these partitions (named in its query id, `store::insert_query_id`) runs.
-async fn wait_for_inserts(
-    client: &clickhouse::Client,
-    events_table: &str,
-    partitions: &BTreeSet<i32>,
-) -> Result<(), clickhouse::error::Error> {
-    let prefix = crate::store::insert_query_id_prefix(events_table);
-    for _ in 0..600 {
-        let running: Vec<String> = client
-            .query("SELECT query_id FROM system.processes WHERE query_id LIKE ?")
-            .bind(format!("{prefix}%"))
-            .fetch_all()
-            .await?;
-        let busy = running.iter().any(|id| {
-            crate::store::partitions_of_insert(id, events_table).iter().any(|p| partitions.contains(p))
-        });
-        if !busy {
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    tracing::warn!(
-        table = events_table,
-        "an insert of these partitions still runs after 60 s; checking the rollups anyway"
-    );
-    Ok(())
 }
 
 /// The records being checked: their orgs, their earliest event time, and the condition that
