@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use crate::config::{ConfigError, Env};
-
 #[derive(Debug, Clone)]
 pub struct ChConfig {
     pub url: String,
@@ -14,23 +12,6 @@ pub struct ChConfig {
 }
 
 impl ChConfig {
-    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let database = env.string("TALLY_CLICKHOUSE_DATABASE", "tally");
-        if !tally_schemas::migrations::is_valid_database_name(&database) {
-            return Err(ConfigError::Invalid {
-                key: "TALLY_CLICKHOUSE_DATABASE".into(),
-                value: database,
-                reason: "must be letters, digits and underscores, not starting with a digit".into(),
-            });
-        }
-        Ok(ChConfig {
-            url: env.string("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
-            database,
-            user: env.string("TALLY_CLICKHOUSE_USER", "default"),
-            password: env.string("TALLY_CLICKHOUSE_PASSWORD", ""),
-        })
-    }
-
     /// A client whose statements name tables as `{database}.table` explicitly.
     pub fn client(&self) -> clickhouse::Client {
         clickhouse::Client::default()

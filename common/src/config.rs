@@ -66,6 +66,27 @@ impl Env {
     }
 }
 
+/// Where ClickHouse is: `TALLY_CLICKHOUSE_URL`, `_DATABASE` (a plain identifier: it is spliced into
+/// SQL), `_USER`, `_PASSWORD`. (Here rather than in `ch`, so `ch` needs nothing of `config`.)
+impl crate::ch::ChConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let database = env.string("TALLY_CLICKHOUSE_DATABASE", "tally");
+        if !tally_schemas::migrations::is_valid_database_name(&database) {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_CLICKHOUSE_DATABASE".into(),
+                value: database,
+                reason: "must be letters, digits and underscores, not starting with a digit".into(),
+            });
+        }
+        Ok(crate::ch::ChConfig {
+            url: env.string("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+            database,
+            user: env.string("TALLY_CLICKHOUSE_USER", "default"),
+            password: env.string("TALLY_CLICKHOUSE_PASSWORD", ""),
+        })
+    }
+}
+
 /// Settings every service shares.
 #[derive(Debug, Clone)]
 pub struct CommonConfig {
