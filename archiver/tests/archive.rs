@@ -90,12 +90,7 @@ fn rows(month: Month, count: u32, seed: u32) -> Vec<EventRow> {
 }
 
 async fn insert(clickhouse: &ChConfig, rows: Vec<EventRow>) {
-    let mut insert =
-        clickhouse.client().insert_unescaped::<EventRow>(&clickhouse.table("events")).await.unwrap();
-    for row in &rows {
-        insert.write(row).await.unwrap();
-    }
-    insert.end().await.unwrap();
+    source::insert(clickhouse, &clickhouse.table("events"), rows).await.unwrap();
 }
 
 fn month(text: &str) -> Month {

@@ -77,11 +77,14 @@ impl Reconciler {
             }
         }
         let partitions: BTreeSet<i32> = batch.iter().map(|p| p.partition).collect();
+        // A killed owner's insert of a newly assigned partition may still be running on the
+        // server: one wait for all of them, before their stored rows are looked at.
+        let new: BTreeSet<i32> = partitions.iter().copied().filter(|p| !self.high.contains_key(p)).collect();
+        if !new.is_empty() {
+            crate::store::wait_for_inserts(self.store.client(), self.store.table(), &new).await?;
+        }
         for partition in partitions {
             if !self.high.contains_key(&partition) {
-                // A killed owner's insert of this partition may still be running on the server.
-                let one = BTreeSet::from([partition]);
-                crate::store::wait_for_inserts(self.store.client(), self.store.table(), &one).await?;
                 let first = batch.iter().filter(|p| p.partition == partition).min_by_key(|p| p.offset);
                 let first_ts = first.map_or(0, |p| p.kafka_timestamp_ms);
                 let high = self.high_offset(partition, first_ts).await?;

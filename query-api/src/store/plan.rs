@@ -179,7 +179,10 @@ fn rollup_query(tables: &Tables, scope: &Scope, hours: &RollupHours, select: &st
         tables.rollup_hourly
     );
     if !hours.except.is_empty() {
-        text.push_str(&format!(" AND toUInt32(hour) NOT IN ({})", vec!["?"; hours.except.len()].join(", ")));
+        text.push_str(&format!(
+            " AND toUInt32(hour) NOT IN ({})",
+            tally_common::ch::placeholders(hours.except.len(), "?")
+        ));
         binds.extend(hours.except.iter().map(|h| Bind::Number(seconds(*h))));
     }
     let (filters, filter_binds) = filters(scope);
