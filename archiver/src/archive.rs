@@ -13,6 +13,7 @@ use tally_common::ch::ChConfig;
 use crate::columns::{self, SCHEMA_VERSION};
 use crate::config::ArchiverConfig;
 use crate::error::ArchiveError;
+use crate::late;
 use crate::manifest::{self, FileEntry, Manifest, Source};
 use crate::month::Month;
 use crate::source::{self, Lock};
@@ -33,8 +34,11 @@ pub enum Outcome {
     UpToDate { version: u32 },
     /// Archived and no longer in ClickHouse.
     Dropped { version: u32 },
-    /// ClickHouse holds other rows than the latest manifest (rows arrived after it was archived):
-    /// left in ClickHouse, never dropped, reported.
+    /// Every row ClickHouse holds is in the archive, but not every archived row is in ClickHouse
+    /// (rows arrived after a drop and were archived, or rows were deleted).
+    HeldInArchive { version: u32, rows_held: u64 },
+    /// ClickHouse holds rows the latest manifest lacks (they arrived after this pass archived the
+    /// month): left in ClickHouse, never dropped; the next pass archives them.
     ChangedSinceArchived { version: u32, orgs: Vec<String> },
     /// Dropped from ClickHouse by this pass's retention.
     DroppedNow { version: u32, rows: u64 },
@@ -89,10 +93,11 @@ async fn run_in(
         };
         let outcome = match (outcome, config.hot_months) {
             (Ok(Outcome::UpToDate { version }), Some(hot))
+            | (Ok(Outcome::HeldInArchive { version, .. }), Some(hot))
             | (Ok(Outcome::Archived { version, .. }), Some(hot))
                 if month < Month::first_hot(now, hot) =>
             {
-                drop_month(ch, archive, month, version, spool).await
+                drop_month(config, archive, month, version, spool).await
             }
             (outcome, _) => outcome,
         };
@@ -129,16 +134,14 @@ pub async fn archive_month(
     result
 }
 
-/// What to do about a month given its latest manifest and ClickHouse's sums: None = archive it.
+/// What to do about a month given its latest manifest and ClickHouse's sums: None = archive it
+/// (the whole month, or the rows its archive lacks).
 fn settled(latest: Option<&Manifest>, held: &OrgSums) -> Option<Outcome> {
     match latest {
         None if held.is_empty() => Some(Outcome::Open),
-        None => None,
         Some(m) if held.is_empty() => Some(Outcome::Dropped { version: m.version }),
         Some(m) if m.orgs == *held => Some(Outcome::UpToDate { version: m.version }),
-        Some(m) => {
-            Some(Outcome::ChangedSinceArchived { version: m.version, orgs: differences(held, &m.orgs) })
-        }
+        _ => None,
     }
 }
 
@@ -152,17 +155,72 @@ async fn archive_locked(
     let ch = &config.common.clickhouse;
     // Another archiver may have published while this one waited for the lock.
     let latest = Manifest::latest(archive, month).await?;
-    let snapshot_at = Utc::now();
-    let parts = source::parts(ch, month).await?;
+    let snapshot = Snapshot { at: Utc::now(), parts: source::parts(ch, month).await? };
     let held = source::sums(ch, month).await?;
     if let Some(outcome) = settled(latest.as_ref(), &held) {
         return Ok(outcome);
     }
-    let version = latest.map_or(1, |m| m.version + 1);
-    let expected_rows = total(&held).rows;
-    tracing::info!(month = %month, version, rows = expected_rows, orgs = held.len(), "archiving");
-    let (files, written) = write_files(config, archive, month, version, spool, expected_rows).await?;
-    let differ = differences(&written, &held);
+    let outcome = match latest {
+        None => archive_whole(config, archive, month, snapshot, &held, spool).await?,
+        Some(previous) => archive_late(config, archive, month, snapshot, &previous, &held, spool).await?,
+    };
+    Ok(match outcome {
+        Outcome::Archived { version, rows, files, .. } => {
+            Outcome::Archived { version, rows, files, seconds: started.elapsed().as_secs() }
+        }
+        other => other,
+    })
+}
+
+/// ClickHouse's state of the month when its sums were taken.
+struct Snapshot {
+    at: DateTime<Utc>,
+    parts: Vec<String>,
+}
+
+/// The manifest of `version` of `month` naming `files`, which hold `orgs`.
+fn new_manifest(
+    ch: &ChConfig,
+    month: Month,
+    version: u32,
+    snapshot: Snapshot,
+    files: Vec<FileEntry>,
+    orgs: OrgSums,
+) -> Manifest {
+    Manifest {
+        format: manifest::FORMAT.into(),
+        schema_version: SCHEMA_VERSION,
+        month: month.to_string(),
+        version,
+        created_at: Utc::now().to_rfc3339(),
+        source: Source {
+            database: ch.database.clone(),
+            table: "events".into(),
+            partition: month.partition(),
+            snapshot_at: snapshot.at.to_rfc3339(),
+            parts: snapshot.parts,
+        },
+        files,
+        totals: total(&orgs),
+        orgs,
+        verified: "every file read back from the store: size, SHA-256, schema, per-org rows and exact sums equal ClickHouse's".into(),
+    }
+}
+
+/// The first archive of a month: every row, checked against the snapshot's sums.
+async fn archive_whole(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    month: Month,
+    snapshot: Snapshot,
+    held: &OrgSums,
+    spool: &Path,
+) -> Result<Outcome, ArchiveError> {
+    let ch = &config.common.clickhouse;
+    let expected_rows = total(held).rows;
+    tracing::info!(month = %month, version = 1, rows = expected_rows, orgs = held.len(), "archiving");
+    let (files, written) = write_files(config, archive, month, 1, spool, expected_rows).await?;
+    let differ = differences(&written, held);
     if !differ.is_empty() {
         return Err(ArchiveError::Mismatch {
             month: month.to_string(),
@@ -173,32 +231,47 @@ async fn archive_locked(
             ),
         });
     }
-    let manifest = Manifest {
-        format: manifest::FORMAT.into(),
-        schema_version: SCHEMA_VERSION,
-        month: month.to_string(),
-        version,
-        created_at: Utc::now().to_rfc3339(),
-        source: Source {
-            database: ch.database.clone(),
-            table: "events".into(),
-            partition: month.partition(),
-            snapshot_at: snapshot_at.to_rfc3339(),
-            parts,
-        },
-        files,
-        totals: total(&held),
-        orgs: held,
-        verified: "every file read back from the store: size, SHA-256, schema, per-org rows and exact sums equal ClickHouse's".into(),
-    };
+    let manifest = new_manifest(ch, month, 1, snapshot, files, held.clone());
     verify::check_manifest(archive, &manifest, spool).await?;
     manifest.publish(archive).await?;
-    Ok(Outcome::Archived {
-        version,
-        rows: manifest.totals.rows,
-        files: manifest.files.len(),
-        seconds: started.elapsed().as_secs(),
-    })
+    Ok(Outcome::Archived { version: 1, rows: manifest.totals.rows, files: manifest.files.len(), seconds: 0 })
+}
+
+/// A month archived before whose ClickHouse rows differ from its manifest: the rows the archive
+/// lacks (by identity) are written as additional files, and a new manifest version names the
+/// previous files and the new ones. Rows the archive has are never written again.
+async fn archive_late(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    month: Month,
+    snapshot: Snapshot,
+    previous: &Manifest,
+    held: &OrgSums,
+    spool: &Path,
+) -> Result<Outcome, ArchiveError> {
+    let ch = &config.common.clickhouse;
+    let version = previous.version + 1;
+    let orgs = late::changed_orgs(held, &previous.orgs);
+    tracing::info!(month = %month, version, orgs = orgs.len(), "comparing ClickHouse's rows with the archive");
+    let found = late::find(config, archive, month, previous, &orgs, version, spool).await?;
+    if found.rows == 0 {
+        return Ok(Outcome::HeldInArchive { version: previous.version, rows_held: total(held).rows });
+    }
+    tracing::info!(month = %month, version, rows = found.rows, "archiving rows the archive lacks");
+    let mut files = previous.files.clone();
+    let mut added = OrgSums::new();
+    for (part, spooled) in found.files.into_iter().enumerate() {
+        files.push(upload(archive, month, version, part, spooled, &mut added).await?);
+    }
+    let mut orgs = previous.orgs.clone();
+    for (org, sums) in &added {
+        orgs.entry(org.clone()).or_default().add(sums);
+    }
+    let new_files = files.len() - previous.files.len();
+    let manifest = new_manifest(ch, month, version, snapshot, files, orgs);
+    verify::check_manifest(archive, &manifest, spool).await?;
+    manifest.publish(archive).await?;
+    Ok(Outcome::Archived { version, rows: found.rows, files: new_files, seconds: 0 })
 }
 
 /// Streams the month out of ClickHouse chunk by chunk into files of at most `file_rows` rows,
@@ -266,27 +339,50 @@ async fn upload(
 }
 
 /// Drops an archived month from ClickHouse: its files are read back and checked against the
-/// manifest, and ClickHouse's sums re-read and compared with the manifest's just before the drop.
+/// manifest, and ClickHouse's rows re-checked just before the drop: their sums equal the
+/// manifest's, or (after late rows were archived) every row held is in the archive by identity.
+/// The drop is recorded next to the manifests (`dropped.json`) for readers of the archive.
 async fn drop_month(
-    ch: &ChConfig,
+    config: &ArchiverConfig,
     archive: &Archive,
     month: Month,
     version: u32,
     spool: &Path,
 ) -> Result<Outcome, ArchiveError> {
+    let ch = &config.common.clickhouse;
     let manifest = Manifest::read(archive, month, version).await?;
     verify::check_manifest(archive, &manifest, spool).await?;
     let lock = Lock::take(ch, month).await?;
-    let held = source::sums(ch, month).await;
-    let result = match held {
-        Ok(held) if held == manifest.orgs => source::drop_partition(ch, month)
-            .await
-            .map(|()| Outcome::DroppedNow { version, rows: manifest.totals.rows }),
-        Ok(held) => Ok(Outcome::ChangedSinceArchived { version, orgs: differences(&held, &manifest.orgs) }),
-        Err(e) => Err(e),
-    };
+    let result = drop_locked(config, archive, month, &manifest, spool).await;
     lock.release().await?;
     result
+}
+
+async fn drop_locked(
+    config: &ArchiverConfig,
+    archive: &Archive,
+    month: Month,
+    manifest: &Manifest,
+    spool: &Path,
+) -> Result<Outcome, ArchiveError> {
+    let ch = &config.common.clickhouse;
+    let held = source::sums(ch, month).await?;
+    if held != manifest.orgs {
+        let orgs = late::changed_orgs(&held, &manifest.orgs);
+        let found = late::find(config, archive, month, manifest, &orgs, manifest.version + 1, spool).await?;
+        for spooled in &found.files {
+            let _ = std::fs::remove_file(&spooled.path);
+        }
+        if found.rows > 0 {
+            return Ok(Outcome::ChangedSinceArchived {
+                version: manifest.version,
+                orgs: orgs.into_iter().collect(),
+            });
+        }
+    }
+    source::drop_partition(ch, month).await?;
+    manifest::Dropped::now(month, manifest.version, total(&held).rows).publish(archive).await?;
+    Ok(Outcome::DroppedNow { version: manifest.version, rows: total(&held).rows })
 }
 
 /// Re-checks every published manifest (its latest version per month) against its files.
@@ -388,6 +484,9 @@ async fn restore_locked(
             reason: format!("the staged rows differ from the manifest: {}", differ.join("; ")),
         });
     }
+    // Readers stop taking the month from the archive first: while the parts attach they may miss
+    // it for a moment, never count it twice.
+    archive.delete(&manifest::dropped_key(month)).await?;
     source::attach_staging(ch, month, &staging).await?;
     Ok(Outcome::Restored { version: manifest.version, rows: manifest.totals.rows })
 }

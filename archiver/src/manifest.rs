@@ -104,3 +104,46 @@ impl Manifest {
         archive.put(&key(month, self.version), bytes).await
     }
 }
+
+/// The record that a month's rows were dropped from ClickHouse after `version` was verified:
+/// `events/year=2026/month=10/dropped.json`, rewritten at each drop and removed by `restore`.
+/// Readers of raw rows take a dropped month from the archive (and from ClickHouse only the rows
+/// of files added after `version`'s, which can be there too while a later pass drops them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    pub month: String,
+    pub version: u32,
+    pub dropped_at: String,
+    pub rows_dropped: u64,
+}
+
+pub fn dropped_key(month: Month) -> String {
+    format!("{}dropped.json", month.prefix())
+}
+
+impl Dropped {
+    pub fn now(month: Month, version: u32, rows_dropped: u64) -> Dropped {
+        Dropped {
+            month: month.to_string(),
+            version,
+            dropped_at: chrono::Utc::now().to_rfc3339(),
+            rows_dropped,
+        }
+    }
+
+    pub async fn read(archive: &Archive, month: Month) -> Result<Option<Dropped>, ArchiveError> {
+        let key = dropped_key(month);
+        let Some(bytes) = archive.get(&key).await? else { return Ok(None) };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ArchiveError::Manifest { key, reason: format!("not a drop record: {e}") })
+    }
+
+    pub async fn publish(&self, archive: &Archive) -> Result<(), ArchiveError> {
+        let month = Month::parse(&self.month)
+            .ok_or_else(|| ArchiveError::Manifest { key: self.month.clone(), reason: "bad month".into() })?;
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| ArchiveError::Manifest { key: dropped_key(month), reason: e.to_string() })?;
+        archive.put(&dropped_key(month), bytes).await
+    }
+}

@@ -44,7 +44,12 @@ impl Archive {
             .strip_prefix("s3://")
             .ok_or_else(|| ArchiveError::Config(format!("unsupported archive URL {url}")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_region(&config.s3_region);
+        // One DELETE per object: the archiver deletes one object at a time (a month's drop
+        // record), and S3Proxy, the local stack's server, refuses the bulk `POST /?delete`.
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_region(&config.s3_region)
+            .with_disable_bulk_delete(true);
         if let Some(endpoint) = &config.s3_endpoint {
             builder = builder
                 .with_endpoint(endpoint)
@@ -101,6 +106,14 @@ impl Archive {
             .map_err(|e| ArchiveError::Store { key: key.to_owned(), source: e })
     }
 
+    /// Removes one object (a single DELETE; absent is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(ArchiveError::Store { key: key.to_owned(), source: e }),
+        }
+    }
+
     /// The object, or None when there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, ArchiveError> {
         match self.store.get(&self.path(key)).await {
@@ -129,6 +142,11 @@ impl Archive {
         }
         file.flush().await.map_err(ArchiveError::Spool)?;
         Ok((size, hex::encode(hash.finalize())))
+    }
+
+    /// A Parquet reader of an archived file that fetches byte ranges on demand.
+    pub fn file_reader(&self, entry: &crate::manifest::FileEntry) -> crate::read::ArchiveFile {
+        crate::read::ArchiveFile::new(self.store.clone(), self.path(&entry.path), entry.bytes)
     }
 
     /// The objects under `key_prefix`, keys relative to the archive's root.

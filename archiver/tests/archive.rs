@@ -13,7 +13,7 @@ use object_store::aws::AmazonS3Builder;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use tally_archiver::archive::{self, Outcome};
 use tally_archiver::config::ArchiverConfig;
-use tally_archiver::manifest::Manifest;
+use tally_archiver::manifest::{Dropped, Manifest};
 use tally_archiver::month::Month;
 use tally_archiver::source;
 use tally_archiver::store::Archive;
@@ -224,10 +224,13 @@ async fn retention_drops_only_archived_closed_months_and_keeps_rows_that_came_la
     assert_eq!(rollup_rows(&clickhouse).await, daily_before, "the rollups keep the dropped months");
     assert_eq!(source::months(&clickhouse).await.unwrap(), [month("2026-11")]);
 
-    // `restore` brings August back exactly once, without touching the rollups.
+    // `restore` brings August back exactly once, without touching the rollups; readers take it
+    // from ClickHouse again (no drop record).
     let august = month("2026-08");
+    assert_eq!(Dropped::read(&store, august).await.unwrap().unwrap().version, 1);
     let restored = archive::restore(&config, &store, august).await.unwrap();
     assert_eq!(restored, Outcome::Restored { version: 1, rows: 1000 });
+    assert!(Dropped::read(&store, august).await.unwrap().is_none());
     let manifest = Manifest::latest(&store, august).await.unwrap().unwrap();
     assert_eq!(source::sums(&clickhouse, august).await.unwrap(), manifest.orgs, "every row back, exactly");
     assert_eq!(
@@ -249,18 +252,76 @@ async fn retention_drops_only_archived_closed_months_and_keeps_rows_that_came_la
     assert_eq!(august_rows, rows(august, 1000, 1), "the restored rows are the rows archived, field by field");
     source::drop_partition(&clickhouse, august).await.unwrap();
 
-    // A row for September arrives after the drop (a dead-letter replay): kept in ClickHouse,
-    // reported, never dropped, never lost.
+    // A row for September arrives after the drop (a dead-letter replay): the next pass archives it
+    // as a new version and, September being cold, drops it again.
     insert(&clickhouse, rows(month("2026-09"), 1, 99)).await;
     let got = outcomes(&archive::run(&config, &store, now()).await.unwrap());
+    assert_eq!(got[0], ("2026-09".into(), Outcome::DroppedNow { version: 2, rows: 1 }), "{got:?}");
+    let september = Manifest::latest(&store, month("2026-09")).await.unwrap().unwrap();
+    assert_eq!(september.totals.rows, 1001);
+    assert!(source::sums(&clickhouse, month("2026-09")).await.unwrap().is_empty());
+    drop_database(&clickhouse).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn late_rows_are_archived_once_as_a_new_version_never_lost_or_doubled() {
+    let clickhouse = database_with_three_months("arch7").await;
+    let (url, dir) = local_archive_url();
+    let keep = config(&clickhouse, &url, None);
+    let store = Archive::open(&keep).unwrap();
+    let september = month("2026-09");
+    archive::run(&keep, &store, now()).await.unwrap();
+
+    // Five rows reach September after it was archived (still in ClickHouse): version 2 names the
+    // first version's files and one more holding exactly the five.
+    insert(&clickhouse, rows(september, 5, 50)).await;
+    let got = outcomes(&archive::run(&keep, &store, now()).await.unwrap());
     assert!(
-        matches!(&got[0], (m, Outcome::ChangedSinceArchived { version: 1, .. }) if m == "2026-09"),
+        matches!(&got[1], (m, Outcome::Archived { version: 2, rows: 5, files: 1, .. }) if m == "2026-09"),
         "{got:?}"
     );
+    let v1 = Manifest::read(&store, september, 1).await.unwrap();
+    let v2 = Manifest::latest(&store, september).await.unwrap().unwrap();
+    assert_eq!(v2.files[..v1.files.len()], v1.files[..], "the first version's files, unchanged");
+    assert_eq!(v2.files.len(), v1.files.len() + 1);
+    assert_eq!(v2.files.last().unwrap().rows, 5);
+    assert_eq!(v2.orgs, source::sums(&clickhouse, september).await.unwrap(), "exact per org");
     assert_eq!(
-        source::sums(&clickhouse, month("2026-09")).await.unwrap().values().map(|s| s.rows).sum::<u64>(),
-        1
+        outcomes(&archive::run(&keep, &store, now()).await.unwrap())[1].1,
+        Outcome::UpToDate { version: 2 }
     );
+
+    // Retention drops both closed months, recording the drop.
+    let cold = config(&clickhouse, &url, Some(1));
+    let got = outcomes(&archive::run(&cold, &store, now()).await.unwrap());
+    assert_eq!(got[1], ("2026-09".into(), Outcome::DroppedNow { version: 2, rows: 1005 }), "{got:?}");
+    let dropped = Dropped::read(&store, september).await.unwrap().unwrap();
+    assert_eq!((dropped.version, dropped.rows_dropped), (2, 1005));
+
+    // After the drop: three new rows, and one already archived written again (an operator
+    // re-inserting a backup). The three are archived as version 3, the fourth is recognised by
+    // its identity and not archived twice; then the month is dropped again.
+    insert(&clickhouse, rows(september, 3, 60)).await;
+    insert(&clickhouse, rows(september, 1, 2)).await;
+    let got = outcomes(&archive::run(&cold, &store, now()).await.unwrap());
+    assert_eq!(got[0], ("2026-09".into(), Outcome::DroppedNow { version: 3, rows: 4 }), "{got:?}");
+    let v3 = Manifest::latest(&store, september).await.unwrap().unwrap();
+    assert_eq!((v3.version, v3.totals.rows), (3, 1008), "1000 + 5 + 3, each once");
+    let mut expected = tally_archiver::totals::OrgSums::new();
+    for row in rows(september, 1000, 2).iter().chain(&rows(september, 5, 50)).chain(&rows(september, 3, 60)) {
+        let sums = expected.entry(row.org_id.clone()).or_default();
+        sums.add(&tally_archiver::totals::Sums {
+            rows: 1,
+            cost_nanos: row.cost_nanos,
+            prompt_tokens: u64::from(row.prompt_tokens),
+            completion_tokens: u64::from(row.completion_tokens),
+            total_tokens: u64::from(row.total_tokens),
+        });
+    }
+    assert_eq!(v3.orgs, expected, "the archive holds every row inserted, once");
+    assert_eq!(archive::verify_all(&store).await.unwrap()[1], ("2026-09".to_owned(), Ok(3)));
+    assert!(source::sums(&clickhouse, september).await.unwrap().is_empty());
     drop_database(&clickhouse).await;
     let _ = std::fs::remove_dir_all(dir);
 }
