@@ -128,7 +128,7 @@ pub async fn archive_month(
     if let Some(outcome) = settled(latest.as_ref(), &held) {
         return Ok(outcome);
     }
-    let lock = Lock::take(ch, month).await?;
+    let lock = Lock::take(ch, month, config.lock_stale_after).await?;
     let result = archive_locked(config, archive, month, spool).await;
     lock.release().await?;
     result
@@ -352,7 +352,7 @@ async fn drop_month(
     let ch = &config.common.clickhouse;
     let manifest = Manifest::read(archive, month, version).await?;
     verify::check_manifest(archive, &manifest, spool).await?;
-    let lock = Lock::take(ch, month).await?;
+    let lock = Lock::take(ch, month, config.lock_stale_after).await?;
     let result = drop_locked(config, archive, month, &manifest, spool).await;
     lock.release().await?;
     result
@@ -433,7 +433,7 @@ pub async fn restore(
         month: month.to_string(),
         reason: "it was never archived (no manifest)".into(),
     })?;
-    let lock = Lock::take(ch, month).await?;
+    let lock = Lock::take(ch, month, config.lock_stale_after).await?;
     let spool = spool_dir()?;
     let result = restore_locked(ch, archive, month, &manifest, &spool).await;
     let _ = std::fs::remove_dir_all(&spool);

@@ -26,6 +26,11 @@ pub struct ArchiverConfig {
     pub chunk_rows: u64,
     /// `serve`: time between runs.
     pub interval: Duration,
+    /// A month's lock without a heartbeat for this long belongs to a stopped archiver and is
+    /// taken over.
+    pub lock_stale_after: Duration,
+    /// How long one S3 request is retried (transient errors) before the pass fails.
+    pub s3_retry_timeout: Duration,
 }
 
 impl ArchiverConfig {
@@ -51,6 +56,8 @@ impl ArchiverConfig {
             file_rows: env.parse("TALLY_ARCHIVE_FILE_ROWS", 10_000_000)?,
             chunk_rows: env.parse("TALLY_ARCHIVE_CHUNK_ROWS", 2_000_000)?,
             interval: Duration::from_secs(env.parse("TALLY_ARCHIVE_INTERVAL_S", 3600)?),
+            lock_stale_after: Duration::from_secs(env.parse("TALLY_ARCHIVE_LOCK_STALE_S", 120)?),
+            s3_retry_timeout: Duration::from_secs(env.parse("TALLY_ARCHIVE_S3_RETRY_TIMEOUT_S", 180)?),
         };
         if config.lag_margin < chrono::Duration::zero() {
             return Err(invalid(

@@ -192,31 +192,110 @@ pub async fn drop_partition(config: &ChConfig, month: Month) -> Result<(), Archi
 }
 
 /// A lock on archiving `month`, across archivers sharing the ClickHouse: the table
-/// `archiver_lock_<YYYYMM>`, whose creation fails for all but one.
+/// `archiver_lock_<YYYYMM>`, created with its owner's first heartbeat in one statement, so its
+/// creation succeeds for one archiver only. The holder adds a heartbeat row every quarter of
+/// `stale_after`; a lock without a heartbeat for `stale_after` (its archiver was killed) is taken
+/// over: renamed away atomically (one taker wins the rename), checked still stale, dropped.
 pub struct Lock {
     config: ChConfig,
     table: String,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Row, Deserialize)]
+struct LockAge {
+    last: u32,
+    now: u32,
 }
 
 impl Lock {
-    pub async fn take(config: &ChConfig, month: Month) -> Result<Lock, ArchiveError> {
+    pub async fn take(
+        config: &ChConfig,
+        month: Month,
+        stale_after: std::time::Duration,
+    ) -> Result<Lock, ArchiveError> {
         let table = config.table(&format!("archiver_lock_{}", month.partition()));
-        let create = format!("CREATE TABLE {table} (owner String) ENGINE = Log");
-        match config.client().query(&create).execute().await {
-            Ok(()) => Ok(Lock { config: config.clone(), table }),
-            Err(e)
-                if tally_common::ch::error_code(&e) == Some(tally_common::ch::CODE_TABLE_ALREADY_EXISTS) =>
-            {
-                Err(ArchiveError::Locked(month.to_string(), table))
+        for _ in 0..2 {
+            match Lock::create(config, &table).await {
+                Ok(()) => {
+                    let heartbeat = tokio::spawn(heartbeat(config.clone(), table.clone(), stale_after / 4));
+                    return Ok(Lock { config: config.clone(), table, heartbeat });
+                }
+                Err(e)
+                    if tally_common::ch::error_code(&e)
+                        == Some(tally_common::ch::CODE_TABLE_ALREADY_EXISTS) =>
+                {
+                    if !take_over_if_stale(config, &table, stale_after).await? {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+        Err(ArchiveError::Locked(month.to_string(), table))
+    }
+
+    async fn create(config: &ChConfig, table: &str) -> Result<(), clickhouse::error::Error> {
+        let owner = format!("{}:{}", std::process::id(), uuid::Uuid::new_v4());
+        let create = format!("CREATE TABLE {table} ENGINE = Log AS SELECT toString(?) AS owner, now() AS at");
+        config.client().query(&create).bind(owner).execute().await
     }
 
     pub async fn release(self) -> Result<(), ArchiveError> {
+        self.heartbeat.abort();
         self.config.client().query(&format!("DROP TABLE IF EXISTS {}", self.table)).execute().await?;
         Ok(())
     }
+}
+
+async fn heartbeat(config: ChConfig, table: String, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let beat = format!("INSERT INTO {table} SELECT 'heartbeat', now()");
+        if let Err(e) = config.client().query(&beat).execute().await {
+            tracing::warn!(table = %table, error = %e, "lock heartbeat failed");
+        }
+    }
+}
+
+/// Seconds since the lock table's last heartbeat (ClickHouse's clock for both ends).
+async fn lock_age(config: &ChConfig, table: &str) -> Result<Option<u32>, ArchiveError> {
+    let sql = format!("SELECT toUInt32(max(at)) AS last, toUInt32(now()) AS now FROM {table}");
+    match config.client().query(&sql).fetch_one::<LockAge>().await {
+        Ok(age) => Ok(Some(age.now.saturating_sub(age.last))),
+        Err(e) if tally_common::ch::error_code(&e) == Some(tally_common::ch::CODE_UNKNOWN_TABLE) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes a lock whose holder stopped beating; true when the caller may try to take it again.
+async fn take_over_if_stale(
+    config: &ChConfig,
+    table: &str,
+    stale_after: std::time::Duration,
+) -> Result<bool, ArchiveError> {
+    let stale = u32::try_from(stale_after.as_secs()).unwrap_or(u32::MAX);
+    match lock_age(config, table).await? {
+        None => return Ok(true),
+        Some(age) if age < stale.max(1) => return Ok(false),
+        Some(_) => {}
+    }
+    let aside = format!("{table}_stale_{}", uuid::Uuid::new_v4().simple());
+    if let Err(e) = config.client().query(&format!("RENAME TABLE {table} TO {aside}")).execute().await {
+        // Another archiver took it over first.
+        tracing::info!(table = %table, error = %e, "stale lock: another archiver took it over");
+        return Ok(false);
+    }
+    if lock_age(config, &aside).await?.is_some_and(|age| age < stale.max(1)) {
+        // A fresh lock was renamed (another taker created it meanwhile): give it back.
+        let _ = config.client().query(&format!("RENAME TABLE {aside} TO {table}")).execute().await;
+        return Ok(false);
+    }
+    tracing::warn!(table = %table, "took over a lock whose archiver stopped (no heartbeat)");
+    config.client().query(&format!("DROP TABLE IF EXISTS {aside}")).execute().await?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -49,7 +49,11 @@ impl Archive {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_region(&config.s3_region)
-            .with_disable_bulk_delete(true);
+            .with_disable_bulk_delete(true)
+            .with_retry(object_store::RetryConfig {
+                retry_timeout: config.s3_retry_timeout,
+                ..Default::default()
+            });
         if let Some(endpoint) = &config.s3_endpoint {
             builder = builder
                 .with_endpoint(endpoint)

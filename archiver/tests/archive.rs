@@ -445,3 +445,106 @@ async fn serve_runs_passes_and_reports_them_on_its_ops_routes() {
     drop_database(&clickhouse).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `tally-archiver run`, the real binary, on `database` archiving to the S3 bucket `bucket`
+/// through `endpoint`: small files so a month spans several, a short lock timeout and S3 retry.
+fn archiver_binary(clickhouse: &ChConfig, bucket: &str, endpoint: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally-archiver"));
+    command
+        .arg("run")
+        .env("TALLY_CLICKHOUSE_URL", &clickhouse.url)
+        .env("TALLY_CLICKHOUSE_DATABASE", &clickhouse.database)
+        .env("TALLY_ARCHIVE_URL", format!("s3://{bucket}"))
+        .env("TALLY_S3_ENDPOINT", endpoint)
+        .env("AWS_ACCESS_KEY_ID", tally_testkit::S3_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", tally_testkit::S3_SECRET_KEY)
+        .env("TALLY_ARCHIVE_FILE_ROWS", "4000")
+        .env("TALLY_ARCHIVE_CHUNK_ROWS", "2000")
+        .env("TALLY_ARCHIVE_LOCK_STALE_S", "2")
+        .env("TALLY_ARCHIVE_S3_RETRY_TIMEOUT_S", "1")
+        .env("TALLY_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+async fn lock_tables(clickhouse: &ChConfig) -> Vec<String> {
+    clickhouse
+        .client()
+        .query("SELECT name FROM system.tables WHERE database = ? AND name LIKE 'archiver_lock_%'")
+        .bind(clickhouse.database.as_str())
+        .fetch_all()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_run_killed_mid_upload_or_cut_off_from_s3_publishes_nothing_and_a_rerun_archives_once() {
+    use tokio::io::AsyncBufReadExt;
+    let clickhouse = migrated_database("arch8").await;
+    let august = month("2026-08");
+    insert(&clickhouse, rows(august, 30_000, 8)).await;
+    let name = unique_name("arch").replace('_', "-");
+    assert_eq!(bucket("PUT", &name), 200);
+    let store = Archive::on(
+        Arc::new(
+            AmazonS3Builder::new()
+                .with_endpoint(s3_endpoint())
+                .with_bucket_name(&name)
+                .with_region("us-east-1")
+                .with_access_key_id(tally_testkit::S3_ACCESS_KEY)
+                .with_secret_access_key(tally_testkit::S3_SECRET_KEY)
+                .with_allow_http(true)
+                .with_virtual_hosted_style_request(false)
+                .build()
+                .unwrap(),
+        ),
+        &format!("s3://{name}"),
+    );
+
+    // S3 unreachable (nothing listens there): a clean failure naming the store, exit 1, nothing
+    // published, the lock released.
+    let down = archiver_binary(&clickhouse, &name, "http://127.0.0.1:9").output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&down.stdout);
+    assert_eq!(down.status.code(), Some(1), "{stdout}");
+    let report = stdout.lines().find(|l| l.contains("\"month\":\"2026-08\"")).unwrap();
+    assert!(report.contains("\"outcome\":\"failed\"") && report.contains("archive store"), "{report}");
+    assert!(store.list("events/").await.unwrap().is_empty());
+    assert!(lock_tables(&clickhouse).await.is_empty(), "the lock was released");
+
+    // Killed (SIGKILL) right after its first file was uploaded: no manifest, a stale lock.
+    let mut child = archiver_binary(&clickhouse, &name, &s3_endpoint()).spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut uploaded = false;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.contains("uploaded") {
+            uploaded = true;
+            break;
+        }
+    }
+    assert!(uploaded, "the run uploaded a file before it could be killed");
+    child.kill().await.unwrap();
+    let keys: Vec<String> = store.list("events/").await.unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(!keys.is_empty() && keys.iter().all(|k| !k.contains("manifest")), "{keys:?}");
+    assert_eq!(lock_tables(&clickhouse).await.len(), 1, "the killed run's lock is left");
+
+    // The re-run takes the stale lock over and archives the month once, exactly.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let again = archiver_binary(&clickhouse, &name, &s3_endpoint()).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(again.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("\"outcome\":\"archived\",\"version\":1,\"rows\":30000"), "{stdout}");
+    let manifest = Manifest::latest(&store, august).await.unwrap().unwrap();
+    assert_eq!(manifest.orgs, source::sums(&clickhouse, august).await.unwrap());
+    assert_eq!(manifest.files.iter().map(|f| f.rows).sum::<u64>(), 30_000, "no row twice");
+    let named: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    // (S3Proxy's filesystem backend also lists its directories as objects.)
+    for (key, _) in store.list("events/").await.unwrap().into_iter().filter(|(k, _)| k.ends_with(".parquet"))
+    {
+        assert!(named.contains(&key.as_str()), "orphan {key}");
+    }
+    assert_eq!(archive::verify_all(&store).await.unwrap(), [("2026-08".to_owned(), Ok(1))]);
+    assert!(lock_tables(&clickhouse).await.is_empty());
+    drop_database(&clickhouse).await;
+}
