@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -37,7 +37,7 @@ lint:
 fmt:
 	cargo fmt --all
 
-bench: bench-ingest bench-consumer bench-query ## every benchmark (figures go to loadtest/RESULTS.md by hand, with the command)
+bench: bench-ingest bench-consumer bench-query bench-archiver ## every benchmark (figures go to loadtest/RESULTS.md by hand, with the command)
 
 bench-ingest: ## ingest throughput: ceiling vs discard sink vs real Kafka, at 1/100/1000 events per request
 	@bash dev/stack.sh infra-up
@@ -53,3 +53,8 @@ bench-query: ## query API latency on 50 M events of 1000 orgs over 30 days, each
 	@bash dev/stack.sh infra-up
 	cargo build --release --locked --bins -q
 	python3 loadtest/bench_query.py $(BENCH_ARGS)
+
+bench-archiver: ## archiver: rows/s vs the raw read ceiling, bytes/event vs system.parts and chdb's Parquet, peak RSS at 5 M and 20 M rows, one org's read vs whole files
+	@bash dev/stack.sh infra-up
+	cargo build --release --locked --bins -q
+	$$(bash dev/tools.sh) loadtest/bench_archiver.py $(BENCH_ARGS)

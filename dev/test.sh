@@ -19,23 +19,14 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
-# Python tools, pinned: chdb embeds a current ClickHouse; schemathesis fuzzes the HTTP APIs;
-# pyarrow and DuckDB read the archive's Parquet files as analysts' tools do.
-TOOLS="chdb==4.4.0 schemathesis==4.32.5 duckdb==2.0.0 pyarrow==26.0.1"
-VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"
 CLICKHOUSE_URL="http://127.0.0.1:8123"
 
 cd "$ROOT"
 bash dev/stack.sh infra-up
 
-if [[ ! -f "$VENV/.installed" ]]; then
-  echo "[test] installing $TOOLS from PyPI into $VENV"
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  # shellcheck disable=SC2086
-  "$VENV/bin/pip" install -q --disable-pip-version-check $TOOLS
-  touch "$VENV/.installed"
-fi
+# Python tools, pinned (dev/tools.sh): chdb, schemathesis, DuckDB, pyarrow.
+TOOLS_PYTHON="$(bash dev/tools.sh)"
+VENV="$(dirname "$(dirname "$TOOLS_PYTHON")")"
 
 # Tests that stop and restart a broker run their own, from the same jars.
 TALLY_KAFKA_LIBS="$(bash dev/stack.sh kafka-libs)"

@@ -40,8 +40,8 @@ pub async fn archived(
 ) -> Result<HashSet<Identity>, ArchiveError> {
     let mut ids = HashSet::new();
     for entry in files {
-        let (mut stream, _) = org_batches(archive, entry, org, &ID_COLUMNS).await?;
-        while let Some(batch) = stream.next().await {
+        let mut read = org_batches(archive, entry, org, &ID_COLUMNS).await?;
+        while let Some(batch) = read.batches.next().await {
             let batch = batch?;
             let column = |name: &str| {
                 batch.column_by_name(name).cloned().ok_or_else(|| ArchiveError::Manifest {

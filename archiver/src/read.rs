@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
@@ -111,58 +111,38 @@ pub fn org_row_groups(metadata: &ParquetMetaData, org: &str) -> Vec<usize> {
         .collect()
 }
 
-/// What a per-org read fetched, for metrics and the benchmark.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Fetched {
+/// A per-org read of one file: its batches, and what it selected and fetched.
+pub struct OrgRead {
+    pub batches: ParquetRecordBatchStream<ArchiveFile>,
     pub row_groups: usize,
     pub row_groups_read: usize,
-    /// Compressed bytes of the column chunks selected (the footer aside).
-    pub bytes: u64,
+    /// Bytes fetched from the store so far (the footer, then the chunks as the stream reads them).
+    pub fetched: Arc<AtomicU64>,
 }
 
-/// A stream of the batches of `entry`'s row groups that may hold `org`'s rows, with only
-/// `columns` (in the file's order). Rows of neighbouring orgs sharing a row group come too:
-/// callers keep the rows whose `org_id` is `org`.
+/// The batches of `entry`'s row groups that may hold `org`'s rows, with only `columns` (in the
+/// file's order). Rows of neighbouring orgs sharing a row group come too: callers keep the rows
+/// whose `org_id` is `org`.
 pub async fn org_batches(
     archive: &Archive,
     entry: &FileEntry,
     org: &str,
     columns: &[&str],
-) -> Result<(ParquetRecordBatchStream<ArchiveFile>, Fetched), ArchiveError> {
+) -> Result<OrgRead, ArchiveError> {
     let mut reader = archive.file_reader(entry);
+    let fetched = reader.fetched();
     let metadata = ArrowReaderMetadata::load_async(&mut reader, Default::default()).await?;
     let schema = metadata.schema().clone();
     let indices: Vec<usize> = columns.iter().map(|name| schema.index_of(name)).collect::<Result<_, _>>()?;
     let groups = org_row_groups(metadata.metadata(), org);
-    let bytes = groups
-        .iter()
-        .flat_map(|&g| indices.iter().map(move |&c| (g, c)))
-        .map(|(g, c)| metadata.metadata().row_group(g).column(c).compressed_size().max(0) as u64)
-        .sum();
-    let fetched =
-        Fetched { row_groups: metadata.metadata().num_row_groups(), row_groups_read: groups.len(), bytes };
+    let (row_groups, row_groups_read) = (metadata.metadata().num_row_groups(), groups.len());
     let mask = ProjectionMask::roots(metadata.metadata().file_metadata().schema_descr(), indices);
-    let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, metadata)
+    let batches = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, metadata)
         .with_row_groups(groups)
         .with_projection(mask)
         .with_batch_size(65_536)
         .build()?;
-    Ok((stream, fetched))
-}
-
-/// Every batch of `org_batches`, collected (for small reads).
-pub async fn org_batches_all(
-    archive: &Archive,
-    entry: &FileEntry,
-    org: &str,
-    columns: &[&str],
-) -> Result<(Vec<arrow_array::RecordBatch>, Fetched), ArchiveError> {
-    let (mut stream, fetched) = org_batches(archive, entry, org, columns).await?;
-    let mut batches = Vec::new();
-    while let Some(batch) = stream.next().await {
-        batches.push(batch?);
-    }
-    Ok((batches, fetched))
+    Ok(OrgRead { batches, row_groups, row_groups_read, fetched })
 }
 
 #[cfg(test)]

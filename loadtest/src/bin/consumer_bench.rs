@@ -10,6 +10,8 @@
 //! - `load DATABASE EVENTS DAYS`: the query benchmark's bulk loader: EVENTS rows of 1000 orgs with
 //!   event times advancing evenly over the last DAYS days (as if they had arrived live), inserted into DATABASE.events (and so into the
 //!   rollups) 100 000 rows per INSERT, as the consumer writes them.
+//! - `load-month DATABASE EVENTS YYYY-MM`: the same into one calendar month (the archiver's
+//!   benchmark).
 //!
 //! Prints one JSON line of figures. Settings: TALLY_KAFKA_BROKERS, TALLY_CLICKHOUSE_URL.
 
@@ -172,11 +174,36 @@ async fn ceiling(env: &Env, database: &str, events: u64, batch: u64) -> anyhow::
 }
 
 async fn load(env: &Env, database: &str, events: u64, days: u64) -> anyhow::Result<serde_json::Value> {
+    load_span(env, database, events, chrono::Utc::now().timestamp_millis(), days * 86_400_000).await
+}
+
+/// `load` into one calendar month (`YYYY-MM`): times advance evenly from its first to its last
+/// millisecond.
+async fn load_month(
+    env: &Env,
+    database: &str,
+    events: u64,
+    month: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let first = chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d")?;
+    let next =
+        first.checked_add_months(chrono::Months::new(1)).ok_or_else(|| anyhow::anyhow!("bad month"))?;
+    let start = first.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp_millis();
+    let end = next.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp_millis();
+    load_span(env, database, events, end - 1, u64::try_from(end - 1 - start)?).await
+}
+
+/// EVENTS rows with times advancing evenly over the `span_ms` before `now_ms`.
+async fn load_span(
+    env: &Env,
+    database: &str,
+    events: u64,
+    now_ms: i64,
+    span_ms: u64,
+) -> anyhow::Result<serde_json::Value> {
     let config = ChConfig { database: database.to_owned(), ..ChConfig::from_env(env)? };
     let client = config.client();
     let table = config.table("events");
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let span_ms = days * 86_400_000;
     let per_record = 100;
     let started = Instant::now();
     let mut inserted = 0u64;
@@ -220,7 +247,10 @@ async fn main() -> anyhow::Result<()> {
         "preload" => preload(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(100))?).await?,
         "ceiling" => ceiling(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(100_000))?).await?,
         "load" => load(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(30))?).await?,
-        _ => anyhow::bail!("usage: tally-consumer-bench migrate DB | preload TOPIC EVENTS [PER_RECORD] | ceiling DB EVENTS [BATCH] | load DB EVENTS [DAYS]"),
+        "load-month" => {
+            load_month(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, &arg::<String>(&args, 4, None)?).await?
+        }
+        _ => anyhow::bail!("usage: tally-consumer-bench migrate DB | preload TOPIC EVENTS [PER_RECORD] | ceiling DB EVENTS [BATCH] | load DB EVENTS [DAYS] | load-month DB EVENTS YYYY-MM"),
     };
     println!("{result}");
     Ok(())

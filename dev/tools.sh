@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The project's Python tools, pinned, in a virtualenv under the cache (installed from PyPI once):
+# chdb embeds a current ClickHouse; schemathesis fuzzes the HTTP APIs; pyarrow and DuckDB read the
+# archive's Parquet files as analysts' tools do. Prints the virtualenv's python.
+set -euo pipefail
+TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
+TOOLS="chdb==4.4.0 schemathesis==4.32.5 duckdb==2.0.0 pyarrow==26.0.1"
+VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"
+if [[ ! -f "$VENV/.installed" ]]; then
+  echo "[tools] installing $TOOLS from PyPI into $VENV" >&2
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  # shellcheck disable=SC2086
+  "$VENV/bin/pip" install -q --disable-pip-version-check $TOOLS >&2
+  touch "$VENV/.installed"
+fi
+echo "$VENV/bin/python"
