@@ -31,6 +31,14 @@ pub struct ArchiverConfig {
     pub lock_stale_after: Duration,
     /// How long one S3 request is retried (transient errors) before the pass fails.
     pub s3_retry_timeout: Duration,
+    /// `TALLY_KAFKA_BROKERS` and `TALLY_DLQ_TOPIC`: the dead-letter topic archived per day.
+    pub kafka_brokers: String,
+    pub dlq_topic: String,
+    /// `TALLY_ARCHIVE_DLQ_DAYS`: closed days looked at, counting back from yesterday (0 = the
+    /// dead letters are not archived). Keep it within the topic's retention.
+    pub dlq_days: u32,
+    /// `TALLY_ARCHIVE_DLQ_MARGIN_MINUTES`: a day is archived this long after it ends.
+    pub dlq_margin: chrono::Duration,
 }
 
 impl ArchiverConfig {
@@ -58,6 +66,10 @@ impl ArchiverConfig {
             interval: Duration::from_secs(env.parse("TALLY_ARCHIVE_INTERVAL_S", 3600)?),
             lock_stale_after: Duration::from_secs(env.parse("TALLY_ARCHIVE_LOCK_STALE_S", 120)?),
             s3_retry_timeout: Duration::from_secs(env.parse("TALLY_ARCHIVE_S3_RETRY_TIMEOUT_S", 180)?),
+            kafka_brokers: env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
+            dlq_topic: env.string("TALLY_DLQ_TOPIC", tally_schemas::record::DLQ_TOPIC),
+            dlq_days: env.parse("TALLY_ARCHIVE_DLQ_DAYS", 7)?,
+            dlq_margin: chrono::Duration::minutes(env.parse("TALLY_ARCHIVE_DLQ_MARGIN_MINUTES", 60)?),
         };
         if config.lag_margin < chrono::Duration::zero() {
             return Err(invalid(

@@ -13,7 +13,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: tally-archiver run | verify | serve | restore YYYY-MM\n\
   run     archive every closed month not yet archived (and drop archived months older than\n\
-          TALLY_ARCHIVE_HOT_MONTHS, if set); prints one JSON line per month\n\
+          TALLY_ARCHIVE_HOT_MONTHS, if set), then every closed day of the dead-letter topic;\n\
+          prints one JSON line per month and per day\n\
   verify  read every published manifest's files back and check them; one JSON line per month\n\
   serve   a pass every TALLY_ARCHIVE_INTERVAL_S, with /healthz, /readyz and /metrics on TALLY_LISTEN_ADDR\n\
   restore load an archived month back into ClickHouse (an empty month; once)";
@@ -31,7 +32,14 @@ async fn main() -> anyhow::Result<()> {
             for report in &reports {
                 println!("{}", serde_json::to_string(report)?);
             }
-            if reports.iter().any(|r| matches!(r.outcome, Outcome::Failed { .. })) {
+            let days = tally_archiver::dead_letters::run(&config, &archive, chrono::Utc::now()).await;
+            for day in &days {
+                println!("{}", serde_json::to_string(day)?);
+            }
+            let day_failed = days
+                .iter()
+                .any(|d| matches!(d.outcome, tally_archiver::dead_letters::DayOutcome::Failed { .. }));
+            if day_failed || reports.iter().any(|r| matches!(r.outcome, Outcome::Failed { .. })) {
                 std::process::exit(1);
             }
             reports.iter().any(|r| matches!(r.outcome, Outcome::ChangedSinceArchived { .. }))

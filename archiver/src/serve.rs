@@ -21,6 +21,7 @@ pub struct ArchiverMetrics {
     pub rows_archived: IntCounter,
     pub months_dropped: IntCounter,
     pub last_success: IntGauge,
+    pub dead_letter_days: IntCounterVec,
 }
 
 impl ArchiverMetrics {
@@ -49,7 +50,15 @@ impl ArchiverMetrics {
                 "tally_archiver_last_success_timestamp_seconds",
                 "when the last pass without a failed month ended (alert when it grows old)",
             )?,
+            dead_letter_days: IntCounterVec::new(
+                Opts::new(
+                    "tally_archiver_dead_letter_days_total",
+                    "days of the dead-letter topic looked at, by outcome (archived, up_to_date, failed)",
+                ),
+                &["outcome"],
+            )?,
         };
+        registry.register(Box::new(metrics.dead_letter_days.clone()))?;
         registry.register(Box::new(metrics.passes.clone()))?;
         registry.register(Box::new(metrics.months.clone()))?;
         registry.register(Box::new(metrics.rows_archived.clone()))?;
@@ -121,6 +130,13 @@ pub async fn serve(
                     tracing::error!(error = %error, "archiver pass failed");
                     metrics.passes.with_label_values(&["error"]).inc();
                 }
+            }
+            for day in crate::dead_letters::run(&config, &archive, chrono::Utc::now()).await {
+                let outcome = serde_json::to_value(&day.outcome)
+                    .ok()
+                    .and_then(|v| v.get("outcome").and_then(|o| o.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                metrics.dead_letter_days.with_label_values(&[&outcome]).inc();
             }
         }
     });
