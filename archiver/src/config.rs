@@ -18,7 +18,8 @@ pub struct ArchiverConfig {
     /// Months kept in ClickHouse before the current one; older archived months are dropped.
     /// None = never drop (the default).
     pub hot_months: Option<u32>,
-    /// Uncompressed bytes of a row group before it is written out (bounds memory).
+    /// Estimated encoded bytes of a row group before it is written out (bounds memory; smaller
+    /// groups let a per-org read skip more, larger ones compress better).
     pub row_group_bytes: usize,
     /// Rows of one Parquet file (bounds the local spool file and a reader's unit of work).
     pub file_rows: u64,
@@ -60,7 +61,7 @@ impl ArchiverConfig {
             s3_region: env.string("TALLY_S3_REGION", "us-east-1"),
             lag_margin: chrono::Duration::hours(env.parse("TALLY_ARCHIVE_LAG_MARGIN_HOURS", 24)?),
             hot_months: u32::try_from(hot).ok(),
-            row_group_bytes: env.parse("TALLY_ARCHIVE_ROW_GROUP_BYTES", 64 << 20)?,
+            row_group_bytes: env.parse("TALLY_ARCHIVE_ROW_GROUP_BYTES", 16 << 20)?,
             file_rows: env.parse("TALLY_ARCHIVE_FILE_ROWS", 10_000_000)?,
             chunk_rows: env.parse("TALLY_ARCHIVE_CHUNK_ROWS", 2_000_000)?,
             interval: Duration::from_secs(env.parse("TALLY_ARCHIVE_INTERVAL_S", 3600)?),

@@ -37,11 +37,23 @@ pub struct PartWriter {
     current: Option<(String, Sums)>,
 }
 
+/// Columns whose values rarely repeat: PLAIN (then zstd) beats a dictionary that overflows.
+const NO_DICTIONARY: [&str; 4] = ["timestamp", "received_at", "event_id", "kafka_offset"];
+
+/// Measured on 3 M events (loadtest/RESULTS.md, "Archiver"): zstd 6 rather than 3, pages of up to
+/// 200 000 rows rather than 20 000 (zstd works per page) and no dictionary for `NO_DICTIONARY`
+/// took the file from 10.5 to 6.8 bytes per event at the same speed (the ClickHouse read bounds it).
 fn properties(row_group_bytes: usize) -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+    let mut builder = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(6).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Page)
-        // Row groups are cut by size, not by a row count (bounded memory whatever the rows).
+        .set_data_page_row_count_limit(200_000);
+    for column in NO_DICTIONARY {
+        builder = builder.set_column_dictionary_enabled(column.into(), false);
+    }
+    builder
+        // Row groups are cut by their estimated encoded size, not by a row count (bounded memory
+        // whatever the rows).
         .set_max_row_group_row_count(None)
         .set_max_row_group_bytes(Some(row_group_bytes.max(1)))
         .set_sorting_columns(Some(vec![
