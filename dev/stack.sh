@@ -240,6 +240,7 @@ service_env() { # the TALLY_* configuration every service gets on the local stac
   echo "TALLY_EVENTS_TOPIC=$EVENTS_TOPIC"
   echo "TALLY_DLQ_TOPIC=$DLQ_TOPIC"
   echo "TALLY_ADMIN_TOKEN=$(admin_token)"
+  echo "TALLY_ARCHIVE_URL=file://$DEV/archive" # the query API reads dropped months from it
   echo "TALLY_LOG_FORMAT=json"
 }
 
@@ -332,6 +333,7 @@ demo_traffic() {
 archive_pass() {
   log "running one archiver pass (tally-archiver run, archive in .dev/archive)"
   TALLY_CLICKHOUSE_URL="$CLICKHOUSE_URL" TALLY_CLICKHOUSE_DATABASE=tally TALLY_ARCHIVE_URL="file://$DEV/archive" \
+    TALLY_KAFKA_BROKERS="$KAFKA_BROKERS" TALLY_DLQ_TOPIC="$DLQ_TOPIC" \
     "$CARGO_TARGET_DIR/release/tally-archiver" run >"$DEV/log/archiver.log" 2>&1 \
     || { tail -n 20 "$DEV/log/archiver.log" >&2; die "the archiver pass failed (.dev/log/archiver.log)"; }
   sed 's/^/  /' "$DEV/log/archiver.log" | grep '"month"' || true

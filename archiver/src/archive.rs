@@ -380,24 +380,29 @@ async fn drop_locked(
             });
         }
     }
-    source::drop_partition(ch, month).await?;
+    // The record first: from then on readers take the month from the archive, and from ClickHouse
+    // only rows the archive does not hold (by identity), so they count every row once before,
+    // during and after the drop. The grace lets every query API's cache see it.
     manifest::Dropped::now(month, manifest.version, total(&held).rows).publish(archive).await?;
+    tokio::time::sleep(config.drop_grace).await;
+    let now_held = source::sums(ch, month).await?;
+    if now_held != held {
+        // Rows arrived during the grace: the next pass archives them and drops then (the record
+        // stays; readers stay exact with the rows in both places).
+        return Ok(Outcome::ChangedSinceArchived {
+            version: manifest.version,
+            orgs: late::changed_orgs(&now_held, &held).into_iter().collect(),
+        });
+    }
+    source::drop_partition(ch, month).await?;
     Ok(Outcome::DroppedNow { version: manifest.version, rows: total(&held).rows })
 }
 
 /// Re-checks every published manifest (its latest version per month) against its files.
 pub async fn verify_all(archive: &Archive) -> Result<Vec<(String, Result<u32, String>)>, ArchiveError> {
     let spool = spool_dir()?;
-    let mut months: Vec<Month> = archive
-        .list("events/")
-        .await?
-        .iter()
-        .filter_map(|(key, _)| {
-            let mut parts = key.split('/');
-            let (_, year, month) = (parts.next()?, parts.next()?, parts.next()?);
-            Month::parse(&format!("{}-{}", year.strip_prefix("year=")?, month.strip_prefix("month=")?))
-        })
-        .collect();
+    let mut months: Vec<Month> =
+        archive.list("events/").await?.iter().filter_map(|(key, _)| Month::of_key(key)).collect();
     months.sort_unstable();
     months.dedup();
     let mut results = Vec::new();
@@ -484,9 +489,9 @@ async fn restore_locked(
             reason: format!("the staged rows differ from the manifest: {}", differ.join("; ")),
         });
     }
-    // Readers stop taking the month from the archive first: while the parts attach they may miss
-    // it for a moment, never count it twice.
-    archive.delete(&manifest::dropped_key(month)).await?;
+    // The rows back first, then the record removed: meanwhile readers take archived rows from the
+    // archive and skip ClickHouse's copies of them (by identity), so they never miss or double one.
     source::attach_staging(ch, month, &staging).await?;
+    archive.delete(&manifest::dropped_key(month)).await?;
     Ok(Outcome::Restored { version: manifest.version, rows: manifest.totals.rows })
 }

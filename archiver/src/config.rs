@@ -32,6 +32,10 @@ pub struct ArchiverConfig {
     pub lock_stale_after: Duration,
     /// How long one S3 request is retried (transient errors) before the pass fails.
     pub s3_retry_timeout: Duration,
+    /// `TALLY_ARCHIVE_DROP_GRACE_S`: between publishing a month's drop record and dropping its
+    /// partition, so every query API has seen the record (they cache it for
+    /// `TALLY_QUERY_ARCHIVE_CACHE_S`, 30 s by default) before the rows leave ClickHouse.
+    pub drop_grace: Duration,
     /// `TALLY_KAFKA_BROKERS` and `TALLY_DLQ_TOPIC`: the dead-letter topic archived per day.
     pub kafka_brokers: String,
     pub dlq_topic: String,
@@ -67,6 +71,7 @@ impl ArchiverConfig {
             interval: Duration::from_secs(env.parse("TALLY_ARCHIVE_INTERVAL_S", 3600)?),
             lock_stale_after: Duration::from_secs(env.parse("TALLY_ARCHIVE_LOCK_STALE_S", 120)?),
             s3_retry_timeout: Duration::from_secs(env.parse("TALLY_ARCHIVE_S3_RETRY_TIMEOUT_S", 180)?),
+            drop_grace: Duration::from_secs(env.parse("TALLY_ARCHIVE_DROP_GRACE_S", 60)?),
             kafka_brokers: env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
             dlq_topic: env.string("TALLY_DLQ_TOPIC", tally_schemas::record::DLQ_TOPIC),
             dlq_days: env.parse("TALLY_ARCHIVE_DLQ_DAYS", 7)?,

@@ -54,6 +54,11 @@ pub fn key(month: Month, version: u32) -> String {
     format!("{}manifest-v{version:04}.json", month.prefix())
 }
 
+/// The version of a manifest's key (`…/manifest-v0003.json` → 3); None for other keys.
+pub fn version_of(key: &str) -> Option<u32> {
+    key.rsplit('/').next()?.strip_prefix("manifest-v")?.strip_suffix(".json")?.parse().ok()
+}
+
 pub fn file_key(month: Month, version: u32, part: usize) -> String {
     format!("{}v{version:04}-part-{part:05}.parquet", month.prefix())
 }
@@ -61,14 +66,8 @@ pub fn file_key(month: Month, version: u32, part: usize) -> String {
 impl Manifest {
     /// The latest manifest of `month`, if it was ever archived.
     pub async fn latest(archive: &Archive, month: Month) -> Result<Option<Manifest>, ArchiveError> {
-        let mut versions: Vec<u32> = archive
-            .list(&month.prefix())
-            .await?
-            .iter()
-            .filter_map(|(key, _)| {
-                key.rsplit('/').next()?.strip_prefix("manifest-v")?.strip_suffix(".json")?.parse().ok()
-            })
-            .collect();
+        let mut versions: Vec<u32> =
+            archive.list(&month.prefix()).await?.iter().filter_map(|(key, _)| version_of(key)).collect();
         versions.sort_unstable();
         let Some(version) = versions.last() else { return Ok(None) };
         Manifest::read(archive, month, *version).await.map(Some)

@@ -84,6 +84,13 @@ impl Month {
         }
     }
 
+    /// The month of a key under its folder (`events/year=2026/month=10/…`).
+    pub fn of_key(key: &str) -> Option<Month> {
+        let mut parts = key.strip_prefix("events/")?.split('/');
+        let (year, month) = (parts.next()?.strip_prefix("year=")?, parts.next()?.strip_prefix("month=")?);
+        Month::parse(&format!("{year}-{month}"))
+    }
+
     /// The Hive-style folder of its files: `events/year=2026/month=10/`.
     pub fn prefix(self) -> String {
         format!("events/year={}/month={:02}/", self.year, self.month)
@@ -100,6 +107,15 @@ impl fmt::Display for Month {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn keys_under_a_month_folder_name_their_month() {
+        assert_eq!(Month::of_key("events/year=2026/month=08/dropped.json"), Month::parse("2026-08"));
+        assert_eq!(Month::of_key("events/year=2026/month=08"), Month::parse("2026-08"));
+        assert_eq!(Month::of_key("dead-letters/date=2026-08-01/part-00000.jsonl.zst"), None);
+        assert_eq!(crate::manifest::version_of("events/year=2026/month=08/manifest-v0003.json"), Some(3));
+        assert_eq!(crate::manifest::version_of("events/year=2026/month=08/v0001-part-00000.parquet"), None);
+    }
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)

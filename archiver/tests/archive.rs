@@ -40,6 +40,7 @@ fn config(clickhouse: &ChConfig, archive_url: &str, hot_months: Option<u32>) -> 
         // Small files and chunks, so a test month spans several of each.
         ("TALLY_ARCHIVE_FILE_ROWS", "700".to_owned()),
         ("TALLY_ARCHIVE_CHUNK_ROWS", "300".to_owned()),
+        ("TALLY_ARCHIVE_DROP_GRACE_S", "0".to_owned()),
     ]);
     if let Some(hot) = hot_months {
         env = env.with("TALLY_ARCHIVE_HOT_MONTHS", hot.to_string());

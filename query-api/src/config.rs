@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use tally_archiver::config::ArchiverConfig;
 use tally_common::config::{CommonConfig, ConfigError, Env};
 
 #[derive(Debug, Clone)]
@@ -12,6 +13,14 @@ pub struct QueryConfig {
     pub key_refresh_interval: Duration,
     /// Apply the ClickHouse migrations at start (safe with several replicas).
     pub migrate: bool,
+    /// Where the archiver writes (`TALLY_ARCHIVE_URL` and its S3 settings, the same as the
+    /// archiver's): raw rows of dropped months are read from there. None when not set.
+    pub archive: Option<ArchiverConfig>,
+    /// `TALLY_QUERY_ARCHIVE_CACHE_S`: how long the list of dropped months is kept (below the
+    /// archiver's `TALLY_ARCHIVE_DROP_GRACE_S`).
+    pub archive_cache: Duration,
+    /// `TALLY_QUERY_ARCHIVE_MAX_ROWS`: most archived rows one analytics request loads.
+    pub archive_max_rows: usize,
 }
 
 impl QueryConfig {
@@ -29,6 +38,12 @@ impl QueryConfig {
             admin_token,
             key_refresh_interval: env.millis("TALLY_KEY_REFRESH_MS", 5_000)?,
             migrate: env.parse("TALLY_MIGRATE", true)?,
+            archive: match env.optional("TALLY_ARCHIVE_URL") {
+                Some(_) => Some(ArchiverConfig::from_env(env)?),
+                None => None,
+            },
+            archive_cache: Duration::from_secs(env.parse("TALLY_QUERY_ARCHIVE_CACHE_S", 30)?),
+            archive_max_rows: env.parse("TALLY_QUERY_ARCHIVE_MAX_ROWS", 2_000_000)?,
         })
     }
 }

@@ -7,6 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::store::archived::ArchiveReadError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("missing credentials: send the API key as X-API-Key or Authorization: Bearer")]
@@ -35,6 +37,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("storage error")]
     Storage(#[from] clickhouse::error::Error),
+    #[error("{0}")]
+    Archive(#[from] crate::store::archived::ArchiveReadError),
 }
 
 impl ApiError {
@@ -78,6 +82,14 @@ impl ApiError {
                 "storage_unavailable",
                 Some("ClickHouse did not answer; retry with backoff"),
             ),
+            ApiError::Archive(ArchiveReadError::TooManyRows(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "archived_range_too_large", None)
+            }
+            ApiError::Archive(ArchiveReadError::Archive(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "archive_unavailable",
+                Some("the range reaches into months archived out of ClickHouse and the archive did not answer; retry with backoff"),
+            ),
         }
     }
 }
@@ -87,6 +99,9 @@ impl IntoResponse for ApiError {
         let (status, code, hint) = self.status_code_hint();
         if let ApiError::Storage(error) = &self {
             tracing::error!(error = %error, "clickhouse query failed");
+        }
+        if let ApiError::Archive(ArchiveReadError::Archive(error)) = &self {
+            tracing::error!(error = %error, "archive read failed");
         }
         let mut error = json!({"code": code, "message": self.to_string()});
         if let Some(hint) = hint {

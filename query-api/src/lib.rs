@@ -37,6 +37,8 @@ pub struct AppState {
     pub keys: Arc<KeySet>,
     pub admin_token: Arc<str>,
     pub metrics: metrics::QueryMetrics,
+    /// The archive, for raw rows of months dropped from ClickHouse (None: not configured).
+    pub archive: Option<Arc<store::archived::ArchiveReads>>,
 }
 
 impl AppState {
@@ -49,7 +51,7 @@ impl AppState {
 
     /// The data access of one request (see `store`), through `client`.
     pub fn store(&self) -> store::Store<'_> {
-        store::Store::new(self.client(), &self.clickhouse)
+        store::Store::new(self.client(), &self.clickhouse, self.archive.as_deref())
     }
 }
 
@@ -125,11 +127,31 @@ pub async fn run(
     }
     let background = CancellationToken::new();
     keys.spawn_refresher(clickhouse.clone(), config.key_refresh_interval, background.clone());
+    let archive = match &config.archive {
+        Some(archive) => {
+            let store = tally_archiver::store::Archive::open(archive)
+                .map_err(|e| std::io::Error::other(format!("TALLY_ARCHIVE_URL: {e}")))?;
+            tracing::info!(archive = %store.location, "raw rows of dropped months are read from the archive");
+            Some(Arc::new(store::archived::ArchiveReads::new(
+                store,
+                config.archive_cache,
+                config.archive_max_rows,
+            )))
+        }
+        None => {
+            tracing::warn!(
+                "TALLY_ARCHIVE_URL is not set: if the archiver drops months, set it here as for the archiver, \
+                 or raw rows of those months (events list, per-user analytics, edge hours) are missing"
+            );
+            None
+        }
+    };
     let state = AppState {
         clickhouse: clickhouse.clone(),
         keys: Arc::clone(&keys),
         admin_token: Arc::from(config.admin_token),
         metrics,
+        archive,
     };
     let ops = OpsState {
         registry,

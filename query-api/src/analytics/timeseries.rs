@@ -101,12 +101,16 @@ pub(super) async fn timeseries(
         .await
         // A zone of the tz database that this ClickHouse's does not have: code 1000 (a Poco
         // exception) on 18.16, 36 (BAD_ARGUMENTS) on current versions.
-        .map_err(|error| match tally_common::ch::error_code(&error) {
-            Some(1000 | 36) if tz != Tz::UTC => ApiError::BadRequest(format!(
-                "time zone {:?} is not known to this ClickHouse server; use another name for it",
-                tz.name()
-            )),
-            _ => ApiError::Storage(error),
+        .map_err(|error| match &error {
+            ApiError::Storage(ch)
+                if tz != Tz::UTC && matches!(tally_common::ch::error_code(ch), Some(1000 | 36)) =>
+            {
+                ApiError::BadRequest(format!(
+                    "time zone {:?} is not known to this ClickHouse server; use another name for it",
+                    tz.name()
+                ))
+            }
+            _ => error,
         })?;
     Ok(Timeseries {
         from: rfc3339(request.range.from),

@@ -6,9 +6,11 @@
 //! - `measures`: the rollup's measures (held to migration 0002 by a test);
 //! - `plan`: which source answers which part of a range (pure, unit-tested);
 //! - `reads`: the org-scoped reads (usage, analytics, events, budget spend, telemetry status);
-//! - `admin`: orgs, keys, prices, budgets and the admin's cross-org reads.
+//! - `admin`: orgs, keys, prices, budgets and the admin's cross-org reads;
+//! - `archived`: raw rows of months dropped from ClickHouse, from the archive.
 
 pub mod admin;
+pub mod archived;
 pub mod measures;
 pub mod plan;
 pub mod reads;
@@ -17,7 +19,11 @@ pub mod sql;
 #[cfg(test)]
 mod plan_tests;
 
+use archived::{ArchiveReadError, ArchiveReads, Newest, Wanted};
 use tally_common::ch::ChConfig;
+use tally_schemas::EventRow;
+
+use crate::error::ApiError;
 
 pub use plan::{Plan, Scope, Tables};
 
@@ -25,23 +31,76 @@ pub struct Store<'a> {
     client: clickhouse::Client,
     config: &'a ChConfig,
     tables: Tables,
+    archive: Option<&'a ArchiveReads>,
 }
 
 impl<'a> Store<'a> {
-    pub fn new(client: clickhouse::Client, config: &'a ChConfig) -> Store<'a> {
-        let tables = Tables { events: config.table("events"), rollup_hourly: config.table("rollup_hourly") };
-        Store { client, config, tables }
+    pub fn new(
+        client: clickhouse::Client,
+        config: &'a ChConfig,
+        archive: Option<&'a ArchiveReads>,
+    ) -> Store<'a> {
+        let tables = Tables {
+            events: config.table("events"),
+            rollup_hourly: config.table("rollup_hourly"),
+            archived: false,
+        };
+        Store { client, config, tables, archive }
     }
 
     fn table(&self, name: &str) -> String {
         self.config.table(name)
     }
 
-    /// Runs each query concurrently and returns all their rows.
+    /// The store to read `wanted`'s raw rows with: this one, or when they reach into months
+    /// dropped from ClickHouse, one whose raw reads also take those months' archived rows, loaded
+    /// into a temporary table of a ClickHouse session of its own (queries of a session run one at
+    /// a time).
+    async fn covering(&self, wanted: &Wanted<'_>, newest: Option<&Newest>) -> Result<Store<'a>, ApiError> {
+        let plain = || Store {
+            client: self.client.clone(),
+            config: self.config,
+            tables: self.tables.clone(),
+            archive: self.archive,
+        };
+        let Some(archive) = self.archive else { return Ok(plain()) };
+        let months = archive.months_of(wanted.intervals).await.map_err(ArchiveReadError::from)?;
+        if months.is_empty() {
+            return Ok(plain());
+        }
+        let rows = archive.rows(&months, wanted, newest).await?;
+        let client = self.client.clone().with_setting("session_id", uuid::Uuid::new_v4().to_string());
+        client
+            .query(&format!(
+                "CREATE TEMPORARY TABLE {} AS {} ENGINE = Memory",
+                archived::TABLE,
+                self.tables.events
+            ))
+            .execute()
+            .await?;
+        if !rows.is_empty() {
+            let mut insert = client.insert_unescaped::<EventRow>(archived::TABLE).await?;
+            for row in &rows {
+                insert.write(row).await?;
+            }
+            insert.end().await?;
+        }
+        let tables = Tables { archived: true, ..self.tables.clone() };
+        Ok(Store { client, config: self.config, tables, archive: self.archive })
+    }
+
+    /// Runs each query (concurrently, unless in a session) and returns all their rows.
     async fn fetch_all_of<T>(&self, queries: &[sql::Sql]) -> Result<Vec<T>, clickhouse::error::Error>
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
+        if self.tables.archived {
+            let mut rows = Vec::new();
+            for sql in queries {
+                rows.extend(sql.query(&self.client).fetch_all::<T>().await?);
+            }
+            return Ok(rows);
+        }
         let results =
             futures::future::try_join_all(queries.iter().map(|sql| sql.query(&self.client).fetch_all::<T>()))
                 .await?;

@@ -14,6 +14,7 @@
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use chrono_tz::Tz;
 
+use super::archived;
 use super::measures::{self, Measure};
 use super::sql::{seconds, Bind, RawBounds, Sql};
 use crate::range::Range;
@@ -39,6 +40,25 @@ impl<'a> Scope<'a> {
 pub struct Tables {
     pub events: String,
     pub rollup_hourly: String,
+    /// Whether raw reads also take rows of dropped months, loaded from the archive into the
+    /// request's `archived::TABLE` (see `archived`).
+    pub archived: bool,
+}
+
+impl Tables {
+    /// Each source of raw rows with the condition that keeps a row from being read twice:
+    /// `events`, less the rows the archived ones hold, and the archived rows.
+    pub fn raw_sources(&self) -> Vec<(&str, String)> {
+        if !self.archived {
+            return vec![(&self.events, String::new())];
+        }
+        let identity = archived::IDENTITY;
+        let columns = identity.trim_start_matches('(').trim_end_matches(')');
+        vec![
+            (&self.events, format!(" AND {identity} NOT IN (SELECT {columns} FROM {})", archived::TABLE)),
+            (archived::TABLE, String::new()),
+        ]
+    }
 }
 
 /// The grouping keys: as selected from the rollup, as selected from raw rows, the GROUP BY list
@@ -191,27 +211,33 @@ fn rollup_query(tables: &Tables, scope: &Scope, hours: &RollupHours, select: &st
     Sql { text, binds }
 }
 
-/// `SELECT <select> FROM events WHERE <org, user, intervals, filters> GROUP BY <group>`.
+/// `SELECT <select> FROM <source> WHERE <org, user, intervals, filters>`, one per raw source.
 fn raw_query(
     tables: &Tables,
     scope: &Scope,
     intervals: &[(DateTime<Utc>, DateTime<Utc>)],
     select: &str,
     keys: &Keys,
-) -> Sql {
-    let mut binds = keys.binds.clone();
-    binds.push(Bind::Text(scope.org_id.to_owned()));
-    let mut text = format!("SELECT {select} FROM {} WHERE org_id = ?", tables.events);
-    if let Some(user) = scope.user_id {
-        text.push_str(" AND user_id = ?");
-        binds.push(Bind::Text(user.to_owned()));
-    }
+) -> Vec<Sql> {
     let bounds = RawBounds::of(intervals);
     let (filters, filter_binds) = filters(scope);
-    text.push_str(&format!("{}{filters}", bounds.condition()));
-    binds.extend(bounds.binds());
-    binds.extend(filter_binds);
-    Sql { text, binds }
+    tables
+        .raw_sources()
+        .into_iter()
+        .map(|(table, once)| {
+            let mut binds = keys.binds.clone();
+            binds.push(Bind::Text(scope.org_id.to_owned()));
+            let mut text = format!("SELECT {select} FROM {table} WHERE org_id = ?");
+            if let Some(user) = scope.user_id {
+                text.push_str(" AND user_id = ?");
+                binds.push(Bind::Text(user.to_owned()));
+            }
+            text.push_str(&format!("{}{filters}{once}", bounds.condition()));
+            binds.extend(bounds.binds());
+            binds.extend(filter_binds.iter().cloned());
+            Sql { text, binds }
+        })
+        .collect()
 }
 
 /// Plain sums (no quantiles): one query per source of `plan`, each returning the keys and then
@@ -225,10 +251,11 @@ pub fn sums(tables: &Tables, scope: &Scope, plan: &Plan, keys: &Keys, measures: 
         queries.push(sql);
     }
     if let Some(intervals) = &plan.raw {
-        let mut sql =
-            raw_query(tables, scope, intervals, &with_keys(&keys.raw, &measures::plains(measures)), keys);
-        sql.text.push_str(&group_by(&keys.group));
-        queries.push(sql);
+        let select = with_keys(&keys.raw, &measures::plains(measures));
+        for mut sql in raw_query(tables, scope, intervals, &select, keys) {
+            sql.text.push_str(&group_by(&keys.group));
+            queries.push(sql);
+        }
     }
     queries
 }
@@ -258,10 +285,11 @@ pub fn merged(
         binds: sql.binds,
     };
     let raw_states = |intervals: &[(DateTime<Utc>, DateTime<Utc>)]| {
-        let mut sql =
-            raw_query(tables, scope, intervals, &with_keys(&keys.raw, &measures::states(measures)), keys);
-        sql.text.push_str(&group_by(&keys.group));
-        sql
+        let select = with_keys(&keys.raw, &measures::states(measures));
+        let parts = raw_query(tables, scope, intervals, &select, keys);
+        let text: Vec<String> =
+            parts.iter().map(|sql| format!("{}{}", sql.text, group_by(&keys.group))).collect();
+        Sql { text: text.join(" UNION ALL "), binds: parts.into_iter().flat_map(|sql| sql.binds).collect() }
     };
     match (&plan.rollup, &plan.raw) {
         (Some(hours), None) => {

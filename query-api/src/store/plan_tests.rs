@@ -20,7 +20,7 @@ fn range(from: &str, to: &str) -> Range {
 }
 
 fn tables() -> Tables {
-    Tables { events: "db.events".into(), rollup_hourly: "db.rollup_hourly".into() }
+    Tables { events: "db.events".into(), rollup_hourly: "db.rollup_hourly".into(), archived: false }
 }
 
 const ORG: Scope = Scope { org_id: "org-1", user_id: None, provider: None, model: None };
@@ -213,4 +213,41 @@ fn day_plans_move_the_split_hours_from_the_rollup_to_raw_rows() {
     // A user has no rollup to split.
     let user = Scope { user_id: Some("u"), ..ORG };
     assert_eq!(Plan::for_days(&user, &whole, Tz::Asia__Kolkata), Plan::new(&user, &whole));
+}
+
+#[test]
+fn with_archived_rows_each_raw_read_takes_events_less_them_and_them_with_the_same_binds() {
+    let archived = Tables { archived: true, ..tables() };
+    let user = Scope { user_id: Some("u-1"), model: Some("gpt-4o"), ..ORG };
+    let plan = Plan::new(&ORG, &range("2026-08-02T10:15:00Z", "2026-08-02T13:00:00.500Z"));
+    let queries = sums(&archived, &user, &plan, &Keys::columns("model"), &[COST]);
+    // The rollup (org scope plan), then events without the archived identities, then _archived.
+    assert_eq!(queries.len(), 3);
+    assert!(
+        queries[1].text.contains("FROM db.events WHERE org_id = ? AND user_id = ?"),
+        "{}",
+        queries[1].text
+    );
+    assert!(
+        queries[1].text.contains(
+            " AND (event_id, kafka_partition, kafka_offset, kafka_index) NOT IN (SELECT event_id, kafka_partition, \
+             kafka_offset, kafka_index FROM _archived)"
+        ),
+        "{}",
+        queries[1].text
+    );
+    assert!(
+        queries[2].text.contains("FROM _archived WHERE org_id = ? AND user_id = ?"),
+        "{}",
+        queries[2].text
+    );
+    assert!(!queries[2].text.contains("NOT IN"));
+    assert_eq!(queries[1].binds, queries[2].binds);
+
+    // Merged states: the rollup's, then both raw sources', in one UNION ALL.
+    let sql = merged(&archived, &user, &plan, &Keys::none(), &[LATENCY], "");
+    assert_eq!(sql.text.matches(" UNION ALL ").count(), 2, "{}", sql.text);
+    assert_eq!(sql.binds.len(), sql.text.matches('?').count());
+    // Without archived rows, nothing changes.
+    assert_eq!(sums(&tables(), &user, &plan, &Keys::columns("model"), &[COST]).len(), 2);
 }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use tally_schemas::row::select_list;
 use tally_schemas::EventRow;
 
+use super::archived::{Newest, Wanted};
 use super::measures::{
     Measure, COMPLETION_TOKENS, COST, ERRORS, INPUT_BYTES, LATENCY, OUTPUT_BYTES, PROMPT_TOKENS, REQUESTS,
     TOKENS,
@@ -15,6 +16,7 @@ use super::measures::{
 use super::plan::{self, Keys, Plan, Scope};
 use super::sql::{Bind, RawBounds, Sql, EVENT_MS};
 use super::Store;
+use crate::error::ApiError;
 use crate::params::{Bucket, GroupBy};
 use crate::range::Range;
 
@@ -121,15 +123,16 @@ const LOOK_BACK: [Option<Duration>; 4] =
 
 impl Store<'_> {
     /// Usage by (provider, model, service): exact to the millisecond.
-    pub async fn usage(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<Usage>, Error> {
+    pub async fn usage(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<Usage>, ApiError> {
         let keys = Keys::columns("provider, model, service");
-        self.fetch_all_of(&plan::sums(&self.tables, scope, &Plan::new(scope, range), &keys, &USAGE)).await
+        self.sums(scope, &Plan::new(scope, range), &keys, &USAGE).await
     }
 
     /// p50, p95, p99 of the latency in ms (empty without events).
-    pub async fn latency(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<f32>, Error> {
-        let sql = plan::merged(&self.tables, scope, &Plan::new(scope, range), &Keys::none(), &[LATENCY], "");
-        Ok(sql.query(&self.client).fetch_one::<Latency>().await?.latency)
+    pub async fn latency(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<f32>, ApiError> {
+        let rows: Vec<Latency> =
+            self.merged(scope, &Plan::new(scope, range), &Keys::none(), &[LATENCY], "").await?;
+        Ok(rows.into_iter().next().map(|r| r.latency).unwrap_or_default())
     }
 
     /// The points of a timeseries, in no particular order. Hour buckets: each hour comes whole
@@ -142,7 +145,7 @@ impl Store<'_> {
         bucket: Bucket,
         group_by: Option<GroupBy>,
         tz: Tz,
-    ) -> Result<Vec<Point>, Error> {
+    ) -> Result<Vec<Point>, ApiError> {
         let key = group_by.map_or("''", GroupBy::column);
         match bucket {
             Bucket::Hour => {
@@ -152,8 +155,7 @@ impl Store<'_> {
                     group: "bucket, key".into(),
                     binds: Vec::new(),
                 };
-                self.fetch_all_of(&plan::sums(&self.tables, scope, &Plan::new(scope, range), &keys, &POINT))
-                    .await
+                self.sums(scope, &Plan::new(scope, range), &keys, &POINT).await
             }
             Bucket::Day => {
                 let keys = Keys {
@@ -162,23 +164,20 @@ impl Store<'_> {
                     group: "bucket, key".into(),
                     binds: vec![Bind::Text(tz.name().to_owned())],
                 };
-                let plan = Plan::for_days(scope, range, tz);
-                plan::merged(&self.tables, scope, &plan, &keys, &POINT, "ORDER BY bucket, key")
-                    .query(&self.client)
-                    .fetch_all()
+                self.merged(scope, &Plan::for_days(scope, range, tz), &keys, &POINT, "ORDER BY bucket, key")
                     .await
             }
         }
     }
 
     /// Requests, errors and latency by model, most used first.
-    pub async fn perf(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelPerf>, Error> {
+    pub async fn perf(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelPerf>, ApiError> {
         let tail = "ORDER BY requests DESC, provider, model";
         self.merged_by(scope, range, "provider, model", &[REQUESTS, ERRORS, LATENCY], tail).await
     }
 
     /// Cost by (service, provider, model), most expensive first.
-    pub async fn costs(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ServiceCost>, Error> {
+    pub async fn costs(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ServiceCost>, ApiError> {
         let tail = "ORDER BY cost_nanos DESC, service, provider, model";
         self.merged_by(scope, range, "service, provider, model", &[REQUESTS, TOKENS, COST], tail).await
     }
@@ -191,30 +190,69 @@ impl Store<'_> {
         columns: &str,
         measures: &[Measure],
         tail: &str,
-    ) -> Result<Vec<T>, Error>
+    ) -> Result<Vec<T>, ApiError>
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        let keys = Keys::columns(columns);
-        plan::merged(&self.tables, scope, &Plan::new(scope, range), &keys, measures, tail)
-            .query(&self.client)
-            .fetch_all()
-            .await
+        self.merged(scope, &Plan::new(scope, range), &Keys::columns(columns), measures, tail).await
+    }
+
+    /// The store for `plan`'s raw rows of `scope` (with a dropped month's rows from the archive).
+    async fn for_plan(&self, scope: &Scope<'_>, plan: &Plan) -> Result<Store<'_>, ApiError> {
+        let wanted = Wanted {
+            org_id: scope.org_id,
+            intervals: plan.raw.as_deref().unwrap_or_default(),
+            user_id: scope.user_id,
+            provider: scope.provider,
+            model: scope.model,
+            status: None,
+            execution_id: None,
+        };
+        self.covering(&wanted, None).await
+    }
+
+    /// `plan::sums`, run.
+    async fn sums<T>(
+        &self,
+        scope: &Scope<'_>,
+        plan: &Plan,
+        keys: &Keys,
+        measures: &[Measure],
+    ) -> Result<Vec<T>, ApiError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let store = self.for_plan(scope, plan).await?;
+        Ok(store.fetch_all_of(&plan::sums(&store.tables, scope, plan, keys, measures)).await?)
+    }
+
+    /// `plan::merged`, run.
+    async fn merged<T>(
+        &self,
+        scope: &Scope<'_>,
+        plan: &Plan,
+        keys: &Keys,
+        measures: &[Measure],
+        tail: &str,
+    ) -> Result<Vec<T>, ApiError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let store = self.for_plan(scope, plan).await?;
+        let sql = plan::merged(&store.tables, scope, plan, keys, measures, tail);
+        Ok(sql.query(&store.client).fetch_all().await?)
     }
 
     /// Requests, tokens and cost by (provider, model): exact to the millisecond.
-    pub async fn model_totals(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelTotals>, Error> {
+    pub async fn model_totals(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelTotals>, ApiError> {
         let keys = Keys::columns("provider, model");
-        let plan = Plan::new(scope, range);
-        self.fetch_all_of(&plan::sums(&self.tables, scope, &plan, &keys, &[REQUESTS, TOKENS, COST])).await
+        self.sums(scope, &Plan::new(scope, range), &keys, &[REQUESTS, TOKENS, COST]).await
     }
 
     /// The org's cost over `range`, in nano-dollars.
-    pub async fn spent(&self, org_id: &str, range: &Range) -> Result<i64, Error> {
+    pub async fn spent(&self, org_id: &str, range: &Range) -> Result<i64, ApiError> {
         let scope = Scope::org(org_id);
-        let plan = Plan::new(&scope, range);
-        let parts: Vec<Spent> =
-            self.fetch_all_of(&plan::sums(&self.tables, &scope, &plan, &Keys::none(), &[COST])).await?;
+        let parts: Vec<Spent> = self.sums(&scope, &Plan::new(&scope, range), &Keys::none(), &[COST]).await?;
         Ok(parts.iter().map(|p| p.cost_nanos).sum())
     }
 
@@ -236,7 +274,7 @@ impl Store<'_> {
         range: &Range,
         filters: &EventFilters<'_>,
         page: &PageRequest,
-    ) -> Result<Vec<EventRow>, Error> {
+    ) -> Result<Vec<EventRow>, ApiError> {
         let newest = match page.cursor {
             Some((at_ms, _)) => i64::try_from(at_ms)
                 .ok()
@@ -244,15 +282,28 @@ impl Store<'_> {
                 .map_or(range.to, |t| t.min(range.to)),
             None => range.to,
         };
+        // Of a dropped month's archived rows, a page needs at most the newest offset + rows.
+        let keep = Newest {
+            cursor_ms: page.cursor.and_then(|(at_ms, _)| i64::try_from(at_ms).ok()),
+            rows: page.offset as usize + page.rows as usize,
+        };
         let mut rows = Vec::new();
         for window in LOOK_BACK {
             let from =
                 window.and_then(|w| newest.checked_sub_signed(w)).map_or(range.from, |t| t.max(range.from));
-            rows = self
-                .events_sql(org_id, from, range.to, filters, page)
-                .query(&self.client)
-                .fetch_all()
-                .await?;
+            let intervals = [(from.max(DateTime::UNIX_EPOCH), range.to.max(DateTime::UNIX_EPOCH))];
+            let wanted = Wanted {
+                org_id,
+                intervals: &intervals,
+                user_id: filters.user_id,
+                provider: filters.provider,
+                model: filters.model,
+                status: filters.status,
+                execution_id: filters.execution_id,
+            };
+            let store = self.covering(&wanted, Some(&keep)).await?;
+            rows =
+                store.events_sql(org_id, &intervals, filters, page).query(&store.client).fetch_all().await?;
             if rows.len() >= page.rows as usize || from == range.from {
                 break;
             }
@@ -260,43 +311,58 @@ impl Store<'_> {
         Ok(rows)
     }
 
-    /// The page among the events in `[from, to)` (and before the cursor).
+    /// The page among the events in `intervals` (and before the cursor), from each raw source.
     fn events_sql(
         &self,
         org_id: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
+        intervals: &[(DateTime<Utc>, DateTime<Utc>)],
         filters: &EventFilters<'_>,
         page: &PageRequest,
     ) -> Sql {
-        let bounds = RawBounds::of(&[(from.max(DateTime::UNIX_EPOCH), to.max(DateTime::UNIX_EPOCH))]);
-        let mut text = format!(
-            "SELECT {} FROM {} WHERE org_id = ?{}",
-            select_list(),
-            self.tables.events,
-            bounds.condition()
-        );
-        let mut binds = vec![Bind::Text(org_id.to_owned())];
-        binds.extend(bounds.binds());
-        for (column, value) in [
-            ("model", filters.model),
-            ("provider", filters.provider),
-            ("toString(status)", filters.status),
-            ("execution_id", filters.execution_id),
-            ("user_id", filters.user_id),
-        ] {
-            if let Some(value) = value {
-                text.push_str(&format!(" AND {column} = ?"));
-                binds.push(Bind::Text(value.to_owned()));
-            }
-        }
+        let bounds = RawBounds::of(intervals);
         let at = EVENT_MS;
-        if let Some((at_ms, id)) = page.cursor {
-            text.push_str(&format!(" AND ({at} < ? OR ({at} = ? AND event_id < toUUID(?)))"));
-            binds.extend([Bind::Number(at_ms), Bind::Number(at_ms), Bind::Text(id.to_string())]);
-        }
-        text.push_str(&format!(" ORDER BY {at} DESC, event_id DESC LIMIT ?, ?"));
-        binds.extend([Bind::Number(u64::from(page.offset)), Bind::Number(u64::from(page.rows))]);
-        Sql { text, binds }
+        let parts: Vec<Sql> = self
+            .tables
+            .raw_sources()
+            .into_iter()
+            .map(|(table, once)| {
+                let mut text =
+                    format!("SELECT {} FROM {table} WHERE org_id = ?{}", select_list(), bounds.condition());
+                let mut binds = vec![Bind::Text(org_id.to_owned())];
+                binds.extend(bounds.binds());
+                for (column, value) in [
+                    ("model", filters.model),
+                    ("provider", filters.provider),
+                    ("toString(status)", filters.status),
+                    ("execution_id", filters.execution_id),
+                    ("user_id", filters.user_id),
+                ] {
+                    if let Some(value) = value {
+                        text.push_str(&format!(" AND {column} = ?"));
+                        binds.push(Bind::Text(value.to_owned()));
+                    }
+                }
+                if let Some((at_ms, id)) = page.cursor {
+                    text.push_str(&format!(" AND ({at} < ? OR ({at} = ? AND event_id < toUUID(?)))"));
+                    binds.extend([Bind::Number(at_ms), Bind::Number(at_ms), Bind::Text(id.to_string())]);
+                }
+                text.push_str(&once);
+                Sql { text, binds }
+            })
+            .collect();
+        let mut sql = match <[Sql; 1]>::try_from(parts) {
+            Ok([one]) => one,
+            Err(parts) => Sql {
+                text: format!(
+                    "SELECT {} FROM ({})",
+                    select_list(),
+                    parts.iter().map(|p| p.text.as_str()).collect::<Vec<_>>().join(" UNION ALL ")
+                ),
+                binds: parts.into_iter().flat_map(|p| p.binds).collect(),
+            },
+        };
+        sql.text.push_str(&format!(" ORDER BY {at} DESC, event_id DESC LIMIT ?, ?"));
+        sql.binds.extend([Bind::Number(u64::from(page.offset)), Bind::Number(u64::from(page.rows))]);
+        sql
     }
 }

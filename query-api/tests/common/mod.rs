@@ -23,12 +23,20 @@ pub struct Api {
 
 impl Api {
     pub async fn start() -> Api {
+        Api::start_with(&[]).await
+    }
+
+    /// The API with more settings (e.g. `TALLY_ARCHIVE_URL`).
+    pub async fn start_with(settings: &[(&str, String)]) -> Api {
         let clickhouse = new_database_config("query");
-        let env = Env::from_pairs([
+        let mut env = Env::from_pairs([
             ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
             ("TALLY_CLICKHOUSE_DATABASE", clickhouse.database.clone()),
             ("TALLY_ADMIN_TOKEN", ADMIN.to_owned()),
         ]);
+        for (key, value) in settings {
+            env = env.with(*key, value.clone());
+        }
         let config = QueryConfig::from_env(&env).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
