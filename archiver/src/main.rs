@@ -19,7 +19,10 @@ const USAGE: &str = "usage: tally-archiver run | verify | serve | restore YYYY-M
   serve   a pass every TALLY_ARCHIVE_INTERVAL_S, with /healthz, /readyz and /metrics on TALLY_LISTEN_ADDR\n\
   restore load an archived month back into ClickHouse (an empty month; once)";
 
-#[tokio::main]
+/// One thread: a pass reads one stream and encodes it in turn, and the multi-thread runtime's
+/// cross-thread wake-ups per HTTP chunk cost a third of its CPU (ClickHouse has the other core).
+/// `serve` runs its passes on a thread of their own, the ops routes on this one.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let env = Env::from_process();
     let config = ArchiverConfig::from_env(&env).context("invalid configuration")?;

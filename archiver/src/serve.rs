@@ -106,6 +106,24 @@ impl Readiness for ArchiverReadiness {
     }
 }
 
+/// Runs `make()`'s future to completion on a current-thread runtime of its own, on a blocking
+/// thread: a pass is one stream read and encoded in turn, and on the multi-thread runtime the
+/// wake-ups between the HTTP connection's task and the reader on another worker cost a third of
+/// its CPU (`perf`, loadtest/RESULTS.md "Archiver"); the ops routes keep their own thread.
+async fn on_a_thread_of_its_own<F, Fut, T>(make: F) -> std::io::Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        Ok(runtime.block_on(make()))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// Serves the ops routes on `listener` and runs a pass every interval until `shutdown`.
 pub async fn serve(
     config: ArchiverConfig,
@@ -124,10 +142,19 @@ pub async fn serve(
     let passes = server::spawn_every(config.interval, shutdown.clone(), move || {
         let (config, archive, metrics) = (Arc::clone(&config), archive.clone(), metrics.clone());
         async move {
-            match archive::run(&config, &archive, chrono::Utc::now()).await {
-                Ok(reports) => metrics.record(&reports),
-                Err(error) => {
+            let (pass_config, pass_archive) = (Arc::clone(&config), archive.clone());
+            let pass = on_a_thread_of_its_own(move || async move {
+                archive::run(&pass_config, &pass_archive, chrono::Utc::now()).await
+            })
+            .await;
+            match pass {
+                Ok(Ok(reports)) => metrics.record(&reports),
+                Ok(Err(error)) => {
                     tracing::error!(error = %error, "archiver pass failed");
+                    metrics.passes.with_label_values(&["error"]).inc();
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "archiver pass could not start");
                     metrics.passes.with_label_values(&["error"]).inc();
                 }
             }

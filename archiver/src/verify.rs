@@ -12,7 +12,7 @@ use parquet::arrow::ProjectionMask;
 use crate::error::ArchiveError;
 use crate::manifest::{FileEntry, Manifest};
 use crate::store::Archive;
-use crate::totals::{differences, OrgSums};
+use crate::totals::{differences, OrgSums, Sums};
 
 const SUMMED: [&str; 5] = ["org_id", "cost", "prompt_tokens", "completion_tokens", "total_tokens"];
 
@@ -45,13 +45,28 @@ pub fn sums_of_file(path: &Path) -> Result<(u64, OrgSums), ArchiveError> {
         let cost = column("cost")?.as_primitive::<Decimal128Type>();
         let tokens = [column("prompt_tokens")?, column("completion_tokens")?, column("total_tokens")?]
             .map(|c| c.as_primitive::<UInt32Type>());
-        for i in 0..batch.num_rows() {
-            let sums = orgs.entry(org.value(i).to_owned()).or_default();
-            sums.rows += 1;
-            sums.cost_nanos += i64::try_from(cost.value(i)).unwrap_or(i64::MAX);
-            sums.prompt_tokens += u64::from(tokens[0].value(i));
-            sums.completion_tokens += u64::from(tokens[1].value(i));
-            sums.total_tokens += u64::from(tokens[2].value(i));
+        // Files are sorted by org: add up each run of one org's rows, then look the org up once
+        // (a map lookup per row was a fifth of the archiver's CPU).
+        let mut start = 0;
+        while start < batch.num_rows() {
+            let current = org.value(start);
+            let mut run = Sums::default();
+            let mut i = start;
+            while i < batch.num_rows() && org.value(i) == current {
+                run.rows += 1;
+                run.cost_nanos += i64::try_from(cost.value(i)).unwrap_or(i64::MAX);
+                run.prompt_tokens += u64::from(tokens[0].value(i));
+                run.completion_tokens += u64::from(tokens[1].value(i));
+                run.total_tokens += u64::from(tokens[2].value(i));
+                i += 1;
+            }
+            match orgs.get_mut(current) {
+                Some(sums) => sums.add(&run),
+                None => {
+                    orgs.insert(current.to_owned(), run);
+                }
+            }
+            start = i;
         }
         rows += batch.num_rows() as u64;
     }

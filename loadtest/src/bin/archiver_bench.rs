@@ -121,7 +121,7 @@ async fn org_read(config: &ArchiverConfig, month: Month, org: &str) -> anyhow::R
     }))
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let env = Env::from_process();
