@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -58,3 +58,10 @@ bench-archiver: ## archiver: rows/s vs the raw read ceiling, bytes/event vs syst
 	@bash dev/stack.sh infra-up
 	cargo build --release --locked --bins -q
 	$$(bash dev/tools.sh) loadtest/bench_archiver.py $(BENCH_ARGS)
+
+cluster-up: ## the local cluster (work in progress, issue 13): ZooKeeper, ClickHouse 2 shards x 2 replicas, 3 Kafka brokers; then its smoke check
+	@bash dev/cluster.sh infra-up
+	@bash dev/cluster.sh smoke
+
+cluster-down: ## stop the local cluster
+	@bash dev/cluster.sh down
