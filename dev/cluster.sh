@@ -30,24 +30,9 @@ die() { log "error: $*"; exit 1; }
 
 mkdir -p "$CL/run" "$CL/log"
 
-pid_of() { local f="$CL/run/$1.pid"; [[ -f $f ]] && cat "$f" || true; }
-is_running() { local pid; pid="$(pid_of "$1")"; [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; }
-start_bg() {
-  local name="$1"; shift
-  setsid nohup "$@" >>"$CL/log/$name.log" 2>&1 </dev/null &
-  echo $! >"$CL/run/$name.pid"
-}
-stop_proc() {
-  local name="$1" pid
-  pid="$(pid_of "$name")"
-  if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then rm -f "$CL/run/$name.pid"; return 0; fi
-  log "stopping $name (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; }
-  rm -f "$CL/run/$name.pid"
-}
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+PROC_RUN="$CL/run" PROC_LOG="$CL/log"
+# shellcheck source=dev/proc.sh
+source "$ROOT/dev/proc.sh"
 wait_until() { # wait_until NAME SECONDS CHECK...
   local name="$1" secs="$2"; shift 2
   for _ in $(seq 1 $((secs * 5))); do

@@ -44,30 +44,9 @@ mkdir -p "$DEV/run" "$DEV/log"
 
 # ---------------------------------------------------------------- process helpers
 
-pid_of() { local f="$DEV/run/$1.pid"; [[ -f $f ]] && cat "$f" || true; }
-
-is_running() {
-  local pid; pid="$(pid_of "$1")"
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
-}
-
-# start_bg NAME CMD...: runs CMD in its own session, stdout/stderr to .dev/log/NAME.log
-start_bg() {
-  local name="$1"; shift
-  setsid nohup "$@" >>"$DEV/log/$name.log" 2>&1 < /dev/null &
-  echo $! >"$DEV/run/$name.pid"
-}
-
-stop_proc() {
-  local name="$1" pid
-  pid="$(pid_of "$name")"
-  if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then rm -f "$DEV/run/$name.pid"; return 0; fi
-  log "stopping $name (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then log "$name did not stop in 20 s, killing"; kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; fi
-  rm -f "$DEV/run/$name.pid"
-}
+PROC_RUN="$DEV/run" PROC_LOG="$DEV/log"
+# shellcheck source=dev/proc.sh
+source "$ROOT/dev/proc.sh"
 
 wait_http() { # wait_http NAME URL SECONDS
   local name="$1" url="$2" secs="$3"
@@ -79,8 +58,6 @@ wait_http() { # wait_http NAME URL SECONDS
   tail -n 30 "$DEV/log/$name.log" >&2 || true
   die "$name not answering at $url after ${secs}s"
 }
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 wait_port() { # wait_port NAME PORT SECONDS
   local name="$1" port="$2" secs="$3"
