@@ -133,9 +133,26 @@ def main():
     replayed = list(logged_statements(args.clickhouse_url, args.since))
     # query_log has second resolution, so statements of the same second may come out of order (an
     # INSERT before its CREATE): replay in passes until a pass makes no progress.
+    # Tables the tests create and drop as they go (a restore's staging table): several tests'
+    # statements meet in one `compat` database, so one test's DROP can come between another's
+    # CREATE and INSERT. A retried statement gets the tables it names created again first.
+    creates = {}
+    for statement in replayed:
+        created = re.match(r"^\s*CREATE\s+(?:TEMPORARY\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\S+)", statement, re.I)
+        if created:
+            creates.setdefault(created.group(1), statement)
+
+    def retry(statement):
+        for table, create in creates.items():
+            if create is not statement and re.search(r"\b%s\b" % re.escape(table), statement):
+                run(create)
+        return run(statement)
+
     pending = replayed
+    first = True
     while True:
-        still_failing = [(statement, run(statement)) for statement in pending]
+        still_failing = [(statement, run(statement) if first else retry(statement)) for statement in pending]
+        first = False
         still_failing = [(statement, error) for statement, error in still_failing if error]
         if not still_failing or len(still_failing) == len(pending):
             break
