@@ -88,7 +88,10 @@ def main():
         run = subprocess.run([binary, "run"], env=env, stdout=subprocess.PIPE, text=True)
         print(run.stdout.strip())
         check(run.returncode == 0, "tally-archiver run exits 0 (got %d)" % run.returncode)
-        outcomes = {line["month"]: line for line in (json.loads(l) for l in run.stdout.split("\n") if l.strip())}
+        lines = [json.loads(l) for l in run.stdout.split("\n") if l.strip()]
+        # One line per month, then one per day of the dead-letter topic.
+        outcomes = {line["month"]: line for line in lines if "month" in line}
+        check(all("month" in line or "dead_letters" in line for line in lines), "every line is a month or a day: %s" % lines)
         for month in ("2026-08", "2026-09"):
             year, mm = month.split("-")
             check(outcomes.get(month, {}).get("outcome") == "archived", "%s archived: %s" % (month, outcomes.get(month)))
