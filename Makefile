@@ -59,9 +59,10 @@ bench-archiver: ## archiver: rows/s vs the raw read ceiling, bytes/event vs syst
 	cargo build --release --locked --bins -q
 	$$(bash dev/tools.sh) loadtest/bench_archiver.py $(BENCH_ARGS)
 
-cluster-up: ## the local cluster (work in progress, issue 13): ZooKeeper, ClickHouse 2 shards x 2 replicas, 3 Kafka brokers; then its smoke check
+cluster-up: ## the local cluster (work in progress, issue 13): ZooKeeper, ClickHouse 2 shards x 2 replicas, 3 Kafka brokers; then its smoke check and the cluster form of the migrations applied and checked
 	@bash dev/cluster.sh infra-up
 	@bash dev/cluster.sh smoke
+	@bash dev/cluster.sh schema
 
 cluster-down: ## stop the local cluster
 	@bash dev/cluster.sh down

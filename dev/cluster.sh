@@ -8,6 +8,8 @@
 #   dev/cluster.sh infra-up     install what is missing, start zookeeper, 4 clickhouse, 3 kafka
 #   dev/cluster.sh smoke        check it: a replicated table on every node, a Distributed read
 #                               over both shards, a topic with replication factor 3 and min ISR 2
+#   dev/cluster.sh schema       the cluster form of the migrations (tally_schemas::cluster)
+#                               applied to a fresh database and checked on every node
 #   dev/cluster.sh down | status | clean
 #
 # Ports: ZooKeeper 12181; ClickHouse node N (1..4; shard = (N+1)/2, replica = 2-N%2) HTTP 813N,
@@ -120,7 +122,8 @@ start_clickhouse_node() {
     <macros>
         <cluster>$CLUSTER_NAME</cluster>
         <shard>$(ch_shard "$n")</shard>
-        <replica>replica-$(ch_replica "$n")</replica>
+        <!-- unique over the cluster: the admin tables are one replica set over every node -->
+        <replica>node-$n</replica>
     </macros>
     <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
 $(remote_servers)
@@ -237,6 +240,44 @@ smoke() {
   log "tally.events.v1: 8 partitions, replication factor 3, min.insync.replicas=2"
 }
 
+# The cluster form of the migrations (tally_schemas::cluster) applied to a fresh database, then
+# checked: every table on every node, an org's rows and rollups replicated within its shard, the
+# Distributed tables reading both shards, the admin tables on every node.
+schema() {
+  local db="cluster_schema_$RANDOM" n count
+  log "applying the cluster form of the migrations to database $db"
+  ch 1 "CREATE DATABASE IF NOT EXISTS $db ON CLUSTER $CLUSTER_NAME" >/dev/null
+  count=0
+  while IFS= read -r -d '' statement; do
+    ch 1 "$statement" >/dev/null || die "statement failed on the cluster: ${statement:0:300}"
+    count=$((count + 1))
+  done < <(cd "$ROOT" && cargo run -q --locked -p tally-testkit --bin cluster_ddl -- "$db" "$CLUSTER_NAME")
+  [[ $count -gt 10 ]] || die "only $count statements came out of cluster_ddl"
+  log "$count statements applied ON CLUSTER"
+  for n in "${CH_NODES[@]}"; do
+    local tables
+    tables="$(ch "$n" "SELECT count() FROM system.tables WHERE database = '$db' AND name IN ('events', 'events_all', 'rollup_hourly', 'rollup_hourly_all', 'rollup_daily', 'rollup_daily_all', 'rollup_hourly_mv', 'rollup_daily_mv', 'model_prices')")"
+    [[ $tables == 9 ]] || die "node $n has $tables of the 9 tables of $db"
+    tables="$(ch "$n" "SELECT count() FROM system.tables WHERE database = '${db}_admin' AND name IN ('orgs', 'api_keys', 'budgets')")"
+    [[ $tables == 3 ]] || die "node $n has $tables of the 3 admin tables"
+  done
+  # One org's events on each shard's first replica; the rollup views run there and replicate.
+  ch 1 "INSERT INTO $db.events (org_id, event_id, timestamp, cost_nanos) SELECT 'org-a', generateUUIDv4(), toDateTime('2026-11-02 10:00:00') + number, 1000 FROM system.numbers LIMIT 300" >/dev/null
+  ch 3 "INSERT INTO $db.events (org_id, event_id, timestamp, cost_nanos) SELECT 'org-b', generateUUIDv4(), toDateTime('2026-11-02 10:00:00') + number, 7 FROM system.numbers LIMIT 200" >/dev/null
+  ch 1 "INSERT INTO ${db}_admin.orgs (org_id, name, version) VALUES ('org-a', 'A', 1)" >/dev/null
+  for n in "${CH_NODES[@]}"; do ch "$n" "SYSTEM SYNC REPLICA $db.events" >/dev/null; ch "$n" "SYSTEM SYNC REPLICA $db.rollup_hourly" >/dev/null; ch "$n" "SYSTEM SYNC REPLICA ${db}_admin.orgs" >/dev/null; done
+  local got
+  got="$(ch 2 "SELECT count(), sum(cost_nanos) FROM $db.events") / $(ch 4 "SELECT count(), sum(cost_nanos) FROM $db.events")"
+  [[ $got == $'300\t300000 / 200\t1400' ]] || die "shard replicas hold $got (expected 300 300000 / 200 1400)"
+  got="$(ch 2 "SELECT toUInt64(countMerge(events)), sumMerge(cost_nanos_sum) FROM $db.rollup_hourly_all")"
+  [[ $got == $'500\t301400' ]] || die "the rollups over the cluster hold $got (expected 500 301400)"
+  got="$(ch 4 "SELECT count() FROM ${db}_admin.orgs")"
+  [[ $got == 1 ]] || die "node 4 has $got admin rows (expected the one written on node 1)"
+  ch 1 "DROP DATABASE ${db}_admin ON CLUSTER $CLUSTER_NAME" >/dev/null
+  ch 1 "DROP DATABASE $db ON CLUSTER $CLUSTER_NAME" >/dev/null
+  log "every node has the schema; each shard's replicas hold its org's rows (300 / 200) and rollups; rollup_hourly_all reads 500 events, 301400 nano-dollars; admin rows reach every node"
+}
+
 down() {
   local n
   for n in "${KAFKA_NODES[@]}"; do stop_proc "kafka-$n"; done
@@ -256,6 +297,7 @@ case "$cmd" in
   install) install_all ;;
   infra-up) infra_up ;;
   smoke) smoke ;;
+  schema) schema ;;
   down) down ;;
   status) status ;;
   stop) stop_proc "${1:?component}" ;;

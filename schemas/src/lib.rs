@@ -1,6 +1,7 @@
 //! Tally's shared contracts: the normalized usage event and its validation bounds, the parsers of
 //! the two SDK dialects, the Kafka record formats, pricing, API key hashing and the ClickHouse schema.
 
+pub mod cluster;
 pub mod event;
 pub mod keys;
 pub mod limits;
