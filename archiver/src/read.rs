@@ -167,7 +167,8 @@ pub async fn org_batches(
     org: &str,
     columns: &[&str],
 ) -> Result<OrgRead, ArchiveError> {
-    let mut reader = archive.file_reader(entry);
+    let (store, path) = archive.object(&entry.path);
+    let mut reader = ArchiveFile::new(store, path, entry.bytes);
     let fetched = reader.fetched();
     let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
     let metadata = ArrowReaderMetadata::load_async(&mut reader, options).await?;

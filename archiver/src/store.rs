@@ -148,9 +148,10 @@ impl Archive {
         Ok((size, hex::encode(hash.finalize())))
     }
 
-    /// A Parquet reader of an archived file that fetches byte ranges on demand.
-    pub fn file_reader(&self, entry: &crate::manifest::FileEntry) -> crate::read::ArchiveFile {
-        crate::read::ArchiveFile::new(self.store.clone(), self.path(&entry.path), entry.bytes)
+    /// The store and the full path of `key`, for a reader that fetches byte ranges on demand
+    /// (`read::ArchiveFile`).
+    pub fn object(&self, key: &str) -> (Arc<dyn ObjectStore>, Path) {
+        (self.store.clone(), self.path(key))
     }
 
     /// The objects under `key_prefix`, keys relative to the archive's root.
