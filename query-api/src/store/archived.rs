@@ -134,6 +134,9 @@ impl ArchiveReads {
         &self,
         intervals: &[(DateTime<Utc>, DateTime<Utc>)],
     ) -> Result<Vec<Arc<Manifest>>, ArchiveError> {
+        if !may_reach_a_closed_month(intervals, Utc::now()) {
+            return Ok(Vec::new()); // most requests: no listing, no lock
+        }
         let dropped = self.dropped().await?;
         Ok(dropped
             .iter()
@@ -178,6 +181,13 @@ impl ArchiveReads {
     }
 }
 
+/// Whether an interval starts before the end of some month that is closed at `now` (ended at
+/// least the oldest accepted event age ago): only a closed month can have been dropped.
+fn may_reach_a_closed_month(intervals: &[(DateTime<Utc>, DateTime<Utc>)], now: DateTime<Utc>) -> bool {
+    let closed_before = now - chrono::Duration::milliseconds(tally_schemas::limits::MAX_EVENT_AGE_MS);
+    intervals.iter().any(|(from, to)| from < to && *from < closed_before)
+}
+
 /// Keeps the rows after `newest.cursor_ms` out, and of the rest those at the cursor's time and
 /// the newest `rows` before it, with every row tied with the last of them (ClickHouse orders
 /// ties by event id). `at`: a row's event time in ms.
@@ -197,6 +207,20 @@ fn keep_newest<T>(rows: &mut Vec<T>, at: impl Fn(&T) -> i64, newest: &Newest) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_intervals_starting_before_a_closed_month_ends_look_at_the_archive() {
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).map(|t| t.with_timezone(&Utc)).unwrap_or_default();
+        let now = at("2026-11-30T12:00:00Z");
+        // 35 days before now: 2026-10-26T12:00Z. October ends later, so it cannot be closed yet.
+        assert!(!may_reach_a_closed_month(&[(at("2026-10-27T00:00:00Z"), now)], now));
+        assert!(may_reach_a_closed_month(&[(at("2026-10-26T11:00:00Z"), at("2026-10-26T12:00:00Z"))], now));
+        assert!(!may_reach_a_closed_month(&[(at("2026-08-02T10:00:00Z"), at("2026-08-02T10:00:00Z"))], now));
+        assert!(may_reach_a_closed_month(
+            &[(at("2026-11-01T00:00:00Z"), now), (at("2026-08-02T10:00:00Z"), at("2026-08-02T11:00:00Z"))],
+            now
+        ));
+    }
 
     #[test]
     fn the_newest_rows_before_the_cursor_are_kept_with_every_tie_and_every_row_at_the_cursor() {

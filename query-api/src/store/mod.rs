@@ -27,6 +27,7 @@ use crate::error::ApiError;
 
 pub use plan::{Plan, Scope, Tables};
 
+#[derive(Clone)]
 pub struct Store<'a> {
     client: clickhouse::Client,
     config: &'a ChConfig,
@@ -57,16 +58,10 @@ impl<'a> Store<'a> {
     /// into a temporary table of a ClickHouse session of its own (queries of a session run one at
     /// a time).
     async fn covering(&self, wanted: &Wanted<'_>, newest: Option<&Newest>) -> Result<Store<'a>, ApiError> {
-        let plain = || Store {
-            client: self.client.clone(),
-            config: self.config,
-            tables: self.tables.clone(),
-            archive: self.archive,
-        };
-        let Some(archive) = self.archive else { return Ok(plain()) };
+        let Some(archive) = self.archive else { return Ok(self.clone()) };
         let months = archive.months_of(wanted.intervals).await.map_err(ArchiveReadError::from)?;
         if months.is_empty() {
-            return Ok(plain());
+            return Ok(self.clone());
         }
         let rows = archive.rows(&months, wanted, newest).await?;
         let client = self.client.clone().with_setting("session_id", uuid::Uuid::new_v4().to_string());
