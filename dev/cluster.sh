@@ -10,8 +10,15 @@
 #                               over both shards, a topic with replication factor 3 and min ISR 2
 #   dev/cluster.sh schema       the cluster form of the migrations (tally_schemas::cluster)
 #                               applied to a fresh database and checked on every node
+#   dev/cluster.sh up           infra-up, then the services on it (consumers apply the migrations
+#                               in cluster form): two ingest replicas behind nginx, two consumers
+#                               in one group, the query API reading every shard; demo org+traffic
+#   dev/cluster.sh services-down  stop the services, keep the cluster
 #   dev/cluster.sh down | status | clean
 #
+# Services (database "tally"): nginx 127.0.0.1:8280 -> ingest-1 :8281, ingest-2 :8282; nginx
+# 127.0.0.1:8130 -> the four ClickHouse nodes' HTTP ports (what ingest and the query API read
+# through); consumer-1 :8283, consumer-2 :8284 (ops); query-api :8285.
 # Ports: ZooKeeper 12181; ClickHouse node N (1..4; shard = (N+1)/2, replica = 2-N%2) HTTP 813N,
 # native 913N, interserver 923N; Kafka node N (1..3) 919(N+1) (brokers 9192-9194), controllers
 # 919(N+4) (9195-9197). Memory (measured idle, RSS): ZooKeeper 75 MiB, each Kafka ~320 MiB (512 MiB
@@ -21,6 +28,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEV="$ROOT/.dev"
 CL="$DEV/cluster"
+export TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
 ZK_PORT=12181
 CLUSTER_NAME="tally"
 KAFKA_BOOTSTRAP="127.0.0.1:9192,127.0.0.1:9193,127.0.0.1:9194"
@@ -198,6 +207,154 @@ create_topic() { # create_topic NAME PARTITIONS
   die "could not create topic $1 on the cluster"
 }
 
+# ---------------------------------------------------------------- the services on the cluster
+
+DB="${TALLY_CLICKHOUSE_DATABASE:-tally}"
+INGEST_LB=8280
+CH_LB=8130
+QUERY_PORT=8285
+SHARDS="http://127.0.0.1:8131,http://127.0.0.1:8132;http://127.0.0.1:8133,http://127.0.0.1:8134"
+
+start_nginx() {
+  is_running nginx && return 0
+  mkdir -p "$CL/nginx/temp"
+  cat >"$CL/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $CL/nginx/nginx.pid;
+error_log $CL/log/nginx-error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $CL/nginx/temp/body;
+  proxy_temp_path $CL/nginx/temp/proxy;
+  fastcgi_temp_path $CL/nginx/temp/fastcgi;
+  uwsgi_temp_path $CL/nginx/temp/uwsgi;
+  scgi_temp_path $CL/nginx/temp/scgi;
+  client_max_body_size 64m;
+  # The two ingest replicas; a replica that fails (connection refused, 502/503) is skipped.
+  upstream ingest {
+    server 127.0.0.1:8281 max_fails=1 fail_timeout=5s;
+    server 127.0.0.1:8282 max_fails=1 fail_timeout=5s;
+    keepalive 64;
+  }
+  # Every ClickHouse node: reads through the Distributed tables work from any of them.
+  upstream clickhouse {
+    server 127.0.0.1:8131 max_fails=1 fail_timeout=5s;
+    server 127.0.0.1:8132 max_fails=1 fail_timeout=5s;
+    server 127.0.0.1:8133 max_fails=1 fail_timeout=5s;
+    server 127.0.0.1:8134 max_fails=1 fail_timeout=5s;
+    keepalive 32;
+  }
+  server {
+    listen 127.0.0.1:$INGEST_LB;
+    location / {
+      proxy_pass http://ingest;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+    }
+  }
+  server {
+    listen 127.0.0.1:$CH_LB;
+    location / {
+      proxy_pass http://clickhouse;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_next_upstream error timeout;
+      proxy_read_timeout 300s;
+    }
+  }
+}
+EOF
+  log "starting nginx (Debian): ingest on 127.0.0.1:$INGEST_LB, clickhouse on 127.0.0.1:$CH_LB"
+  start_bg nginx nginx -e "$CL/log/nginx-error.log" -p "$CL/nginx" -c "$CL/nginx/nginx.conf"
+  wait_until nginx 20 port_open "$INGEST_LB"
+}
+
+admin_token() { bash "$ROOT/dev/stack.sh" env | sed -n 's/^TALLY_ADMIN_TOKEN=//p'; }
+
+cluster_env() { # the TALLY_* settings every service gets on the cluster
+  echo "TALLY_KAFKA_BROKERS=$KAFKA_BOOTSTRAP"
+  echo "TALLY_CLICKHOUSE_DATABASE=$DB"
+  echo "TALLY_CLICKHOUSE_CLUSTER=$CLUSTER_NAME"
+  echo "TALLY_ADMIN_TOKEN=$(admin_token)"
+  echo "TALLY_LOG_FORMAT=json"
+}
+
+start_service() { # start_service NAME BINARY PORT EXTRA_ENV...
+  local name="$1" binary="$2" port="$3"; shift 3
+  is_running "$name" && return 0
+  log "starting $name on 127.0.0.1:$port"
+  # shellcheck disable=SC2046
+  start_bg "$name" env $(cluster_env) TALLY_LISTEN_ADDR="127.0.0.1:$port" "$@" "$CARGO_TARGET_DIR/release/$binary"
+  wait_until "$name" 60 http_ok "http://127.0.0.1:$port/healthz"
+}
+
+# Consumers migrate (the migration lock lives on node 1, which every runner names) and write each
+# org's rows to its shard; ingest and the query API read through the ClickHouse load balancer.
+start_consumer() { # start_consumer N [ENV...]
+  local n="$1"; shift
+  start_service "consumer-$n" tally-consumer $((8282 + n)) TALLY_CLICKHOUSE_URL=http://127.0.0.1:8131 \
+    TALLY_CLICKHOUSE_SHARDS="$SHARDS" TALLY_CONSUMER_INSTANCE_ID="consumer-$n" "$@"
+}
+start_ingest() { start_service "ingest-$1" tally-ingest $((8280 + $1)) TALLY_CLICKHOUSE_URL="http://127.0.0.1:$CH_LB"; }
+start_query() {
+  start_service query-api tally-query-api "$QUERY_PORT" TALLY_CLICKHOUSE_URL="http://127.0.0.1:$CH_LB" TALLY_MIGRATE=false
+}
+
+services_up() {
+  (cd "$ROOT" && cargo build --release --locked --bins -q) || die "cargo build failed"
+  start_nginx
+  start_consumer 1
+  start_consumer 2
+  start_ingest 1
+  start_ingest 2
+  start_query
+}
+
+services_down() {
+  local name
+  for name in ingest-1 ingest-2 query-api consumer-1 consumer-2 nginx; do stop_proc "$name"; done
+}
+
+demo() {
+  local body key
+  body="$(curl -fsS -X POST -H "Authorization: Bearer $(admin_token)" -H 'Content-Type: application/json' \
+    -d '{"name":"cluster-demo","plan":"ENTERPRISE"}' "http://127.0.0.1:$QUERY_PORT/admin/orgs")" || die "POST /admin/orgs failed"
+  key="$(sed -n 's/.*"apiKey":"\([^"]*\)".*/\1/p' <<<"$body")"
+  (umask 077; printf 'TALLY_INGEST_URL=http://127.0.0.1:%s\nTALLY_QUERY_URL=http://127.0.0.1:%s\nTALLY_DEMO_API_KEY=%s\n' \
+    "$INGEST_LB" "$QUERY_PORT" "$key" >"$CL/demo.env")
+  # Both ingest replicas refresh their key sets on their own: wait until several answers in a
+  # row (nginx alternates between them) know the key.
+  local known=0
+  for _ in $(seq 1 100); do
+    if [[ $(curl -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $key" -H 'Content-Type: application/json' \
+      -d '{"events":[]}' "http://127.0.0.1:$INGEST_LB/v1/ingest") != 401 ]]; then known=$((known + 1)); else known=0; fi
+    [[ $known -ge 4 ]] && break
+    sleep 0.2
+  done
+  log "demo traffic through nginx: 20 requests/s of 10-event batches for 10 s"
+  "$CARGO_TARGET_DIR/release/tally-loadgen" --url "http://127.0.0.1:$INGEST_LB" --path /v1/ingest --key "$key" \
+    --rate 20 --duration 10 --events 10 --connections 4 2>&1 | tail -n 2 >&2
+}
+
+up() {
+  infra_up
+  services_up
+  demo
+  cat <<EOF
+
+The Tally cluster is up (database $DB, ClickHouse cluster '$CLUSTER_NAME').
+  ingest      http://127.0.0.1:$INGEST_LB   (nginx -> ingest-1 :8281, ingest-2 :8282)
+  query-api   http://127.0.0.1:$QUERY_PORT   (reads $DB.events_all, rollup_hourly_all through nginx :$CH_LB)
+  consumers   http://127.0.0.1:8283, :8284   (/metrics; one group; each org's rows to its shard)
+  clickhouse  http://127.0.0.1:8131-8134   (shard 1: 8131, 8132; shard 2: 8133, 8134; any node via :$CH_LB)
+  kafka       $KAFKA_BOOTSTRAP   (replication factor 3, min.insync.replicas 2)
+  settings    .dev/cluster/demo.env   logs .dev/cluster/log/
+EOF
+}
+
 # ---------------------------------------------------------------- commands
 
 infra_up() {
@@ -245,15 +402,16 @@ smoke() {
 # Distributed tables reading both shards, the admin tables on every node.
 schema() {
   local db="cluster_schema_$RANDOM" n count
-  log "applying the cluster form of the migrations to database $db"
-  ch 1 "CREATE DATABASE IF NOT EXISTS $db ON CLUSTER $CLUSTER_NAME" >/dev/null
-  count=0
-  while IFS= read -r -d '' statement; do
-    ch 1 "$statement" >/dev/null || die "statement failed on the cluster: ${statement:0:300}"
-    count=$((count + 1))
-  done < <(cd "$ROOT" && cargo run -q --locked -p tally-testkit --bin cluster_ddl -- "$db" "$CLUSTER_NAME")
-  [[ $count -gt 10 ]] || die "only $count statements came out of cluster_ddl"
-  log "$count statements applied ON CLUSTER"
+  log "applying the migrations in cluster form to database $db (tally-consumer migrate, TALLY_CLICKHOUSE_CLUSTER=$CLUSTER_NAME)"
+  (cd "$ROOT" && cargo build --release --locked --bins -q) || die "cargo build failed"
+  TALLY_CLICKHOUSE_URL=http://127.0.0.1:8131 TALLY_CLICKHOUSE_DATABASE="$db" TALLY_CLICKHOUSE_CLUSTER="$CLUSTER_NAME" \
+    "$CARGO_TARGET_DIR/release/tally-consumer" migrate >&2 || die "the migrations failed on the cluster"
+  count="$(ch 1 "SELECT count() FROM $db.schema_migrations")"
+  [[ $count -ge 5 ]] || die "only $count migrations recorded"
+  for n in 2 3 4; do
+    [[ $(ch "$n" "SELECT count() FROM $db.schema_migrations") == "$count" ]] || die "node $n does not see the $count migrations recorded"
+  done
+  log "$count migrations applied ON CLUSTER and recorded on every node"
   for n in "${CH_NODES[@]}"; do
     local tables
     tables="$(ch "$n" "SELECT count() FROM system.tables WHERE database = '$db' AND name IN ('events', 'events_all', 'rollup_hourly', 'rollup_hourly_all', 'rollup_daily', 'rollup_daily_all', 'rollup_hourly_mv', 'rollup_daily_mv', 'model_prices')")"
@@ -280,6 +438,7 @@ schema() {
 
 down() {
   local n
+  services_down
   for n in "${KAFKA_NODES[@]}"; do stop_proc "kafka-$n"; done
   for n in "${CH_NODES[@]}"; do stop_proc "clickhouse-$n"; done
   stop_proc zookeeper
@@ -287,7 +446,8 @@ down() {
 
 status() {
   local name
-  for name in zookeeper clickhouse-1 clickhouse-2 clickhouse-3 clickhouse-4 kafka-1 kafka-2 kafka-3; do
+  for name in zookeeper clickhouse-1 clickhouse-2 clickhouse-3 clickhouse-4 kafka-1 kafka-2 kafka-3 \
+    nginx ingest-1 ingest-2 consumer-1 consumer-2 query-api; do
     if is_running "$name"; then printf '%-13s running  pid %s\n' "$name" "$(pid_of "$name")"; else printf '%-13s stopped\n' "$name"; fi
   done
 }
@@ -296,11 +456,22 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install_all ;;
   infra-up) infra_up ;;
+  up) up ;;
+  services-up) services_up ;;
+  services-down) services_down ;;
+  start) case "${1:?component}" in
+      consumer-*) n="${1#consumer-}"; shift; start_consumer "$n" "$@" ;;
+      ingest-*) start_ingest "${1#ingest-}" ;;
+      clickhouse-*) start_clickhouse_node "${1#clickhouse-}"; wait_until "$1" 60 http_ok "http://127.0.0.1:$(ch_http_port "${1#clickhouse-}")/ping" ;;
+      kafka-*) start_kafka ;;
+      *) die "start: consumer-N, ingest-N, clickhouse-N or kafka-N" ;;
+    esac ;;
+  env) cluster_env; echo "TALLY_CLICKHOUSE_SHARDS=$SHARDS" ;;
   smoke) smoke ;;
   schema) schema ;;
   down) down ;;
   status) status ;;
   stop) stop_proc "${1:?component}" ;;
   clean) down; rm -rf "$CL"; log "removed .dev/cluster/" ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,26p' "$0"; exit 2 ;;
 esac

@@ -58,8 +58,17 @@ impl ArchiverConfig {
         if !archive_url.starts_with("file://") && !archive_url.starts_with("s3://") {
             return Err(invalid("TALLY_ARCHIVE_URL", archive_url, "expected file:///path or s3://bucket"));
         }
+        let common = CommonConfig::from_env(env, "127.0.0.1:8083")?;
+        if let Some(cluster) = &common.clickhouse.cluster {
+            // Its reads, staging table and DROP PARTITION are single-server today (issue 13's note).
+            return Err(invalid(
+                "TALLY_CLICKHOUSE_CLUSTER",
+                cluster.name.clone(),
+                "the archiver runs against a single ClickHouse server only; unset it (see docs/archive.md)",
+            ));
+        }
         let config = ArchiverConfig {
-            common: CommonConfig::from_env(env, "127.0.0.1:8083")?,
+            common,
             archive_url,
             s3_endpoint: env.optional("TALLY_S3_ENDPOINT"),
             s3_region: env.string("TALLY_S3_REGION", "us-east-1"),

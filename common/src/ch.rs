@@ -9,7 +9,48 @@ pub struct ChConfig {
     pub database: String,
     pub user: String,
     pub password: String,
+    /// Set when the schema is the cluster form (`tally_schemas::cluster`, issue 13).
+    pub cluster: Option<Cluster>,
 }
+
+/// A ClickHouse cluster of shards × replicas: `TALLY_CLICKHOUSE_CLUSTER` (its name in the servers'
+/// `remote_servers`), `TALLY_CLICKHOUSE_SHARDS` (each shard's replica URLs, in `remote_servers`
+/// order: `http://a:8123,http://b:8123;http://c:8123,http://d:8123`), and
+/// `TALLY_CLICKHOUSE_INSERT_QUORUM` (replicas that must hold an insert before it is confirmed;
+/// default: every replica of a shard). `url` stays the node that runs the migrations (and their
+/// lock) and, for the query API and ingest, the node (or load balancer) they read through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    pub shards: Vec<Vec<String>>,
+    pub insert_quorum: usize,
+}
+
+impl Cluster {
+    /// Parses `TALLY_CLICKHOUSE_SHARDS`: shards separated by `;`, a shard's replicas by `,`.
+    pub fn parse_shards(text: &str) -> Result<Vec<Vec<String>>, String> {
+        let shards: Vec<Vec<String>> = text
+            .split(';')
+            .map(|shard| {
+                shard.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect()
+            })
+            .filter(|replicas: &Vec<String>| !replicas.is_empty())
+            .collect();
+        if shards.is_empty() {
+            return Err("no shard given: `url,url;url,url` (shards by `;`, replicas by `,`)".into());
+        }
+        if let Some(bad) =
+            shards.iter().flatten().find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+        {
+            return Err(format!("{bad:?} is not an http(s) URL"));
+        }
+        Ok(shards)
+    }
+}
+
+/// Tables whose rows are spread over the shards by org (`tally_schemas::cluster`); each has a
+/// `<table>_all` Distributed table over the cluster.
+pub const SHARDED_TABLES: [&str; 3] = tally_schemas::cluster::SHARDED;
 
 impl ChConfig {
     /// A client whose statements name tables as `{database}.table` explicitly.
@@ -26,6 +67,20 @@ impl ChConfig {
     /// admin tables (orgs, API keys, budgets) are in the admin database (migration 0005).
     pub fn table(&self, table: &str) -> String {
         format!("{}.{}", tally_schemas::migrations::database_of(table, &self.database), table)
+    }
+
+    /// The table to read all of `table`'s rows from: on a cluster, a sharded table's Distributed
+    /// `<table>_all` (every shard); otherwise `table` itself.
+    pub fn read_table(&self, table: &str) -> String {
+        match &self.cluster {
+            Some(_) if SHARDED_TABLES.contains(&table) => format!("{}_all", self.table(table)),
+            _ => self.table(table),
+        }
+    }
+
+    /// The same settings for the server at `url` (a replica of a shard).
+    pub fn at(&self, url: &str) -> ChConfig {
+        ChConfig { url: url.to_owned(), ..self.clone() }
     }
 }
 

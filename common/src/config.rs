@@ -83,8 +83,45 @@ impl crate::ch::ChConfig {
             database,
             user: env.string("TALLY_CLICKHOUSE_USER", "default"),
             password: env.string("TALLY_CLICKHOUSE_PASSWORD", ""),
+            cluster: cluster_from_env(env)?,
         })
     }
+}
+
+/// `TALLY_CLICKHOUSE_CLUSTER`, `_SHARDS`, `_INSERT_QUORUM` (see `ch::Cluster`).
+fn cluster_from_env(env: &Env) -> Result<Option<crate::ch::Cluster>, ConfigError> {
+    let Some(name) = env.optional("TALLY_CLICKHOUSE_CLUSTER") else {
+        if env.optional("TALLY_CLICKHOUSE_SHARDS").is_some() {
+            return Err(ConfigError::Missing {
+                key: "TALLY_CLICKHOUSE_CLUSTER (set with TALLY_CLICKHOUSE_SHARDS)".into(),
+            });
+        }
+        return Ok(None);
+    };
+    let invalid =
+        |key: &str, value: String, reason: String| ConfigError::Invalid { key: key.into(), value, reason };
+    if !tally_schemas::migrations::is_valid_database_name(&name) {
+        return Err(invalid(
+            "TALLY_CLICKHOUSE_CLUSTER",
+            name,
+            "must be a plain identifier (it is spliced into ON CLUSTER)".into(),
+        ));
+    }
+    let shards = match env.optional("TALLY_CLICKHOUSE_SHARDS") {
+        None => Vec::new(),
+        Some(text) => crate::ch::Cluster::parse_shards(&text)
+            .map_err(|e| invalid("TALLY_CLICKHOUSE_SHARDS", text, e))?,
+    };
+    let replicas = shards.iter().map(Vec::len).min().unwrap_or(1);
+    let insert_quorum: usize = env.parse("TALLY_CLICKHOUSE_INSERT_QUORUM", replicas)?;
+    if insert_quorum == 0 || insert_quorum > replicas {
+        return Err(invalid(
+            "TALLY_CLICKHOUSE_INSERT_QUORUM",
+            insert_quorum.to_string(),
+            format!("must be 1..={replicas} (the replicas of the smallest shard)"),
+        ));
+    }
+    Ok(Some(crate::ch::Cluster { name, shards, insert_quorum }))
 }
 
 /// Settings every service shares.

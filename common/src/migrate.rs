@@ -3,6 +3,11 @@
 //! transactions, so a runner takes a lock by creating the table `schema_migrations_lock` (creation
 //! fails for everyone but one), and every statement is idempotent (`IF NOT EXISTS`, seeds into
 //! ReplacingMergeTree), so even a lock broken after a crash cannot corrupt the schema.
+//!
+//! On a cluster (`ChConfig::cluster`), every statement is the cluster form of the same migration
+//! (`tally_schemas::cluster::for_cluster`: `ON CLUSTER`, replicated engines, Distributed tables),
+//! `schema_migrations` is replicated to every node, and the lock is taken on the node of
+//! `TALLY_CLICKHOUSE_URL`, which every runner of a deployment names alike.
 
 use std::time::{Duration, Instant};
 
@@ -40,7 +45,9 @@ struct Applied {
 pub async fn migrate(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
     let client = config.client();
     let db = &config.database;
-    client.query(&format!("CREATE DATABASE IF NOT EXISTS {db}")).execute().await?;
+    for statement in cluster_form(config, &format!("CREATE DATABASE IF NOT EXISTS {db}")) {
+        client.query(&statement).execute().await?;
+    }
     acquire_lock(config).await?;
     let result = apply_missing(config).await;
     let released = client.query(&format!("DROP TABLE IF EXISTS {db}.schema_migrations_lock")).execute().await;
@@ -83,12 +90,12 @@ async fn acquire_lock(config: &ChConfig) -> Result<(), MigrateError> {
 async fn apply_missing(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
     let client = config.client();
     let db = &config.database;
-    client
-        .query(&format!(
-            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, checksum String, applied_at DateTime('UTC')) ENGINE = MergeTree() ORDER BY version"
-        ))
-        .execute()
-        .await?;
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, checksum String, applied_at DateTime('UTC')) ENGINE = MergeTree() ORDER BY version"
+    );
+    for statement in cluster_form(config, &create) {
+        client.query(&statement).execute().await?;
+    }
     let applied: Vec<Applied> =
         client.query(&format!("SELECT version, checksum FROM {db}.schema_migrations")).fetch_all().await?;
     let mut newly_applied = Vec::new();
@@ -117,6 +124,7 @@ async fn apply_missing(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
 /// rename and recording its migration must be able to finish it.
 async fn already_renamed(client: &clickhouse::Client, statement: &str) -> Result<bool, MigrateError> {
     let Some(tables) = statement.strip_prefix("RENAME TABLE ") else { return Ok(false) };
+    let tables = tables.split(" ON CLUSTER ").next().unwrap_or(tables);
     let Some((from, to)) = tables.split_once(" TO ") else { return Ok(false) };
     let exists = |name: &str| {
         let (database, table) = name.trim().split_once('.').unwrap_or(("", name.trim()));
@@ -129,9 +137,19 @@ async fn already_renamed(client: &clickhouse::Client, statement: &str) -> Result
     Ok(exists(from).await? == 0 && exists(to).await? == 1)
 }
 
+/// `statement` as this deployment runs it: itself on one server, its cluster form on a cluster.
+fn cluster_form(config: &ChConfig, statement: &str) -> Vec<String> {
+    match &config.cluster {
+        None => vec![statement.to_owned()],
+        Some(cluster) => tally_schemas::cluster::for_cluster(statement, &cluster.name),
+    }
+}
+
 async fn apply(config: &ChConfig, migration: &Migration) -> Result<(), MigrateError> {
     let client = config.client();
-    for (index, statement) in migration.statements(&config.database).iter().enumerate() {
+    let statements: Vec<String> =
+        migration.statements(&config.database).iter().flat_map(|s| cluster_form(config, s)).collect();
+    for (index, statement) in statements.iter().enumerate() {
         let Err(source) = client.query_raw(statement).execute().await else { continue };
         if already_renamed(&client, statement).await? {
             continue;

@@ -309,6 +309,7 @@ mod tests {
             database: "tally".into(),
             user: "default".into(),
             password: String::new(),
+            cluster: None,
         };
         let mut dedup = Deduplicator::new(EventStore::new(&unreachable), 24);
         let failed = dedup.filter(&mut [], &BTreeSet::from([0, 3]), 1_800_000_000).await;

@@ -13,7 +13,8 @@ async fn main() -> anyhow::Result<()> {
     let config = ConsumerConfig::from_env(&env).context("invalid configuration")?;
     tally_common::telemetry::init(config.common.log_format, env.optional("TALLY_LOG").as_deref());
     // `tally-consumer dlq list [LIMIT]` prints the dead letters as JSON lines;
-    // `tally-consumer dlq replay` stores again the consumer's dead letters that decode now.
+    // `tally-consumer dlq replay` stores again the consumer's dead letters that decode now;
+    // `tally-consumer migrate` applies the missing migrations (their cluster form on a cluster) and exits.
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         [] => {}
@@ -25,12 +26,17 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        ["migrate"] => {
+            let applied = tally_common::migrate::migrate(&config.common.clickhouse).await?;
+            println!("{}", serde_json::json!({ "database": config.common.clickhouse.database, "applied": applied }));
+            return Ok(());
+        }
         ["dlq", "replay"] => {
             let report = tally_consumer::dlq::replay(&config).await?;
             println!("{}", serde_json::to_string(&report)?);
             return Ok(());
         }
-        _ => anyhow::bail!("usage: tally-consumer [dlq list [LIMIT] | dlq replay]"),
+        _ => anyhow::bail!("usage: tally-consumer [migrate | dlq list [LIMIT] | dlq replay]"),
     }
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr)
         .await

@@ -81,7 +81,7 @@ impl Reconciler {
         // server: one wait for all of them, before their stored rows are looked at.
         let new: BTreeSet<i32> = partitions.iter().copied().filter(|p| !self.high.contains_key(p)).collect();
         if !new.is_empty() {
-            crate::store::wait_for_inserts(self.store.client(), self.store.table(), &new).await?;
+            self.store.wait_for_inserts(&new).await?;
         }
         for partition in partitions {
             if !self.high.contains_key(&partition) {

@@ -2,7 +2,9 @@
 //! and the look-ups of the exactly-once checks (stored positions) and of the dedup window (stored
 //! ids). The rollup repair's queries, derived from migration 0002's views, stay in `views.rs`.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use clickhouse::Row;
@@ -10,6 +12,8 @@ use serde::Deserialize;
 use tally_common::ch::{self, ChConfig};
 use tally_schemas::limits::MAX_EVENT_AGE_MS;
 use tally_schemas::EventRow;
+
+use crate::views;
 
 pub type ClickHouseError = clickhouse::error::Error;
 
@@ -53,11 +57,59 @@ struct FoundId {
     event_id: uuid::Uuid,
 }
 
-/// `tally.events` of one database.
+/// One shard of the events table: a client per replica, and the replica in use. On a single
+/// server there is one shard of one replica.
+struct Shard {
+    urls: Vec<String>,
+    replicas: Vec<clickhouse::Client>,
+    active: AtomicUsize,
+}
+
+impl Shard {
+    fn index(&self) -> usize {
+        self.active.load(Ordering::Relaxed) % self.replicas.len()
+    }
+
+    fn client(&self) -> &clickhouse::Client {
+        &self.replicas[self.index()]
+    }
+
+    fn url(&self) -> &str {
+        &self.urls[self.index()]
+    }
+
+    /// After a failure that says the replica in use is unreachable, the next one is used. Any
+    /// replica serves the exactly-once checks once it is caught up (`EventStore::caught_up`).
+    fn fail_over(&self, error: &ClickHouseError) {
+        if self.replicas.len() > 1 && is_unreachable(error) {
+            let from = self.url().to_owned();
+            self.active.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(from = %from, to = %self.url(), error = %error, "clickhouse replica unreachable; using the next replica of its shard");
+        }
+    }
+}
+
+fn is_unreachable(error: &ClickHouseError) -> bool {
+    matches!(error, ClickHouseError::Network(_) | ClickHouseError::TimedOut)
+}
+
+#[derive(Row, Deserialize)]
+struct Route {
+    org_id: String,
+    shard: u32,
+}
+
+/// `tally.events` of one database: on one server, or on a cluster's shards (each org's rows on
+/// the shard `cityHash64(org_id) % shards`, the Distributed tables' rule), where every read of
+/// the exactly-once checks is asked of each shard and merged, and every insert goes to the shard
+/// of its rows' orgs with `insert_quorum` (docs/architecture.md says why that keeps exactly once).
 #[derive(Clone)]
 pub struct EventStore {
-    client: clickhouse::Client,
     table: String,
+    shards: Arc<Vec<Shard>>,
+    cluster: bool,
+    /// The shard of each org seen, as ClickHouse computes it.
+    routes: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// The query id of an insert into `table` of rows of these Kafka partitions:
@@ -86,7 +138,7 @@ pub fn partitions_of_insert(query_id: &str, table: &str) -> Vec<i32> {
 /// both seen in the kill -9 crash test under loaded fresh-clone CI runs. So the repair, and the
 /// reconciliation of a newly assigned partition, first wait, at most a minute, until no insert
 /// of these partitions (named in its query id, `insert_query_id`) runs on the server.
-pub async fn wait_for_inserts(
+async fn wait_for_inserts_on(
     client: &clickhouse::Client,
     events_table: &str,
     partitions: &BTreeSet<i32>,
@@ -115,25 +167,188 @@ pub async fn wait_for_inserts(
 
 impl EventStore {
     pub fn new(config: &ChConfig) -> Self {
-        EventStore { client: config.client(), table: config.table("events") }
+        let shard = |urls: Vec<String>, quorum: Option<usize>| {
+            let replicas = urls
+                .iter()
+                .map(|url| {
+                    let client = config.at(url).client();
+                    match quorum {
+                        // Confirmed only once `quorum` replicas hold the part (and its views'
+                        // parts); a replica down fails the insert fast (too few live replicas).
+                        Some(quorum) => client
+                            .with_setting("insert_quorum", quorum.to_string())
+                            .with_setting("insert_quorum_timeout", "30000"),
+                        None => client,
+                    }
+                })
+                .collect();
+            Shard { urls, replicas, active: AtomicUsize::new(0) }
+        };
+        let shards = match &config.cluster {
+            Some(cluster) if !cluster.shards.is_empty() => {
+                cluster.shards.iter().map(|urls| shard(urls.clone(), Some(cluster.insert_quorum))).collect()
+            }
+            _ => vec![shard(vec![config.url.clone()], None)],
+        };
+        EventStore {
+            table: config.table("events"),
+            shards: Arc::new(shards),
+            cluster: config.cluster.is_some(),
+            routes: Arc::default(),
+        }
     }
 
+    /// The client of the first shard's replica in use (the only server, off a cluster).
     pub fn client(&self) -> &clickhouse::Client {
-        &self.client
+        self.shards[0].client()
     }
 
-    /// `database.events`.
+    /// `database.events` (on a cluster, each shard's local table).
     pub fn table(&self) -> &str {
         &self.table
     }
 
-    /// Inserts `rows` as one INSERT (one block: `max_insert_block_size` is above the batch bound).
-    /// Returns the time ClickHouse took.
+    /// The shard index of each of `orgs`, asking ClickHouse for those not seen before.
+    async fn shards_of(&self, orgs: &BTreeSet<&str>) -> Result<HashMap<String, usize>, ClickHouseError> {
+        if self.shards.len() == 1 {
+            return Ok(orgs.iter().map(|org| ((*org).to_owned(), 0)).collect());
+        }
+        let unknown: Vec<&str> = {
+            let routes = self.routes.lock().expect("routes lock");
+            orgs.iter().copied().filter(|org| !routes.contains_key(*org)).collect()
+        };
+        if !unknown.is_empty() {
+            let sql = format!(
+                "SELECT org_id, toUInt32({key} % {n}) AS shard FROM (SELECT arrayJoin([{list}]) AS org_id)",
+                key = tally_schemas::cluster::SHARDING_KEY,
+                n = self.shards.len(),
+                list = ch::placeholders(unknown.len(), "?"),
+            );
+            let mut last = None;
+            let mut found = None;
+            // Any server evaluates the rule: the first replica that answers.
+            for shard in self.shards.iter() {
+                match ch::bind_all(shard.client().query(&sql), unknown.iter().copied())
+                    .fetch_all::<Route>()
+                    .await
+                {
+                    Ok(routes) => {
+                        found = Some(routes);
+                        break;
+                    }
+                    Err(error) => {
+                        shard.fail_over(&error);
+                        last = Some(error);
+                    }
+                }
+            }
+            let found = found.ok_or_else(|| last.expect("at least one shard was asked"))?;
+            let mut routes = self.routes.lock().expect("routes lock");
+            routes.extend(found.into_iter().map(|r| (r.org_id, r.shard as usize)));
+        }
+        let routes = self.routes.lock().expect("routes lock");
+        Ok(orgs.iter().filter_map(|org| routes.get(*org).map(|s| ((*org).to_owned(), *s))).collect())
+    }
+
+    /// Runs `read` on each shard (in turn) after checking that its replica in use holds every
+    /// part written on the shard; a failure moves the shard to its next replica and is returned.
+    async fn on_each_shard<'s, T>(
+        &'s self,
+        shards: impl IntoIterator<Item = usize>,
+        mut read: impl FnMut(
+            usize,
+            &'s clickhouse::Client,
+        ) -> futures::future::BoxFuture<'s, Result<T, ClickHouseError>>,
+    ) -> Result<Vec<T>, ClickHouseError> {
+        let mut out = Vec::new();
+        for index in shards {
+            let shard = &self.shards[index];
+            let result = match self.caught_up(shard).await {
+                Ok(()) => read(index, shard.client()).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(value) => out.push(value),
+                Err(error) => {
+                    shard.fail_over(&error);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// On a cluster: fails (to be retried) while the replica in use still has parts of `events` or
+    /// its rollups to fetch that another replica wrote. A replica that lacks a part confirmed (or
+    /// half-written) elsewhere would make the exactly-once checks see rows as missing and send
+    /// them again as a different block, which replication would then double. The queue lists
+    /// such a part from the moment its writer registers it in ZooKeeper, before any answer.
+    async fn caught_up(&self, shard: &Shard) -> Result<(), ClickHouseError> {
+        if !self.cluster {
+            return Ok(());
+        }
+        let database = self.table.split('.').next().unwrap_or_default();
+        let pending: u64 = shard
+            .client()
+            .query(
+                "SELECT count() FROM system.replication_queue WHERE database = ? \
+                 AND table IN ('events', 'rollup_hourly', 'rollup_daily') AND type = 'GET_PART'",
+            )
+            .bind(database)
+            .fetch_one()
+            .await?;
+        if pending > 0 {
+            return Err(ClickHouseError::Custom(format!(
+                "replica {} is still fetching {pending} parts written on another replica; the exactly-once checks wait until it holds them",
+                shard.url()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Inserts `rows`, on a cluster one INSERT per shard holding some (each one block:
+    /// `max_insert_block_size` is above the batch bound). Returns the time ClickHouse took. When a
+    /// shard fails the others' inserts still complete; the error is returned and the caller
+    /// re-checks which rows are stored before trying again.
     pub async fn insert(&self, rows: &[&EventRow]) -> Result<std::time::Duration, ClickHouseError> {
         let started = Instant::now();
+        if self.shards.len() == 1 {
+            let shard = &self.shards[0];
+            return match self.insert_into(shard, rows).await {
+                Ok(()) => Ok(started.elapsed()),
+                Err(error) => {
+                    shard.fail_over(&error);
+                    Err(error)
+                }
+            };
+        }
+        let orgs: BTreeSet<&str> = rows.iter().map(|r| r.org_id.as_str()).collect();
+        let routes = self.shards_of(&orgs).await?;
+        let mut per_shard: Vec<Vec<&EventRow>> = vec![Vec::new(); self.shards.len()];
+        for row in rows {
+            per_shard[routes[row.org_id.as_str()]].push(row);
+        }
+        let inserts =
+            per_shard.iter().enumerate().filter(|(_, rows)| !rows.is_empty()).map(
+                |(index, rows)| async move { (index, self.insert_into(&self.shards[index], rows).await) },
+            );
+        let mut first_error = None;
+        for (index, result) in futures::future::join_all(inserts).await {
+            if let Err(error) = result {
+                self.shards[index].fail_over(&error);
+                first_error.get_or_insert(error);
+            }
+        }
+        match first_error {
+            None => Ok(started.elapsed()),
+            Some(error) => Err(error),
+        }
+    }
+
+    async fn insert_into(&self, shard: &Shard, rows: &[&EventRow]) -> Result<(), ClickHouseError> {
         let partitions: std::collections::BTreeSet<u16> = rows.iter().map(|r| r.kafka_partition).collect();
-        let mut insert = self
-            .client
+        let mut insert = shard
+            .client()
             .insert_unescaped::<EventRow>(&self.table)
             .await?
             .with_setting("max_insert_block_size", "1048576")
@@ -141,8 +356,41 @@ impl EventStore {
         for row in rows {
             insert.write(row).await?;
         }
-        insert.end().await?;
-        Ok(started.elapsed())
+        insert.end().await
+    }
+
+    /// Waits until no insert of `partitions` runs on any server (`wait_for_inserts_on`). On a
+    /// cluster a replica that cannot be reached runs no insert that could still land.
+    pub async fn wait_for_inserts(&self, partitions: &BTreeSet<i32>) -> Result<(), ClickHouseError> {
+        for shard in self.shards.iter() {
+            for (url, client) in shard.urls.iter().zip(&shard.replicas) {
+                match wait_for_inserts_on(client, &self.table, partitions).await {
+                    Ok(()) => {}
+                    Err(error) if self.cluster && is_unreachable(&error) => {
+                        tracing::info!(replica = %url, "replica unreachable while waiting for running inserts; none of it can land");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the rollups for `records` ((partition, offset)) whose rows are stored but whose
+    /// insert may have stopped before the views (`views::repair`), on every shard.
+    pub async fn repair_views(
+        &self,
+        records: &BTreeSet<(i32, i64)>,
+    ) -> Result<views::Repair, ClickHouseError> {
+        if records.is_empty() {
+            return Ok(views::Repair::default());
+        }
+        self.wait_for_inserts(&records.iter().map(|(p, _)| *p).collect()).await?;
+        let table = &self.table;
+        let outcomes = self
+            .on_each_shard(0..self.shards.len(), |_, client| Box::pin(views::repair(client, table, records)))
+            .await?;
+        Ok(outcomes.into_iter().fold(views::Repair::default(), |sum, r| sum + r))
     }
 
     /// The largest offset of `partition` stored with an event time from `since_s` on (epoch
@@ -152,8 +400,26 @@ impl EventStore {
             "SELECT count() AS stored, max(kafka_offset) AS high FROM {} WHERE kafka_partition = ? AND timestamp >= toDateTime(?)",
             self.table
         );
-        let found: High = self.client.query(&sql).bind(partition).bind(since_s.max(0)).fetch_one().await?;
-        Ok((found.stored > 0).then_some(found.high))
+        let sql = &sql;
+        let found = self
+            .on_each_shard(0..self.shards.len(), |_, client| {
+                Box::pin(client.query(sql).bind(partition).bind(since_s.max(0)).fetch_one::<High>())
+            })
+            .await?;
+        Ok(found.iter().filter(|f| f.stored > 0).map(|f| f.high).max())
+    }
+
+    /// The orgs of `orgs` per shard index, for the shards holding any.
+    async fn orgs_by_shard<'o>(
+        &self,
+        orgs: BTreeSet<&'o str>,
+    ) -> Result<BTreeMap<usize, BTreeSet<&'o str>>, ClickHouseError> {
+        let routes = self.shards_of(&orgs).await?;
+        let mut by_shard: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
+        for org in orgs {
+            by_shard.entry(routes[org]).or_default().insert(org);
+        }
+        Ok(by_shard)
     }
 
     /// Which (offset, index) positions of `partition` within `offsets` (inclusive) are stored, for
@@ -174,16 +440,30 @@ impl EventStore {
         if orgs.is_empty() {
             return Ok(HashSet::new());
         }
-        let sql = format!(
-            "SELECT kafka_offset, kafka_index FROM {} WHERE org_id IN ({}) AND timestamp >= toDateTime(?) \
-             AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?",
-            self.table,
-            ch::placeholders(orgs.len(), "?")
-        );
-        let query = ch::bind_all(self.client.query(&sql), orgs);
-        let stored: Vec<Position> =
-            query.bind(min_ts).bind(partition).bind(offsets.0).bind(offsets.1).fetch_all().await?;
-        Ok(stored.into_iter().map(|p| (i64::try_from(p.kafka_offset).unwrap_or(-1), p.kafka_index)).collect())
+        let by_shard = self.orgs_by_shard(orgs).await?;
+        let by_shard = &by_shard;
+        let found = self
+            .on_each_shard(by_shard.keys().copied(), |index, client| {
+                let orgs = &by_shard[&index];
+                let sql = format!(
+                    "SELECT kafka_offset, kafka_index FROM {} WHERE org_id IN ({}) AND timestamp >= toDateTime(?) \
+                     AND kafka_partition = ? AND kafka_offset >= ? AND kafka_offset <= ?",
+                    self.table,
+                    ch::placeholders(orgs.len(), "?")
+                );
+                let query = ch::bind_all(client.query(&sql), orgs.iter().copied())
+                    .bind(min_ts)
+                    .bind(partition)
+                    .bind(offsets.0)
+                    .bind(offsets.1);
+                Box::pin(query.fetch_all::<Position>())
+            })
+            .await?;
+        Ok(found
+            .into_iter()
+            .flatten()
+            .map(|p| (i64::try_from(p.kafka_offset).unwrap_or(-1), p.kafka_index))
+            .collect())
     }
 
     /// Streams every id of `partitions` that arrived from `since` on (epoch seconds) to `each`.
@@ -201,10 +481,20 @@ impl EventStore {
             self.table,
             ch::placeholders(partitions.len(), "?")
         );
-        let query = self.client.query(&sql).bind(event_floor).bind(since);
-        let mut cursor = ch::bind_all(query, partitions.iter().copied()).fetch::<StoredId>()?;
-        while let Some(stored) = cursor.next().await? {
-            each(stored);
+        for shard in self.shards.iter() {
+            let streamed = async {
+                self.caught_up(shard).await?;
+                let query = shard.client().query(&sql).bind(event_floor).bind(since);
+                let mut cursor = ch::bind_all(query, partitions.iter().copied()).fetch::<StoredId>()?;
+                while let Some(stored) = cursor.next().await? {
+                    each(stored);
+                }
+                Ok(())
+            };
+            if let Err(error) = streamed.await {
+                shard.fail_over(&error);
+                return Err(error);
+            }
         }
         Ok(())
     }
@@ -216,17 +506,29 @@ impl EventStore {
         since: u32,
     ) -> Result<HashSet<(String, uuid::Uuid)>, ClickHouseError> {
         let orgs: BTreeSet<&str> = candidates.iter().map(|(org, _)| *org).collect();
-        let ids: BTreeSet<String> = candidates.iter().map(|(_, id)| id.to_string()).collect();
+        let by_shard = self.orgs_by_shard(orgs).await?;
+        let by_shard = &by_shard;
         let event_floor = (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0);
-        let sql = format!(
-            "SELECT org_id, event_id FROM {} WHERE org_id IN ({}) AND timestamp >= toDateTime(?) \
-             AND received_at >= toDateTime(?) AND event_id IN ({})",
-            self.table,
-            ch::placeholders(orgs.len(), "?"),
-            ch::placeholders(ids.len(), "toUUID(?)"),
-        );
-        let query = ch::bind_all(self.client.query(&sql), orgs).bind(event_floor).bind(since);
-        let found: Vec<FoundId> = ch::bind_all(query, ids).fetch_all().await?;
-        Ok(found.into_iter().map(|f| (f.org_id, f.event_id)).collect())
+        let found = self
+            .on_each_shard(by_shard.keys().copied(), |index, client| {
+                let orgs = &by_shard[&index];
+                let ids: BTreeSet<String> = candidates
+                    .iter()
+                    .filter(|(org, _)| orgs.contains(org))
+                    .map(|(_, id)| id.to_string())
+                    .collect();
+                let sql = format!(
+                    "SELECT org_id, event_id FROM {} WHERE org_id IN ({}) AND timestamp >= toDateTime(?) \
+                     AND received_at >= toDateTime(?) AND event_id IN ({})",
+                    self.table,
+                    ch::placeholders(orgs.len(), "?"),
+                    ch::placeholders(ids.len(), "toUUID(?)"),
+                );
+                let query =
+                    ch::bind_all(client.query(&sql), orgs.iter().copied()).bind(event_floor).bind(since);
+                Box::pin(ch::bind_all(query, ids).fetch_all::<FoundId>())
+            })
+            .await?;
+        Ok(found.into_iter().flatten().map(|f| (f.org_id, f.event_id)).collect())
     }
 }

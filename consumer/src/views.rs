@@ -50,6 +50,18 @@ pub struct Repair {
     pub inconsistent: usize,
 }
 
+impl std::ops::Add for Repair {
+    type Output = Repair;
+
+    fn add(self, other: Repair) -> Repair {
+        Repair {
+            complete: self.complete + other.complete,
+            repaired: self.repaired + other.repaired,
+            inconsistent: self.inconsistent + other.inconsistent,
+        }
+    }
+}
+
 #[derive(Row, Deserialize)]
 struct BucketCount {
     org_id: String,
@@ -83,7 +95,9 @@ struct Span {
 }
 
 /// Completes the rollups for `records` ((partition, offset) of records whose rows are in
-/// `events` but whose insert may have stopped before the views).
+/// `events` but whose insert may have stopped before the views), on the server of `client`.
+/// The caller first waits until no insert of those partitions still runs
+/// (`EventStore::repair_views`).
 pub async fn repair(
     client: &clickhouse::Client,
     events_table: &str,
@@ -93,7 +107,6 @@ pub async fn repair(
     if records.is_empty() {
         return Ok(outcome);
     }
-    crate::store::wait_for_inserts(client, events_table, &records.iter().map(|(p, _)| *p).collect()).await?;
     let positions = records
         .iter()
         .map(|(partition, offset)| format!("({partition}, {offset})"))
@@ -107,6 +120,10 @@ pub async fn repair(
         ))
         .fetch_all()
         .await?;
+    if spans.is_empty() {
+        // None of the records' rows is on this server (another shard's).
+        return Ok(outcome);
+    }
     let records = Records {
         client,
         events_table,

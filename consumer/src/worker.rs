@@ -315,7 +315,7 @@ impl Worker {
     ) -> Option<views::Repair> {
         let repair =
             until_ok(backoff, shutdown, "rollup check", &mut (&self.store, records), |(store, records)| {
-                Box::pin(views::repair(store.client(), store.table(), records))
+                Box::pin(store.repair_views(records))
             })
             .await?;
         tracing::info!(?repair, records = records.len(), "rows found stored; rollups checked");

@@ -393,9 +393,10 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
         client.query(&format!("ATTACH TABLE {}", clickhouse.table(view))).execute().await.unwrap();
     }
     let records: std::collections::BTreeSet<(i32, i64)> = [(0, 2), (0, 3)].into();
+    let store = tally_consumer::store::EventStore::new(&clickhouse);
     let repair = |records| {
-        let (client, table) = (client.clone(), clickhouse.table("events"));
-        async move { tally_consumer::views::repair(&client, &table, records).await.unwrap() }
+        let store = store.clone();
+        async move { store.repair_views(records).await.unwrap() }
     };
     let first = repair(&records).await;
     // Hourly: hour 0 and hour 30 of org-a; daily: the two days. None was complete.

@@ -9,13 +9,18 @@
 //!   price list are small and read by every node: one replica set over all nodes (path under
 //!   `all`).
 //! - Each sharded table gets a `Distributed` table `<table>_all` over the cluster, for analysts
-//!   and cross-org reads.
+//!   and cross-org reads, sharded by `SHARDING_KEY`: the shard of an org is
+//!   `cityHash64(org_id) % shards` (equal weights), the rule the consumer asks ClickHouse to
+//!   evaluate when it routes rows (so the two can never disagree).
 //! - `INSERT`s (seed prices) are unchanged: run on one node, replication copies them.
 //!
-//! Work in progress: the runner does not apply this form yet (see the note).
+//! `tally_common::migrate` applies this form when `TALLY_CLICKHOUSE_CLUSTER` is set.
+
+/// The expression that picks an org's shard (modulo the number of shards).
+pub const SHARDING_KEY: &str = "cityHash64(org_id)";
 
 /// Tables sharded by org; every other table is replicated to every node.
-const SHARDED: [&str; 3] = ["events", "rollup_hourly", "rollup_daily"];
+pub const SHARDED: [&str; 3] = ["events", "rollup_hourly", "rollup_daily"];
 
 /// The cluster statements for one single-node statement of a migration (databases already
 /// substituted), on cluster `cluster`.
@@ -39,7 +44,7 @@ pub fn for_cluster(statement: &str, cluster: &str) -> Vec<String> {
     let mut out = vec![local];
     if sharded {
         out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {name}_all{on} AS {name} ENGINE = Distributed({cluster}, {database}, {table})"
+            "CREATE TABLE IF NOT EXISTS {name}_all{on} AS {name} ENGINE = Distributed({cluster}, {database}, {table}, {SHARDING_KEY})"
         ));
     }
     out
@@ -121,7 +126,7 @@ mod tests {
             "{events}"
         );
         assert!(schema.contains(
-            &"CREATE TABLE IF NOT EXISTS tally.events_all ON CLUSTER tally AS tally.events ENGINE = Distributed(tally, tally, events)"
+            &"CREATE TABLE IF NOT EXISTS tally.events_all ON CLUSTER tally AS tally.events ENGINE = Distributed(tally, tally, events, cityHash64(org_id))"
                 .to_owned()
         ));
         let hourly =

@@ -27,6 +27,7 @@ pub fn new_database_config(prefix: &str) -> ChConfig {
         database: unique_name(prefix),
         user: "default".into(),
         password: String::new(),
+        cluster: None,
     }
 }
 
@@ -311,6 +312,7 @@ fn ping_probe(url: &str) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Futu
         database: "default".into(),
         user: "default".into(),
         password: String::new(),
+        cluster: None,
     }
     .client();
     move || {

@@ -42,8 +42,9 @@ impl<'a> Store<'a> {
         archive: Option<&'a ArchiveReads>,
     ) -> Store<'a> {
         let tables = Tables {
-            events: config.table("events"),
-            rollup_hourly: config.table("rollup_hourly"),
+            // On a cluster: the Distributed tables over every shard.
+            events: config.read_table("events"),
+            rollup_hourly: config.read_table("rollup_hourly"),
             archived: false,
         };
         Store { client, config, tables, archive }
