@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -59,10 +59,14 @@ bench-archiver: ## archiver: rows/s vs the raw read ceiling, bytes/event vs syst
 	cargo build --release --locked --bins -q
 	$$(bash dev/tools.sh) loadtest/bench_archiver.py $(BENCH_ARGS)
 
-cluster-up: ## the local cluster (work in progress, issue 13): ZooKeeper, ClickHouse 2 shards x 2 replicas, 3 Kafka brokers; then its smoke check and the cluster form of the migrations applied and checked
-	@bash dev/cluster.sh infra-up
+cluster-up: ## Tally on the local cluster: ZooKeeper, ClickHouse 2 shards x 2 replicas, 3 Kafka brokers, 2 consumers, 2 ingest behind nginx, the query API; demo org and traffic
+	@bash dev/cluster.sh up
+
+test-cluster: ## the cluster suite (docs/scaling.md): smoke, schema, then exactly once under kill -9 / broker restart / replica down 60 s / shard down 30 s, and the cluster's answers vs a single node's
+	@bash dev/cluster.sh up
 	@bash dev/cluster.sh smoke
 	@bash dev/cluster.sh schema
+	python3 dev/cluster_test.py $(CLUSTER_TEST_ARGS)
 
 cluster-down: ## stop the local cluster
 	@bash dev/cluster.sh down
