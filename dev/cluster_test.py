@@ -195,7 +195,7 @@ def stored_count(orgs):
     """Rows of the test's orgs over the cluster, from the first node that answers."""
     for node in (1, 2, 3, 4):
         try:
-            return int(ch(node, f"SELECT count() FROM {DB}.events_all WHERE org_id IN ({org_list(orgs)})", timeout=10))
+            return int(ch(node, f"SELECT count() FROM {DB}.events_all WHERE org_id IN ({org_list(orgs)})", timeout=3))
         except (OSError, urllib.error.URLError):
             continue
     return None
