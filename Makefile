@@ -67,6 +67,8 @@ test-cluster: ## the cluster suite (docs/scaling.md): smoke, schema, then exactl
 	@bash dev/cluster.sh smoke
 	@bash dev/cluster.sh schema
 	python3 dev/cluster_test.py $(CLUSTER_TEST_ARGS)
+	@bash dev/stack.sh up >/dev/null
+	python3 dev/cluster_compare.py
 
 cluster-down: ## stop the local cluster
 	@bash dev/cluster.sh down

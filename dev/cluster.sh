@@ -464,7 +464,9 @@ case "$cmd" in
       ingest-*) start_ingest "${1#ingest-}" ;;
       clickhouse-*) start_clickhouse_node "${1#clickhouse-}"; wait_until "$1" 60 http_ok "http://127.0.0.1:$(ch_http_port "${1#clickhouse-}")/ping" ;;
       kafka-*) start_kafka ;;
-      *) die "start: consumer-N, ingest-N, clickhouse-N or kafka-N" ;;
+      query-api) start_query ;;
+      nginx) start_nginx ;;
+      *) die "start: consumer-N, ingest-N, clickhouse-N, kafka-N, query-api or nginx" ;;
     esac ;;
   env) cluster_env; echo "TALLY_CLICKHOUSE_SHARDS=$SHARDS" ;;
   smoke) smoke ;;

@@ -87,7 +87,13 @@ def setup(side, name):
     if status != 201:
         raise SystemExit(f"creating an org on {side['query']} answered {status}: {created}")
     side["org"], side["key"] = created["orgId"], created["apiKey"]
-    status, _ = call("PUT", f"{side['query']}/api/costs/budget", key=side["key"], body={"limit": 1234.5, "thresholds": [50, 80, 100]})
+    # On the cluster the query API reads the admin tables through any node: a key is known once
+    # the node read has fetched its row (replication, usually well under a second).
+    for _ in range(50):
+        status, _ = call("PUT", f"{side['query']}/api/costs/budget", key=side["key"], body={"limit": 1234.5, "thresholds": [50, 80, 100]})
+        if status != 401:
+            break
+        time.sleep(0.2)
     if status not in (200, 201, 204):
         raise SystemExit(f"setting the budget answered {status}")
 

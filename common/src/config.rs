@@ -145,3 +145,55 @@ impl CommonConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ch::{ChConfig, Cluster};
+
+    #[test]
+    fn one_server_unless_a_cluster_is_named() {
+        let config = ChConfig::from_env(&Env::default()).expect("defaults");
+        assert_eq!(config.cluster, None);
+        assert_eq!(config.read_table("events"), "tally.events");
+        assert!(ChConfig::from_env(&Env::from_pairs([("TALLY_CLICKHOUSE_SHARDS", "http://a:1")])).is_err());
+    }
+
+    #[test]
+    fn a_cluster_reads_the_distributed_tables_and_quorums_every_replica_by_default() {
+        let env = Env::from_pairs([
+            ("TALLY_CLICKHOUSE_CLUSTER", "tally"),
+            ("TALLY_CLICKHOUSE_SHARDS", "http://a:8123, http://b:8123;http://c:8123,http://d:8123"),
+        ]);
+        let config = ChConfig::from_env(&env).expect("cluster");
+        let cluster = config.cluster.clone().expect("cluster set");
+        assert_eq!(cluster.shards, [["http://a:8123", "http://b:8123"], ["http://c:8123", "http://d:8123"]]);
+        assert_eq!(cluster.insert_quorum, 2);
+        assert_eq!(config.read_table("events"), "tally.events_all");
+        assert_eq!(config.read_table("rollup_hourly"), "tally.rollup_hourly_all");
+        assert_eq!(config.read_table("orgs"), "tally_admin.orgs", "admin tables are replicated everywhere");
+        assert_eq!(config.table("events"), "tally.events", "writes name the local table");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut env = Env::from_pairs([("TALLY_CLICKHOUSE_CLUSTER", "tally")]);
+            for (k, v) in pairs {
+                env = env.with(*k, *v);
+            }
+            ChConfig::from_env(&env)
+        };
+        assert!(with(&[("TALLY_CLICKHOUSE_SHARDS", "a:8123")]).is_err(), "not a URL");
+        assert!(with(&[("TALLY_CLICKHOUSE_SHARDS", " ; ")]).is_err(), "no shard");
+        let shards = ("TALLY_CLICKHOUSE_SHARDS", "http://a:1,http://b:1;http://c:1");
+        assert!(
+            with(&[shards, ("TALLY_CLICKHOUSE_INSERT_QUORUM", "2")]).is_err(),
+            "above the smallest shard"
+        );
+        assert!(with(&[shards, ("TALLY_CLICKHOUSE_INSERT_QUORUM", "0")]).is_err());
+        assert_eq!(with(&[shards]).unwrap().cluster.unwrap().insert_quorum, 1);
+        assert!(ChConfig::from_env(&Env::from_pairs([("TALLY_CLICKHOUSE_CLUSTER", "x; DROP")])).is_err());
+        let _ = Cluster::parse_shards("http://a:1").unwrap();
+    }
+}

@@ -28,7 +28,10 @@ async fn main() -> anyhow::Result<()> {
         }
         ["migrate"] => {
             let applied = tally_common::migrate::migrate(&config.common.clickhouse).await?;
-            println!("{}", serde_json::json!({ "database": config.common.clickhouse.database, "applied": applied }));
+            println!(
+                "{}",
+                serde_json::json!({ "database": config.common.clickhouse.database, "applied": applied })
+            );
             return Ok(());
         }
         ["dlq", "replay"] => {

@@ -146,7 +146,9 @@ impl Store<'_> {
         group_by: Option<GroupBy>,
         tz: Tz,
     ) -> Result<Vec<Point>, ApiError> {
-        let key = group_by.map_or("''", GroupBy::column);
+        // `materialize`: a constant key column breaks a merge over Distributed tables on 18.16 ("non
+        // constant in source stream but must be constant in result"), seen on the cluster.
+        let key = group_by.map_or("materialize('')", GroupBy::column);
         match bucket {
             Bucket::Hour => {
                 let keys = Keys {
