@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -58,6 +58,12 @@ bench-archiver: ## archiver: rows/s vs the raw read ceiling, bytes/event vs syst
 	@bash dev/stack.sh infra-up
 	cargo build --release --locked --bins -q
 	$$(bash dev/tools.sh) loadtest/bench_archiver.py $(BENCH_ARGS)
+
+bench-cluster: ## the cluster vs one server: one consumer on each, then two on the cluster; rows/s and CPU per million rows (docs/scaling.md)
+	@bash dev/stack.sh infra-up
+	@bash dev/cluster.sh infra-up
+	cargo build --release --locked --bins -q
+	python3 loadtest/bench_cluster.py $(BENCH_ARGS)
 
 cluster-up: ## Tally on the local cluster: ZooKeeper, ClickHouse 2 shards x 2 replicas, 3 Kafka brokers, 2 consumers, 2 ingest behind nginx, the query API; demo org and traffic
 	@bash dev/cluster.sh up

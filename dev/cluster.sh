@@ -469,6 +469,8 @@ case "$cmd" in
       *) die "start: consumer-N, ingest-N, clickhouse-N, kafka-N, query-api or nginx" ;;
     esac ;;
   env) cluster_env; echo "TALLY_CLICKHOUSE_SHARDS=$SHARDS" ;;
+  create-topic) create_topic "${1:?topic}" "${2:-8}" ;;
+  delete-topic) kafka_topics --delete --if-exists --topic "${1:?topic}" >>"$CL/log/kafka-topics.log" 2>&1 ;;
   smoke) smoke ;;
   schema) schema ;;
   down) down ;;
