@@ -278,30 +278,55 @@ impl EventStore {
         Ok(out)
     }
 
-    /// On a cluster: fails (to be retried) while the replica in use still has parts of `events` or
-    /// its rollups to fetch that another replica wrote. A replica that lacks a part confirmed (or
-    /// half-written) elsewhere would make the exactly-once checks see rows as missing and send
-    /// them again as a different block, which replication would then double. The queue lists
-    /// such a part from the moment its writer registers it in ZooKeeper, before any answer.
+    /// On a cluster: fails (to be retried) unless every row the replica in use holds is held by
+    /// the quorum, and it holds every row any replica holds. Two conditions, per table (`events`
+    /// and the rollups):
+    /// - no part still to fetch (`system.replication_queue`, `GET_PART`): a replica that lacks a
+    ///   part confirmed (or half-written) elsewhere would make the checks see rows as missing and
+    ///   send them again as a different block, which replication would then double; the queue
+    ///   lists such a part from the moment its writer registers it in ZooKeeper, before any answer;
+    /// - no quorum pending (`<zookeeper_path>/quorum/status`): a part whose quorum insert ended in
+    ///   "unknown status" lives on its writer only until the other replicas fetch it; counting its
+    ///   rows as stored before then would commit offsets for rows one disk holds.
     async fn caught_up(&self, shard: &Shard) -> Result<(), ClickHouseError> {
         if !self.cluster {
             return Ok(());
         }
         let database = self.table.split('.').next().unwrap_or_default();
-        let pending: u64 = shard
-            .client()
-            .query(
-                "SELECT count() FROM system.replication_queue WHERE database = ? \
-                 AND table IN ('events', 'rollup_hourly', 'rollup_daily') AND type = 'GET_PART'",
-            )
+        let tables = "('events', 'rollup_hourly', 'rollup_daily')";
+        let client = shard.client();
+        let not_yet = |what: String| {
+            Err(ClickHouseError::Custom(format!(
+                "replica {} {what}; the exactly-once checks wait for it",
+                shard.url()
+            )))
+        };
+        let fetching: u64 = client
+            .query(&format!(
+                "SELECT count() FROM system.replication_queue WHERE database = ? AND table IN {tables} AND type = 'GET_PART'"
+            ))
             .bind(database)
             .fetch_one()
             .await?;
-        if pending > 0 {
-            return Err(ClickHouseError::Custom(format!(
-                "replica {} is still fetching {pending} parts written on another replica; the exactly-once checks wait until it holds them",
-                shard.url()
-            )));
+        if fetching > 0 {
+            return not_yet(format!("is still fetching {fetching} parts written on another replica"));
+        }
+        let paths: Vec<String> = client
+            .query(&format!(
+                "SELECT zookeeper_path FROM system.replicas WHERE database = ? AND table IN {tables}"
+            ))
+            .bind(database)
+            .fetch_all()
+            .await?;
+        for path in paths {
+            let pending: u64 = client
+                .query("SELECT count() FROM system.zookeeper WHERE path = ? AND name = 'status'")
+                .bind(format!("{path}/quorum"))
+                .fetch_one()
+                .await?;
+            if pending > 0 {
+                return not_yet(format!("has a quorum insert into {path} not yet on every replica"));
+            }
         }
         Ok(())
     }
