@@ -281,7 +281,7 @@ impl EventStore {
     /// On a cluster: fails (to be retried) unless every row the replica in use holds is held by
     /// the quorum, and it holds every row any replica holds. Two conditions, per table (`events`
     /// and the rollups):
-    /// - no part still to fetch (`system.replication_queue`, `GET_PART`): a replica that lacks a
+    /// - no part still to fetch (`system.replicas`: the log copied, no insert queued): a replica that lacks a
     ///   part confirmed (or half-written) elsewhere would make the checks see rows as missing and
     ///   send them again as a different block, which replication would then double; the queue
     ///   lists such a part from the moment its writer registers it in ZooKeeper, before any answer;
@@ -301,15 +301,22 @@ impl EventStore {
                 shard.url()
             )))
         };
-        let fetching: u64 = client
+        // `inserts_in_queue`: parts written elsewhere still to fetch; `log_pointer`: the replica
+        // has copied every entry of the shard's log into its queue (a replica just restarted has
+        // not, and its empty queue would say nothing yet); read-only or expired: it cannot know.
+        let behind: u64 = client
             .query(&format!(
-                "SELECT count() FROM system.replication_queue WHERE database = ? AND table IN {tables} AND type = 'GET_PART'"
+                "SELECT count() FROM system.replicas WHERE database = ? AND table IN {tables} \
+                 AND (is_readonly OR is_session_expired OR inserts_in_queue > 0 \
+                 OR (log_max_index > 0 AND log_pointer <= log_max_index))"
             ))
             .bind(database)
             .fetch_one()
             .await?;
-        if fetching > 0 {
-            return not_yet(format!("is still fetching {fetching} parts written on another replica"));
+        if behind > 0 {
+            return not_yet(format!(
+                "is still fetching parts written on another replica ({behind} tables behind)"
+            ));
         }
         let paths: Vec<String> = client
             .query(&format!(
