@@ -16,43 +16,24 @@ each org's id is replaced by a placeholder. The last line is `N passed, M failed
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 
-SINGLE = {"ingest": "http://127.0.0.1:8080", "query": "http://127.0.0.1:8081", "token_from": "dev/stack.sh"}
-CLUSTER = {"ingest": "http://127.0.0.1:8280", "query": "http://127.0.0.1:8285", "token_from": "dev/cluster.sh"}
+from tally_api import admin_token, call
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINGLE = {"ingest": "http://127.0.0.1:8080", "query": "http://127.0.0.1:8081", "token_from": os.path.join(ROOT, "dev", "stack.sh")}
+CLUSTER = {"ingest": "http://127.0.0.1:8280", "query": "http://127.0.0.1:8285", "token_from": os.path.join(ROOT, "dev", "cluster.sh")}
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-3-5-sonnet-20241022"), ("ollama", "llama3")]
 
 
 def log(message):
     print(f"[cluster-compare {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def admin_token(script):
-    import subprocess
-    out = subprocess.run(["bash", script, "env"], check=True, capture_output=True, text=True).stdout
-    return next(line.split("=", 1)[1] for line in out.splitlines() if line.startswith("TALLY_ADMIN_TOKEN="))
-
-
-def call(method, url, token=None, key=None, body=None):
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    if key:
-        headers["X-API-Key"] = key
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
 
 
 def data_set(count, seed, now):

@@ -42,6 +42,8 @@ import uuid
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
+from tally_api import admin_token, call
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, ".dev", "cluster", "run")
 INGEST = ("127.0.0.1", 8280)
@@ -79,22 +81,11 @@ def kill9(name):
         time.sleep(0.1)
 
 
-def admin_token():
-    out = subprocess.run(["bash", os.path.join(ROOT, "dev", "cluster.sh"), "env"], check=True,
-                         capture_output=True, text=True).stdout
-    return next(line.split("=", 1)[1] for line in out.splitlines() if line.startswith("TALLY_ADMIN_TOKEN="))
-
-
 def http_json(method, url, token=None, key=None, body=None):
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    if key:
-        headers["X-API-Key"] = key
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+    status, answer = call(method, url, token=token, key=key, body=body)
+    if status >= 300:
+        raise SystemExit(f"{method} {url} answered {status}: {answer}")
+    return answer
 
 
 def create_orgs(count, token):
@@ -346,7 +337,7 @@ def main():
     parser.add_argument("--drain-timeout", type=int, default=900)
     args = parser.parse_args()
 
-    orgs = create_orgs(args.orgs, admin_token())
+    orgs = create_orgs(args.orgs, admin_token(os.path.join(ROOT, "dev", "cluster.sh")))
     log(f"{len(orgs)} orgs: {Counter(o['shard'] + 1 for o in orgs)} per shard; waiting for both ingest replicas to know their keys")
     time.sleep(6)  # the ingest replicas refresh their key sets every 5 s
     ledger = Ledger()
