@@ -147,6 +147,11 @@ def main():
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=13)
     args = parser.parse_args()
+    for side, how in ((SINGLE, "make up"), (CLUSTER, "make cluster-up")):
+        try:
+            call("GET", f"{side['query']}/healthz", timeout=5)
+        except OSError:
+            raise SystemExit(f"nothing answers on {side['query']}: start it with `{how}` first")
     now = datetime.now(timezone.utc).replace(microsecond=0)
     events = data_set(args.events, args.seed, now)
     name = f"compare-{uuid.uuid4().hex[:8]}"
