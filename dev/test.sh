@@ -7,6 +7,9 @@
 #     run in parallel)
 #  3. dev/fuzz_api.py: schemathesis generates requests from the OpenAPI documents of the ingest
 #     and the query API; any 5xx, or any answer the document does not declare, fails the run
+#  3b. dev/k6_check.py: every k6 script of loadtest/k6 syntax-checked and smoke-run under Node
+#     with stand-ins for the k6 modules (real HTTP to an ingest and a query API; k6 is AGPL and
+#     not run by the project)
 #  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
 #     replayed on a current ClickHouse (chdb); any statement that fails there fails the run; and
 #     the event row type's columns must equal the `events` table the migrations make there
@@ -41,6 +44,8 @@ echo "[test] cargo test --workspace --features tally-consumer/failpoints"
 cargo test --workspace --locked --features tally-consumer/failpoints
 echo "[test] schemathesis against the OpenAPI documents of the ingest and the query API"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/fuzz_api.py "$VENV/bin/schemathesis" --max-examples 60
+echo "[test] the k6 scripts (loadtest/k6): syntax, and a smoke run of each under Node against the real services"
+TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/k6_check.py
 echo "[test] ClickHouse compatibility (18.16 server vs current chdb) for statements since $since"
 cargo run -q --locked -p tally-testkit --bin event_columns >"$CARGO_TARGET_DIR/event-columns.json"
 "$VENV/bin/python" dev/compat.py --clickhouse-url "$CLICKHOUSE_URL/" --since "$since" \

@@ -1,32 +1,49 @@
-// The query benchmark's load (loadtest/bench_query.py drives it): GET BASE+TARGET at RATE
-// requests/s for DURATION (open model: arrivals do not wait for answers), each with the API key
-// of a random org from KEYS_FILE. Writes k6's end-of-test summary as JSON to SUMMARY_FILE.
+// query — proves: the query API answers its org-scoped endpoints at RATE requests/s (spread over
+// status, cost summary, events list, budget, overview, timeseries, perf) within per-endpoint
+// p95/p99 thresholds. setup() makes ORGS orgs and sends each some events, so every read has rows.
+// Read: per-endpoint latency is in the summary under http_req_duration{endpoint:…}; the rollups
+// answer whole hours, raw rows only the range's ragged edges.
+//   k6 run -e RATE=200 -e ORGS=50 -e DURATION=2m … query.js
 import http from 'k6/http';
 import { check } from 'k6';
+import { createOrgs, ingest, pick, sdkBatch, summary, QUERY, num } from './lib/tally.js';
 
-const keys = JSON.parse(open(__ENV.KEYS_FILE));
+const ENDPOINTS = [
+  ['status', () => '/api/telemetry/status'],
+  ['summary', () => '/api/costs/summary'],
+  ['events', () => '/api/costs?limit=50'],
+  ['budget', () => '/api/costs/budget'],
+  ['overview', () => '/api/analytics/overview'],
+  ['timeseries', () => `/api/analytics/timeseries?bucket=${Math.random() < 0.5 ? 'hour' : 'day'}`],
+  ['perf', () => '/api/analytics/perf'],
+];
+
+const thresholds = { checks: ['rate>0.999'], http_req_failed: ['rate<0.001'], dropped_iterations: ['count==0'] };
+for (const [name] of ENDPOINTS) thresholds[`http_req_duration{endpoint:${name}}`] = ['p(95)<100', 'p(99)<300'];
 
 export const options = {
   scenarios: {
-    load: {
-      executor: 'constant-arrival-rate',
-      rate: Number(__ENV.RATE || 200),
-      timeUnit: '1s',
-      duration: __ENV.DURATION || '30s',
-      preAllocatedVUs: 40,
-      maxVUs: 400,
+    query: {
+      executor: 'constant-arrival-rate', rate: num('RATE', 100), timeUnit: '1s', duration: __ENV.DURATION || '1m',
+      preAllocatedVUs: num('VUS', 50), maxVUs: num('MAX_VUS', 500), tags: { scenario: 'query' },
     },
   },
-  summaryTrendStats: ['avg', 'p(50)', 'p(95)', 'p(99)', 'max'],
-  discardResponseBodies: true,
+  thresholds,
 };
 
-export default function () {
-  const key = keys[Math.floor(Math.random() * keys.length)];
-  const res = http.get(`${__ENV.BASE}${__ENV.TARGET}`, { headers: { 'X-API-Key': key } });
-  check(res, { 'status 200': (r) => r.status === 200 });
+export function setup() {
+  const orgs = createOrgs(num('ORGS', 20));
+  for (const org of orgs) ingest(org, sdkBatch(num('BATCH', 100)), { name: 'setup: events' });
+  return { orgs };
+}
+
+export default function (data) {
+  const org = pick(data.orgs);
+  const [name, path] = pick(ENDPOINTS);
+  const res = http.get(`${QUERY}${path()}`, { headers: { 'X-API-Key': org.key }, tags: { endpoint: name, name } });
+  check(res, { [`${name} answers 200`]: (r) => r.status === 200 });
 }
 
 export function handleSummary(data) {
-  return { [__ENV.SUMMARY_FILE]: JSON.stringify(data) };
+  return summary('query', data);
 }
