@@ -5,28 +5,31 @@
 //   k6 run -e ORGS=2000 -e PER_MINUTE=600 -e RATE=500 … many-orgs.js
 import { createOrgs, ingest, pick, sdkBatch, summary, num } from './lib/tally.js';
 
+// Defaults shared with `make loadtest` (tally-loadgen): scenarios.json.
+const S = JSON.parse(open('./scenarios.json'))['many-orgs'];
+
 export const options = {
   scenarios: {
     many_orgs: {
-      executor: 'constant-arrival-rate', rate: num('RATE', 500), timeUnit: '1s', duration: __ENV.DURATION || '2m',
+      executor: 'constant-arrival-rate', rate: num('RATE', S.rate), timeUnit: '1s', duration: __ENV.DURATION || S.duration,
       preAllocatedVUs: num('VUS', 100), maxVUs: num('MAX_VUS', 1000), tags: { scenario: 'many-orgs' },
     },
   },
   thresholds: {
     checks: ['rate>0.999'],
     http_req_failed: ['rate<0.001'], // 429s are expected statuses here, not failures
-    'http_req_duration{scenario:many-orgs}': ['p(95)<100', 'p(99)<250'],
+    'http_req_duration{scenario:many-orgs}': [`p(95)<${S.p95_ms}`, `p(99)<${S.p99_ms}`],
     dropped_iterations: ['count==0'],
   },
 };
 
 export function setup() {
   // Small limits so that a random walk over the orgs hits some of them: 429s are part of the test.
-  return { orgs: createOrgs(num('ORGS', 2000), { plan: 'FREE', perMinute: num('PER_MINUTE', 600), burst: num('BURST', 100) }) };
+  return { orgs: createOrgs(num('ORGS', S.orgs), { plan: 'FREE', perMinute: num('PER_MINUTE', S.per_minute), burst: num('BURST', S.burst) }) };
 }
 
 export default function (data) {
-  ingest(pick(data.orgs), sdkBatch(num('BATCH', 50)), { name: 'POST /v1/ingest' }, true);
+  ingest(pick(data.orgs), sdkBatch(num('BATCH', S.batch)), { name: 'POST /v1/ingest' }, true);
 }
 
 export function handleSummary(data) {

@@ -7,9 +7,12 @@ import http from 'k6/http';
 import { check } from 'k6';
 import { createOrgs, ingest, sdkBatch, summary, QUERY, num } from './lib/tally.js';
 
+// Defaults shared with `make loadtest` (tally-loadgen): scenarios.json.
+const S = JSON.parse(open('./scenarios.json'))['smoke'];
+
 export const options = {
   scenarios: { smoke: { executor: 'per-vu-iterations', vus: 1, iterations: num('ITERATIONS', 5), tags: { scenario: 'smoke' } } },
-  thresholds: { checks: ['rate==1'], http_req_failed: ['rate==0'], 'http_req_duration{scenario:smoke}': ['p(95)<1000'] },
+  thresholds: { checks: ['rate==1'], http_req_failed: ['rate==0'], 'http_req_duration{scenario:smoke}': [`p(95)<${S.p95_ms}`] },
 };
 
 export function setup() {
@@ -18,7 +21,7 @@ export function setup() {
 
 export default function (data) {
   const org = data.orgs[0];
-  ingest(org, sdkBatch(num('BATCH', 10)), { name: 'POST /v1/ingest' });
+  ingest(org, sdkBatch(num('BATCH', S.batch)), { name: 'POST /v1/ingest' });
   const res = http.get(`${QUERY}/api/telemetry/status`, { headers: { 'X-API-Key': org.key }, tags: { name: 'GET status' } });
   check(res, { 'status answers 200': (r) => r.status === 200, 'status says connected': (r) => r.status === 200 && r.json('connected') !== undefined });
 }

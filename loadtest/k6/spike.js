@@ -4,7 +4,10 @@
 //   k6 run -e RATE=100 -e BATCH=100 … spike.js
 import { createOrgs, ingest, pick, sdkBatch, summary, num } from './lib/tally.js';
 
-const rate = num('RATE', 100);
+// Defaults shared with `make loadtest` (tally-loadgen): scenarios.json.
+const S = JSON.parse(open('./scenarios.json'))['spike'];
+
+const rate = num('RATE', S.rate);
 const stage = (d) => __ENV.STAGE || d;
 
 export const options = {
@@ -14,8 +17,8 @@ export const options = {
       preAllocatedVUs: num('VUS', 100), maxVUs: num('MAX_VUS', 2000), tags: { scenario: 'spike' },
       stages: [
         { target: rate, duration: stage('1m') },
-        { target: rate * 10, duration: stage('10s') },
-        { target: rate * 10, duration: stage('1m') },
+        { target: rate * S.spike_factor, duration: stage('10s') },
+        { target: rate * S.spike_factor, duration: stage('1m') },
         { target: rate, duration: stage('10s') },
         { target: rate, duration: stage('1m') },
       ],
@@ -24,17 +27,17 @@ export const options = {
   thresholds: {
     checks: ['rate>0.999'],
     http_req_failed: ['rate<0.001'],
-    'http_req_duration{scenario:spike}': ['p(95)<250', 'p(99)<1000'],
+    'http_req_duration{scenario:spike}': [`p(95)<${S.p95_ms}`, `p(99)<${S.p99_ms}`],
     dropped_iterations: ['count==0'],
   },
 };
 
 export function setup() {
-  return { orgs: createOrgs(num('ORGS', 20)) };
+  return { orgs: createOrgs(num('ORGS', S.orgs)) };
 }
 
 export default function (data) {
-  ingest(pick(data.orgs), sdkBatch(num('BATCH', 100)), { name: 'POST /v1/ingest' });
+  ingest(pick(data.orgs), sdkBatch(num('BATCH', S.batch)), { name: 'POST /v1/ingest' });
 }
 
 export function handleSummary(data) {
