@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest verify-e2e
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -63,6 +63,10 @@ loadtest: ## one scenario of loadtest/k6/scenarios.json against `make up`'s stac
 	@test -n "$(SCENARIO)" || { echo "usage: make loadtest SCENARIO=smoke|steady|spike|soak|many-orgs [RATE=…] [DURATION=30s] [BATCH=…] [ORGS=…]"; exit 2; }
 	@bash dev/stack.sh up >/dev/null
 	python3 loadtest/loadtest.py $(SCENARIO) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(if $(BATCH),--batch $(BATCH)) $(if $(ORGS),--orgs $(ORGS))
+
+verify-e2e: ## the end-to-end ledger against `make up`'s stack: every accepted id stored once, rollups equal raw, every rejected event in the dead-letter topic with its reason
+	@bash dev/stack.sh up >/dev/null
+	python3 dev/verify_e2e.py $(VERIFY_ARGS)
 
 bench-cluster: ## the cluster vs one server: one consumer on each, then two on the cluster; rows/s and CPU per million rows (docs/scaling.md)
 	@bash dev/stack.sh infra-up

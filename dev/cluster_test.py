@@ -26,10 +26,7 @@ Then, once the consumers have drained, the checks; the last line is `N passed, M
 """
 
 import argparse
-import http.client
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -38,10 +35,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
+from ledger import Ledger, loader
 from tally_api import admin_token, call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +48,6 @@ QUERY = "http://127.0.0.1:8285"
 NODE_PORT = {1: 8131, 2: 8132, 3: 8133, 4: 8134}
 SHARD_NODES = {0: (1, 2), 1: (3, 4)}  # shard index (cityHash64 % 2) -> its nodes
 DB = os.environ.get("TALLY_CLICKHOUSE_DATABASE", "tally")
-MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-3-5-sonnet-20241022"), ("ollama", "llama3")]
 
 
 def log(message):
@@ -98,84 +94,6 @@ def create_orgs(count, token):
         shard = int(ch(1, f"SELECT cityHash64('{created['orgId']}') % 2").strip())
         orgs.append({"id": created["orgId"], "key": created["apiKey"], "shard": shard})
     return orgs
-
-
-class Ledger:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.ids = defaultdict(set)  # org id -> event ids answered 202
-        self.resent = 0  # events of batches sent again after their 202
-        self.statuses = Counter()
-        self.requests = 0
-
-    def add(self, org, ids, resent=False):
-        with self.lock:
-            self.ids[org].update(ids)
-            if resent:
-                self.resent += len(ids)
-
-    def count(self):
-        with self.lock:
-            return sum(len(v) for v in self.ids.values())
-
-
-def batch(size):
-    now = datetime.now(timezone.utc)
-    events = []
-    for _ in range(size):
-        provider, model = random.choice(MODELS)
-        prompt, completion = random.randint(10, 4000), random.randint(1, 900)
-        event = {
-            "eventId": str(uuid.uuid4()),
-            "timestamp": (now - timedelta(seconds=random.randint(0, 48 * 3600))).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
-            "provider": provider, "model": model,
-            "tokens": {"promptTokens": prompt, "completionTokens": completion, "totalTokens": prompt + completion},
-            "latency": random.randint(50, 9000),
-            "status": "error" if random.random() < 0.03 else "success",
-            "userId": f"user-{random.randint(0, 40)}",
-        }
-        if random.random() < 0.5:
-            event["cost"] = round(random.uniform(0, 0.2), 6)
-        events.append(event)
-    return events
-
-
-def loader(orgs, ledger, stop, rate_per_thread, batch_size):
-    connection = None
-    next_at = time.monotonic()
-    while not stop.is_set():
-        next_at += 1.0 / rate_per_thread
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        org = random.choice(orgs)
-        events = batch(batch_size)
-        body = json.dumps({"events": events}).encode()
-        sends = 2 if random.random() < 0.03 else 1  # an SDK retry whose first answer was lost
-        for attempt in range(sends):
-            while True:  # the SDK retries until answered 202, with the same ids
-                try:
-                    if connection is None:
-                        connection = http.client.HTTPConnection(*INGEST, timeout=30)
-                    connection.request("POST", "/v1/ingest", body, {"Content-Type": "application/json", "X-API-Key": org["key"]})
-                    response = connection.getresponse()
-                    answer = response.read()
-                    with ledger.lock:
-                        ledger.statuses[response.status] += 1
-                        ledger.requests += 1
-                except (OSError, http.client.HTTPException):
-                    connection = None
-                    with ledger.lock:
-                        ledger.statuses["connection"] += 1
-                    time.sleep(0.2)
-                    continue
-                if response.status == 202:
-                    accepted = json.loads(answer)
-                    if accepted.get("accepted") != len(events):
-                        raise SystemExit(f"ingest accepted {accepted} of {len(events)} valid events")
-                    ledger.add(org["id"], [e["eventId"] for e in events], resent=attempt > 0)
-                    break
-                time.sleep(0.2)
 
 
 def org_list(orgs):
@@ -225,7 +143,7 @@ def chaos_schedule(seconds):
 
 def run_load(args, orgs, ledger):
     stop = threading.Event()
-    threads = [threading.Thread(target=loader, args=(orgs, ledger, stop, args.rate / args.threads, args.batch), daemon=True)
+    threads = [threading.Thread(target=loader, args=(INGEST, orgs, ledger, stop, args.rate / args.threads, args.batch), daemon=True)
                for _ in range(args.threads)]
     for thread in threads:
         thread.start()

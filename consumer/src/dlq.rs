@@ -30,7 +30,18 @@ pub struct Listed {
     pub org_id: String,
     pub request_id: String,
     pub source: Option<tally_schemas::record::SourcePosition>,
+    /// Index of the event in its request (ingest stage).
+    pub index: Option<usize>,
+    /// The event's `eventId`, when its original is a JSON object carrying one (so a client can
+    /// match its rejected events, e.g. `make verify-e2e`).
+    pub event_id: Option<String>,
     pub original_bytes: usize,
+}
+
+/// The `eventId` of a dead letter whose original is a JSON event object.
+fn event_id_of(original: Option<&str>) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(original?).ok()?;
+    value.get("eventId")?.as_str().map(str::to_owned)
 }
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -83,6 +94,8 @@ pub fn list(config: &ConsumerConfig, limit: usize) -> Result<Vec<Listed>, Consum
             partition,
             offset,
             original_bytes: letter.original_bytes().map_or(0, |b| b.len()),
+            index: letter.index,
+            event_id: event_id_of(letter.original.as_deref()),
             stage: letter.stage,
             reason: letter.reason,
             detail: letter.detail,
@@ -127,4 +140,18 @@ pub async fn replay(config: &ConsumerConfig) -> Result<ReplayReport, ConsumerErr
         report.rows_inserted += missing.len();
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_id_of;
+
+    #[test]
+    fn a_rejected_event_keeps_its_event_id_in_the_listing() {
+        assert_eq!(event_id_of(Some(r#"{"eventId":"abc","tokens":-1}"#)).as_deref(), Some("abc"));
+        assert_eq!(event_id_of(Some(r#"{"tokens":-1}"#)), None);
+        assert_eq!(event_id_of(Some("not json")), None);
+        assert_eq!(event_id_of(Some(r#"{"eventId":7}"#)), None);
+        assert_eq!(event_id_of(None), None);
+    }
 }

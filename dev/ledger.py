@@ -1,0 +1,116 @@
+"""The end-to-end ledger the cluster suite and `make verify-e2e` share: SDK-like load with its own
+`eventId`s (retried with the same ids until answered 202; now and then sent again after its 202,
+as an SDK whose answer was lost), some invalid events when asked, and a record of every id the
+ingest accepted and every event it rejected, per org."""
+
+import http.client
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
+
+MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-3-5-sonnet-20241022"), ("ollama", "llama3")]
+
+
+class Ledger:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ids = defaultdict(set)  # org id -> event ids answered 202 (accepted)
+        self.rejected = defaultdict(dict)  # org id -> event id -> the rejection's reason text
+        self.resent = 0  # events of batches sent again after their 202
+        self.statuses = Counter()
+        self.requests = 0
+
+    def add(self, org, ids, resent=False):
+        with self.lock:
+            self.ids[org].update(ids)
+            if resent:
+                self.resent += len(ids)
+
+    def count(self):
+        with self.lock:
+            return sum(len(v) for v in self.ids.values())
+
+    def rejected_count(self):
+        with self.lock:
+            return sum(len(v) for v in self.rejected.values())
+
+
+def event(now, invalid=False):
+    provider, model = random.choice(MODELS)
+    prompt, completion = random.randint(10, 4000), random.randint(1, 900)
+    e = {
+        "eventId": str(uuid.uuid4()),
+        "timestamp": (now - timedelta(seconds=random.randint(0, 48 * 3600))).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        "provider": provider, "model": model,
+        "tokens": {"promptTokens": prompt, "completionTokens": completion, "totalTokens": prompt + completion},
+        "latency": random.randint(50, 9000),
+        "status": "error" if random.random() < 0.03 else "success",
+        "userId": f"user-{random.randint(0, 40)}",
+    }
+    if random.random() < 0.5:
+        e["cost"] = round(random.uniform(0, 0.2), 6)
+    if invalid:  # one of the validation rules, at random
+        kind = random.choice(["tokens", "timestamp", "latency"])
+        if kind == "tokens":
+            e["tokens"]["promptTokens"] = -1
+        elif kind == "timestamp":
+            e["timestamp"] = "not a time"
+        else:
+            e["latency"] = -5
+    return e
+
+
+def batch(size, invalid_ratio=0.0):
+    now = datetime.now(timezone.utc)
+    return [event(now, invalid=random.random() < invalid_ratio) for _ in range(size)]
+
+
+def loader(ingest, orgs, ledger, stop, rate_per_thread, batch_size, invalid_ratio=0.0, resend_ratio=0.03):
+    """Posts batches to `ingest` ((host, port)) at `rate_per_thread` per second until `stop`."""
+    connection = None
+    next_at = time.monotonic()
+    while not stop.is_set():
+        next_at += 1.0 / rate_per_thread
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        org = random.choice(orgs)
+        events = batch(batch_size, invalid_ratio)
+        body = json.dumps({"events": events}).encode()
+        sends = 2 if random.random() < resend_ratio else 1
+        for attempt in range(sends):
+            while True:  # the SDK retries until answered 202, with the same ids
+                try:
+                    if connection is None:
+                        connection = http.client.HTTPConnection(*ingest, timeout=30)
+                    connection.request("POST", "/v1/ingest", body, {"Content-Type": "application/json", "X-API-Key": org["key"]})
+                    response = connection.getresponse()
+                    answer = response.read()
+                    with ledger.lock:
+                        ledger.statuses[response.status] += 1
+                        ledger.requests += 1
+                except (OSError, http.client.HTTPException):
+                    connection = None
+                    with ledger.lock:
+                        ledger.statuses["connection"] += 1
+                    time.sleep(0.2)
+                    continue
+                if response.status == 202:
+                    record(ledger, org["id"], events, json.loads(answer), resent=attempt > 0)
+                    break
+                time.sleep(0.2)
+
+
+def record(ledger, org, events, answer, resent=False):
+    rejected = {r["index"]: r["reason"] for r in answer.get("rejected") or []}
+    if answer.get("accepted", 0) + len(rejected) != len(events):
+        raise SystemExit(f"the ingest's answer does not add up: {answer} for {len(events)} events")
+    ledger.add(org, [e["eventId"] for i, e in enumerate(events) if i not in rejected], resent=resent)
+    if not resent:
+        with ledger.lock:
+            for i, reason in rejected.items():
+                ledger.rejected[org][events[i]["eventId"]] = reason
