@@ -134,3 +134,27 @@ export function summary(name, data) {
   ];
   return { [`${dir}/${name}.json`]: JSON.stringify(data, null, 2), stdout: lines.join('\n') + '\n' };
 }
+
+/**
+ * The parts of an ingest scenario (steady, spike, soak, many-orgs): `executor` is the k6 scenario
+ * (executor and its rate or stages), `shape` its entry of scenarios.json. Returns the options
+ * (thresholds: every check, < 0.1 % failed requests, the shape's p95/p99, no dropped iterations),
+ * setup (the orgs, with `limits`), the iteration and handleSummary for the script to export.
+ */
+export function ingestScenario(name, shape, executor, { limits = {}, allow429 = false } = {}) {
+  const tag = `http_req_duration{scenario:${name}}`;
+  return {
+    options: {
+      scenarios: { [name.replace('-', '_')]: Object.assign({ preAllocatedVUs: num('VUS', 50), maxVUs: num('MAX_VUS', 500), tags: { scenario: name } }, executor) },
+      thresholds: {
+        checks: ['rate>0.999'],
+        http_req_failed: ['rate<0.001'],
+        [tag]: [`p(95)<${shape.p95_ms}`, `p(99)<${shape.p99_ms}`],
+        dropped_iterations: ['count==0'],
+      },
+    },
+    setup: () => ({ orgs: createOrgs(num('ORGS', shape.orgs), limits) }),
+    iteration: (data) => ingest(pick(data.orgs), sdkBatch(num('BATCH', shape.batch)), { name: 'POST /v1/ingest' }, allow429),
+    handleSummary: (data) => summary(name, data),
+  };
+}
