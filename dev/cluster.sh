@@ -122,9 +122,12 @@ start_clickhouse_node() {
       -e "s#<tcp_port>9000</tcp_port>#<tcp_port>$tcp</tcp_port>#" \
       -e "s#<uncompressed_cache_size>[0-9]*#<uncompressed_cache_size>268435456#" \
       -e "s#<mark_cache_size>[0-9]*#<mark_cache_size>268435456#" \
+      -e 's#<level>warning</level>#<level>information</level>#' \
       -e '/<\/yandex>/d' "$ROOT/dev/clickhouse/config.xml"
     cat <<EOF
-    <!-- dev/cluster.sh: node $n, shard $(ch_shard "$n"), replica $(ch_replica "$n") -->
+    <!-- dev/cluster.sh: node $n, shard $(ch_shard "$n"), replica $(ch_replica "$n"); logs at information
+         level: block deduplication and quorum messages are info-level, and the cluster suite's
+         failures are traced with them -->
     <interserver_http_host>127.0.0.1</interserver_http_host>
     <interserver_http_port>$((9230 + n))</interserver_http_port>
     <zookeeper><node><host>127.0.0.1</host><port>$ZK_PORT</port></node></zookeeper>

@@ -218,9 +218,13 @@ impl Records<'_> {
         );
         bind_all(self.client.query(&sql), missing.iter().map(|b| b.org_id.as_str())).execute().await?;
         outcome.repaired += missing.len();
+        // Which buckets, with the rows added to each: what a later inconsistency is traced back to.
+        let shown: Vec<String> =
+            missing.iter().take(40).map(|b| format!("{}@{}+{}", b.org_id, b.bucket, b.ours)).collect();
         tracing::warn!(
             rollup = rollup.table,
             buckets = missing.len(),
+            detail = %shown.join(" "),
             "completed rollup buckets an interrupted insert had left out"
         );
         Ok(())
