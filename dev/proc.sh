@@ -4,9 +4,9 @@
 
 pid_of() { local f="$PROC_RUN/$1.pid"; [[ -f $f ]] && cat "$f" || true; }
 
-is_running() {
+is_running() { # a killed process its parent has not reaped yet (a zombie) is not running
   local pid; pid="$(pid_of "$1")"
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
 }
 
 # start_bg NAME CMD...: runs CMD in its own session, stdout/stderr to $PROC_LOG/NAME.log

@@ -221,14 +221,14 @@ service_env() { # the TALLY_* configuration every service gets on the local stac
   echo "TALLY_LOG_FORMAT=json"
 }
 
-start_service() { # start_service NAME BINARY ADDR
-  local name="$1" binary="$2" addr="$3"
+start_service() { # start_service NAME BINARY ADDR [ENV...]
+  local name="$1" binary="$2" addr="$3"; shift 3
   if is_running "$name"; then return 0; fi
   local exe="$CARGO_TARGET_DIR/release/$binary"
   [[ -x $exe ]] || build_services
   log "starting $name on $addr"
   # shellcheck disable=SC2046
-  start_bg "$name" env $(service_env) TALLY_LISTEN_ADDR="$addr" "$exe"
+  start_bg "$name" env $(service_env) TALLY_LISTEN_ADDR="$addr" "$@" "$exe"
   wait_http "$name" "http://$addr/healthz" 30
 }
 
@@ -238,7 +238,9 @@ start_one() {
     kafka) start_kafka ;;
     s3) start_s3 ;;
     ingest) start_service ingest tally-ingest "$INGEST_ADDR" ;;
-    consumer) start_service consumer tally-consumer "$CONSUMER_ADDR" ;;
+    # Static group membership: a consumer restarted after a crash gets its partitions back at
+    # once instead of waiting out the dead member's session (10 s).
+    consumer) start_service consumer tally-consumer "$CONSUMER_ADDR" TALLY_CONSUMER_INSTANCE_ID=local-consumer-1 ;;
     query-api) start_service query-api tally-query-api "$QUERY_ADDR" ;;
     *) die "unknown component $1 (clickhouse kafka s3 ingest consumer query-api)" ;;
   esac
