@@ -448,11 +448,8 @@ down() {
 }
 
 status() {
-  local name
-  for name in zookeeper clickhouse-1 clickhouse-2 clickhouse-3 clickhouse-4 kafka-1 kafka-2 kafka-3 \
-    nginx ingest-1 ingest-2 consumer-1 consumer-2 query-api; do
-    if is_running "$name"; then printf '%-13s running  pid %s\n' "$name" "$(pid_of "$name")"; else printf '%-13s stopped\n' "$name"; fi
-  done
+  proc_status zookeeper clickhouse-1 clickhouse-2 clickhouse-3 clickhouse-4 kafka-1 kafka-2 kafka-3 \
+    nginx ingest-1 ingest-2 consumer-1 consumer-2 query-api
 }
 
 cmd="${1:-}"; shift || true

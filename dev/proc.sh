@@ -28,3 +28,11 @@ stop_proc() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# proc_status NAME...: one line per process, running (with its pid) or stopped
+proc_status() {
+  local name
+  for name in "$@"; do
+    if is_running "$name"; then printf '%-13s running  pid %s\n' "$name" "$(pid_of "$name")"; else printf '%-13s stopped\n' "$name"; fi
+  done
+}

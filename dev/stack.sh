@@ -350,13 +350,7 @@ down() {
   for s in s3 kafka clickhouse; do stop_proc "$s"; done
 }
 
-status() {
-  local name pid
-  for name in "${INFRA[@]}" "${SERVICES[@]}"; do
-    pid="$(pid_of "$name")"
-    if is_running "$name"; then printf '%-11s running  pid %s\n' "$name" "$pid"; else printf '%-11s stopped\n' "$name"; fi
-  done
-}
+status() { proc_status "${INFRA[@]}" "${SERVICES[@]}"; }
 
 cmd="${1:-}"; shift || true
 case "$cmd" in

@@ -198,16 +198,6 @@ impl EventStore {
         }
     }
 
-    /// The client of the first shard's replica in use (the only server, off a cluster).
-    pub fn client(&self) -> &clickhouse::Client {
-        self.shards[0].client()
-    }
-
-    /// `database.events` (on a cluster, each shard's local table).
-    pub fn table(&self) -> &str {
-        &self.table
-    }
-
     /// The shard index of each of `orgs`, asking ClickHouse for those not seen before.
     async fn shards_of(&self, orgs: &BTreeSet<&str>) -> Result<HashMap<String, usize>, ClickHouseError> {
         if self.shards.len() == 1 {
