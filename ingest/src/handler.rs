@@ -3,13 +3,19 @@
 //! own, produce the accepted ones as one Kafka record and each rejected one as a dead letter, and
 //! answer 202 only once Kafka acknowledged.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use prometheus::IntCounter;
 use serde::Serialize;
 use tally_common::keyset::OrgInfo;
 use tally_common::server::{presented_key, RequestId};
@@ -20,7 +26,7 @@ use tally_schemas::record::{encode_event, DeadLetter, Stage};
 use crate::body;
 use crate::error::{rate_limit_headers, IngestError, MalformedBody, UnsupportedMedia};
 use crate::ratelimit::Admission;
-use crate::sink::Topic;
+use crate::sink::{SinkError, Topic};
 use crate::AppState;
 
 #[derive(Serialize)]
@@ -158,13 +164,59 @@ async fn produce(
         report_dead_letter_failures(state, &dead_letter_sends.await);
         return Ok(());
     }
-    let events_send =
-        state.sink.produce(Topic::Events, Arc::clone(&org.org_id), payload, Arc::clone(&request_id.0));
+    let events_send = OutlivingSend {
+        send: Some(state.sink.produce(
+            Topic::Events,
+            Arc::clone(&org.org_id),
+            payload,
+            Arc::clone(&request_id.0),
+        )),
+        events: accepted as u64,
+        unanswered: state.metrics.events_produced_unanswered.clone(),
+    };
     let (events_result, dead_letter_results) = futures::join!(events_send, dead_letter_sends);
     events_result?;
     report_dead_letter_failures(state, &dead_letter_results);
     state.metrics.events_accepted.inc_by(accepted as u64);
     Ok(())
+}
+
+/// The events' send, which outlives its request. The record is in the producer's queue once the
+/// send starts, so it may reach Kafka even when the request ends first (the client timed out or
+/// went away, and the server dropped the handler): then the send is finished in the background and,
+/// once Kafka acknowledged it, its events are counted in
+/// `tally_ingest_events_produced_unanswered_total`, so that accepted + unanswered adds up to what
+/// the topic received. Nothing is spawned on the ordinary path, only when a request is dropped.
+struct OutlivingSend {
+    send: Option<BoxFuture<'static, Result<(), SinkError>>>,
+    events: u64,
+    unanswered: IntCounter,
+}
+
+impl Future for OutlivingSend {
+    type Output = Result<(), SinkError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(send) = self.send.as_mut() else { return Poll::Ready(Err(SinkError::Timeout)) };
+        let result = std::task::ready!(send.poll_unpin(cx));
+        self.send = None;
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for OutlivingSend {
+    fn drop(&mut self) {
+        let Some(send) = self.send.take() else { return };
+        let (events, unanswered) = (self.events, self.unanswered.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if send.await.is_ok() {
+                    unanswered.inc_by(events);
+                    tracing::warn!(events, "events reached Kafka after their request ended unanswered");
+                }
+            });
+        }
+    }
 }
 
 async fn handle(

@@ -5,6 +5,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 #[derive(Clone)]
 pub struct IngestMetrics {
     pub events_accepted: IntCounter,
+    pub events_produced_unanswered: IntCounter,
     pub events_rejected: IntCounterVec,
     pub events_rate_limited: IntCounter,
     pub dead_letter_failures: IntCounter,
@@ -19,6 +20,11 @@ impl IngestMetrics {
             events_accepted: IntCounter::new(
                 "tally_ingest_events_accepted_total",
                 "events accepted into Kafka",
+            )?,
+            events_produced_unanswered: IntCounter::new(
+                "tally_ingest_events_produced_unanswered_total",
+                "events Kafka acknowledged after their request had ended unanswered (the client went away \
+                 first); a retry of them is dropped by the consumer as a duplicate",
             )?,
             events_rejected: IntCounterVec::new(
                 Opts::new("tally_ingest_events_rejected_total", "events rejected, by reason"),
@@ -45,6 +51,7 @@ impl IngestMetrics {
             kafka_up: IntGauge::new("tally_ingest_kafka_up", "1 when the Kafka brokers answer")?,
         };
         registry.register(Box::new(metrics.events_accepted.clone()))?;
+        registry.register(Box::new(metrics.events_produced_unanswered.clone()))?;
         registry.register(Box::new(metrics.events_rejected.clone()))?;
         registry.register(Box::new(metrics.events_rate_limited.clone()))?;
         registry.register(Box::new(metrics.dead_letter_failures.clone()))?;

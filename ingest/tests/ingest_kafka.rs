@@ -543,3 +543,62 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_loses_nothing() {
     delete_topics(&[&events_topic, &dlq_topic]).await;
     drop_database(&clickhouse).await;
 }
+
+/// The value of an unlabelled counter in the ingest's `/metrics`.
+async fn counter(client: &reqwest::Client, ingest: &Ingest, name: &str) -> u64 {
+    let text = client.get(ingest.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .map_or(0, |value| value as u64)
+}
+
+#[tokio::test]
+async fn events_produced_after_the_client_gave_up_are_counted_as_unanswered() {
+    let mut broker = KafkaBroker::start().await;
+    let clickhouse = migrated_database("unanswered").await;
+    let org_id = unique_name("org");
+    let key = create_org_with_key(&clickhouse, &org_id, "ENTERPRISE", 0).await;
+    let (events_topic, dlq_topic) = (unique_name("events"), unique_name("dlq"));
+    create_topic_on(&broker.bootstrap(), &events_topic, 1).await;
+    create_topic_on(&broker.bootstrap(), &dlq_topic, 1).await;
+    let brokers = broker.bootstrap();
+    // A produce deadline longer than the broker's absence: the record waits in the producer.
+    let extra = [("TALLY_KAFKA_BROKERS", brokers.as_str()), ("TALLY_PRODUCE_TIMEOUT_MS", "60000")];
+    let ingest = Ingest::start_on(clickhouse, org_id, key, events_topic.clone(), dlq_topic, &extra).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &ingest).await;
+    assert_eq!(ingest.post(&client, 5).await.status(), 202);
+
+    broker.kill();
+    // An SDK with a 1 s timeout gives up on a request Kafka has not acknowledged yet.
+    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    let gave_up = impatient
+        .post(ingest.url("/v1/ingest"))
+        .header("X-API-Key", &ingest.key)
+        .json(&json!({"events": vec![event("gpt-4o"); 7]}))
+        .send()
+        .await;
+    assert!(gave_up.as_ref().is_err_and(|e| e.is_timeout()), "the client timed out: {gave_up:?}");
+    assert_eq!(counter(&client, &ingest, "tally_ingest_events_produced_unanswered_total").await, 0);
+
+    broker.resume().await;
+    let mut unanswered = 0;
+    for _ in 0..600 {
+        unanswered = counter(&client, &ingest, "tally_ingest_events_produced_unanswered_total").await;
+        if unanswered > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(unanswered, 7, "the 7 events Kafka took after the client left are counted");
+    assert_eq!(
+        counter(&client, &ingest, "tally_ingest_events_accepted_total").await,
+        5,
+        "only answered events count as accepted"
+    );
+    let stored = events_in(&read_all_on(&broker.bootstrap(), &events_topic).await);
+    assert_eq!(stored, 5 + 7, "accepted + produced-unanswered = what the topic holds");
+    ingest.shutdown.cancel();
+    ingest.task.await.unwrap().unwrap();
+    drop_database(&ingest.clickhouse).await;
+}
