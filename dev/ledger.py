@@ -69,8 +69,24 @@ def batch(size, invalid_ratio=0.0):
     return [event(now, invalid=random.random() < invalid_ratio) for _ in range(size)]
 
 
-def loader(ingest, orgs, ledger, stop, rate_per_thread, batch_size, invalid_ratio=0.0, resend_ratio=0.03):
-    """Posts batches to `ingest` ((host, port)) at `rate_per_thread` per second until `stop`."""
+# The ingest derives the id of the event at `index` of a request sent with `Idempotency-Key: key`
+# by `org` as UUIDv5(IDEMPOTENCY_NAMESPACE, "org\nkey\nindex") (schemas/src/parse/validate.rs).
+IDEMPOTENCY_NAMESPACE = uuid.UUID(int=0x7A11E5D04F1C4B7E9C3A1D2E3F405A6B)
+
+
+def derived_event_id(org, key, index):
+    return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{org}\n{key}\n{index}"))
+
+
+def loader(ingest, orgs, ledger, stop, rate_per_thread, batch_size, invalid_ratio=0.0, resend_ratio=0.03,
+           idempotency_ratio=0.0, timeout=30, observe=None):
+    """Posts batches to `ingest` ((host, port)) at `rate_per_thread` per second until `stop`.
+
+    A share `idempotency_ratio` of the batches carry no `eventId`s but an `Idempotency-Key` header,
+    from which the ingest derives their ids. Every request is retried as it was (same body, same
+    key) until it is answered 202, an SDK whose requests time out after `timeout` seconds.
+    `observe(sent_at, seconds, status, events)` is told of every attempt (status "connection" or
+    "timeout" when there was no answer)."""
     connection = None
     next_at = time.monotonic()
     while not stop.is_set():
@@ -80,26 +96,36 @@ def loader(ingest, orgs, ledger, stop, rate_per_thread, batch_size, invalid_rati
             time.sleep(delay)
         org = random.choice(orgs)
         events = batch(batch_size, invalid_ratio)
-        body = json.dumps({"events": events}).encode()
+        headers = {"Content-Type": "application/json", "X-API-Key": org["key"]}
+        if random.random() < idempotency_ratio:
+            key = str(uuid.uuid4())
+            headers["Idempotency-Key"] = key
+            for index, e in enumerate(events):
+                del e["eventId"]
+                e["_id"] = derived_event_id(org["id"], key, index)
+        body = json.dumps({"events": [{k: v for k, v in e.items() if k != "_id"} for e in events]}).encode()
+        for e in events:
+            e["eventId"] = e.pop("_id", None) or e["eventId"]
         sends = 2 if random.random() < resend_ratio else 1
         for attempt in range(sends):
-            while True:  # the SDK retries until answered 202, with the same ids
+            while not (stop.is_set() and attempt > 0):  # an SDK retries until answered 202, with the same ids
+                sent_at = time.time()
                 try:
                     if connection is None:
-                        connection = http.client.HTTPConnection(*ingest, timeout=30)
-                    connection.request("POST", "/v1/ingest", body, {"Content-Type": "application/json", "X-API-Key": org["key"]})
+                        connection = http.client.HTTPConnection(*ingest, timeout=timeout)
+                    connection.request("POST", "/v1/ingest", body, headers)
                     response = connection.getresponse()
                     answer = response.read()
-                    with ledger.lock:
-                        ledger.statuses[response.status] += 1
-                        ledger.requests += 1
-                except (OSError, http.client.HTTPException):
+                    status = response.status
+                except (OSError, http.client.HTTPException) as error:
                     connection = None
-                    with ledger.lock:
-                        ledger.statuses["connection"] += 1
-                    time.sleep(0.2)
-                    continue
-                if response.status == 202:
+                    status = "timeout" if isinstance(error, TimeoutError) else "connection"
+                with ledger.lock:
+                    ledger.statuses[status] += 1
+                    ledger.requests += 1
+                if observe:
+                    observe(sent_at, time.time() - sent_at, status, len(events))
+                if status == 202:
                     record(ledger, org["id"], events, json.loads(answer), resent=attempt > 0)
                     break
                 time.sleep(0.2)

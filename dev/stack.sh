@@ -15,7 +15,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEV="$ROOT/.dev"
+DEV="${TALLY_DEV_DIR:-$ROOT/.dev}" # TALLY_DEV_DIR: another stack's state (dev/chaos.sh runs one in its own network namespace)
 TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
 

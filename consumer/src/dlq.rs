@@ -95,7 +95,7 @@ pub fn list(config: &ConsumerConfig, limit: usize) -> Result<Vec<Listed>, Consum
             offset,
             original_bytes: letter.original_bytes().map_or(0, |b| b.len()),
             index: letter.index,
-            event_id: event_id_of(letter.original.as_deref()),
+            event_id: event_id_of(letter.original.as_deref()).or(letter.event_id),
             stage: letter.stage,
             reason: letter.reason,
             detail: letter.detail,

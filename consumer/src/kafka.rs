@@ -172,6 +172,7 @@ impl DeadLetters {
             org_id: String::new(),
             request_id: String::new(),
             index: None,
+            event_id: None,
             received_at_ms: chrono::Utc::now().timestamp_millis(),
             source: Some(SourcePosition {
                 topic: self.events_topic.clone(),

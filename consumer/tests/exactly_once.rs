@@ -412,6 +412,7 @@ async fn dead_letters_are_listed_and_replayed_once() {
             org_id: String::new(),
             request_id: String::new(),
             index: None,
+            event_id: None,
             received_at_ms: 0,
             source: Some(SourcePosition { topic: setup.topic.clone(), partition: 0, offset }),
             original: None,

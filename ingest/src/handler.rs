@@ -20,7 +20,7 @@ use serde::Serialize;
 use tally_common::keyset::OrgInfo;
 use tally_common::server::{presented_key, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
-use tally_schemas::parse::{parse_batch, Batch, Dialect, RequestContext};
+use tally_schemas::parse::{derived_event_id, parse_batch, Batch, Dialect, RequestContext};
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 
 use crate::body;
@@ -97,7 +97,7 @@ fn sort_events(
     state: &AppState,
     org: &OrgInfo,
     request_id: &RequestId,
-    received_at_ms: i64,
+    context: &RequestContext<'_>,
     batch: &mut Batch<'_>,
     admission: &Admission,
     body_len: usize,
@@ -131,7 +131,10 @@ fn sort_events(
                     org_id: org.org_id.to_string(),
                     request_id: request_id.0.to_string(),
                     index: Some(index),
-                    received_at_ms,
+                    event_id: context
+                        .idempotency_key
+                        .map(|key| derived_event_id(&org.org_id, key, index).to_string()),
+                    received_at_ms: context.received_at_ms,
                     source: None,
                     original: None,
                     original_hex: None,
@@ -243,7 +246,7 @@ async fn handle(
         state.metrics.events_rate_limited.inc_by(u64::from(valid));
         return Err(IngestError::RateLimited(admission));
     }
-    let sorted = sort_events(&state, &org, &request_id, received_at_ms, &mut batch, &admission, bytes.len())?;
+    let sorted = sort_events(&state, &org, &request_id, &context, &mut batch, &admission, bytes.len())?;
     produce(&state, &org, &request_id, sorted.payload, sorted.accepted, sorted.dead_letters).await?;
     let body = Accepted {
         accepted: sorted.accepted,

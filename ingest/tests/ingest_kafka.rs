@@ -179,6 +179,7 @@ async fn valid_events_reach_kafka_and_invalid_ones_the_dead_letter_topic() {
         .post(ingest.url("/v1/ingest"))
         .header("X-API-Key", &ingest.key)
         .header("X-Request-Id", "req-123")
+        .header("Idempotency-Key", "batch-7")
         .json(&json!({"events": [event("gpt-4o"), bad, sneaky]}))
         .send()
         .await
@@ -199,6 +200,12 @@ async fn valid_events_reach_kafka_and_invalid_ones_the_dead_letter_topic() {
     let events = decode_events(record.payload().unwrap()).unwrap();
     assert_eq!(events.len(), 2);
     assert!(events.iter().all(|e| e.org_id == ingest.org_id));
+    let derived = |index| tally_schemas::parse::derived_event_id(&ingest.org_id, "batch-7", index);
+    assert_eq!(
+        (events[0].event_id, events[1].event_id),
+        (derived(0), derived(2)),
+        "ids from the Idempotency-Key"
+    );
     assert_eq!(events[0].cost_nanos, 32_500_000);
     assert_eq!(events[0].cost_source, tally_schemas::CostSource::Client);
     // gpt-4o-mini from the seeded registry: 1000 × 0.15 + 500 × 0.60 USD per million = 0.00045 USD.
@@ -212,6 +219,8 @@ async fn valid_events_reach_kafka_and_invalid_ones_the_dead_letter_topic() {
     assert_eq!(letter.request_id, "req-123");
     assert_eq!(letter.org_id, ingest.org_id);
     assert_eq!(letter.index, Some(1));
+    // The id the event would have had, derived from the Idempotency-Key, so the SDK can find it.
+    assert_eq!(letter.event_id, Some(derived(1).to_string()));
     let original: Value = serde_json::from_str(letter.original.as_deref().unwrap()).unwrap();
     assert_eq!(original["timestamp"], "not a time");
     ingest.stop().await;

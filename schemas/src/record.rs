@@ -253,6 +253,11 @@ pub struct DeadLetter {
     /// Index of the event in its request (ingest stage).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub index: Option<usize>,
+    /// The id derived for the event from its request's `Idempotency-Key` (ingest stage), so an SDK
+    /// that sends no `eventId`s can still find its rejected events. An `eventId` in `original`
+    /// takes precedence, as it does for accepted events.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub event_id: Option<String>,
     pub received_at_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub source: Option<SourcePosition>,
