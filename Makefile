@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest verify-e2e
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest verify-e2e chaos chaos-long plots
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -62,11 +62,21 @@ bench-archiver: ## archiver: rows/s vs the raw read ceiling, bytes/event vs syst
 loadtest: ## one scenario of loadtest/k6/scenarios.json against `make up`'s stack with tally-loadgen: make loadtest SCENARIO=steady RATE=200 DURATION=30s
 	@test -n "$(SCENARIO)" || { echo "usage: make loadtest SCENARIO=smoke|steady|spike|soak|many-orgs [RATE=…] [DURATION=30s] [BATCH=…] [ORGS=…]"; exit 2; }
 	@bash dev/stack.sh up >/dev/null
-	python3 loadtest/loadtest.py $(SCENARIO) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(if $(BATCH),--batch $(BATCH)) $(if $(ORGS),--orgs $(ORGS))
+	python3 loadtest/loadtest.py $(SCENARIO) $(if $(RATE),--rate $(RATE)) $(if $(DURATION),--duration $(DURATION)) $(if $(BATCH),--batch $(BATCH)) $(if $(ORGS),--orgs $(ORGS)) $(if $(RECORD),--record $(RECORD))
 
 verify-e2e: ## the end-to-end ledger against `make up`'s stack: every accepted id stored once, rollups equal raw, every rejected event in the dead-letter topic with its reason
 	@bash dev/stack.sh up >/dev/null
 	python3 dev/verify_e2e.py $(VERIFY_ARGS)
+
+chaos: ## the fault suite's short form (~5 min, part of make test): every fault once under load on a private stack in its own network namespace, then the ledger
+	@bash dev/chaos.sh $(CHAOS_ARGS)
+
+chaos-long: ## the long form (~25 min): every fault three times, ClickHouse down 60 s; recorded in loadtest/results/chaos-long.json
+	@mkdir -p loadtest/results
+	@bash dev/chaos.sh --long --record $(CURDIR)/loadtest/results/chaos-long.json $(CHAOS_ARGS)
+
+plots: ## the PNG of every recorded run in loadtest/results/ (loadtest/plot.py, matplotlib)
+	$$(bash dev/tools.sh plot) loadtest/plot.py loadtest/results/*.json
 
 bench-cluster: ## the cluster vs one server: one consumer on each, then two on the cluster; rows/s and CPU per million rows (docs/scaling.md)
 	@bash dev/stack.sh infra-up

@@ -12,7 +12,7 @@ gives the same schedule):
   ingest      kill -9, restarted after a pause
   consumer    kill -9, restarted after a pause             target: new events visible <= 3 s after
   archiver    kill -9 in the middle of archiving a month, restarted
-  kafka       the broker stopped and started again         target: <= 10 s after its start
+  kafka       the broker stopped and started again         target: <= 10 s after it listens again
   clickhouse  kill -9, down 15 s (60 s in --long)          target: <= 3 s after it answers again
   s3          the S3 server stopped while a month is being archived
   disk        ClickHouse's disk filled to the last 256 KiB, then freed
@@ -119,6 +119,8 @@ class Service:
         output = open(os.path.join(DEV, "log", f"{self.name}.log"), "a")
         self.process = subprocess.Popen([os.path.join(BIN, self.binary), *self.args], env=env, stdout=output,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(os.path.join(DEV, "run", f"{self.name}.pid"), "w") as f:  # for dev/chaos.sh's clean-up
+            f.write(str(self.process.pid))
         wait_until(f"{self.name} healthy on {self.addr}",
                    lambda: self.process.poll() is None and http_ok(f"http://{self.addr}/healthz"), 60)
 
@@ -143,6 +145,8 @@ class Toxiproxy:
         output = open(os.path.join(DEV, "log", "toxiproxy.log"), "a")
         self.process = subprocess.Popen([binary, "-host", "127.0.0.1", "-port", "8474"], stdout=output,
                                         stderr=subprocess.STDOUT, start_new_session=True)
+        with open(os.path.join(DEV, "run", "toxiproxy.pid"), "w") as f:
+            f.write(str(self.process.pid))
         wait_until("toxiproxy", lambda: http_ok(f"{TOXIPROXY_API}/version"), 30)
 
     def api(self, method, path, body=None):
@@ -346,7 +350,7 @@ class Run:
             service, pause = self.services[name], self.pause()
             service.kill9()
             time.sleep(pause)
-            back = time.time()
+            back = self.cleared = time.time()
             service.start()
             return pause, self.visible_after(back), f"killed -9, restarted after {pause} s"
         if name == "archiver":
@@ -355,7 +359,7 @@ class Run:
             pause = self.pause()
             self.services["archiver"].kill9()
             time.sleep(pause)
-            back = time.time()
+            back = self.cleared = time.time()
             mark = self.archiver_log_length()
             self.services["archiver"].start()
             return pause, self.month_done_after(month, back, mark), f"killed -9 while archiving {month}, restarted after {pause} s"
@@ -363,16 +367,18 @@ class Run:
             pause = self.pause()
             stack("stop", "kafka")
             time.sleep(pause)
-            back = time.time()
-            stack("start", "kafka")
-            return pause, self.visible_after(back), f"broker stopped, started after {pause} s"
+            starting = time.time()
+            stack("start", "kafka")  # returns once it listens and the topics are there
+            back = self.cleared = time.time()
+            return pause, self.visible_after(back), (f"broker stopped, started after {pause} s, listening {back - starting:.1f} s later; "
+                                                     "recovery from then")
         if name == "clickhouse":
             hold = 60 if long else 15
             with open(os.path.join(DEV, "run", "clickhouse.pid")) as f:
                 os.kill(int(f.read()), signal.SIGKILL)
             time.sleep(hold)
             stack("start", "clickhouse")  # returns once it answers /ping
-            back = time.time()
+            back = self.cleared = time.time()
             return hold, self.visible_after(back), f"killed -9, down {hold} s, recovery from its first answer"
         if name == "s3":
             hold = 30 if long else 10
@@ -380,19 +386,25 @@ class Run:
             stack("stop", "s3")
             time.sleep(hold)
             stack("start", "s3")
-            back = time.time()
+            back = self.cleared = time.time()
             return hold, self.month_done_after(month, back, mark), f"stopped {hold} s while {month} was being archived"
         if name == "disk":
             hold = 30 if long else 10
             data = os.path.join(DEV, "clickhouse", "data")
             filler = os.path.join(data, "chaos-filler")
             free = os.statvfs(data).f_bavail * os.statvfs(data).f_frsize
-            with open(filler, "wb") as f:
-                os.posix_fallocate(f.fileno(), 0, max(0, free - 256 * 1024))
+            with open(filler, "wb") as f:  # as much as the filesystem gives, to its last MiB or so
+                for size in range(free, 0, -(1 << 20)):
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, size)
+                        break
+                    except OSError:
+                        continue
+            taken = os.path.getsize(filler)
             time.sleep(hold)
             os.remove(filler)
-            back = time.time()
-            return hold, self.visible_after(back), f"ClickHouse's disk full ({free >> 20} MiB taken) for {hold} s"
+            back = self.cleared = time.time()
+            return hold, self.visible_after(back), f"ClickHouse's disk full ({taken >> 20} MiB taken, {(free - taken) >> 10} KiB left) for {hold} s"
         if name == "network":
             hold = 45 if long else 15
             for proxy in ("ingest", "clickhouse"):
@@ -402,7 +414,7 @@ class Run:
             for proxy in ("ingest", "clickhouse"):
                 self.toxiproxy.clear(proxy, "delay")
                 self.toxiproxy.clear(proxy, "lost")
-            back = time.time()
+            back = self.cleared = time.time()
             return hold, self.visible_after(back), f"{hold} s of 250+-150 ms delay and 20 % lost answers"
         raise ValueError(name)
 
@@ -452,9 +464,11 @@ class Run:
             started = time.time()
             log(f"fault {name}: begins")
             lasted, recovery, how = self.fault(name)
-            accepted, retried = self.timeline.delayed(started, time.time())
+            # The archive's faults do not touch the events' path: nothing of the load waits on them.
+            accepted, retried = self.timeline.delayed(started, time.time()) if name not in ("archiver", "s3") else (0, 0)
             record = {"fault": name, "at": round(started - self.load_started, 1), "lasted": lasted,
                       "recovery": None if recovery is None else round(recovery, 2), "how": how,
+                      "cleared_at": round(self.cleared - self.load_started, 1),
                       "events_delayed": accepted, "events_retried": retried, "target": TARGETS.get(name)}
             self.timeline.faults.append(record)
             log(fault_line(record))
@@ -531,7 +545,7 @@ class Run:
             out = subprocess.run([os.path.join(BIN, "tally-archiver"), "run"], env=env, capture_output=True, text=True)
             reports = {r["month"]: r for r in map(json.loads, filter(None, out.stdout.splitlines())) if "month" in r}
             for month in self.archived_months:
-                check("UpToDate" in reports.get(month, {}), f"archived under the faults, {month} holds exactly ClickHouse's rows: "
+                check(reports.get(month, {}).get("outcome") == "up_to_date", f"archived under the faults, {month} holds exactly ClickHouse's rows: "
                                                              f"{json.dumps(reports.get(month))}")
             out = subprocess.run([os.path.join(BIN, "tally-archiver"), "verify"], env=env, capture_output=True, text=True)
             verified = {r["month"]: r.get("verified") for r in map(json.loads, filter(None, out.stdout.splitlines()))}
@@ -609,6 +623,7 @@ def main():
     args = parser.parse_args()
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 1_000_000)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # so the services are stopped
     run = Run(args)
     try:
         orgs, probe_org, ledger = run.run()

@@ -18,6 +18,8 @@
 #     refused the admin tables
 #  6. dev/archive_roundtrip.py: tally-archiver archives two generated months; pyarrow, DuckDB and
 #     chdb read the files back and must find ClickHouse's per-org rows and exact sums
+#  7. dev/chaos.sh: `make chaos`'s short form (~4 min): every fault once under SDK-like load on a
+#     private stack in its own network namespace, then the end-to-end ledger
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
@@ -54,3 +56,5 @@ echo "[test] the analysts' cookbook (docs/analysts.md) on both ClickHouse versio
 "$VENV/bin/python" dev/analysts.py --clickhouse-url "$CLICKHOUSE_URL/"
 echo "[test] the archive read back by pyarrow, DuckDB and chdb"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" "$VENV/bin/python" dev/archive_roundtrip.py --clickhouse-url "$CLICKHOUSE_URL/"
+echo "[test] make chaos, short form: every fault once under load on a private stack, then the ledger"
+bash dev/chaos.sh

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The project's Python tools, pinned, in a virtualenv under the cache (installed from PyPI once):
 # chdb embeds a current ClickHouse; schemathesis fuzzes the HTTP APIs; pyarrow and DuckDB read the
-# archive's Parquet files as analysts' tools do. Prints the virtualenv's python.
+# archive's Parquet files as analysts' tools do. `dev/tools.sh plot`: matplotlib, in a virtualenv
+# of its own, for loadtest/plot.py. Prints the virtualenv's python.
 set -euo pipefail
 TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
-TOOLS="chdb==4.4.0 schemathesis==4.32.5 duckdb==2.0.0 pyarrow==26.0.1"
+case "${1:-tools}" in
+  tools) TOOLS="chdb==4.4.0 schemathesis==4.32.5 duckdb==2.0.0 pyarrow==26.0.1" ;;
+  plot) TOOLS="matplotlib==3.11.2" ;;
+  *) echo "usage: dev/tools.sh [tools|plot]" >&2; exit 2 ;;
+esac
 VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"
 if [[ ! -f "$VENV/.installed" ]]; then
   echo "[tools] installing $TOOLS from PyPI into $VENV" >&2

@@ -53,14 +53,41 @@ def metric(url, name):
     return total
 
 
-def progress(stop, started, phases):
+def progress(stop, started, phases, samples):
+    """A line every 5 s; every second a sample (events accepted so far, consumer lag) for --record."""
     accepted0 = metric(INGEST, "tally_ingest_events_accepted_total") or 0
-    while not stop.wait(5):
+    tick = 0
+    while not stop.wait(1):
+        tick += 1
         accepted = (metric(INGEST, "tally_ingest_events_accepted_total") or 0) - accepted0
         lag = metric(CONSUMER, "tally_consumer_lag_records")
         elapsed = time.time() - started
-        print(f"[loadtest] {elapsed:6.0f} s of {phases:.0f}: {accepted:,.0f} events accepted "
-              f"({accepted / max(elapsed, 1):,.0f}/s), consumer lag {lag if lag is not None else '?'} records", flush=True)
+        samples.append({"t": round(elapsed, 1), "accepted_total": accepted, "lag": lag})
+        if tick % 5 == 0:
+            print(f"[loadtest] {elapsed:6.0f} s of {phases:.0f}: {accepted:,.0f} events accepted "
+                  f"({accepted / max(elapsed, 1):,.0f}/s), consumer lag {lag if lag is not None else '?'} records", flush=True)
+
+
+def record_run(path, scenario, phases, batch, series, samples, results, passed):
+    """The run's per-second series (the load generator's requests and latencies, the ingest's
+    accepted events and the consumer's lag) as loadtest/plot.py reads it."""
+    by_second = {}
+    for sample in samples:
+        by_second[int(sample["t"])] = sample
+    rows, previous = [], 0
+    for row in series:
+        sample = by_second.get(row["t"] + 1)
+        accepted = None
+        if sample:
+            accepted, previous = sample["accepted_total"] - previous, sample["accepted_total"]
+        rows.append({"t": row["t"], "requests": row["requests"], "failed": row["requests"] - row["ok"],
+                     "accepted": accepted, "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
+                     "lag": sample["lag"] if sample else None})
+    with open(path, "w") as f:
+        json.dump({"kind": "loadtest", "scenario": scenario, "phases": phases, "batch": batch, "nproc": os.cpu_count(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - len(rows))),
+                   "results": results, "passed": passed, "series": rows}, f, indent=1)
+    print(f"[loadtest] run recorded in {path} (plot: $(bash dev/tools.sh plot) loadtest/plot.py {path})", flush=True)
 
 
 def main():
@@ -71,6 +98,7 @@ def main():
     parser.add_argument("--batch", type=int)
     parser.add_argument("--orgs", type=int)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--record", help="write the run's per-second series here (JSON, for loadtest/plot.py)")
     args = parser.parse_args()
     scenarios = json.load(open(os.path.join(ROOT, "loadtest", "k6", "scenarios.json")))
     if args.scenario not in scenarios or args.scenario.startswith("_"):
@@ -109,20 +137,26 @@ def main():
     total = sum(d for _, d in phases)
     print(f"[loadtest] {args.scenario}: {' then '.join(f'{r:g} req/s for {d:g} s' for r, d in phases)}, "
           f"{batch} events per request, open model (tally-loadgen)", flush=True)
-    stop = threading.Event()
-    watcher = threading.Thread(target=progress, args=(stop, time.time(), total), daemon=True)
+    stop, samples, series = threading.Event(), [], []
+    watcher = threading.Thread(target=progress, args=(stop, time.time(), total, samples), daemon=True)
     watcher.start()
     results = []
+    series_file = keys_file.name + ".series"
     try:
         for phase_rate, phase_seconds in phases:
             out = subprocess.run([LOADGEN, "--url", INGEST, "--path", "/v1/ingest", "--keys-file", keys_file.name,
                                   "--key", keys[0], "--events", str(batch), "--rate", str(phase_rate),
-                                  "--duration", str(phase_seconds), "--connections", str(args.connections)],
+                                  "--duration", str(phase_seconds), "--connections", str(args.connections),
+                                  "--series", series_file],
                                  check=True, capture_output=True, text=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
+            with open(series_file) as f:
+                series += [dict(row, t=row["t"] + len(series)) for row in json.load(f)]
     finally:
         stop.set()
         os.unlink(keys_file.name)
+        if os.path.exists(series_file):
+            os.unlink(series_file)
 
     failed = []
     expected = {str(code) for code in s["expect"]}
@@ -145,6 +179,9 @@ def main():
         print(f"[loadtest] FAIL {line}")
     print(f"[loadtest] {args.scenario}: {'PASSED' if not failed else 'FAILED'} "
           f"(thresholds: p95 ≤ {s['p95_ms']} ms, p99 ≤ {s['p99_ms']} ms, statuses {sorted(expected)}, ≥ 95 % of the rate)")
+    if args.record:
+        record_run(args.record, args.scenario, [{"rate": r, "seconds": d} for r, d in phases], batch, series, samples,
+                   results, not failed)
     sys.exit(1 if failed else 0)
 
 

@@ -5,6 +5,10 @@
 pub enum ConsumerError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// librdkafka's fatal error: this client instance can no longer consume (e.g. a static member
+    /// fenced after a broker restart) and must be replaced; `run` does so.
+    #[error("kafka client failed fatally ({code:?}): {reason}")]
+    KafkaFatal { code: rdkafka::types::RDKafkaErrorCode, reason: String },
     #[error("clickhouse: {0}")]
     ClickHouse(#[from] clickhouse::error::Error),
     #[error("migrations: {0}")]

@@ -66,7 +66,39 @@ pub async fn run(
     }
     let registry = Registry::new();
     let metrics = ConsumerMetrics::register(&registry)?;
-    let consumer = kafka::consumer(&config)?;
+    let ops = OpsState {
+        registry,
+        readiness: Arc::new(ConsumerReadiness { clickhouse: clickhouse.client() }),
+        shutdown: shutdown.clone(),
+    };
+    let http_shutdown = CancellationToken::new();
+    let http = tokio::spawn(server::serve(listener, server::ops_routes(ops), http_shutdown.clone()));
+    tracing::info!(topic = %config.events_topic, group = %config.group_id, "consumer started");
+    let result = loop {
+        match consume(&config, &clickhouse, &metrics, shutdown.clone()).await {
+            // The batches in flight are dropped uncommitted: the next client reads them again and
+            // the reconciler and the dedup window keep them exactly once, as after a rebalance.
+            Err(ConsumerError::KafkaFatal { code, reason }) if !shutdown.is_cancelled() => {
+                tracing::error!(?code, reason = %reason, "kafka client failed fatally; replacing it");
+                metrics.kafka_clients_replaced.inc();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => break other,
+        }
+    };
+    http_shutdown.cancel();
+    let _ = http.await;
+    result
+}
+
+/// One Kafka client's life: subscribe, run the loop until shutdown or a fatal client error.
+async fn consume(
+    config: &ConsumerConfig,
+    clickhouse: &ch::ChConfig,
+    metrics: &ConsumerMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
+    let consumer = kafka::consumer(config)?;
     consumer.subscribe(&[&config.events_topic])?;
     let consumer = Arc::new(consumer);
     let background = CancellationToken::new();
@@ -77,23 +109,13 @@ pub async fn run(
         background.clone(),
     );
     let worker = Worker {
-        dead_letters: DeadLetters::new(&config, metrics.dead_letters.clone())?,
-        store: EventStore::new(&clickhouse),
+        dead_letters: DeadLetters::new(config, metrics.dead_letters.clone())?,
+        store: EventStore::new(clickhouse),
         consumer,
-        metrics,
-        config,
+        metrics: metrics.clone(),
+        config: config.clone(),
     };
-    let ops = OpsState {
-        registry,
-        readiness: Arc::new(ConsumerReadiness { clickhouse: clickhouse.client() }),
-        shutdown: shutdown.clone(),
-    };
-    let http_shutdown = CancellationToken::new();
-    let http = tokio::spawn(server::serve(listener, server::ops_routes(ops), http_shutdown.clone()));
-    tracing::info!(topic = %worker.config.events_topic, group = %worker.config.group_id, "consumer started");
     let result = worker.run(shutdown).await;
     background.cancel();
-    http_shutdown.cancel();
-    let _ = http.await;
     result
 }

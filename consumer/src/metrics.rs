@@ -15,6 +15,7 @@ pub struct ConsumerMetrics {
     pub reconciled_rows_skipped: IntCounter,
     pub rollup_buckets_repaired: IntCounter,
     pub revoked_records_dropped: IntCounter,
+    pub kafka_clients_replaced: IntCounter,
     pub lag: IntGaugeVec,
     pub duplicates_dropped: IntCounter,
     pub dedup_ids: IntGauge,
@@ -60,6 +61,10 @@ impl ConsumerMetrics {
                 "tally_consumer_revoked_records_dropped_total",
                 "records of partitions revoked before their insert, left to the new owner",
             )?,
+            kafka_clients_replaced: IntCounter::new(
+                "tally_consumer_kafka_clients_replaced_total",
+                "Kafka clients replaced after a fatal error (e.g. a static member fenced after a broker restart)",
+            )?,
             lag: IntGaugeVec::new(
                 Opts::new(
                     "tally_consumer_lag_records",
@@ -84,6 +89,7 @@ impl ConsumerMetrics {
         registry.register(Box::new(metrics.reconciled_rows_skipped.clone()))?;
         registry.register(Box::new(metrics.rollup_buckets_repaired.clone()))?;
         registry.register(Box::new(metrics.revoked_records_dropped.clone()))?;
+        registry.register(Box::new(metrics.kafka_clients_replaced.clone()))?;
         registry.register(Box::new(metrics.rows_inserted.clone()))?;
         registry.register(Box::new(metrics.batches.clone()))?;
         registry.register(Box::new(metrics.batch_rows.clone()))?;

@@ -62,6 +62,9 @@ impl Worker {
         let mut ready: Vec<Pending> = Vec::new();
         loop {
             let (raw, full) = self.collect_raw(&shutdown, ready.is_empty()).await;
+            if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                return Err(ConsumerError::KafkaFatal { code, reason });
+            }
             let stopping = shutdown.is_cancelled();
             let decoding =
                 tokio::task::spawn_blocking(move || raw.into_iter().map(Pending::decode).collect());
@@ -103,6 +106,9 @@ impl Worker {
                 Err(_elapsed) => break,
                 Ok(Err(error)) => {
                     tracing::warn!(error = %error, "kafka receive failed");
+                    if self.consumer.client().fatal_error().is_some() {
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }

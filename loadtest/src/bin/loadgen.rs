@@ -15,7 +15,10 @@
 //!
 //! Usage: tally-loadgen --url URL --key KEY [--events N] [--rate R] [--connections C]
 //!                      [--duration SECONDS] [--bodies K] [--path /v1/ingest]
-//!                      [--method POST|GET] [--keys-file FILE]
+//!                      [--method POST|GET] [--keys-file FILE] [--series FILE]
+//!
+//! `--series FILE` also writes one JSON object per second of the run (by intended start): requests,
+//! 2xx answers, p50/p99 latency; `loadtest/plot.py` draws it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +43,8 @@ struct Args {
     method: hyper::Method,
     /// One key per request in turn; `--key` when empty.
     keys: Vec<String>,
+    /// Where the per-second series goes, if anywhere.
+    series: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -54,6 +59,7 @@ fn parse_args() -> anyhow::Result<Args> {
         bodies: 64,
         method: hyper::Method::POST,
         keys: Vec::new(),
+        series: None,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
@@ -69,6 +75,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--bodies" => args.bodies = value.parse()?,
             "--method" => args.method = value.parse()?,
             "--keys-file" => args.keys = serde_json::from_slice(&std::fs::read(&value)?)?,
+            "--series" => args.series = Some(value.into()),
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -117,14 +124,49 @@ fn build_body(seed: usize, events: usize) -> Bytes {
 }
 
 struct Shared {
+    started: Instant,
     histogram: Mutex<Histogram<u64>>,
     statuses: Mutex<BTreeMap<String, u64>>,
+    /// Per second of the run, when `--series` asked for it.
+    series: Option<Mutex<Vec<Second>>>,
 }
 
-fn record(shared: &Shared, status: String, latency: Duration) {
-    let micros = latency.as_micros().min(u128::from(u64::MAX)) as u64;
-    let _ = shared.histogram.lock().unwrap_or_else(|e| e.into_inner()).record(micros.max(1));
+/// One second of the run: its requests' latencies (two significant figures) and answers.
+struct Second {
+    latency: Histogram<u64>,
+    ok: u64,
+}
+
+fn record(shared: &Shared, status: String, intended: Instant) {
+    let micros = (intended.elapsed().as_micros().min(u128::from(u64::MAX)) as u64).max(1);
+    let _ = shared.histogram.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
+    if let Some(series) = &shared.series {
+        let second = intended.saturating_duration_since(shared.started).as_secs() as usize;
+        let mut series = series.lock().unwrap_or_else(|e| e.into_inner());
+        while series.len() <= second {
+            match Histogram::new_with_bounds(1, 120_000_000, 2) {
+                Ok(latency) => series.push(Second { latency, ok: 0 }),
+                Err(_) => return,
+            }
+        }
+        let _ = series[second].latency.record(micros);
+        series[second].ok += u64::from(status.starts_with('2'));
+    }
     *shared.statuses.lock().unwrap_or_else(|e| e.into_inner()).entry(status).or_default() += 1;
+}
+
+fn series_json(series: &[Second]) -> serde_json::Value {
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    serde_json::Value::Array(
+        series
+            .iter()
+            .enumerate()
+            .map(|(t, s)| {
+                serde_json::json!({"t": t, "requests": s.latency.len(), "ok": s.ok,
+                    "p50_ms": ms(&s.latency, 0.5), "p99_ms": ms(&s.latency, 0.99)})
+            })
+            .collect(),
+    )
 }
 
 async fn worker(
@@ -175,10 +217,10 @@ async fn worker(
             Ok(response) => {
                 let status = response.status().as_u16().to_string();
                 let _ = response.into_body().collect().await;
-                record(&shared, status, intended.elapsed());
+                record(&shared, status, intended);
             }
             Err(error) => {
-                record(&shared, format!("error: {error}"), intended.elapsed());
+                record(&shared, format!("error: {error}"), intended);
                 sender = None;
             }
         }
@@ -250,7 +292,10 @@ async fn main() -> anyhow::Result<()> {
         (0..args.bodies).map(|seed| build_body(seed, args.events)).collect()
     });
     let body_bytes: usize = bodies.iter().map(Bytes::len).sum::<usize>() / bodies.len();
+    let started = Instant::now();
     let shared = Arc::new(Shared {
+        started,
+        series: args.series.as_ref().map(|_| Mutex::new(Vec::new())),
         histogram: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
         statuses: Mutex::new(BTreeMap::new()),
     });
@@ -261,7 +306,6 @@ async fn main() -> anyhow::Result<()> {
     } else {
         (None, None)
     };
-    let started = Instant::now();
     let workers: Vec<_> = (0..args.connections)
         .map(|i| {
             tokio::spawn(worker(
@@ -291,6 +335,10 @@ async fn main() -> anyhow::Result<()> {
     let answered_2xx: u64 = statuses.iter().filter(|(code, _)| code.starts_with('2')).map(|(_, n)| n).sum();
     let summary = summary(&args, body_bytes, elapsed, &histogram, &statuses);
     println!("{summary}");
+    if let (Some(path), Some(series)) = (&args.series, &shared.series) {
+        let series = series_json(&series.lock().unwrap_or_else(|e| e.into_inner()));
+        std::fs::write(path, serde_json::to_vec(&series)?)?;
+    }
     anyhow::ensure!(answered_2xx > 0, "no request was answered 2xx: {statuses:?}");
     Ok(())
 }
