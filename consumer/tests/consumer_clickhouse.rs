@@ -77,7 +77,17 @@ struct Consumer_ {
 }
 
 async fn start_consumer(clickhouse: &ChConfig, topic: &str, dlq: &str, group: &str) -> Consumer_ {
-    let env = Env::from_pairs([
+    start_consumer_with(clickhouse, topic, dlq, group, &[]).await
+}
+
+async fn start_consumer_with(
+    clickhouse: &ChConfig,
+    topic: &str,
+    dlq: &str,
+    group: &str,
+    extra: &[(&str, &str)],
+) -> Consumer_ {
+    let mut env = Env::from_pairs([
         ("TALLY_KAFKA_BROKERS", kafka_brokers()),
         ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
         ("TALLY_CLICKHOUSE_DATABASE", clickhouse.database.clone()),
@@ -86,6 +96,9 @@ async fn start_consumer(clickhouse: &ChConfig, topic: &str, dlq: &str, group: &s
         ("TALLY_CONSUMER_GROUP", group.to_owned()),
         ("TALLY_BATCH_MAX_WAIT_MS", "200".to_owned()),
     ]);
+    for (key, value) in extra {
+        env = env.with(*key, *value);
+    }
     let config = ConsumerConfig::from_env(&env).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
@@ -444,5 +457,71 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
         .await
         .unwrap();
     assert_eq!(from_rollup.q, from_raw.q);
+    drop_database(&clickhouse).await;
+}
+
+/// The value of an unlabelled counter in the consumer's `/metrics`.
+async fn counter(metrics_url: &str, name: &str) -> u64 {
+    let text = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .map_or(0, |value| value as u64)
+}
+
+/// A static member can be fenced (after a broker restart `make chaos` saw it: librdkafka's fatal
+/// `FencedInstanceId`, and the client never consumes again). Here another client joins with the
+/// same `group.instance.id`, which fences the consumer the same way: it must replace its client,
+/// take its partitions back and go on storing, exactly once.
+#[tokio::test]
+async fn a_fenced_static_member_replaces_its_kafka_client_and_goes_on() {
+    let clickhouse = migrated_database("fenced").await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, 2).await;
+    create_topic(&dlq, 1).await;
+    let instance = unique_name("instance");
+    let consumer =
+        start_consumer_with(&clickhouse, &topic, &dlq, &group, &[("TALLY_CONSUMER_INSTANCE_ID", &instance)])
+            .await;
+    let send = |first: u32| {
+        let topic = topic.clone();
+        async move {
+            let mut payload = Vec::new();
+            for n in first..first + 10 {
+                encode_event(&sample_event("org-f", n), &mut payload);
+            }
+            produce(&topic, "org-f", &payload).await;
+        }
+    };
+    send(0).await;
+    wait_for_rows(&clickhouse, 10).await;
+
+    // The intruder: same group, same instance id; its join fences the consumer's member.
+    let intruder: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", &group)
+        .set("group.instance.id", &instance)
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    intruder.subscribe(&[topic.as_str()]).unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), intruder.recv()).await;
+    let mut replaced = 0;
+    for _ in 0..300 {
+        replaced = counter(&consumer.metrics_url, "tally_consumer_kafka_clients_replaced_total").await;
+        if replaced > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(replaced >= 1, "the fenced consumer replaced its Kafka client");
+    drop(intruder);
+
+    send(10).await;
+    wait_for_rows(&clickhouse, 20).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!((totals.rows, totals.ids), (20, 20), "every event stored once after the replacement");
+    consumer.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
 }
