@@ -52,7 +52,10 @@ def plot(run, out):
     t = column(series, "t")
     fig, axes = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True, constrained_layout=True)
     title = run.get("title") or (f"make chaos{' --long' if run.get('long') else ''} (seed {run.get('seed')})"
-                                 if faults or "seed" in run else f"make loadtest {run.get('scenario', '')}")
+                                 if faults or "seed" in run else
+                                 f"make loadtest {run.get('scenario', '')} ("
+                                 + " then ".join(f"{p['rate']:g} req/s for {p['seconds']:g} s" for p in run.get("phases", []))
+                                 + f" of {run.get('batch')} events)")
     checks = run.get("checks")
     if checks:
         title += f": {checks['passed']} passed, {checks['failed']} failed"
@@ -84,7 +87,7 @@ def plot(run, out):
     backlog = column(series, backlog_key)
     ax.plot([x for x, v in zip(t, backlog) if v is not None], [v for v in backlog if v is not None],
             color="#9467bd", linewidth=1, label="events answered 202, not yet stored" if backlog_key == "backlog" else "consumer lag (records)")
-    ax.set_ylabel("backlog (events)")
+    ax.set_ylabel("backlog (events)" if backlog_key == "backlog" else "consumer lag (records)")
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper left", fontsize=8)
     fresh = column(series, "freshness_max_ms")
