@@ -53,7 +53,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 from archive_roundtrip import generate
-from ledger import Ledger, loader
+from ledger import Ledger, loader, rollup_comparisons
 from tally_api import admin_token, call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -516,11 +516,8 @@ class Run:
         probes = ch(f"SELECT count(), uniqExact(event_id) FROM {DB}.events WHERE org_id = '{probe_org['id']}'").split()
         check(probes[0] == probes[1] and int(probes[0]) >= len(self.timeline.probes),
               f"probe events: {probes[0]} rows, {probes[1]} distinct, {len(self.timeline.probes)} answered 202")
-        for rollup, column, bucket in (("rollup_hourly", "hour", "toStartOfHour(timestamp)"), ("rollup_daily", "day", "toDate(timestamp)")):
-            raw = ch(f"SELECT org_id, {bucket} AS b, count(), sum(total_tokens), sum(cost_nanos), sum(status = 'error') "
-                     f"FROM {DB}.events WHERE org_id IN ({ours}) GROUP BY org_id, b ORDER BY org_id, b")
-            rolled = ch(f"SELECT org_id, {column} AS b, countMerge(events), sumMerge(total_tokens_sum), sumMerge(cost_nanos_sum), "
-                        f"sumMerge(errors) FROM {DB}.{rollup} WHERE org_id IN ({ours}) GROUP BY org_id, b ORDER BY org_id, b")
+        for rollup, column, raw, rolled in rollup_comparisons(DB, f"org_id IN ({ours})"):
+            raw, rolled = ch(raw), ch(rolled)
             check(raw == rolled, f"{rollup} equals the raw rows in all {raw.count(chr(10))} (org, {column}) buckets")
         letters = [json.loads(line) for line in subprocess.run(
             [os.path.join(BIN, "tally-consumer"), "dlq", "list", "10000000"], env=dict(os.environ, **stack_env()),

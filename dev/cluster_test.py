@@ -38,7 +38,7 @@ import urllib.request
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
-from ledger import Ledger, loader
+from ledger import Ledger, loader, rollup_comparisons
 from tally_api import admin_token, call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,14 +214,8 @@ def verify(orgs, ledger, checks):
             answers.append(ch(node, f"SELECT count(), sum(cost_nanos), sum(total_tokens) FROM {DB}.events").strip())
         checks.check(answers[0] == answers[1], f"shard {shard + 1}: both replicas hold the same rows ({' vs '.join(answers)})")
         for node in nodes:
-            for rollup, bucket in (("rollup_hourly", "toStartOfHour(timestamp)"), ("rollup_daily", "toDate(timestamp)")):
-                column = "hour" if rollup == "rollup_hourly" else "day"
-                ours = f"org_id IN ({org_list(orgs)})"
-                raw = ch(node, f"SELECT org_id, {bucket} AS b, count(), sum(total_tokens), sum(cost_nanos), "
-                               f"sum(status = 'error') FROM {DB}.events WHERE {ours} GROUP BY org_id, b ORDER BY org_id, b")
-                rolled = ch(node, f"SELECT org_id, {column} AS b, countMerge(events), sumMerge(total_tokens_sum), "
-                                  f"sumMerge(cost_nanos_sum), sumMerge(errors) FROM {DB}.{rollup} WHERE {ours} "
-                                  f"GROUP BY org_id, b ORDER BY org_id, b")
+            for rollup, column, raw, rolled in rollup_comparisons(DB, f"org_id IN ({org_list(orgs)})"):
+                raw, rolled = ch(node, raw), ch(node, rolled)
                 buckets = raw.count("\n")
                 checks.check(raw == rolled, f"node {node}: {rollup} equals the raw rows in all {buckets} (org, {column}) buckets")
                 if raw != rolled:

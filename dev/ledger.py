@@ -15,6 +15,18 @@ from datetime import datetime, timedelta, timezone
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-3-5-sonnet-20241022"), ("ollama", "llama3")]
 
 
+def rollup_comparisons(db, where):
+    """(rollup, its bucket column, SQL of the raw rows' totals per (org, bucket), SQL of the same
+    totals from the rollup) for the hourly and daily rollups, over the rows `where` selects: the
+    two answers must be equal, line for line."""
+    for rollup, column, bucket in (("rollup_hourly", "hour", "toStartOfHour(timestamp)"), ("rollup_daily", "day", "toDate(timestamp)")):
+        raw = (f"SELECT org_id, {bucket} AS b, count(), sum(total_tokens), sum(cost_nanos), sum(status = 'error') "
+               f"FROM {db}.events WHERE {where} GROUP BY org_id, b ORDER BY org_id, b")
+        rolled = (f"SELECT org_id, {column} AS b, countMerge(events), sumMerge(total_tokens_sum), sumMerge(cost_nanos_sum), "
+                  f"sumMerge(errors) FROM {db}.{rollup} WHERE {where} GROUP BY org_id, b ORDER BY org_id, b")
+        yield rollup, column, raw, rolled
+
+
 class Ledger:
     def __init__(self):
         self.lock = threading.Lock()

@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
-from ledger import Ledger, loader
+from ledger import Ledger, loader, rollup_comparisons
 from tally_api import admin_token, call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,11 +101,8 @@ def main():
     check(not (expected - set(rows)), f"nothing missing: {len(expected)} accepted events, {len(expected - set(rows))} not stored")
     check(len(rows) == len(set(rows)), f"nothing duplicated: {len(rows)} rows, {len(set(rows))} distinct ({ledger.resent} events were sent twice)")
     check(not (set(rows) - expected), f"nothing else stored: {len(set(rows) - expected)} rows not answered 202")
-    for rollup, column, bucket in (("rollup_hourly", "hour", "toStartOfHour(timestamp)"), ("rollup_daily", "day", "toDate(timestamp)")):
-        raw = ch(f"SELECT org_id, {bucket} AS b, count(), sum(total_tokens), sum(cost_nanos) FROM {DB}.events "
-                 f"WHERE org_id IN ({ours}) GROUP BY org_id, b ORDER BY org_id, b")
-        rolled = ch(f"SELECT org_id, {column} AS b, countMerge(events), sumMerge(total_tokens_sum), sumMerge(cost_nanos_sum) "
-                    f"FROM {DB}.{rollup} WHERE org_id IN ({ours}) GROUP BY org_id, b ORDER BY org_id, b")
+    for rollup, column, raw, rolled in rollup_comparisons(DB, f"org_id IN ({ours})"):
+        raw, rolled = ch(raw), ch(rolled)
         check(raw == rolled, f"{rollup} equals the raw rows in {raw.count(chr(10))} (org, {column}) buckets")
     env = dict(os.environ, **{line.split("=", 1)[0]: line.split("=", 1)[1]
                               for line in subprocess.run(["bash", STACK, "env"], capture_output=True, text=True).stdout.splitlines()
