@@ -104,7 +104,10 @@ fn kafka_error(day: NaiveDate, e: impl std::fmt::Display) -> ArchiveError {
 }
 
 fn consumer(config: &ArchiverConfig) -> Result<BaseConsumer, rdkafka::error::KafkaError> {
-    ClientConfig::new()
+    config
+        .common
+        .kafka_security
+        .apply(&mut ClientConfig::new())
         .set("bootstrap.servers", &config.kafka_brokers)
         .set("group.id", "tally-archiver-dead-letters")
         .set("enable.auto.commit", "false")

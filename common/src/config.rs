@@ -132,6 +132,81 @@ pub struct CommonConfig {
     pub log_format: crate::telemetry::LogFormat,
     /// How long graceful shutdown may take before the process exits anyway.
     pub shutdown_timeout: std::time::Duration,
+    pub kafka_security: KafkaSecurity,
+}
+
+/// How every Kafka client of a service authenticates: `TALLY_KAFKA_SECURITY_PROTOCOL`
+/// (`plaintext`, the default; `ssl`, `sasl_plaintext`, `sasl_ssl`), `TALLY_KAFKA_SASL_MECHANISM`
+/// (`SCRAM-SHA-512` by default when SASL is on), `TALLY_KAFKA_SASL_USERNAME`,
+/// `TALLY_KAFKA_SASL_PASSWORD`, `TALLY_KAFKA_SSL_CA_LOCATION` (a PEM file: the brokers' CA, e.g.
+/// Strimzi's cluster CA). The password is never logged (`Debug` hides it).
+#[derive(Clone, Default)]
+pub struct KafkaSecurity {
+    pub protocol: String,
+    pub sasl: Option<(String, String, String)>,
+    pub ca_location: Option<String>,
+}
+
+impl std::fmt::Debug for KafkaSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSecurity")
+            .field("protocol", &self.protocol)
+            .field("sasl", &self.sasl.as_ref().map(|(mechanism, user, _)| (mechanism, user, "<hidden>")))
+            .field("ca_location", &self.ca_location)
+            .finish()
+    }
+}
+
+impl KafkaSecurity {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
+        let protocol = env.string("TALLY_KAFKA_SECURITY_PROTOCOL", "plaintext").to_ascii_lowercase();
+        if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()) {
+            return Err(invalid(
+                "TALLY_KAFKA_SECURITY_PROTOCOL",
+                protocol,
+                "expected plaintext, ssl, sasl_plaintext or sasl_ssl",
+            ));
+        }
+        let sasl = if protocol.starts_with("sasl") {
+            let mechanism = env.string("TALLY_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512");
+            if !["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"].contains(&mechanism.as_str()) {
+                return Err(invalid(
+                    "TALLY_KAFKA_SASL_MECHANISM",
+                    mechanism,
+                    "expected SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN",
+                ));
+            }
+            let user = env.optional("TALLY_KAFKA_SASL_USERNAME").ok_or_else(|| {
+                invalid("TALLY_KAFKA_SASL_USERNAME", String::new(), "required with a sasl_* protocol")
+            })?;
+            let password = env.optional("TALLY_KAFKA_SASL_PASSWORD").ok_or_else(|| {
+                invalid("TALLY_KAFKA_SASL_PASSWORD", "<unset>".into(), "required with a sasl_* protocol")
+            })?;
+            Some((mechanism, user, password))
+        } else {
+            None
+        };
+        Ok(KafkaSecurity { protocol, sasl, ca_location: env.optional("TALLY_KAFKA_SSL_CA_LOCATION") })
+    }
+
+    /// Sets librdkafka's security properties on `client` (nothing for plaintext).
+    pub fn apply<'c>(&self, client: &'c mut rdkafka::ClientConfig) -> &'c mut rdkafka::ClientConfig {
+        if self.protocol != "plaintext" && !self.protocol.is_empty() {
+            client.set("security.protocol", &self.protocol);
+        }
+        if let Some((mechanism, user, password)) = &self.sasl {
+            client.set("sasl.mechanism", mechanism).set("sasl.username", user).set("sasl.password", password);
+        }
+        if let Some(ca) = &self.ca_location {
+            client.set("ssl.ca.location", ca);
+        }
+        client
+    }
 }
 
 impl CommonConfig {
@@ -142,7 +217,54 @@ impl CommonConfig {
             clickhouse: crate::ch::ChConfig::from_env(env)?,
             log_format: env.parse("TALLY_LOG_FORMAT", crate::telemetry::LogFormat::Text)?,
             shutdown_timeout: env.millis("TALLY_SHUTDOWN_TIMEOUT_MS", 30_000)?,
+            kafka_security: KafkaSecurity::from_env(env)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod kafka_security_tests {
+    use super::*;
+
+    fn properties(pairs: &[(&str, &str)]) -> Result<Vec<(String, String)>, ConfigError> {
+        let security = KafkaSecurity::from_env(&Env::from_pairs(pairs.iter().copied()))?;
+        let mut client = rdkafka::ClientConfig::new();
+        security.apply(&mut client);
+        let mut set: Vec<(String, String)> =
+            client.config_map().iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        set.sort();
+        Ok(set)
+    }
+
+    #[test]
+    fn plaintext_sets_nothing_and_sasl_needs_its_credentials() {
+        assert!(properties(&[]).unwrap().is_empty());
+        assert!(properties(&[("TALLY_KAFKA_SECURITY_PROTOCOL", "sasl_ssl")]).is_err(), "no user");
+        assert!(properties(&[("TALLY_KAFKA_SECURITY_PROTOCOL", "kerberos")]).is_err());
+        let set = properties(&[
+            ("TALLY_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("TALLY_KAFKA_SASL_USERNAME", "tally-ingest"),
+            ("TALLY_KAFKA_SASL_PASSWORD", "s3cret"),
+            ("TALLY_KAFKA_SSL_CA_LOCATION", "/etc/kafka-ca/ca.crt"),
+        ])
+        .unwrap();
+        let get = |k: &str| set.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(get("sasl.username"), Some("tally-ingest"));
+        assert_eq!(get("sasl.password"), Some("[sanitized for safety]"), "rdkafka hides it from its own map");
+        assert_eq!(get("ssl.ca.location"), Some("/etc/kafka-ca/ca.crt"));
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let env = Env::from_pairs([
+            ("TALLY_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+            ("TALLY_KAFKA_SASL_USERNAME", "u"),
+            ("TALLY_KAFKA_SASL_PASSWORD", "hunter2-secret"),
+        ]);
+        let text = format!("{:?}", KafkaSecurity::from_env(&env).unwrap());
+        assert!(!text.contains("hunter2-secret") && text.contains("<hidden>"), "{text}");
     }
 }
 

@@ -56,7 +56,10 @@ pub struct ReplayReport {
 /// Every record of the dead-letter topic, oldest first per partition (no consumer group: reading
 /// it changes nothing).
 fn read_letters(config: &ConsumerConfig) -> Result<Vec<(i32, i64, DeadLetter)>, ConsumerError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer = config
+        .common
+        .kafka_security
+        .apply(&mut ClientConfig::new())
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", format!("{}-dlq-reader", config.group_id))
         .set("enable.auto.commit", "false")

@@ -49,6 +49,7 @@ pub type KafkaConsumer = StreamConsumer<RebalanceCounter>;
 
 pub fn consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, KafkaError> {
     let mut client = ClientConfig::new();
+    config.common.kafka_security.apply(&mut client);
     client
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group_id)
@@ -150,7 +151,10 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(config: &ConsumerConfig, counter: prometheus::IntCounterVec) -> Result<Self, KafkaError> {
-        let producer = ClientConfig::new()
+        let producer = config
+            .common
+            .kafka_security
+            .apply(&mut ClientConfig::new())
             .set("bootstrap.servers", &config.brokers)
             .set("reconnect.backoff.max.ms", "1000")
             .set("acks", "all")

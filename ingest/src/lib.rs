@@ -111,7 +111,8 @@ pub async fn run(
     let background = CancellationToken::new();
     let (sink, kafka): (Arc<dyn EventSink>, Option<Arc<KafkaSink>>) = match config.sink {
         SinkKind::Kafka => {
-            let kafka = Arc::new(KafkaSink::new(&config.kafka, metrics.clone())?);
+            let kafka =
+                Arc::new(KafkaSink::new(&config.kafka, &config.common.kafka_security, metrics.clone())?);
             kafka.spawn_health_probe(Duration::from_secs(2), background.clone());
             (kafka.clone(), Some(kafka))
         }

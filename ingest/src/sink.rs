@@ -11,6 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use tally_common::config::KafkaSecurity;
 use tally_schemas::record::{HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 
@@ -56,8 +57,13 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    pub fn new(config: &KafkaConfig, metrics: IngestMetrics) -> Result<Self, rdkafka::error::KafkaError> {
-        let producer: FutureProducer = ClientConfig::new()
+    pub fn new(
+        config: &KafkaConfig,
+        security: &KafkaSecurity,
+        metrics: IngestMetrics,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let producer: FutureProducer = security
+            .apply(&mut ClientConfig::new())
             .set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")

@@ -458,9 +458,13 @@ async fn events_list_pages_newest_first_with_filters_and_a_stable_cursor() {
         }
         assert_eq!(seen, expected, "cursor paging with {filters:?}");
     }
-    // Offset paging returns the same order; a whole event's fields come back.
-    let (_, first) = get(&api, &key_a, "/api/costs", &q(&[("limit", "5"), ("offset", "3")])).await;
-    let (_, all) = get(&api, &key_a, "/api/costs", &q(&[("limit", "8")])).await;
+    // Offset paging returns the same order; a whole event's fields come back. The range is explicit:
+    // the default (this month so far) holds only minutes of events just after a month begins.
+    let (from_text, to_text) = (rfc(from), rfc(to));
+    let range = [("from", from_text.as_str()), ("to", to_text.as_str())];
+    let (_, first) =
+        get(&api, &key_a, "/api/costs", &q(&[range[0], range[1], ("limit", "5"), ("offset", "3")])).await;
+    let (_, all) = get(&api, &key_a, "/api/costs", &q(&[range[0], range[1], ("limit", "8")])).await;
     assert_eq!(first["events"].as_array().unwrap()[..], all["events"].as_array().unwrap()[3..8]);
     let event = &all["events"][0];
     for field in
@@ -470,7 +474,9 @@ async fn events_list_pages_newest_first_with_filters_and_a_stable_cursor() {
     }
     assert!(event["tokens"]["totalTokens"].as_u64().is_some());
     // Org b's key with org a's filters sees only org b's events.
-    let (_, b_page) = get(&api, &key_b, "/api/costs", &q(&[("limit", "1000"), ("userId", "user-1")])).await;
+    let (_, b_page) =
+        get(&api, &key_b, "/api/costs", &q(&[range[0], range[1], ("limit", "1000"), ("userId", "user-1")]))
+            .await;
     let b_ids: Vec<Value> = raw(
         &api,
         &format!(
