@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest verify-e2e chaos chaos-long plots
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest verify-e2e chaos chaos-long plots k8s-check
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -77,6 +77,9 @@ chaos-long: ## the long form (~25 min): every fault three times, ClickHouse down
 
 plots: ## the PNG of every recorded run in loadtest/results/ (loadtest/plot.py, matplotlib)
 	$$(bash dev/tools.sh plot) loadtest/plot.py loadtest/results/*.json
+
+k8s-check: ## k8s/ overlays rendered (kubectl kustomize) and validated against the schemas (kubectl-validate); a first part of issue 15, not yet in make test
+	@bash dev/k8s_check.sh
 
 bench-cluster: ## the cluster vs one server: one consumer on each, then two on the cluster; rows/s and CPU per million rows (docs/scaling.md)
 	@bash dev/stack.sh infra-up
