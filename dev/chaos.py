@@ -391,20 +391,26 @@ class Run:
         if name == "disk":
             hold = 30 if long else 10
             data = os.path.join(DEV, "clickhouse", "data")
-            filler = os.path.join(data, "chaos-filler")
-            free = os.statvfs(data).f_bavail * os.statvfs(data).f_frsize
-            with open(filler, "wb") as f:  # as much as the filesystem gives, to its last MiB or so
-                for size in range(free, 0, -(1 << 20)):
-                    try:
-                        os.posix_fallocate(f.fileno(), 0, size)
-                        break
-                    except OSError:
-                        continue
-            taken = os.path.getsize(filler)
+            fillers, taken = [], 0
+            for attempt in range(8):  # ClickHouse writes meanwhile: fill again what is still free
+                left = os.statvfs(data).f_bavail * os.statvfs(data).f_frsize
+                if left <= 4 << 20:
+                    break
+                fillers.append(os.path.join(data, f"chaos-filler-{attempt}"))
+                with open(fillers[-1], "wb") as f:  # as much as the filesystem gives, to its last MiB or so
+                    for size in range(left, 0, -(1 << 20)):
+                        try:
+                            os.posix_fallocate(f.fileno(), 0, size)
+                            break
+                        except OSError:
+                            continue
+                taken += os.path.getsize(fillers[-1])
+            left = os.statvfs(data).f_bavail * os.statvfs(data).f_frsize
             time.sleep(hold)
-            os.remove(filler)
+            for filler in fillers:
+                os.remove(filler)
             back = self.cleared = time.time()
-            return hold, self.visible_after(back), f"ClickHouse's disk full ({taken >> 20} MiB taken, {(free - taken) >> 10} KiB left) for {hold} s"
+            return hold, self.visible_after(back), f"ClickHouse's disk full ({taken >> 20} MiB taken, {left >> 10} KiB left) for {hold} s"
         if name == "network":
             hold = 45 if long else 15
             for proxy in ("ingest", "clickhouse"):
