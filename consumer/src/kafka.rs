@@ -65,9 +65,7 @@ pub fn consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, KafkaError> {
         // and the drain went from 200 000 to 370 000 rows/s (loadtest/RESULTS.md). Costs up to
         // 128 MiB of queued records per replica.
         .set("max.partition.fetch.bytes", "8388608")
-        .set("queued.max.messages.kbytes", "131072")
-        // Reconnect to a restarted broker within a second (librdkafka's default backs off to 10 s).
-        .set("reconnect.backoff.max.ms", "1000");
+        .set("queued.max.messages.kbytes", "131072");
     // Static membership: a replica restarted with the same id takes its partitions back at once,
     // without a rebalance of the whole group.
     if let Some(instance) = &config.instance_id {
@@ -156,7 +154,6 @@ impl DeadLetters {
             .kafka_security
             .apply(&mut ClientConfig::new())
             .set("bootstrap.servers", &config.brokers)
-            .set("reconnect.backoff.max.ms", "1000")
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("compression.type", "lz4")

@@ -74,9 +74,6 @@ impl KafkaSink {
             .set("queue.buffering.max.messages", "100000")
             .set("message.max.bytes", "8000000")
             .set("batch.size", "1000000")
-            // librdkafka backs off reconnecting up to 10 s by default: a broker back from a restart
-            // would wait that long for its producers. At most 1 s between attempts instead.
-            .set("reconnect.backoff.max.ms", "1000")
             .create()?;
         Ok(KafkaSink {
             producer,
