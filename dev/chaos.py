@@ -39,9 +39,7 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -54,7 +52,7 @@ from datetime import datetime, timedelta, timezone
 
 from archive_roundtrip import generate
 from ledger import Ledger, loader, rollup_comparisons
-from tally_api import admin_token, call
+from tally_api import call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV = os.environ.get("TALLY_DEV_DIR", os.path.join(ROOT, ".dev", "chaos"))
