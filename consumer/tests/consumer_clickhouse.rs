@@ -462,10 +462,7 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
 
 /// The value of an unlabelled counter in the consumer's `/metrics`.
 async fn counter(metrics_url: &str, name: &str) -> u64 {
-    let text = reqwest::get(metrics_url).await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
-        .map_or(0, |value| value as u64)
+    tally_testkit::metric_value(&reqwest::get(metrics_url).await.unwrap().text().await.unwrap(), name)
 }
 
 /// A static member can be fenced (after a broker restart `make chaos` saw it: librdkafka's fatal

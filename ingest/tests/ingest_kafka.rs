@@ -556,9 +556,7 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_loses_nothing() {
 /// The value of an unlabelled counter in the ingest's `/metrics`.
 async fn counter(client: &reqwest::Client, ingest: &Ingest, name: &str) -> u64 {
     let text = client.get(ingest.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
-        .map_or(0, |value| value as u64)
+    tally_testkit::metric_value(&text, name)
 }
 
 #[tokio::test]

@@ -16,6 +16,15 @@ pub fn kafka_brokers() -> String {
 }
 
 /// A random name with a prefix, for databases and topics (`tally_t_<prefix>_<12 hex>`).
+/// The value of the unlabelled counter or gauge `name` in a Prometheus text exposition (0 when
+/// absent), as a service's `/metrics` answers it.
+pub fn metric_value(exposition: &str, name: &str) -> u64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .map_or(0, |value| value as u64)
+}
+
 pub fn unique_name(prefix: &str) -> String {
     format!("tally_t_{prefix}_{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff)
 }
