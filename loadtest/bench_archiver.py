@@ -114,7 +114,7 @@ def main():
         bucket = "bench-archiver-%08x" % random.getrandbits(32)
         make_bucket(bucket)
         s3 = archiver_tool({**env, "TALLY_ARCHIVE_URL": "s3://" + bucket, "TALLY_S3_ENDPOINT": S3,
-                            "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}, "archive", month)
+                            "TALLY_S3_ACCESS_KEY_ID": S3_KEY, "TALLY_S3_SECRET_ACCESS_KEY": S3_SECRET}, "archive", month)
         print("%s archive S3 %9.0f rows/s  %6.1f s  peak RSS %6.0f MiB" % (month, s3["rows_per_s"], s3["seconds"], s3["peak_rss_mib"]), flush=True)
         results[month]["s3"] = s3
         chdb_bytes, chdb_seconds = chdb_parquet_bytes(database, partition, os.path.join(work, "chdb.parquet"))

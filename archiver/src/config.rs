@@ -9,10 +9,14 @@ pub struct ArchiverConfig {
     pub common: CommonConfig,
     /// `TALLY_ARCHIVE_URL`: `file:///path` (the default, `.dev/archive` under `make up`) or
     /// `s3://bucket[/prefix]` with `TALLY_S3_ENDPOINT`, `TALLY_S3_REGION` and the credentials in
-    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.
+    /// `TALLY_S3_ACCESS_KEY_ID`/`TALLY_S3_SECRET_ACCESS_KEY` (or their `_FILE`s), else wherever
+    /// the AWS SDKs look (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, a web identity token, the
+    /// instance's role).
     pub archive_url: String,
     pub s3_endpoint: Option<String>,
     pub s3_region: String,
+    /// The access key id and the secret key, when given as settings (`Debug` hides the secret).
+    pub s3_credentials: Option<S3Credentials>,
     /// Added to the ingest's maximum event age before a month counts as closed (consumer lag).
     pub lag_margin: chrono::Duration,
     /// Months kept in ClickHouse before the current one; older archived months are dropped.
@@ -72,6 +76,7 @@ impl ArchiverConfig {
             archive_url,
             s3_endpoint: env.optional("TALLY_S3_ENDPOINT"),
             s3_region: env.string("TALLY_S3_REGION", "us-east-1"),
+            s3_credentials: S3Credentials::from_env(env)?,
             lag_margin: chrono::Duration::hours(env.parse("TALLY_ARCHIVE_LAG_MARGIN_HOURS", 24)?),
             hot_months: u32::try_from(hot).ok(),
             row_group_bytes: env.parse("TALLY_ARCHIVE_ROW_GROUP_BYTES", 16 << 20)?,
@@ -101,5 +106,34 @@ impl ArchiverConfig {
             ));
         }
         Ok(config)
+    }
+}
+
+/// S3 credentials given as settings.
+#[derive(Clone)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<hidden>")
+            .finish()
+    }
+}
+
+impl S3Credentials {
+    fn from_env(env: &Env) -> Result<Option<S3Credentials>, ConfigError> {
+        match (env.optional("TALLY_S3_ACCESS_KEY_ID"), env.optional("TALLY_S3_SECRET_ACCESS_KEY")) {
+            (None, None) => Ok(None),
+            (Some(access_key_id), Some(secret_access_key)) => {
+                Ok(Some(S3Credentials { access_key_id, secret_access_key }))
+            }
+            (Some(_), None) => Err(ConfigError::Missing { key: "TALLY_S3_SECRET_ACCESS_KEY".into() }),
+            (None, Some(_)) => Err(ConfigError::Missing { key: "TALLY_S3_ACCESS_KEY_ID".into() }),
+        }
     }
 }

@@ -24,7 +24,7 @@ const USAGE: &str = "usage: tally-archiver run | verify | serve | restore YYYY-M
 /// `serve` runs its passes on a thread of their own, the ops routes on this one.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let env = Env::from_process();
+    let env = Env::from_process()?;
     let config = ArchiverConfig::from_env(&env).context("invalid configuration")?;
     tally_common::telemetry::init(config.common.log_format, env.optional("TALLY_LOG").as_deref());
     let archive = Archive::open(&config).context("cannot open the archive")?;

@@ -54,6 +54,11 @@ impl Archive {
                 retry_timeout: config.s3_retry_timeout,
                 ..Default::default()
             });
+        if let Some(credentials) = &config.s3_credentials {
+            builder = builder
+                .with_access_key_id(&credentials.access_key_id)
+                .with_secret_access_key(&credentials.secret_access_key);
+        }
         if let Some(endpoint) = &config.s3_endpoint {
             builder = builder
                 .with_endpoint(endpoint)

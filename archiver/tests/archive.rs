@@ -449,7 +449,10 @@ async fn serve_runs_passes_and_reports_them_on_its_ops_routes() {
 
 /// `tally-archiver run`, the real binary, on `database` archiving to the S3 bucket `bucket`
 /// through `endpoint`: small files so a month spans several, a short lock timeout and S3 retry.
+/// The secret key comes from a file (`TALLY_S3_SECRET_ACCESS_KEY_FILE`, as Kubernetes mounts it).
 fn archiver_binary(clickhouse: &ChConfig, bucket: &str, endpoint: &str) -> tokio::process::Command {
+    let secret = std::env::temp_dir().join(format!("{bucket}.s3-secret"));
+    std::fs::write(&secret, format!("{}\n", tally_testkit::S3_SECRET_KEY)).unwrap();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally-archiver"));
     command
         .arg("run")
@@ -457,8 +460,8 @@ fn archiver_binary(clickhouse: &ChConfig, bucket: &str, endpoint: &str) -> tokio
         .env("TALLY_CLICKHOUSE_DATABASE", &clickhouse.database)
         .env("TALLY_ARCHIVE_URL", format!("s3://{bucket}"))
         .env("TALLY_S3_ENDPOINT", endpoint)
-        .env("AWS_ACCESS_KEY_ID", tally_testkit::S3_ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", tally_testkit::S3_SECRET_KEY)
+        .env("TALLY_S3_ACCESS_KEY_ID", tally_testkit::S3_ACCESS_KEY)
+        .env("TALLY_S3_SECRET_ACCESS_KEY_FILE", &secret)
         .env("TALLY_ARCHIVE_FILE_ROWS", "4000")
         .env("TALLY_ARCHIVE_CHUNK_ROWS", "2000")
         .env("TALLY_ARCHIVE_LOCK_STALE_S", "2")

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ChConfig {
     pub url: String,
     pub database: String,
@@ -11,6 +11,19 @@ pub struct ChConfig {
     pub password: String,
     /// Set when the schema is the cluster form (`tally_schemas::cluster`, issue 13).
     pub cluster: Option<Cluster>,
+}
+
+/// Never shows the password (a configuration printed in a log or an error stays safe).
+impl std::fmt::Debug for ChConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChConfig")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &if self.password.is_empty() { "" } else { "<hidden>" })
+            .field("cluster", &self.cluster)
+            .finish()
+    }
 }
 
 /// A ClickHouse cluster of shards × replicas: `TALLY_CLICKHOUSE_CLUSTER` (its name in the servers'

@@ -19,9 +19,46 @@ pub struct Env {
 }
 
 impl Env {
-    /// The process environment; call once, in `main`.
-    pub fn from_process() -> Self {
-        Env { values: std::env::vars().filter(|(k, _)| k.starts_with("TALLY_")).collect() }
+    /// The process environment; call once, in `main`. A secret may come from a file instead
+    /// (Kubernetes mounts Secrets as files; an environment variable shows in `/proc/<pid>/environ`
+    /// and in crash reports): `TALLY_X_FILE=/path` sets `TALLY_X` to the file's content, its
+    /// trailing newline removed. Giving both, or a file that cannot be read, is an error.
+    pub fn from_process() -> Result<Self, ConfigError> {
+        Env::resolving_files(std::env::vars().filter(|(k, _)| k.starts_with("TALLY_")), |path| {
+            std::fs::read_to_string(path)
+        })
+    }
+
+    fn resolving_files(
+        vars: impl IntoIterator<Item = (String, String)>,
+        read: impl Fn(&str) -> std::io::Result<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut values = HashMap::new();
+        let mut files = Vec::new();
+        for (key, value) in vars {
+            match key.strip_suffix("_FILE") {
+                Some(base) => files.push((base.to_owned(), key, value)),
+                None => {
+                    values.insert(key, value);
+                }
+            }
+        }
+        for (base, key, path) in files {
+            if values.contains_key(&base) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: path,
+                    reason: format!("{base} is set too: give one of them"),
+                });
+            }
+            let content = read(&path).map_err(|e| ConfigError::Invalid {
+                key: key.clone(),
+                value: path.clone(),
+                reason: format!("cannot read the file: {e}"),
+            })?;
+            values.insert(base, content.trim_end_matches(['\n', '\r']).to_owned());
+        }
+        Ok(Env { values })
     }
 
     pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
@@ -278,6 +315,31 @@ mod kafka_security_tests {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_secret_comes_from_its_file_without_the_trailing_newline() {
+        let files = |path: &str| match path {
+            "/run/secrets/ch" => Ok("s3cr3t\n".to_owned()),
+            _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")),
+        };
+        let var = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let env = Env::resolving_files(
+            [var("TALLY_CLICKHOUSE_PASSWORD_FILE", "/run/secrets/ch"), var("TALLY_CLICKHOUSE_USER", "tally")],
+            files,
+        )
+        .unwrap();
+        assert_eq!(env.optional("TALLY_CLICKHOUSE_PASSWORD").as_deref(), Some("s3cr3t"));
+        assert_eq!(env.optional("TALLY_CLICKHOUSE_PASSWORD_FILE"), None);
+        assert_eq!(env.optional("TALLY_CLICKHOUSE_USER").as_deref(), Some("tally"));
+
+        let both = Env::resolving_files(
+            [var("TALLY_ADMIN_TOKEN", "t"), var("TALLY_ADMIN_TOKEN_FILE", "/run/secrets/ch")],
+            files,
+        );
+        assert!(matches!(both, Err(ConfigError::Invalid { ref key, .. }) if key == "TALLY_ADMIN_TOKEN_FILE"));
+        let missing = Env::resolving_files([var("TALLY_ADMIN_TOKEN_FILE", "/nope")], files).unwrap_err();
+        assert!(missing.to_string().contains("cannot read the file"), "{missing}");
+    }
+
     use super::*;
     use crate::ch::{ChConfig, Cluster};
 

@@ -8,7 +8,7 @@ use tally_ingest::config::IngestConfig;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    let env = Env::from_process();
+    let env = Env::from_process()?;
     let config = IngestConfig::from_env(&env).context("invalid configuration")?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();

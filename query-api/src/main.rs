@@ -9,7 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let env = Env::from_process();
+    let env = Env::from_process()?;
     let config = QueryConfig::from_env(&env).context("invalid configuration")?;
     tally_common::telemetry::init(config.common.log_format, env.optional("TALLY_LOG").as_deref());
     let listener = tokio::net::TcpListener::bind(config.common.listen_addr)

@@ -124,7 +124,7 @@ async fn org_read(config: &ArchiverConfig, month: Month, org: &str) -> anyhow::R
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let env = Env::from_process();
+    let env = Env::from_process()?;
     let config = ArchiverConfig::from_env(&env)?;
     let month = args.get(2).and_then(|m| Month::parse(m));
     let result = match (args.get(1).map(String::as_str), month) {

@@ -235,7 +235,7 @@ async fn load_span(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let env = Env::from_process();
+    let env = Env::from_process()?;
     let command = args.get(1).map(String::as_str).unwrap_or_default();
     let result = match command {
         "migrate" => {
