@@ -256,17 +256,22 @@ class Run:
         os.makedirs(os.path.join(DEV, "log"), exist_ok=True)
         log(f"starting the private stack in {os.path.relpath(DEV, ROOT)}/ (its own network namespace)")
         stack("infra-up")
+        env = stack_env()
+        stack("create-topic", env["TALLY_CONTROL_TOPIC"], "1", "--config", "cleanup.policy=compact")
         self.toxiproxy = Toxiproxy()
         self.toxiproxy.proxy("ingest", f"{PROXIED_INGEST[0]}:{PROXIED_INGEST[1]}", "127.0.0.1:8080")
         self.toxiproxy.proxy("clickhouse", "127.0.0.1:18123", "127.0.0.1:8123")
-        env = stack_env()
         self.token = env["TALLY_ADMIN_TOKEN"]
         self.services = {
             "query-api": Service("query-api", "tally-query-api", "127.0.0.1:8081", env),
             # The consumer reaches ClickHouse through the proxy the network fault disturbs.
             "consumer": Service("consumer", "tally-consumer", "127.0.0.1:8082",
                                 dict(env, TALLY_CLICKHOUSE_URL=PROXIED_CH, TALLY_CONSUMER_INSTANCE_ID="chaos-consumer-1")),
-            "ingest": Service("ingest", "tally-ingest", "127.0.0.1:8080", env),
+            # The ingest reaches Kafka only (as on Kubernetes): keys and prices from the control
+            # topic; its ClickHouse address is a closed port.
+            "ingest": Service("ingest", "tally-ingest", "127.0.0.1:8080",
+                              dict(env, TALLY_INGEST_CONTROL="kafka",
+                                   TALLY_CLICKHOUSE_URL="http://127.0.0.1:9")),
             "archiver": Service("archiver", "tally-archiver", "127.0.0.1:8083",
                                 dict(env, **S3, TALLY_ARCHIVE_URL="s3://tally-archive/chaos", TALLY_ARCHIVE_INTERVAL_S="2",
                                      TALLY_ARCHIVE_LOCK_STALE_S="8", TALLY_ARCHIVE_S3_RETRY_TIMEOUT_S="20",

@@ -35,6 +35,9 @@ QUERY_ADDR="127.0.0.1:8081"
 CONSUMER_ADDR="127.0.0.1:8082"
 EVENTS_TOPIC="tally.events.v1"
 DLQ_TOPIC="tally.events.dlq.v1"
+# The API keys and prices, published by the consumer for the ingest, which reads Kafka only
+# (TALLY_INGEST_CONTROL=kafka, as on Kubernetes). Compacted: the newest snapshot is what remains.
+CONTROL_TOPIC="tally.control.v1"
 EVENTS_PARTITIONS=8
 
 log() { printf '\033[1m[stack]\033[0m %s\n' "$*" >&2; }
@@ -147,14 +150,15 @@ start_kafka() {
   create_topic "$DLQ_TOPIC" 2
 }
 
-# create_topic NAME PARTITIONS [BOOTSTRAP]: idempotent
+# create_topic NAME PARTITIONS [--config K=V ...]: idempotent
 create_topic() {
   local topic="$1" partitions="$2" tries
+  shift 2
   for tries in 1 2 3 4 5 6 7 8 9 10; do
     if java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.properties" \
         org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BROKERS" --create --if-not-exists \
         --topic "$topic" --partitions "$partitions" --replication-factor 1 \
-        --config min.insync.replicas=1 >>"$DEV/log/kafka-topics.log" 2>&1; then
+        --config min.insync.replicas=1 "$@" >>"$DEV/log/kafka-topics.log" 2>&1; then
       return 0
     fi
     sleep 2
@@ -216,6 +220,7 @@ service_env() { # the TALLY_* configuration every service gets on the local stac
   echo "TALLY_CLICKHOUSE_DATABASE=${TALLY_CLICKHOUSE_DATABASE:-tally}"
   echo "TALLY_EVENTS_TOPIC=$EVENTS_TOPIC"
   echo "TALLY_DLQ_TOPIC=$DLQ_TOPIC"
+  echo "TALLY_CONTROL_TOPIC=$CONTROL_TOPIC"
   echo "TALLY_ADMIN_TOKEN=$(admin_token)"
   echo "TALLY_ARCHIVE_URL=file://$DEV/archive" # the query API reads dropped months from it
   echo "TALLY_LOG_FORMAT=json"
@@ -237,10 +242,14 @@ start_one() {
     clickhouse) start_clickhouse ;;
     kafka) start_kafka ;;
     s3) start_s3 ;;
-    ingest) start_service ingest tally-ingest "$INGEST_ADDR" ;;
+    # The ingest reaches Kafka only: keys and prices from the control topic the consumer fills.
+    ingest) start_service ingest tally-ingest "$INGEST_ADDR" TALLY_INGEST_CONTROL=kafka ;;
     # Static group membership: a consumer restarted after a crash gets its partitions back at
     # once instead of waiting out the dead member's session (10 s).
-    consumer) start_service consumer tally-consumer "$CONSUMER_ADDR" TALLY_CONSUMER_INSTANCE_ID=local-consumer-1 ;;
+    consumer)
+      is_running consumer || create_topic "$CONTROL_TOPIC" 1 --config cleanup.policy=compact \
+        --config segment.ms=3600000 --config min.cleanable.dirty.ratio=0.1
+      start_service consumer tally-consumer "$CONSUMER_ADDR" TALLY_CONSUMER_INSTANCE_ID=local-consumer-1 ;;
     query-api) start_service query-api tally-query-api "$QUERY_ADDR" ;;
     *) die "unknown component $1 (clickhouse kafka s3 ingest consumer query-api)" ;;
   esac
@@ -292,8 +301,10 @@ demo_org() {
 
 demo_traffic() {
   local key; key="$(sed -n 's/^TALLY_DEMO_API_KEY=//p' "$DEV/demo.env")"
-  # The ingest refreshes its key set in the background; wait until it knows the demo key.
-  for _ in $(seq 1 50); do
+  # The ingest is ready once it has read the keys and prices (from the control topic the consumer
+  # publishes); then it learns the new demo key at the consumer's next publication (<= 5 s).
+  wait_http ingest "http://$INGEST_ADDR/readyz" 30
+  for _ in $(seq 1 75); do
     local code
     code="$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $key" -H 'Content-Type: application/json' \
       -d '{"events":[]}' "http://$INGEST_ADDR/v1/ingest")"
@@ -333,7 +344,7 @@ Tally is up.
   query-api   http://$QUERY_ADDR   (GET /api/telemetry/status, /api/costs/summary, admin /admin/orgs)
   consumer    http://$CONSUMER_ADDR   (/metrics, /readyz)
   clickhouse  $CLICKHOUSE_URL   (database tally, admin tables in tally_admin; clickhouse-client --port 9000; read-only user analyst/analyst)
-  kafka       $KAFKA_BROKERS   (topics $EVENTS_TOPIC, $DLQ_TOPIC)
+  kafka       $KAFKA_BROKERS   (topics $EVENTS_TOPIC, $DLQ_TOPIC; $CONTROL_TOPIC: the keys and prices the ingest reads)
   s3          $S3_ENDPOINT   (S3Proxy; bucket $S3_BUCKET, access key $S3_ACCESS_KEY, secret in .dev/demo.env)
   archive     .dev/archive/   (tally-archiver run: closed months as Parquet + manifests; .dev/log/archiver.log)
   logs        .dev/log/      pids .dev/run/      settings .dev/demo.env
@@ -367,7 +378,7 @@ case "$cmd" in
   env) service_env ;;
   kafka-libs) install_kafka; echo "$KAFKA_LIBS" ;;
   s3-libs) install_s3proxy; echo "$S3PROXY_LIBS" ;;
-  create-topic) create_topic "${1:?topic}" "${2:-4}" ;;
+  create-topic) create_topic "${1:?topic}" "${2:-4}" "${@:3}" ;;
   delete-topic) delete_topic "${1:?topic}" ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;
 esac

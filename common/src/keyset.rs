@@ -1,6 +1,7 @@
-//! The active API keys, held in memory and refreshed from ClickHouse in the background, so
-//! authenticating a request costs a SHA-256 and a hash-map lookup, never a round trip. A revoked
-//! key disappears at the next refresh (every few seconds; the bound is the refresh interval).
+//! The active API keys, held in memory and refreshed in the background (from ClickHouse, or from
+//! the control topic's snapshots), so authenticating a request costs a SHA-256 and a hash-map
+//! lookup, never a round trip. A revoked key disappears at the next refresh (every few seconds;
+//! the bound is the refresh interval, plus the publishing interval through the control topic).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use clickhouse::Row;
 use serde::Deserialize;
+use tally_schemas::control::KeyEntry;
 use tally_schemas::keys;
 use tally_schemas::plan::Plan;
 use tokio_util::sync::CancellationToken;
@@ -120,6 +122,14 @@ impl KeySet {
         Ok(count)
     }
 
+    /// Replaces the key set with `entries` (a control-topic snapshot); returns how many keys.
+    pub fn replace(&self, entries: Vec<KeyEntry>) -> usize {
+        let map = key_map(entries);
+        let count = map.len();
+        self.by_hash.replace(map);
+        count
+    }
+
     /// Refreshes every `interval` until `shutdown`; failures keep the last good set and are logged.
     pub fn spawn_refresher(
         &self,
@@ -136,8 +146,13 @@ impl KeySet {
 
 /// Every active key (not revoked, org not deleted) with its org.
 async fn load_keys(config: &ChConfig) -> Result<HashMap<String, Arc<OrgInfo>>, clickhouse::error::Error> {
-    let orgs: HashMap<Arc<str>, Arc<OrgInfo>> =
-        load_orgs(config).await?.into_iter().map(|org| (Arc::clone(&org.org_id), Arc::new(org))).collect();
+    Ok(key_map(load_key_entries(config).await?))
+}
+
+/// Every active key (not revoked, org not deleted) with its org, as the control topic carries them.
+pub async fn load_key_entries(config: &ChConfig) -> Result<Vec<KeyEntry>, clickhouse::error::Error> {
+    let orgs: HashMap<Arc<str>, OrgInfo> =
+        load_orgs(config).await?.into_iter().map(|org| (Arc::clone(&org.org_id), org)).collect();
     let sql = format!(
         "SELECT key_hash, argMax(org_id, version) AS owner, argMax(revoked, version) AS is_revoked FROM {} GROUP BY key_hash",
         config.table("api_keys")
@@ -146,6 +161,35 @@ async fn load_keys(config: &ChConfig) -> Result<HashMap<String, Arc<OrgInfo>>, c
     Ok(rows
         .into_iter()
         .filter(|row| row.is_revoked == 0)
-        .filter_map(|row| orgs.get(row.owner.as_str()).map(|org| (row.key_hash, Arc::clone(org))))
+        .filter_map(|row| {
+            orgs.get(row.owner.as_str()).map(|org| KeyEntry {
+                key_hash: row.key_hash,
+                org_id: org.org_id.to_string(),
+                name: org.name.clone(),
+                plan: org.plan,
+                events_per_minute: org.events_per_minute,
+                burst: org.burst,
+            })
+        })
         .collect())
+}
+
+/// The lookup map of `entries`, one shared `OrgInfo` per org.
+fn key_map(entries: Vec<KeyEntry>) -> HashMap<String, Arc<OrgInfo>> {
+    let mut orgs: HashMap<String, Arc<OrgInfo>> = HashMap::new();
+    entries
+        .into_iter()
+        .map(|entry| {
+            let org = orgs.entry(entry.org_id.clone()).or_insert_with(|| {
+                Arc::new(OrgInfo {
+                    org_id: Arc::from(entry.org_id.as_str()),
+                    name: entry.name,
+                    plan: entry.plan,
+                    events_per_minute: entry.events_per_minute,
+                    burst: entry.burst,
+                })
+            });
+            (entry.key_hash, Arc::clone(org))
+        })
+        .collect()
 }

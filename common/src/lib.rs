@@ -1,10 +1,12 @@
 //! Runtime pieces every Tally service shares: typed configuration from an injected environment,
-//! telemetry, the operational HTTP routes, ClickHouse access and migrations, and the API key set.
+//! telemetry, the operational HTTP routes, ClickHouse access and migrations, the API key set and
+//! the model prices (what the control topic carries).
 
 pub mod ch;
 pub mod config;
 pub mod keyset;
 pub mod migrate;
+pub mod prices;
 pub mod server;
 pub mod snapshot;
 pub mod telemetry;

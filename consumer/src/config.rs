@@ -22,6 +22,11 @@ pub struct ConsumerConfig {
     pub session_timeout: Duration,
     /// Static group membership id (e.g. the pod name), when set.
     pub instance_id: Option<String>,
+    /// `TALLY_CONTROL_TOPIC`: where to publish the API keys and prices for ingests that read Kafka
+    /// only (`TALLY_INGEST_CONTROL=kafka`); unset, nothing is published.
+    pub control_topic: Option<String>,
+    /// `TALLY_CONTROL_INTERVAL_MS`: how often the admin tables are read for changes.
+    pub control_interval: Duration,
     /// How long an event id is remembered for duplicate removal, in hours of arrival time.
     pub dedup_window_hours: u16,
     /// Test-only faults (the `failpoints` feature).
@@ -43,6 +48,8 @@ impl ConsumerConfig {
             session_timeout: env.millis("TALLY_KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
             dedup_window_hours: env.parse("TALLY_DEDUP_WINDOW_HOURS", 24)?,
+            control_topic: env.optional("TALLY_CONTROL_TOPIC"),
+            control_interval: env.millis("TALLY_CONTROL_INTERVAL_MS", 5000)?,
             #[cfg(feature = "failpoints")]
             failpoints: crate::failpoints::Failpoints::from_env(env)?,
         };
@@ -51,6 +58,13 @@ impl ConsumerConfig {
                 key: "TALLY_BATCH_MAX_ROWS".into(),
                 value: config.batch_max_rows.to_string(),
                 reason: "must be 1..=1000000 so a batch stays one insert block".into(),
+            });
+        }
+        if !(100..=30_000).contains(&config.control_interval.as_millis()) {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_CONTROL_INTERVAL_MS".into(),
+                value: config.control_interval.as_millis().to_string(),
+                reason: "must be 100..=30000: a revoked key must stop working within seconds".into(),
             });
         }
         if !(1..=720).contains(&config.dedup_window_hours) {

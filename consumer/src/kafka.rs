@@ -147,17 +147,24 @@ pub struct DeadLetters {
     counter: prometheus::IntCounterVec,
 }
 
+/// The consumer's producers (dead letters, control snapshots): acknowledged by every in-sync
+/// replica, idempotent, lz4.
+pub fn durable_producer(config: &ConsumerConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    config
+        .common
+        .kafka_security
+        .apply(&mut client)
+        .set("bootstrap.servers", &config.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "lz4");
+    client
+}
+
 impl DeadLetters {
     pub fn new(config: &ConsumerConfig, counter: prometheus::IntCounterVec) -> Result<Self, KafkaError> {
-        let producer = config
-            .common
-            .kafka_security
-            .apply(&mut ClientConfig::new())
-            .set("bootstrap.servers", &config.brokers)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("compression.type", "lz4")
-            .create()?;
+        let producer = durable_producer(config).create()?;
         Ok(DeadLetters {
             producer,
             dlq_topic: config.dlq_topic.clone(),

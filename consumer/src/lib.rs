@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod control;
 pub mod dedup;
 pub mod dlq;
 pub mod error;
@@ -73,6 +74,12 @@ pub async fn run(
     };
     let http_shutdown = CancellationToken::new();
     let http = tokio::spawn(server::serve(listener, server::ops_routes(ops), http_shutdown.clone()));
+    let control_shutdown = CancellationToken::new();
+    let control = control::spawn_publisher(
+        &config,
+        metrics.control_snapshots_published.clone(),
+        control_shutdown.clone(),
+    )?;
     tracing::info!(topic = %config.events_topic, group = %config.group_id, "consumer started");
     let result = loop {
         match consume(&config, &clickhouse, &metrics, shutdown.clone()).await {
@@ -87,6 +94,10 @@ pub async fn run(
         }
     };
     http_shutdown.cancel();
+    control_shutdown.cancel();
+    if let Some(control) = control {
+        let _ = control.await;
+    }
     let _ = http.await;
     result
 }

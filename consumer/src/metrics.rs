@@ -16,6 +16,7 @@ pub struct ConsumerMetrics {
     pub rollup_buckets_repaired: IntCounter,
     pub revoked_records_dropped: IntCounter,
     pub kafka_clients_replaced: IntCounter,
+    pub control_snapshots_published: IntCounter,
     pub lag: IntGaugeVec,
     pub duplicates_dropped: IntCounter,
     pub dedup_ids: IntGauge,
@@ -61,6 +62,10 @@ impl ConsumerMetrics {
                 "tally_consumer_revoked_records_dropped_total",
                 "records of partitions revoked before their insert, left to the new owner",
             )?,
+            control_snapshots_published: IntCounter::new(
+                "tally_consumer_control_snapshots_published_total",
+                "API-key and price snapshots published to the control topic (on change, and every 10 min)",
+            )?,
             kafka_clients_replaced: IntCounter::new(
                 "tally_consumer_kafka_clients_replaced_total",
                 "Kafka clients replaced after a fatal error (e.g. a static member fenced after a broker restart)",
@@ -90,6 +95,7 @@ impl ConsumerMetrics {
         registry.register(Box::new(metrics.rollup_buckets_repaired.clone()))?;
         registry.register(Box::new(metrics.revoked_records_dropped.clone()))?;
         registry.register(Box::new(metrics.kafka_clients_replaced.clone()))?;
+        registry.register(Box::new(metrics.control_snapshots_published.clone()))?;
         registry.register(Box::new(metrics.rows_inserted.clone()))?;
         registry.register(Box::new(metrics.batches.clone()))?;
         registry.register(Box::new(metrics.batch_rows.clone()))?;

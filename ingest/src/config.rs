@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use tally_common::config::{CommonConfig, ConfigError, Env};
+use tally_schemas::control::CONTROL_TOPIC;
 use tally_schemas::record::{DLQ_TOPIC, EVENTS_TOPIC};
 
 #[derive(Debug, Clone)]
@@ -38,8 +39,20 @@ impl std::str::FromStr for SinkKind {
     }
 }
 
+/// Where the API keys and prices come from (`TALLY_INGEST_CONTROL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlSource {
+    /// Read from ClickHouse's admin tables every `TALLY_KEY_REFRESH_MS` / `TALLY_PRICE_REFRESH_MS`
+    /// (the default: one machine, nothing else to run).
+    ClickHouse,
+    /// Read from the control topic the consumers publish (`TALLY_CONTROL_TOPIC`): the ingest then
+    /// needs Kafka only, no ClickHouse address or credentials (Kubernetes: docs/deploy.md).
+    Kafka { topic: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
+    pub control: ControlSource,
     pub sink: SinkKind,
     /// Runtime worker threads (`TALLY_WORKER_THREADS`, 0 = one per core). Set it to the cores the
     /// process owns: on a machine shared with other busy processes, fewer workers mean fewer
@@ -68,7 +81,19 @@ impl IngestConfig {
                 reason: "expected lz4, zstd or none".into(),
             });
         }
+        let control = match env.string("TALLY_INGEST_CONTROL", "clickhouse").as_str() {
+            "clickhouse" => ControlSource::ClickHouse,
+            "kafka" => ControlSource::Kafka { topic: env.string("TALLY_CONTROL_TOPIC", CONTROL_TOPIC) },
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "TALLY_INGEST_CONTROL".into(),
+                    value: other.into(),
+                    reason: "expected clickhouse or kafka".into(),
+                })
+            }
+        };
         let config = IngestConfig {
+            control,
             sink: env.parse("TALLY_SINK", SinkKind::Kafka)?,
             worker_threads: env.parse("TALLY_WORKER_THREADS", 0)?,
             common: CommonConfig::from_env(env, "127.0.0.1:8080")?,

@@ -25,7 +25,7 @@ pub enum IngestError {
     Unsupported(UnsupportedMedia),
     #[error("event store unavailable: {0}")]
     Unavailable(#[from] SinkError),
-    #[error("not ready: api keys and prices not loaded from clickhouse yet")]
+    #[error("not ready: api keys and prices not loaded yet")]
     NotReady,
     #[error("rate limit of {} events per minute reached", .0.limit)]
     RateLimited(crate::ratelimit::Admission),

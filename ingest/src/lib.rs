@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod handler;
 pub mod metrics;
@@ -21,7 +22,7 @@ use tally_common::server::{self, HttpMetrics, OpsState, Readiness};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{IngestConfig, SinkKind};
+use crate::config::{ControlSource, IngestConfig, SinkKind};
 use crate::metrics::IngestMetrics;
 use crate::prices::Prices;
 use crate::sink::{DiscardSink, EventSink, KafkaSink};
@@ -88,7 +89,9 @@ impl Readiness for IngestReadiness {
     fn check(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             if !self.keys.is_loaded() || !self.prices.is_loaded() {
-                return Err("api keys and prices not loaded from clickhouse yet".into());
+                return Err(
+                    "api keys and prices not loaded yet (from clickhouse, or the control topic)".into()
+                );
             }
             if !self.sink.is_available() {
                 return Err("kafka unreachable".into());
@@ -125,21 +128,40 @@ pub async fn run(
     };
 
     let keys = KeySet::new();
-    if let Err(error) = keys.refresh(&config.common.clickhouse).await {
-        tracing::warn!(error = %error, "api keys not loaded yet, will retry");
-    }
-    keys.spawn_refresher(config.common.clickhouse.clone(), config.key_refresh_interval, background.clone());
     let prices = Arc::new(Prices::default());
-    match prices::load(&config.common.clickhouse).await {
-        Ok(book) => prices.replace(book),
-        Err(error) => tracing::warn!(error = %error, "prices not loaded yet, will retry"),
+    match &config.control {
+        ControlSource::ClickHouse => {
+            let clickhouse = &config.common.clickhouse;
+            if let Err(error) = keys.refresh(clickhouse).await {
+                tracing::warn!(error = %error, "api keys not loaded yet, will retry");
+            }
+            keys.spawn_refresher(clickhouse.clone(), config.key_refresh_interval, background.clone());
+            match prices::load(clickhouse).await {
+                Ok(book) => prices.replace(book),
+                Err(error) => tracing::warn!(error = %error, "prices not loaded yet, will retry"),
+            }
+            prices::spawn_refresher(
+                &prices,
+                clickhouse.clone(),
+                config.price_refresh_interval,
+                background.clone(),
+            );
+        }
+        ControlSource::Kafka { topic } => {
+            let targets = control::Targets {
+                keys: Arc::clone(&keys),
+                prices: Arc::clone(&prices),
+                applied: metrics.control_snapshots.clone(),
+            };
+            control::spawn_reader(
+                &config.kafka,
+                &config.common.kafka_security,
+                topic,
+                targets,
+                background.clone(),
+            )?;
+        }
     }
-    prices::spawn_refresher(
-        &prices,
-        config.common.clickhouse.clone(),
-        config.price_refresh_interval,
-        background.clone(),
-    );
 
     let state = AppState::new(Shared {
         sink: Arc::clone(&sink),

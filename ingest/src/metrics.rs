@@ -12,6 +12,7 @@ pub struct IngestMetrics {
     pub produce_seconds: Histogram,
     pub producer_queue_depth: IntGauge,
     pub kafka_up: IntGauge,
+    pub control_snapshots: IntCounter,
 }
 
 impl IngestMetrics {
@@ -49,6 +50,10 @@ impl IngestMetrics {
                 "records queued in the producer, not yet acknowledged",
             )?,
             kafka_up: IntGauge::new("tally_ingest_kafka_up", "1 when the Kafka brokers answer")?,
+            control_snapshots: IntCounter::new(
+                "tally_ingest_control_snapshots_applied_total",
+                "API-key and price snapshots read from the control topic and applied",
+            )?,
         };
         registry.register(Box::new(metrics.events_accepted.clone()))?;
         registry.register(Box::new(metrics.events_produced_unanswered.clone()))?;
@@ -58,6 +63,7 @@ impl IngestMetrics {
         registry.register(Box::new(metrics.produce_seconds.clone()))?;
         registry.register(Box::new(metrics.producer_queue_depth.clone()))?;
         registry.register(Box::new(metrics.kafka_up.clone()))?;
+        registry.register(Box::new(metrics.control_snapshots.clone()))?;
         Ok(metrics)
     }
 }

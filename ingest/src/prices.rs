@@ -1,38 +1,29 @@
-//! The model-price registry, loaded from ClickHouse and refreshed in the background.
+//! The model-price registry, loaded from ClickHouse (or the control topic) and refreshed in the
+//! background.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use clickhouse::Row;
-use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::snapshot::{spawn_reloader, Snapshot};
+use tally_schemas::control::PriceEntry;
 use tally_schemas::pricing::{ModelPrice, PriceBook};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Row, Deserialize)]
-struct PriceRow {
-    provider: String,
-    model: String,
-    from_s: u32,
-    input_price: i64,
-    output_price: i64,
+/// The price book of ClickHouse's `model_prices`.
+pub async fn load(config: &ChConfig) -> Result<PriceBook, clickhouse::error::Error> {
+    Ok(book(tally_common::prices::load_entries(config).await?))
 }
 
-pub async fn load(config: &ChConfig) -> Result<PriceBook, clickhouse::error::Error> {
-    let sql = format!(
-        "SELECT provider, model, toUInt32(effective_from) AS from_s, argMax(input_nanos_per_mtok, version) AS input_price, \
-         argMax(output_nanos_per_mtok, version) AS output_price FROM {} GROUP BY provider, model, effective_from",
-        config.table("model_prices")
-    );
-    let rows: Vec<PriceRow> = config.client().query(&sql).fetch_all().await?;
-    Ok(PriceBook::new(rows.into_iter().map(|row| ModelPrice {
-        provider: row.provider,
-        model: row.model,
-        effective_from_ms: i64::from(row.from_s) * 1000,
-        input_nanos_per_mtok: row.input_price,
-        output_nanos_per_mtok: row.output_price,
-    })))
+/// The price book of a control snapshot's prices.
+pub fn book(entries: Vec<PriceEntry>) -> PriceBook {
+    PriceBook::new(entries.into_iter().map(|p| ModelPrice {
+        provider: p.provider,
+        model: p.model,
+        effective_from_ms: p.effective_from_ms,
+        input_nanos_per_mtok: p.input_nanos_per_mtok,
+        output_nanos_per_mtok: p.output_nanos_per_mtok,
+    }))
 }
 
 /// The current price book. Until the first load succeeds the ingest is not ready: pricing events

@@ -1,7 +1,8 @@
 //! Tally's shared contracts: the normalized usage event and its validation bounds, the parsers of
-//! the two SDK dialects, the Kafka record formats, pricing, API key hashing and the ClickHouse schema.
+//! the two SDK dialects, the Kafka record formats (events, dead letters, the control topic), pricing, API key hashing and the ClickHouse schema.
 
 pub mod cluster;
+pub mod control;
 pub mod event;
 pub mod keys;
 pub mod limits;
