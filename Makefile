@@ -78,7 +78,7 @@ chaos-long: ## the long form (~25 min): every fault three times, ClickHouse down
 plots: ## the PNG of every recorded run in loadtest/results/ (loadtest/plot.py, matplotlib)
 	$$(bash dev/tools.sh plot) loadtest/plot.py loadtest/results/*.json
 
-k8s-check: ## k8s/ overlays rendered (kubectl kustomize) and validated against the schemas (kubectl-validate); a first part of issue 15, not yet in make test
+k8s-check: ## k8s/ without a cluster: overlays rendered, validated against Kubernetes' and the operators' schemas, invariants, alert unit tests, checkov (also a step of make test)
 	@bash dev/k8s_check.sh
 
 bench-cluster: ## the cluster vs one server: one consumer on each, then two on the cluster; rows/s and CPU per million rows (docs/scaling.md)

@@ -18,7 +18,12 @@
 #     refused the admin tables
 #  6. dev/archive_roundtrip.py: tally-archiver archives two generated months; pyarrow, DuckDB and
 #     chdb read the files back and must find ClickHouse's per-org rows and exact sums
-#  7. dev/chaos.sh: `make chaos`'s short form (~4 min): every fault once under SDK-like load on a
+#  7. dev/k8s_check.sh: the Kubernetes manifests rendered, validated against Kubernetes' and the
+#     operators' schemas (and refused when broken on purpose), their invariants, the alerts' unit
+#     tests, the policy scan (`make k8s-check`; its tools are installed at step 1)
+#  7b. dev/kafka_auth_check.py: the services on a SASL_SSL (SCRAM-SHA-512) broker with exactly the
+#     KafkaUsers' ACLs of k8s/: each does its work, and is refused what its ACLs do not grant
+#  8. dev/chaos.sh: `make chaos`'s short form (~4 min): every fault once under SDK-like load on a
 #     private stack in its own network namespace, then the end-to-end ledger
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +33,8 @@ CLICKHOUSE_URL="http://127.0.0.1:8123"
 
 cd "$ROOT"
 bash dev/stack.sh infra-up
+# kubectl-validate, promtool, the Prometheus Operator's CRDs, checkov: into the cache, once.
+bash dev/k8s_check.sh install
 
 # Python tools, pinned (dev/tools.sh): chdb, schemathesis, DuckDB, pyarrow.
 TOOLS_PYTHON="$(bash dev/tools.sh)"
@@ -56,5 +63,10 @@ echo "[test] the analysts' cookbook (docs/analysts.md) on both ClickHouse versio
 "$VENV/bin/python" dev/analysts.py --clickhouse-url "$CLICKHOUSE_URL/"
 echo "[test] the archive read back by pyarrow, DuckDB and chdb"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" "$VENV/bin/python" dev/archive_roundtrip.py --clickhouse-url "$CLICKHOUSE_URL/"
+echo "[test] the Kubernetes manifests (k8s/): schemas, invariants, alerts, policy scan"
+bash dev/k8s_check.sh
+echo "[test] the services on an authenticated Kafka (SCRAM over TLS) with the ACLs of k8s/"
+"$(bash dev/tools.sh k8s)" dev/kafka_auth_check.py --bin-dir "$CARGO_TARGET_DIR/debug" \
+  --kafka-libs "$TALLY_KAFKA_LIBS" --clickhouse-url "$CLICKHOUSE_URL"
 echo "[test] make chaos, short form: every fault once under load on a private stack, then the ledger"
 bash dev/chaos.sh
