@@ -90,11 +90,12 @@ bench-cluster: ## the cluster vs one server: one consumer on each, then two on t
 cluster-up: ## Tally on the local cluster: ZooKeeper, ClickHouse 2 shards x 2 replicas, 3 Kafka brokers, 2 consumers, 2 ingest behind nginx, the query API; demo org and traffic
 	@bash dev/cluster.sh up
 
-test-cluster: ## the cluster suite (docs/scaling.md): smoke, schema, then exactly once under kill -9 / broker restart / replica down 60 s / shard down 30 s, and the cluster's answers vs a single node's
+test-cluster: ## the cluster suite (docs/scaling.md): smoke, schema, then exactly once under kill -9 / broker restart / replica down 60 s / shard down 30 s, the archiver on the cluster, and the cluster's answers vs a single node's
 	@bash dev/cluster.sh up
 	@bash dev/cluster.sh smoke
 	@bash dev/cluster.sh schema
 	python3 dev/cluster_test.py $(CLUSTER_TEST_ARGS)
+	python3 dev/cluster_archive.py --bin-dir $${CARGO_TARGET_DIR:-$$HOME/.cache/tally/target}/release
 	@bash dev/stack.sh up >/dev/null
 	python3 dev/cluster_compare.py
 

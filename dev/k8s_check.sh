@@ -12,7 +12,7 @@
 #     too and must see it refused.
 #  4. the alerts: promtool checks the PrometheusRule's rules and runs their unit tests
 #     (k8s/alerts-test.yaml)
-#  5. checkov scans the rendered overlays and the Dockerfiles; the findings not fixed are
+#  5. checkov scans the rendered overlays and the Dockerfile; the findings not fixed are
 #     justified in k8s/POLICY.md, whose table is the skip list (a skip without a reason fails)
 # `dev/k8s_check.sh install` installs the tools into the cache (Go module proxy, PyPI) and exits;
 # the check itself downloads nothing.
@@ -106,10 +106,7 @@ cp "$ROOT/k8s/alerts-test.yaml" "$out/alerts-test.yaml"
 skips="$("$K8S_PYTHON" "$ROOT/dev/k8s_invariants.py" policy-skips "$ROOT/k8s/POLICY.md")"
 mkdir -p "$out/scan"
 for name in "${overlays[@]}"; do cp "$out/$name.yaml" "$out/scan/"; done
-for dockerfile in "$ROOT"/*/Dockerfile; do
-  mkdir -p "$out/scan/$(basename "$(dirname "$dockerfile")")"
-  cp "$dockerfile" "$out/scan/$(basename "$(dirname "$dockerfile")")/Dockerfile"
-done
+cp "$ROOT/Dockerfile" "$out/scan/Dockerfile"
 log "checkov (kubernetes, dockerfile), skipping only what k8s/POLICY.md justifies: $skips"
 if ! "$(dirname "$K8S_PYTHON")/checkov" --quiet --compact --framework kubernetes dockerfile \
   --skip-check "$skips" -d "$out/scan" >"$out/checkov.txt" 2>&1; then

@@ -36,7 +36,7 @@ EXPECTED_PEERS = {
     "ingest": {"egress": {"dns", "kafka"}, "ingress": {"clients:8080"}},
     "consumer": {"egress": {"dns", "kafka", "clickhouse"}, "ingress": {"prometheus:8082"}},
     "query-api": {"egress": {"dns", "clickhouse", "s3"}, "ingress": {"clients:8081"}},
-    "archiver": {"egress": {"dns", "kafka", "clickhouse", "s3"}, "ingress": set()},
+    "archiver": {"egress": {"dns", "kafka", "clickhouse", "s3"}, "ingress": {"prometheus:8083"}},
     "migrate": {"egress": {"dns", "clickhouse"}, "ingress": set()},
 }
 WORKLOADS = ("Deployment", "Job", "CronJob")

@@ -64,12 +64,13 @@ impl ArchiverConfig {
         }
         let common = CommonConfig::from_env(env, "127.0.0.1:8083")?;
         if let Some(cluster) = &common.clickhouse.cluster {
-            // Its reads, staging table and DROP PARTITION are single-server today (issue 13's note).
-            return Err(invalid(
-                "TALLY_CLICKHOUSE_CLUSTER",
-                cluster.name.clone(),
-                "the archiver runs against a single ClickHouse server only; unset it (see docs/archive.md)",
-            ));
+            // It reads every shard's parts and drops a month on every shard: it must know them.
+            if cluster.shards.is_empty() {
+                return Err(ConfigError::Missing {
+                    key: "TALLY_CLICKHOUSE_SHARDS (the archiver on a cluster reads and drops each shard's partitions)"
+                        .into(),
+                });
+            }
         }
         let config = ArchiverConfig {
             common,

@@ -12,26 +12,80 @@ use crate::error::ArchiveError;
 use crate::month::Month;
 use crate::totals::{OrgSums, Sums};
 
-/// The months `tally.events` holds rows of, from its active partitions.
+/// The months `tally.events` holds rows of, from its active partitions (on a cluster: of every
+/// shard's local table).
 pub async fn months(config: &ChConfig) -> Result<Vec<Month>, ArchiveError> {
-    let ids: Vec<String> = config
-        .client()
-        .query("SELECT DISTINCT partition_id FROM system.parts WHERE database = ? AND table = 'events' AND active ORDER BY partition_id")
-        .bind(config.database.as_str())
-        .fetch_all()
-        .await?;
+    let sql = "SELECT DISTINCT partition_id FROM system.parts WHERE database = ? AND table = 'events' AND active ORDER BY partition_id";
+    let mut ids: Vec<String> = Vec::new();
+    for node in shard_nodes(config).await? {
+        ids.extend(node.client().query(sql).bind(config.database.as_str()).fetch_all::<String>().await?);
+    }
+    ids.sort();
+    ids.dedup();
     Ok(ids.iter().filter_map(|id| Month::from_partition(id)).collect())
 }
 
-/// The active parts of the month's partition (recorded in the manifest).
+/// The active parts of the month's partition (recorded in the manifest); on a cluster each name
+/// is prefixed with its shard (`s1/202611_0_0_0`).
 pub async fn parts(config: &ChConfig, month: Month) -> Result<Vec<String>, ArchiveError> {
-    Ok(config
-        .client()
-        .query("SELECT name FROM system.parts WHERE database = ? AND table = 'events' AND active AND partition_id = ? ORDER BY name")
-        .bind(config.database.as_str())
-        .bind(month.partition().to_string())
-        .fetch_all()
-        .await?)
+    let sql = "SELECT name FROM system.parts WHERE database = ? AND table = 'events' AND active AND partition_id = ? ORDER BY name";
+    let nodes = shard_nodes(config).await?;
+    let mut names = Vec::new();
+    for (shard, node) in nodes.iter().enumerate() {
+        let found: Vec<String> = node
+            .client()
+            .query(sql)
+            .bind(config.database.as_str())
+            .bind(month.partition().to_string())
+            .fetch_all()
+            .await?;
+        if config.cluster.is_some() {
+            names.extend(found.into_iter().map(|name| format!("s{shard}/{name}")));
+        } else {
+            names.extend(found);
+        }
+    }
+    Ok(names)
+}
+
+/// Where the archiver reads rows and sums from: `events`, or on a cluster the Distributed
+/// `events_all` over every shard (a closed month takes no more inserts, so its replicas agree).
+fn events(config: &ChConfig) -> String {
+    config.table(if config.cluster.is_some() { "events_all" } else { "events" })
+}
+
+/// One answering replica of each shard (the server itself when not on a cluster). A shard none
+/// of whose replicas answers fails the pass: a month is never judged on part of its shards.
+async fn shard_nodes(config: &ChConfig) -> Result<Vec<ChConfig>, ArchiveError> {
+    let Some(cluster) = &config.cluster else {
+        return Ok(vec![config.clone()]);
+    };
+    let mut nodes = Vec::with_capacity(cluster.shards.len());
+    for (shard, replicas) in cluster.shards.iter().enumerate() {
+        let mut last_error = None;
+        let mut found = None;
+        for url in replicas {
+            let node = ChConfig { url: url.clone(), ..config.clone() };
+            match node.client().query("SELECT 1").fetch_one::<u8>().await {
+                Ok(_) => {
+                    found = Some(node);
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match found {
+            Some(node) => nodes.push(node),
+            None => {
+                return Err(ArchiveError::Config(format!(
+                    "no replica of shard {shard} answers ({}): {}",
+                    replicas.join(", "),
+                    last_error.map(|e| e.to_string()).unwrap_or_default()
+                )))
+            }
+        }
+    }
+    Ok(nodes)
 }
 
 #[derive(Row, Deserialize)]
@@ -63,7 +117,7 @@ pub async fn sums(config: &ChConfig, month: Month) -> Result<OrgSums, ArchiveErr
         "SELECT org_id, count() AS rows, sum(cost_nanos) AS cost_nanos, sum(toUInt64(prompt_tokens)) AS prompt_tokens, \
          sum(toUInt64(completion_tokens)) AS completion_tokens, sum(toUInt64(total_tokens)) AS total_tokens \
          FROM {} WHERE toYYYYMM(timestamp) = ? GROUP BY org_id ORDER BY org_id",
-        config.table("events")
+        events(config)
     );
     let rows: Vec<OrgRow> = config.client().query(&sql).bind(month.partition()).fetch_all().await?;
     Ok(rows.into_iter().map(OrgRow::into_entry).collect())
@@ -105,7 +159,7 @@ pub async fn plan(config: &ChConfig, month: Month, chunk_rows: u64) -> Result<Ve
     let sql = format!(
         "SELECT org_id, toUInt32(toDate(timestamp)) AS day, count() AS rows FROM {} \
          WHERE toYYYYMM(timestamp) = ? GROUP BY org_id, day ORDER BY org_id, day",
-        config.table("events")
+        events(config)
     );
     let counts: Vec<DayCount> = config.client().query(&sql).bind(month.partition()).fetch_all().await?;
     Ok(chunks(counts.into_iter().map(|c| (c.org_id, c.day, c.rows)), chunk_rows))
@@ -123,7 +177,7 @@ pub fn rows(
          AND (org_id > ? OR (org_id = ? AND {day} >= ?)) AND (org_id < ? OR (org_id = ? AND {day} <= ?)) \
          ORDER BY org_id, timestamp, timestamp_ms, event_id",
         select_list(),
-        config.table("events")
+        events(config)
     );
     let (first_org, first_day) = &chunk.first;
     let (last_org, last_day) = &chunk.last;
@@ -143,6 +197,13 @@ pub fn rows(
 /// The staging table of a restore of `month`: `events_restore_<YYYYMM>`, empty, shaped like
 /// `events` (no views read it).
 pub async fn create_staging(config: &ChConfig, month: Month) -> Result<String, ArchiveError> {
+    if config.cluster.is_some() {
+        return Err(ArchiveError::Config(
+            "restoring a month on a ClickHouse cluster is not supported yet: restore it on a single server, \
+             or read it from the archive (the query API does)"
+                .into(),
+        ));
+    }
     let staging = config.table(&format!("events_restore_{}", month.partition()));
     config.client().query(&format!("DROP TABLE IF EXISTS {staging}")).execute().await?;
     config.client().query(&format!("CREATE TABLE {staging} AS {}", config.table("events"))).execute().await?;
@@ -184,10 +245,13 @@ pub async fn attach_staging(config: &ChConfig, month: Month, staging: &str) -> R
     Ok(())
 }
 
-/// Drops the month's partition of `tally.events` (the rollups keep their rows).
+/// Drops the month's partition of `tally.events` (the rollups keep their rows); on a cluster on
+/// one replica of every shard, which replicates the drop to the shard's other replicas.
 pub async fn drop_partition(config: &ChConfig, month: Month) -> Result<(), ArchiveError> {
     let sql = format!("ALTER TABLE {} DROP PARTITION {}", config.table("events"), month.partition());
-    config.client().query(&sql).execute().await?;
+    for node in shard_nodes(config).await? {
+        node.client().query(&sql).execute().await?;
+    }
     Ok(())
 }
 
