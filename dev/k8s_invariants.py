@@ -13,8 +13,9 @@ The invariants:
     limits, read-only root filesystem, no privilege escalation, every capability dropped
   - every Deployment's container: readiness on /readyz and liveness on /healthz at its port;
     terminationGracePeriodSeconds longer than the drain (TALLY_SHUTDOWN_TIMEOUT_MS)
-  - HPAs: their target exists, min <= replicas <= max, and the consumer's max does not exceed
-    the events topic's partitions (a consumer beyond them would idle)
+  - HPAs: their target exists, min <= replicas <= max, the consumer's max does not exceed the
+    events topic's partitions (a consumer beyond them would idle), and the ingest's share of each
+    org's limit (TALLY_INGEST_REPLICAS) is its minReplicas
   - every Secret referenced (env, volumes, the ClickHouseInstallation) is in docs/deploy.md's
     table of Secrets, and every Secret listed there is referenced; every *_FILE setting points
     into a volume mounted in that container
@@ -137,6 +138,13 @@ def check_autoscaling(docs, errors):
         if not low <= deployment["spec"].get("replicas", 1) <= high:
             errors.append(f"{where}: the Deployment's replicas are outside [{low}, {high}]")
         component = deployment["metadata"]["labels"].get("app.kubernetes.io/component")
+        if component == "ingest":
+            share = container_env(pod_spec(deployment)["spec"]["containers"][0], config).get("TALLY_INGEST_REPLICAS", "1")
+            if share != str(low):
+                errors.append(
+                    f"{where}: TALLY_INGEST_REPLICAS={share} must equal minReplicas {low} (each replica enforces "
+                    "1/N of an org's limit; docs/deploy.md, Scaling)"
+                )
         if component == "consumer":
             if events is None:
                 errors.append(f"{where}: no KafkaTopic for the events topic bounds the consumers")
@@ -357,6 +365,12 @@ def break_hpa(docs):
     return "exceeds the events topic's"
 
 
+def break_share(docs):
+    find(docs, "HorizontalPodAutoscaler", "tally-ingest")["spec"]["minReplicas"] = 4
+    find(docs, "Deployment", "tally-ingest")["spec"]["replicas"] = 4
+    return "TALLY_INGEST_REPLICAS=3 must equal minReplicas 4"
+
+
 def break_secret(docs):
     first_container(docs, "tally-ingest")["env"].append(
         {"name": "TALLY_X", "valueFrom": {"secretKeyRef": {"name": "tally-undocumented", "key": "k"}}}
@@ -400,7 +414,7 @@ def break_kafka_user(docs):
 
 
 BREAKS = [
-    break_probe, break_root, break_limits, break_init_limits, break_grace, break_hpa, break_secret,
+    break_probe, break_root, break_limits, break_init_limits, break_grace, break_hpa, break_share, break_secret,
     break_file, break_egress, break_ingest_clickhouse, break_ingest_control, break_deny, break_kafka_user,
 ]
 
