@@ -86,7 +86,15 @@ start_zookeeper() {
     -Dlog4j.configuration="file:/etc/zookeeper/conf/log4j.properties" \
     -cp "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar" \
     org.apache.zookeeper.server.quorum.QuorumPeerMain "$CL/zookeeper/zoo.cfg"
-  wait_until zookeeper 60 port_open "$ZK_PORT"
+  # The port opens before ZooKeeper serves (it replays its log first); ClickHouse started in
+  # between fails its handshake and exits. Wait for `stat` to answer with a mode.
+  wait_until zookeeper 60 zk_serving
+}
+
+zk_serving() {
+  local answer
+  answer="$(exec 3<>"/dev/tcp/127.0.0.1/$ZK_PORT" && printf stat >&3 && timeout 2 cat <&3)" 2>/dev/null || return 1
+  [[ $answer == *"Mode:"* ]]
 }
 
 # ---------------------------------------------------------------- ClickHouse, 2 shards x 2 replicas
