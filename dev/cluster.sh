@@ -207,15 +207,16 @@ kafka_topics() {
     org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP" "$@"
 }
 
-create_topic() { # create_topic NAME PARTITIONS
-  local tries
+create_topic() { # create_topic NAME PARTITIONS [--config K=V ...]
+  local tries topic="$1" partitions="$2"
+  shift 2
   for tries in $(seq 1 15); do
-    kafka_topics --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 3 \
-      --config min.insync.replicas=2 >>"$CL/log/kafka-topics.log" 2>&1 && return 0
+    kafka_topics --create --if-not-exists --topic "$topic" --partitions "$partitions" --replication-factor 3 \
+      --config min.insync.replicas=2 "$@" >>"$CL/log/kafka-topics.log" 2>&1 && return 0
     sleep 2
   done
   tail -n 20 "$CL/log/kafka-topics.log" >&2
-  die "could not create topic $1 on the cluster"
+  die "could not create topic $topic on the cluster"
 }
 
 # ---------------------------------------------------------------- the services on the cluster
@@ -289,6 +290,7 @@ cluster_env() { # the TALLY_* settings every service gets on the cluster
   echo "TALLY_KAFKA_BROKERS=$KAFKA_BOOTSTRAP"
   echo "TALLY_CLICKHOUSE_DATABASE=$DB"
   echo "TALLY_CLICKHOUSE_CLUSTER=$CLUSTER_NAME"
+  echo "TALLY_CONTROL_TOPIC=tally.control.v1" # the consumers publish the keys and prices there
   echo "TALLY_ADMIN_TOKEN=$(admin_token)"
   echo "TALLY_LOG_FORMAT=json"
 }
@@ -303,13 +305,14 @@ start_service() { # start_service NAME BINARY PORT EXTRA_ENV...
 }
 
 # Consumers migrate (the migration lock lives on node 1, which every runner names) and write each
-# org's rows to its shard; ingest and the query API read through the ClickHouse load balancer.
+# org's rows to its shard; the query API reads through the ClickHouse load balancer.
 start_consumer() { # start_consumer N [ENV...]
   local n="$1"; shift
   start_service "consumer-$n" tally-consumer $((8282 + n)) TALLY_CLICKHOUSE_URL=http://127.0.0.1:8131 \
     TALLY_CLICKHOUSE_SHARDS="$SHARDS" TALLY_CONSUMER_INSTANCE_ID="consumer-$n" "$@"
 }
-start_ingest() { start_service "ingest-$1" tally-ingest $((8280 + $1)) TALLY_CLICKHOUSE_URL="http://127.0.0.1:$CH_LB"; }
+# The ingest replicas reach Kafka only (as on Kubernetes): keys and prices from the control topic.
+start_ingest() { start_service "ingest-$1" tally-ingest $((8280 + $1)) TALLY_INGEST_CONTROL=kafka TALLY_CLICKHOUSE_URL=http://127.0.0.1:9; }
 start_query() {
   start_service query-api tally-query-api "$QUERY_PORT" TALLY_CLICKHOUSE_URL="http://127.0.0.1:$CH_LB" TALLY_MIGRATE=false
 }
@@ -336,12 +339,14 @@ demo() {
   key="$(sed -n 's/.*"apiKey":"\([^"]*\)".*/\1/p' <<<"$body")"
   (umask 077; printf 'TALLY_INGEST_URL=http://127.0.0.1:%s\nTALLY_QUERY_URL=http://127.0.0.1:%s\nTALLY_DEMO_API_KEY=%s\n' \
     "$INGEST_LB" "$QUERY_PORT" "$key" >"$CL/demo.env")
-  # Both ingest replicas refresh their key sets on their own: wait until several answers in a
-  # row (nginx alternates between them) know the key.
-  local known=0
+  # Both ingest replicas read the key from the control topic on their own (<= 5 s after the
+  # consumers publish it): wait until several answers in a row (nginx alternates between them)
+  # know the key and come from a ready replica.
+  local known=0 code
   for _ in $(seq 1 100); do
-    if [[ $(curl -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $key" -H 'Content-Type: application/json' \
-      -d '{"events":[]}' "http://127.0.0.1:$INGEST_LB/v1/ingest") != 401 ]]; then known=$((known + 1)); else known=0; fi
+    code="$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $key" -H 'Content-Type: application/json' \
+      -d '{"events":[]}' "http://127.0.0.1:$INGEST_LB/v1/ingest")"
+    if [[ $code != 401 && $code != 503 ]]; then known=$((known + 1)); else known=0; fi
     [[ $known -ge 4 ]] && break
     sleep 0.2
   done
@@ -375,6 +380,7 @@ infra_up() {
   start_kafka
   create_topic tally.events.v1 8
   create_topic tally.events.dlq.v1 2
+  create_topic tally.control.v1 1 --config cleanup.policy=compact
   log "cluster up: clickhouse http 8131-8134 (cluster '$CLUSTER_NAME': 2 shards x 2 replicas), kafka $KAFKA_BOOTSTRAP, zookeeper 127.0.0.1:$ZK_PORT"
 }
 

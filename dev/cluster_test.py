@@ -251,7 +251,7 @@ def main():
 
     orgs = create_orgs(args.orgs, admin_token(os.path.join(ROOT, "dev", "cluster.sh")))
     log(f"{len(orgs)} orgs: {Counter(o['shard'] + 1 for o in orgs)} per shard; waiting for both ingest replicas to know their keys")
-    time.sleep(6)  # the ingest replicas refresh their key sets every 5 s
+    time.sleep(7)  # the consumers publish the new keys within 5 s; the ingest replicas read them at once
     ledger = Ledger()
     log(f"load: {args.rate} requests/s of {args.batch} events through nginx for {args.seconds} s"
         + ("" if args.no_chaos else ", with the chaos schedule"))
