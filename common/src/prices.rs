@@ -3,7 +3,7 @@
 
 use clickhouse::Row;
 use serde::Deserialize;
-use tally_schemas::control::PriceEntry;
+use tally_schemas::pricing::ModelPrice;
 
 use crate::ch::ChConfig;
 
@@ -16,7 +16,7 @@ struct PriceRow {
     output_price: i64,
 }
 
-pub async fn load_entries(config: &ChConfig) -> Result<Vec<PriceEntry>, clickhouse::error::Error> {
+pub async fn load_entries(config: &ChConfig) -> Result<Vec<ModelPrice>, clickhouse::error::Error> {
     let sql = format!(
         "SELECT provider, model, toUInt32(effective_from) AS from_s, argMax(input_nanos_per_mtok, version) AS input_price, \
          argMax(output_nanos_per_mtok, version) AS output_price FROM {} GROUP BY provider, model, effective_from",
@@ -25,7 +25,7 @@ pub async fn load_entries(config: &ChConfig) -> Result<Vec<PriceEntry>, clickhou
     let rows: Vec<PriceRow> = config.client().query(&sql).fetch_all().await?;
     Ok(rows
         .into_iter()
-        .map(|row| PriceEntry {
+        .map(|row| ModelPrice {
             provider: row.provider,
             model: row.model,
             effective_from_ms: i64::from(row.from_s) * 1000,

@@ -56,13 +56,13 @@ pub fn spawn_publisher(
                     continue;
                 }
             };
-            let digest = snapshot.document().1;
+            let (document, digest) = snapshot.document();
             if last.as_ref().is_some_and(|(d, at)| *d == digest && at.elapsed() < REPUBLISH_AFTER) {
                 continue;
             }
             sequence += 1;
             let id = format!("{publisher}-{sequence}");
-            match publish(&producer, &topic, &snapshot, &id).await {
+            match publish(&producer, &topic, encode(&document, &digest, &id)).await {
                 Ok(parts) => {
                     tracing::info!(
                         snapshot = %id, keys = snapshot.keys.len(), prices = snapshot.prices.len(), parts,
@@ -83,10 +83,8 @@ pub fn spawn_publisher(
 async fn publish(
     producer: &FutureProducer,
     topic: &str,
-    snapshot: &ControlSnapshot,
-    id: &str,
+    records: Vec<(String, Vec<u8>)>,
 ) -> Result<usize, rdkafka::error::KafkaError> {
-    let records = encode(snapshot, id);
     let sends = records.iter().map(|(key, value)| {
         producer.send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(30))
     });

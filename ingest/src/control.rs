@@ -12,10 +12,11 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tally_common::config::KafkaSecurity;
 use tally_common::keyset::KeySet;
 use tally_schemas::control::{Assembler, ControlSnapshot};
+use tally_schemas::pricing::PriceBook;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
-use crate::prices::{self, Prices};
+use crate::prices::Prices;
 
 /// Where each snapshot goes.
 pub struct Targets {
@@ -28,7 +29,7 @@ impl Targets {
     fn apply(&self, snapshot: ControlSnapshot) {
         let prices = snapshot.prices.len();
         let keys = self.keys.replace(snapshot.keys);
-        self.prices.replace(prices::book(snapshot.prices));
+        self.prices.replace(PriceBook::new(snapshot.prices));
         self.applied.inc();
         tracing::info!(keys, prices, "control: API keys and prices applied");
     }

@@ -6,24 +6,12 @@ use std::time::Duration;
 
 use tally_common::ch::ChConfig;
 use tally_common::snapshot::{spawn_reloader, Snapshot};
-use tally_schemas::control::PriceEntry;
-use tally_schemas::pricing::{ModelPrice, PriceBook};
+use tally_schemas::pricing::PriceBook;
 use tokio_util::sync::CancellationToken;
 
 /// The price book of ClickHouse's `model_prices`.
 pub async fn load(config: &ChConfig) -> Result<PriceBook, clickhouse::error::Error> {
-    Ok(book(tally_common::prices::load_entries(config).await?))
-}
-
-/// The price book of a control snapshot's prices.
-pub fn book(entries: Vec<PriceEntry>) -> PriceBook {
-    PriceBook::new(entries.into_iter().map(|p| ModelPrice {
-        provider: p.provider,
-        model: p.model,
-        effective_from_ms: p.effective_from_ms,
-        input_nanos_per_mtok: p.input_nanos_per_mtok,
-        output_nanos_per_mtok: p.output_nanos_per_mtok,
-    }))
+    Ok(PriceBook::new(tally_common::prices::load_entries(config).await?))
 }
 
 /// The current price book. Until the first load succeeds the ingest is not ready: pricing events

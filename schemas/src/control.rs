@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::plan::Plan;
+use crate::pricing::ModelPrice;
 
 pub const CONTROL_TOPIC: &str = "tally.control.v1";
 /// The largest document part in one record.
@@ -35,21 +36,11 @@ pub struct KeyEntry {
     pub burst: u32,
 }
 
-/// One model price (nano-dollars per million tokens from `effective_from_ms`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PriceEntry {
-    pub provider: String,
-    pub model: String,
-    pub effective_from_ms: i64,
-    pub input_nanos_per_mtok: i64,
-    pub output_nanos_per_mtok: i64,
-}
-
 /// What the ingest needs from the admin tables, at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlSnapshot {
     pub keys: Vec<KeyEntry>,
-    pub prices: Vec<PriceEntry>,
+    pub prices: Vec<ModelPrice>,
 }
 
 impl ControlSnapshot {
@@ -79,18 +70,19 @@ struct PartHeader {
     sha256: String,
 }
 
-/// The records of one snapshot: (key, value) per part, in order. `snapshot_id` must be unique
-/// per publication (e.g. the publisher's id and a sequence number).
-pub fn encode(snapshot: &ControlSnapshot, snapshot_id: &str) -> Vec<(String, Vec<u8>)> {
-    let (document, sha256) = snapshot.document();
+/// The records of one snapshot's `document` (with its `sha256`, both from
+/// `ControlSnapshot::document`): (key, value) per part, in order. `snapshot_id` must be unique per
+/// publication (e.g. the publisher's id and a sequence number).
+pub fn encode(document: &[u8], sha256: &str, snapshot_id: &str) -> Vec<(String, Vec<u8>)> {
     let chunks: Vec<&[u8]> =
-        if document.is_empty() { vec![&document[..]] } else { document.chunks(PART_BYTES).collect() };
+        if document.is_empty() { vec![document] } else { document.chunks(PART_BYTES).collect() };
     let parts = chunks.len();
     chunks
         .into_iter()
         .enumerate()
         .map(|(part, bytes)| {
-            let header = PartHeader { snapshot: snapshot_id.to_owned(), part, parts, sha256: sha256.clone() };
+            let header =
+                PartHeader { snapshot: snapshot_id.to_owned(), part, parts, sha256: sha256.to_owned() };
             let mut value = serde_json::to_vec(&header).expect("a header always serializes");
             value.push(b'\n');
             value.extend_from_slice(bytes);
@@ -173,6 +165,11 @@ impl Assembler {
 mod tests {
     use super::*;
 
+    fn records(snapshot: &ControlSnapshot, id: &str) -> Vec<(String, Vec<u8>)> {
+        let (document, sha256) = snapshot.document();
+        encode(&document, &sha256, id)
+    }
+
     fn snapshot(keys: usize) -> ControlSnapshot {
         ControlSnapshot {
             keys: (0..keys)
@@ -185,7 +182,7 @@ mod tests {
                     burst: 0,
                 })
                 .collect(),
-            prices: vec![PriceEntry {
+            prices: vec![ModelPrice {
                 provider: "openai".into(),
                 model: "gpt-4o".into(),
                 effective_from_ms: 0,
@@ -199,7 +196,7 @@ mod tests {
     #[test]
     fn a_large_snapshot_is_cut_into_parts_and_read_back_whole() {
         let big = snapshot(20_000);
-        let records = encode(&big, "p1-1");
+        let records = records(&big, "p1-1");
         assert!(records.len() > 2, "{} parts", records.len());
         assert!(records.iter().all(|(_, v)| v.len() <= PART_BYTES + 200));
         assert_eq!(records[1].0, "snapshot/1");
@@ -214,7 +211,7 @@ mod tests {
     #[test]
     fn interleaved_publishers_each_complete_and_a_corrupt_part_is_refused() {
         let (a, b) = (snapshot(4000), snapshot(4001));
-        let (ra, rb) = (encode(&a, "a-1"), encode(&b, "b-1"));
+        let (ra, rb) = (records(&a, "a-1"), records(&b, "b-1"));
         assert_eq!((ra.len(), rb.len()), (2, 2));
         let mut assembler = Assembler::default();
         assert_eq!(assembler.push(&ra[0].1), Ok(None));
@@ -222,7 +219,7 @@ mod tests {
         assert_eq!(assembler.push(&rb[1].1), Ok(Some(b)));
         assert_eq!(assembler.push(&ra[1].1), Ok(Some(a.clone())));
 
-        let mut corrupt = encode(&a, "a-2");
+        let mut corrupt = records(&a, "a-2");
         let last = corrupt[1].1.len() - 2;
         corrupt[1].1[last] ^= 1;
         assert_eq!(assembler.push(&corrupt[0].1), Ok(None));
@@ -237,7 +234,7 @@ mod tests {
         assert_ne!(shuffled.document().1, snapshot(50).document().1);
         assert_eq!(shuffled.normalized().document().1, snapshot(50).document().1);
         let empty = ControlSnapshot::default();
-        let records = encode(&empty, "e");
+        let records = records(&empty, "e");
         assert_eq!(records.len(), 1);
         assert_eq!(Assembler::default().push(&records[0].1), Ok(Some(empty)));
     }

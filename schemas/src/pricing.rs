@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use crate::event::{CostSource, Event};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Also what the control topic carries (`control::ControlSnapshot::prices`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelPrice {
     pub provider: String,
     pub model: String,

@@ -15,7 +15,6 @@ pub fn kafka_brokers() -> String {
     std::env::var("TALLY_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
-/// A random name with a prefix, for databases and topics (`tally_t_<prefix>_<12 hex>`).
 /// The value of the unlabelled counter or gauge `name` in a Prometheus text exposition (0 when
 /// absent), as a service's `/metrics` answers it.
 pub fn metric_value(exposition: &str, name: &str) -> u64 {
@@ -25,6 +24,7 @@ pub fn metric_value(exposition: &str, name: &str) -> u64 {
         .map_or(0, |value| value as u64)
 }
 
+/// A random name with a prefix, for databases and topics (`tally_t_<prefix>_<12 hex>`).
 pub fn unique_name(prefix: &str) -> String {
     format!("tally_t_{prefix}_{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff)
 }
