@@ -107,7 +107,7 @@ def check_pods(docs, errors):
                 errors.append(f"{cwhere}: runs as root")
             mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
             mounts_by_container[container["name"]] = mounts
-            for key, value in container_env(container, config_map(docs)).items():
+            for key, value in container_env(container, config).items():
                 if key.endswith("_FILE") and not any(value.startswith(m.rstrip("/") + "/") for m in mounts):
                     errors.append(f"{cwhere}: {key}={value} is not under a mounted volume")
         if obj["kind"] == "Deployment":

@@ -189,9 +189,9 @@ message.max.bytes=8388608
                     f"ssl.truststore.type=PEM\nssl.truststore.location={self.ca}\n")
         return path
 
-    def tool(self, tool, *args, properties=None, **kwargs):
-        return self.java(tool, "--bootstrap-server", f"127.0.0.1:{self.port}", "--command-config",
-                         properties or self.admin, *args, **kwargs)
+    def tool(self, tool, *args):
+        """A Kafka admin tool as the super user."""
+        return self.java(tool, "--bootstrap-server", f"127.0.0.1:{self.port}", "--command-config", self.admin, *args)
 
     def create_topic(self, name, partitions, *config):
         out = self.tool("org.apache.kafka.tools.TopicCommand", "--create", "--topic", name, "--partitions",
