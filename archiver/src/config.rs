@@ -138,3 +138,26 @@ impl S3Credentials {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_credentials_come_in_pairs_and_no_secret_is_shown() {
+        let env = |pairs: &[(&str, &str)]| Env::from_pairs(pairs.iter().copied());
+        let config = ArchiverConfig::from_env(&env(&[
+            ("TALLY_S3_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+            ("TALLY_S3_SECRET_ACCESS_KEY", "s3cr3t-key"),
+            ("TALLY_CLICKHOUSE_PASSWORD", "ch-passw0rd"),
+        ]))
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(shown.contains("AKIAEXAMPLE"), "{shown}");
+        assert!(!shown.contains("s3cr3t-key") && !shown.contains("ch-passw0rd"), "{shown}");
+        let half = ArchiverConfig::from_env(&env(&[("TALLY_S3_ACCESS_KEY_ID", "AKIAEXAMPLE")]));
+        assert!(matches!(half, Err(ConfigError::Missing { ref key }) if key == "TALLY_S3_SECRET_ACCESS_KEY"));
+        let other = ArchiverConfig::from_env(&env(&[("TALLY_S3_SECRET_ACCESS_KEY", "s3cr3t-key")]));
+        assert!(matches!(other, Err(ConfigError::Missing { ref key }) if key == "TALLY_S3_ACCESS_KEY_ID"));
+    }
+}
