@@ -2,7 +2,8 @@
 # The project's Python tools, pinned, in a virtualenv under the cache (installed from PyPI once):
 # chdb embeds a current ClickHouse; schemathesis fuzzes the HTTP APIs; pyarrow and DuckDB read the
 # archive's Parquet files as analysts' tools do. `dev/tools.sh plot`: matplotlib, in a virtualenv
-# of its own, for loadtest/plot.py; `dev/tools.sh k8s`: checkov (the policy scan of k8s/).
+# of its own, for loadtest/plot.py; `dev/tools.sh k8s`: checkov (the policy scan of k8s/);
+# `dev/tools.sh browser`: Selenium, which drives Debian's chromium for dev/dashboard_test.py.
 # Prints the virtualenv's python.
 set -euo pipefail
 TALLY_CACHE="${TALLY_CACHE:-$HOME/.cache/tally}"
@@ -10,7 +11,8 @@ case "${1:-tools}" in
   tools) TOOLS="chdb==4.4.0 schemathesis==4.32.5 duckdb==2.0.0 pyarrow==26.0.1" ;;
   plot) TOOLS="matplotlib==3.11.2" ;;
   k8s) TOOLS="checkov==3.3.30" ;; # with PyYAML: dev/k8s_check.sh, dev/k8s_invariants.py
-  *) echo "usage: dev/tools.sh [tools|plot|k8s]" >&2; exit 2 ;;
+  browser) TOOLS="selenium==4.52.0" ;;
+  *) echo "usage: dev/tools.sh [tools|plot|k8s|browser]" >&2; exit 2 ;;
 esac
 VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"
 if [[ ! -f "$VENV/.installed" ]]; then

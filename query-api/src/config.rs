@@ -21,6 +21,8 @@ pub struct QueryConfig {
     pub archive_cache: Duration,
     /// `TALLY_QUERY_ARCHIVE_MAX_ROWS`: most archived rows one analytics request loads.
     pub archive_max_rows: usize,
+    /// The live totals of `/api/telemetry/stream`.
+    pub stream: crate::stream::StreamConfig,
 }
 
 impl QueryConfig {
@@ -44,6 +46,11 @@ impl QueryConfig {
             },
             archive_cache: Duration::from_secs(env.parse("TALLY_QUERY_ARCHIVE_CACHE_S", 30)?),
             archive_max_rows: env.parse("TALLY_QUERY_ARCHIVE_MAX_ROWS", 2_000_000)?,
+            stream: crate::stream::StreamConfig {
+                interval: env.millis("TALLY_QUERY_STREAM_INTERVAL_MS", 1_000)?,
+                per_org: env.parse("TALLY_QUERY_STREAMS_PER_ORG", 16)?,
+                total: env.parse("TALLY_QUERY_STREAMS_TOTAL", 2_048)?,
+            },
         })
     }
 }

@@ -35,6 +35,10 @@ pub enum ApiError {
     NoRoute(String),
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
+    #[error("this org already has {0} live streams open")]
+    TooManyStreams(usize),
+    #[error("the server has as many live streams open as it serves")]
+    StreamsFull,
     #[error("storage error")]
     Storage(#[from] clickhouse::error::Error),
     #[error("{0}")]
@@ -76,6 +80,16 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 Some("the methods of each route are listed in /openapi.json"),
+            ),
+            ApiError::TooManyStreams(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                Some("close another tab's dashboard of this org, or raise TALLY_QUERY_STREAMS_PER_ORG"),
+            ),
+            ApiError::StreamsFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "streams_full",
+                Some("retry later with backoff; the operator can raise TALLY_QUERY_STREAMS_TOTAL or add replicas"),
             ),
             ApiError::Storage(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,

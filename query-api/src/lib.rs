@@ -7,6 +7,7 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod costs;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -15,6 +16,7 @@ pub mod params;
 pub mod range;
 pub mod status;
 pub mod store;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -39,6 +41,8 @@ pub struct AppState {
     pub metrics: metrics::QueryMetrics,
     /// The archive, for raw rows of months dropped from ClickHouse (None: not configured).
     pub archive: Option<Arc<store::archived::ArchiveReads>>,
+    /// The open live-totals streams.
+    pub streams: Arc<stream::Hub>,
 }
 
 impl AppState {
@@ -58,6 +62,7 @@ impl AppState {
 pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
     Router::new()
         .route("/api/telemetry/status", get(status::telemetry_status))
+        .route("/api/telemetry/stream", get(stream::stream))
         .route("/api/costs/summary", get(costs::summary))
         .route("/api/costs", get(events::list))
         .route("/api/costs/budget", get(budget::get).put(budget::put))
@@ -77,6 +82,7 @@ pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
         .route("/admin/keys/{key_id}", delete(admin::revoke_key))
         .route("/admin/prices", post(admin::add_price).get(admin::list_prices))
         .route("/admin/top-consumers", get(admin::top_consumers))
+        .merge(dashboard::routes())
         .fallback(extract::no_route)
         .method_not_allowed_fallback(extract::method_not_allowed)
         .with_state(state)
@@ -146,7 +152,10 @@ pub async fn run(
             None
         }
     };
+    let streams = stream::Hub::new(config.stream.clone(), shutdown.clone(), metrics.streams_open.clone());
+    streams.spawn_poller(clickhouse.clone());
     let state = AppState {
+        streams,
         clickhouse: clickhouse.clone(),
         keys: Arc::clone(&keys),
         admin_token: Arc::from(config.admin_token),

@@ -1,11 +1,12 @@
 //! The query API's own metrics (HTTP metrics come from `tally_common::server`).
 
-use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct QueryMetrics {
     pub budget_percent_used: GaugeVec,
     pub budget_threshold_crossed: IntGaugeVec,
+    pub streams_open: IntGauge,
 }
 
 impl QueryMetrics {
@@ -22,7 +23,9 @@ impl QueryMetrics {
                 ),
                 &["org_id"],
             )?,
+            streams_open: IntGauge::new("tally_query_streams_open", "live totals streams open (/api/telemetry/stream)")?,
         };
+        registry.register(Box::new(metrics.streams_open.clone()))?;
         registry.register(Box::new(metrics.budget_percent_used.clone()))?;
         registry.register(Box::new(metrics.budget_threshold_crossed.clone()))?;
         Ok(metrics)

@@ -1,4 +1,4 @@
-//! `perf` (requests, errors and latency by model) and `costs` (cost by service, provider and
+//! `perf` (requests, errors and latency by model and by service) and `costs` (cost by service, provider and
 //! model).
 
 use serde::Serialize;
@@ -21,10 +21,22 @@ pub struct PerfEntry {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
+pub struct ServicePerfEntry {
+    service: String,
+    requests: u64,
+    errors: u64,
+    error_rate: f64,
+    latency_ms: Option<Percentiles>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Perf {
     from: String,
     to: String,
     models: Vec<PerfEntry>,
+    /// The same measures by service (seed 004's "performance per service").
+    services: Vec<ServicePerfEntry>,
 }
 
 pub(super) async fn perf(
@@ -34,7 +46,11 @@ pub(super) async fn perf(
     path_user: Option<&str>,
 ) -> Result<Perf, ApiError> {
     let request = request(org_id, &params, path_user)?;
-    let rows = state.store().perf(&request.scope, &request.range).await?;
+    let store = state.store();
+    let (rows, services) = futures::try_join!(
+        store.perf(&request.scope, &request.range),
+        store.perf_by_service(&request.scope, &request.range)
+    )?;
     Ok(Perf {
         from: rfc3339(request.range.from),
         to: rfc3339(request.range.to),
@@ -45,6 +61,16 @@ pub(super) async fn perf(
                 latency_ms: Percentiles::from(&r.latency, r.requests),
                 provider: r.provider,
                 model: r.model,
+                requests: r.requests,
+                errors: r.errors,
+            })
+            .collect(),
+        services: services
+            .into_iter()
+            .map(|r| ServicePerfEntry {
+                error_rate: rate(r.errors, r.requests),
+                latency_ms: Percentiles::from(&r.latency, r.requests),
+                service: r.service,
                 requests: r.requests,
                 errors: r.errors,
             })

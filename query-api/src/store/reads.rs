@@ -67,6 +67,14 @@ pub struct ModelPerf {
 }
 
 #[derive(Row, Deserialize)]
+pub struct ServicePerf {
+    pub service: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: Vec<f32>,
+}
+
+#[derive(Row, Deserialize)]
 pub struct ServiceCost {
     pub service: String,
     pub provider: String,
@@ -176,6 +184,22 @@ impl Store<'_> {
     pub async fn perf(&self, scope: &Scope<'_>, range: &Range) -> Result<Vec<ModelPerf>, ApiError> {
         let tail = "ORDER BY requests DESC, provider, model";
         self.merged_by(scope, range, "provider, model", &[REQUESTS, ERRORS, LATENCY], tail).await
+    }
+
+    /// Requests, errors and latency by service, most used first.
+    pub async fn perf_by_service(
+        &self,
+        scope: &Scope<'_>,
+        range: &Range,
+    ) -> Result<Vec<ServicePerf>, ApiError> {
+        self.merged_by(
+            scope,
+            range,
+            "service",
+            &[REQUESTS, ERRORS, LATENCY],
+            "ORDER BY requests DESC, service",
+        )
+        .await
     }
 
     /// Cost by (service, provider, model), most expensive first.

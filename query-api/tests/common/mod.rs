@@ -28,7 +28,11 @@ impl Api {
 
     /// The API with more settings (e.g. `TALLY_ARCHIVE_URL`).
     pub async fn start_with(settings: &[(&str, String)]) -> Api {
-        let clickhouse = new_database_config("query");
+        Api::start_on(new_database_config("query"), settings).await
+    }
+
+    /// The API on the database of `clickhouse` (e.g. on a private server a test stops).
+    pub async fn start_on(clickhouse: ChConfig, settings: &[(&str, String)]) -> Api {
         let mut env = Env::from_pairs([
             ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
             ("TALLY_CLICKHOUSE_DATABASE", clickhouse.database.clone()),
