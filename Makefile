@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export TALLY_CACHE ?= $(HOME)/.cache/tally
 export CARGO_TARGET_DIR ?= $(TALLY_CACHE)/target
 
-.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest verify-e2e chaos chaos-long plots k8s-check
+.PHONY: up down status restart clean install test lint fmt build bench bench-ingest bench-consumer bench-query bench-archiver cluster-up cluster-down test-cluster bench-cluster loadtest verify-e2e chaos chaos-long plots k8s-check test-dashboard screenshots
 
 up: ## install what is missing, start the stack and the services, create a demo org, send demo traffic
 	@bash dev/stack.sh up
@@ -74,6 +74,16 @@ chaos: ## the fault suite's short form (~5 min, part of make test): every fault 
 chaos-long: ## the long form (~25 min): every fault three times, ClickHouse down 60 s; recorded in loadtest/results/chaos-long.json
 	@mkdir -p loadtest/results
 	@bash dev/chaos.sh --long --record $(CURDIR)/loadtest/results/chaos-long.json $(CHAOS_ARGS)
+
+test-dashboard: ## the dashboard in headless Chromium (also a step of make test): KPIs, charts, live updates, org isolation, phone width
+	@bash dev/stack.sh infra-up
+	cargo build --locked --bins -q
+	@bash dev/dashboard_test.sh
+
+screenshots: ## the dashboard test, keeping its screenshots in docs/img/ (the README shows them)
+	@bash dev/stack.sh infra-up
+	cargo build --locked --bins -q
+	@bash dev/dashboard_test.sh --screenshots $(CURDIR)/docs/img
 
 plots: ## the PNG of every recorded run in loadtest/results/ (loadtest/plot.py, matplotlib)
 	$$(bash dev/tools.sh plot) loadtest/plot.py loadtest/results/*.json

@@ -22,6 +22,7 @@ the README: `make screenshots`). The last line is `N passed, M failed`; exits no
 """
 
 import argparse
+import base64
 import os
 import random
 import subprocess
@@ -30,6 +31,7 @@ import time
 import urllib.parse
 import uuid
 from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
 
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -80,7 +82,7 @@ def money(nanos):
 def events_for(org_services, org_models, users, count, now):
     out = []
     for i in range(count):
-        provider, model = org_models[i % len(org_models)]
+        provider, model = random.choice(org_models)
         prompt, completion = random.randint(10, 3000), random.randint(1, 800)
         out.append({
             "eventId": str(uuid.uuid4()),
@@ -90,8 +92,8 @@ def events_for(org_services, org_models, users, count, now):
             "latency": random.randint(40, 6000),
             "status": "error" if i % 9 == 0 else "success",
             "cost": round(random.uniform(0.0001, 0.3), 9),
-            "service": org_services[i % len(org_services)],
-            "userId": users[i % len(users)],
+            "service": random.choice(org_services),
+            "userId": random.choice(users),
         })
     return out
 
@@ -120,7 +122,7 @@ def api(key, path, **params):
     return body
 
 
-def browser(width=1280, height=1500):
+def browser(width=1280, height=1000):
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -138,6 +140,14 @@ def wait(driver, condition, what, seconds=20):
         raise SystemExit(f"timed out after {seconds} s waiting for {what}")
 
 
+def screenshot(driver, path):
+    """The whole page, top to bottom, as a person scrolling it would see it."""
+    driver.execute_script("window.scrollTo(0, 0)")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    with open(path, "wb") as out:
+        out.write(base64.b64decode(shot["data"]))
+
+
 def kpi(driver, name):
     return driver.find_element(By.CSS_SELECTOR, f'[data-kpi="{name}"]').text
 
@@ -152,12 +162,17 @@ def rows(driver, table):
             for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")]
 
 
+def fixed(x, digits):
+    """JavaScript's Number.prototype.toFixed: the exact binary value, halves rounded up."""
+    return str(Decimal(x).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
 def ms(value):
-    return "–" if value is None else (f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms")
+    return "–" if value is None else f"{fixed(value, 1 if value < 10 else 0)} ms"
 
 
 def percent(ratio):
-    return f"{ratio * 100:.{3 if 0 < ratio < 0.001 else 1}f} %"
+    return f"{fixed(ratio * 100, 3 if 0 < ratio < 0.001 else 1)} %"
 
 
 def check_page(driver, checks, key, user, label):
@@ -268,8 +283,9 @@ def main():
         events = rows(driver, "events")
         first = api(key_a, "/api/costs", **dict(zip(("from", "to"), loaded_range(driver)), limit=25))
         checks.check(len(events) == len(first["events"]) == 25
-                     and [r[5] for r in events] == [money(e["costNanos"]) for e in first["events"]],
-                     "the events list shows the API's first page (25, newest first, exact costs)")
+                     and [r[5] for r in events] == [money(e["costNanos"]) for e in first["events"]]
+                     and [r[4] for r in events] == [f"{e['tokens']['totalTokens']:,}" for e in first["events"]],
+                     "the events list shows the API's first page (25, newest first, exact costs, tokens)")
         driver.find_element(By.ID, "older").click()
         wait(driver, lambda d: d.find_element(By.ID, "page").text == "page 2", "the second page")
         second = api(key_a, "/api/costs", **dict(zip(("from", "to"), loaded_range(driver)), limit=25, cursor=first["nextCursor"]))
@@ -278,7 +294,7 @@ def main():
                      "Older shows the API's page after the cursor; Newer comes back")
         driver.find_element(By.ID, "newer").click()
         wait(driver, lambda d: d.find_element(By.ID, "page").text == "page 1", "the first page again")
-        driver.save_screenshot(os.path.join(args.screenshots, "dashboard-org.png"))
+        screenshot(driver, os.path.join(args.screenshots, "dashboard-org.png"))
 
         # Live: an event sent now shows without a reload.
         driver.execute_script("window.__sameDocument = true")
@@ -313,7 +329,7 @@ def main():
         overview = check_page(driver, checks, key_a, "alice", "user view (alice)")
         checks.check(all(r[3] == "alice" for r in rows(driver, "events")) and overview["totalRequests"] < len(a_events),
                      "the user view lists only alice's events")
-        driver.save_screenshot(os.path.join(args.screenshots, "dashboard-user.png"))
+        screenshot(driver, os.path.join(args.screenshots, "dashboard-user.png"))
 
         # Org B's data never appears on A's page (org view, user view, after live updates).
         text = driver.execute_script("return document.documentElement.outerHTML")
@@ -326,14 +342,17 @@ def main():
 
         # Phone width.
         driver.quit()
-        driver = browser(390, 1800)
+        driver = browser()
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
         driver.get(QUERY + "/dashboard")
         wait(driver, lambda d: d.find_element(By.ID, "key").is_displayed(), "the sign-in form (phone)")
         driver.find_element(By.ID, "key").send_keys(key_a, Keys.ENTER)
         wait(driver, lambda d: d.find_element(By.ID, "range").get_attribute("data-from"), "the org view (phone)")
+        wait(driver, lambda d: d.find_element(By.ID, "live").get_attribute("data-state") == "live", "the live stream (phone)")
         wide = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
         checks.check(wide[0] <= wide[1], f"at phone width the page does not scroll sideways (content {wide[0]} px, window {wide[1]} px)")
-        driver.save_screenshot(os.path.join(args.screenshots, "dashboard-phone.png"))
+        screenshot(driver, os.path.join(args.screenshots, "dashboard-phone.png"))
         log(f"screenshots in {os.path.relpath(args.screenshots, ROOT)}")
     finally:
         if driver:

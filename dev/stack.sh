@@ -340,8 +340,9 @@ up() {
   cat <<EOF
 
 Tally is up.
+  dashboard   http://$QUERY_ADDR/dashboard   (sign in with the demo key: TALLY_DEMO_API_KEY in .dev/demo.env)
   ingest      http://$INGEST_ADDR   (POST /v1/ingest, POST /analytics/events)
-  query-api   http://$QUERY_ADDR   (GET /api/telemetry/status, /api/costs/summary, admin /admin/orgs)
+  query-api   http://$QUERY_ADDR   (GET /api/telemetry/status, /api/telemetry/stream, /api/costs/summary, admin /admin/orgs)
   consumer    http://$CONSUMER_ADDR   (/metrics, /readyz)
   clickhouse  $CLICKHOUSE_URL   (database tally, admin tables in tally_admin; clickhouse-client --port 9000; read-only user analyst/analyst)
   kafka       $KAFKA_BROKERS   (topics $EVENTS_TOPIC, $DLQ_TOPIC; $CONTROL_TOPIC: the keys and prices the ingest reads)

@@ -10,6 +10,9 @@
 #  3b. dev/k6_check.py: every k6 script of loadtest/k6 syntax-checked and smoke-run under Node
 #     with stand-ins for the k6 modules (real HTTP to an ingest and a query API; k6 is AGPL and
 #     not run by the project)
+#  3c. dev/dashboard_test.sh: the dashboard (/dashboard) in Debian's headless Chromium driven by
+#     Selenium: KPIs, charts and tables equal the API's answers, live updates without reload (also
+#     across a query API restart), the user view, org isolation, phone width
 #  4. dev/compat.py: every migration and every statement the tests sent to ClickHouse 18.16 is
 #     replayed on a current ClickHouse (chdb); any statement that fails there fails the run; and
 #     the event row type's columns must equal the `events` table the migrations make there
@@ -55,6 +58,8 @@ echo "[test] schemathesis against the OpenAPI documents of the ingest and the qu
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/fuzz_api.py "$VENV/bin/schemathesis" --max-examples 60
 echo "[test] the k6 scripts (loadtest/k6): syntax, and a smoke run of each under Node against the real services"
 TALLY_BIN_DIR="$CARGO_TARGET_DIR/debug" python3 dev/k6_check.py
+echo "[test] the dashboard in headless Chromium (dev/dashboard_test.py)"
+bash dev/dashboard_test.sh
 echo "[test] ClickHouse compatibility (18.16 server vs current chdb) for statements since $since"
 cargo run -q --locked -p tally-testkit --bin event_columns >"$CARGO_TARGET_DIR/event-columns.json"
 "$VENV/bin/python" dev/compat.py --clickhouse-url "$CLICKHOUSE_URL/" --since "$since" \

@@ -11,7 +11,7 @@ case "${1:-tools}" in
   tools) TOOLS="chdb==4.4.0 schemathesis==4.32.5 duckdb==2.0.0 pyarrow==26.0.1" ;;
   plot) TOOLS="matplotlib==3.11.2" ;;
   k8s) TOOLS="checkov==3.3.30" ;; # with PyYAML: dev/k8s_check.sh, dev/k8s_invariants.py
-  browser) TOOLS="selenium==4.52.0" ;;
+  browser) TOOLS="selenium==4.50.0" ;; # 4.52 wants a certifi newer than PyPI serves here
   *) echo "usage: dev/tools.sh [tools|plot|k8s|browser]" >&2; exit 2 ;;
 esac
 VENV="$TALLY_CACHE/venv-tools-$(echo "$TOOLS" | sha256sum | cut -c1-12)"

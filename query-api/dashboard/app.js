@@ -216,12 +216,23 @@ function setKpi(name, text, title) {
   if (title) element.title = title; else element.removeAttribute("title");
 }
 
+// Money as a KPI: dollars and cents large, the exact rest of the digits small after them.
+function setMoneyKpi(name, nanos) {
+  const element = document.querySelector(`[data-kpi="${name}"]`);
+  const text = money(nanos);
+  const cents = text.indexOf(".") + 3;
+  const rest = document.createElement("small");
+  rest.textContent = text.slice(cents);
+  element.replaceChildren(text.slice(0, cents), rest);
+  element.title = `${text} (exact)`;
+}
+
 function showKpis(overview, budget) {
   setKpi("requests", count(overview.totalRequests));
   setKpi("services", count(overview.distinctServices));
   setKpi("p95", overview.latencyMs ? ms(overview.latencyMs.p95) : "–");
   setKpi("errorRate", percent(overview.errorRate), `${count(overview.errors)} errors`);
-  setKpi("cost", money(overview.costNanos));
+  setMoneyKpi("cost", overview.costNanos);
   if (budget.limitNanos === null || budget.limitNanos === undefined) {
     setKpi("budget", `${money(budget.spentNanos)} spent`, "no monthly budget set");
     setKpi("thresholds", "no budget set");
@@ -288,7 +299,7 @@ async function loadEvents() {
   });
   fillTable($("#events"), page.events, [
     [(e) => timeLabel(e.timestamp, "hour", c.tz)], [(e) => `${e.provider} / ${e.model}`], [(e) => e.service || ""],
-    [(e) => e.userId || ""], [(e) => count(e.tokens.total), "num"], [(e) => money(e.costNanos), "num"],
+    [(e) => e.userId || ""], [(e) => count(e.tokens.totalTokens), "num"], [(e) => money(e.costNanos), "num"],
     [(e) => ms(e.latency), "num"], [(e) => e.status, (e) => `status-${e.status}`],
   ], "No events match.");
   state.cursors[state.page + 1] = page.nextCursor || null;
@@ -346,10 +357,18 @@ function frame(figure, times, series, summary) {
   return { svg, width, height, left, right, top, bottom, plotWidth: width - left - right, plotHeight: height - top - bottom };
 }
 
+// A round axis top at or above `value`: 1, 2, 2.5 or 5 times a power of ten.
+function niceMax(value) {
+  if (value <= 0) return 1;
+  const power = 10 ** Math.floor(Math.log10(value));
+  for (const step of [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) if (step * power >= value) return step * power;
+  return 10 * power;
+}
+
 function axes(f, times, max, format, c) {
-  for (let i = 0; i <= 4; i += 1) {
-    const value = (max * i) / 4;
-    const y = f.top + f.plotHeight - (f.plotHeight * i) / 4;
+  for (let i = 0; i <= 5; i += 1) {
+    const value = (max * i) / 5;
+    const y = f.top + f.plotHeight - (f.plotHeight * i) / 5;
     svgElement("line", { x1: f.left, x2: f.width - f.right, y1: y, y2: y, class: "gridline" }, f.svg);
     svgElement("text", { x: f.left - 6, y: y + 4, "text-anchor": "end", class: "axis" }, f.svg).textContent = format(value);
   }
@@ -403,7 +422,7 @@ function dataTable(figure, times, series, format, c) {
 function stackedBars(figure, answer, measureName, unit, c) {
   const { times, series } = seriesOf(answer, (p) => p[measureName]);
   const totals = times.map((_, i) => series.reduce((sum, s) => sum + (s.values[i] || 0), 0));
-  const max = Math.max(1, ...totals);
+  const max = niceMax(Math.max(5, ...totals));
   const f = frame(figure, times, series,
     `Stacked bars: ${unit} per ${c.bucket} by service, ${series.length} services over ${times.length} buckets; most in one bucket ${count(Math.max(0, ...totals))}.`);
   if (!f) return;
@@ -427,7 +446,7 @@ function stackedBars(figure, answer, measureName, unit, c) {
 
 function lines(figure, answer, c) {
   const { times, series } = seriesOf(answer, (p) => p.costNanos);
-  const max = Math.max(1, ...series.flatMap((s) => s.values.map((v) => Number(v || 0))));
+  const max = niceMax(Math.max(1, ...series.flatMap((s) => s.values.map((v) => Number(v || 0)))));
   const f = frame(figure, times, series,
     `Lines: cost per ${c.bucket} for ${series.length} models over ${times.length} buckets; highest ${series.length ? series[0].key : "none"} at ${money(series.length ? series[0].values.reduce((a, b) => (b !== null && (a === null || b > a) ? b : a), null) : 0)} in one bucket.`);
   if (!f) return;

@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::header::{HeaderName, CACHE_CONTROL};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
 use clickhouse::Row;
-use futures::Stream;
 use serde::{Deserialize, Serialize};
 use tally_common::ch::{self, ChConfig};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -245,16 +246,15 @@ impl Subscription {
 }
 
 /// `GET /api/telemetry/stream`.
-pub async fn stream(
-    State(state): State<AppState>,
-    Org(org): Org,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+pub async fn stream(State(state): State<AppState>, Org(org): Org) -> Result<impl IntoResponse, ApiError> {
     let subscription = state.streams.subscribe(&org.org_id)?;
     let events = futures::stream::unfold((subscription, true), |(mut subscription, first)| async move {
         let event = subscription.next(first).await?;
-        Some((Ok(event), (subscription, false)))
+        Some((Ok::<Event, Infallible>(event), (subscription, false)))
     });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    // Proxies (nginx, ingress controllers) must pass each event on at once, not buffer them.
+    let headers = [(HeaderName::from_static("x-accel-buffering"), "no"), (CACHE_CONTROL, "no-store")];
+    Ok((headers, Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))))
 }
 
 #[cfg(test)]
