@@ -179,6 +179,40 @@ async fn check_analytics(
         assert_eq!(got["errors"].as_u64(), want["errors"].as_u64());
         assert_eq!(got["latencyMs"]["p99"].as_f64(), want["q"][2].as_f64(), "perf p99 {}", want["model"]);
     }
+    let expected = raw(
+        api,
+        &format!(
+            "SELECT service, count() AS requests, countIf(status = 'error') AS errors, \
+             quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q {w} GROUP BY service ORDER BY requests DESC, service"
+        ),
+    )
+    .await;
+    let services = perf["services"].as_array().unwrap();
+    assert_eq!(services.len(), expected.len(), "perf services for {user:?}");
+    assert!(!services.is_empty());
+    for (got, want) in services.iter().zip(&expected) {
+        assert_eq!(got["service"], want["service"]);
+        assert_eq!(
+            got["requests"].as_u64(),
+            want["requests"].as_u64(),
+            "perf service requests {}",
+            want["service"]
+        );
+        assert_eq!(
+            got["errors"].as_u64(),
+            want["errors"].as_u64(),
+            "perf service errors {}",
+            want["service"]
+        );
+        for (i, p) in ["p50", "p95", "p99"].iter().enumerate() {
+            assert_eq!(
+                got["latencyMs"][p].as_f64(),
+                want["q"][i].as_f64(),
+                "perf service {p} {}",
+                want["service"]
+            );
+        }
+    }
 
     let (_, costs) = get(api, key, &format!("{prefix}/costs"), &range).await;
     assert_range(&costs, from, to);
