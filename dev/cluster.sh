@@ -136,6 +136,9 @@ start_clickhouse_node() {
     <!-- dev/cluster.sh: node $n, shard $(ch_shard "$n"), replica $(ch_replica "$n"); logs at information
          level: block deduplication and quorum messages are info-level, and the cluster suite's
          failures are traced with them -->
+    <!-- every part's life (written, fetched, merged, removed) in system.part_log: where a part
+         went is what a rollup the cluster suite finds short is traced with -->
+    <part_log><database>system</database><table>part_log</table><flush_interval_milliseconds>7500</flush_interval_milliseconds></part_log>
     <interserver_http_host>127.0.0.1</interserver_http_host>
     <interserver_http_port>$((9230 + n))</interserver_http_port>
     <zookeeper><node><host>127.0.0.1</host><port>$ZK_PORT</port></node></zookeeper>

@@ -189,6 +189,52 @@ def drain(orgs, expected, timeout):
         time.sleep(3)
 
 
+def diagnose(node, raw, rolled):
+    """For each org whose hourly rollup lacks rows: the run of Kafka records (consecutive offsets of
+    one partition) whose rows are exactly what is missing, when they arrived, and the rollup parts'
+    history around then (system.part_log), so a failure can be traced to the insert behind it."""
+    def per_hour(text):
+        out = {}
+        for line in text.splitlines():
+            org, hour, count = line.split("\t")[:3]
+            out[(org, hour)] = int(count)
+        return out
+    have, want = per_hour(rolled), per_hour(raw)
+    missing = {}
+    for (org, hour), count in want.items():
+        if count != have.get((org, hour), 0):
+            missing.setdefault(org, Counter())[hour] = count - have.get((org, hour), 0)
+    for org, deficit in missing.items():
+        rows = ch(node, f"SELECT kafka_partition, kafka_offset, toString(toStartOfHour(timestamp)), toString(received_at) "
+                        f"FROM {DB}.events WHERE org_id = '{org}' ORDER BY kafka_partition, kafka_offset FORMAT TSV", 300)
+        records, arrived = {}, {}
+        for line in rows.splitlines():
+            partition, offset, hour, received = line.split("\t")
+            records.setdefault((int(partition), int(offset)), Counter())[hour] += 1
+            arrived[(int(partition), int(offset))] = received
+        keys, found = sorted(records), None
+        for i, first in enumerate(keys):
+            total = Counter()
+            for last in keys[i:]:
+                if last[0] != first[0] or sum(total.values()) > sum(deficit.values()):
+                    break
+                total += records[last]
+                if total == deficit:
+                    found = (first, last)
+                    break
+            if found:
+                break
+        log(f"  org {org[:8]}: the rollup lacks {sum(deficit.values())} rows over {len(deficit)} hours; "
+            + (f"exactly the rows of partition {found[0][0]} offsets {found[0][1]}..{found[1][1]}, "
+               f"which arrived at {arrived[found[0]]}" if found else "no run of records matches exactly"))
+        if found:
+            parts = ch(node, "SELECT event_time, event_type, table, part_name, rows, merged_from, error FROM system.part_log "
+                             f"WHERE database = '{DB}' AND table LIKE 'rollup%' AND event_time BETWEEN "
+                             f"toDateTime('{arrived[found[0]]}') - 5 AND toDateTime('{arrived[found[0]]}') + 120 "
+                             "ORDER BY event_time FORMAT TSV", 60)
+            log("  rollup parts written, fetched or removed from then (part_log):\n    " + "\n    ".join(parts.splitlines()[:80]))
+
+
 def verify(orgs, ledger, checks):
     expected = {(org, i) for org, ids in ledger.ids.items() for i in ids}
     for node in (1, 2, 3, 4):
@@ -222,6 +268,8 @@ def verify(orgs, ledger, checks):
                     differ = sorted(set(raw.splitlines()) ^ set(rolled.splitlines()))[:6]
                     log("  differing buckets (org, bucket, count, tokens, cost, errors), raw and rollup lines:\n    "
                         + "\n    ".join(differ))
+                    if rollup == "rollup_hourly":
+                        diagnose(node, raw, rolled)
 
     now = datetime.now(timezone.utc)
     window = {"from": (now - timedelta(days=3)).strftime("%Y-%m-%dT%H:00:00Z"),

@@ -43,7 +43,7 @@ impl ConsumerConfig {
             dlq_topic: env.string("TALLY_DLQ_TOPIC", DLQ_TOPIC),
             group_id: env.string("TALLY_CONSUMER_GROUP", "tally-consumer"),
             batch_max_rows: env.parse("TALLY_BATCH_MAX_ROWS", 100_000)?,
-            batch_max_wait: env.millis("TALLY_BATCH_MAX_WAIT_MS", 500)?,
+            batch_max_wait: env.millis("TALLY_BATCH_MAX_WAIT_MS", 250)?,
             migrate: env.parse("TALLY_MIGRATE", true)?,
             session_timeout: env.millis("TALLY_KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),

@@ -43,6 +43,18 @@ enum Attempt {
     Shutdown,
 }
 
+/// When a batch whose first record was produced at `produced_ms` closes: `wait` after that
+/// record reached Kafka, not after it was polled. A record that queued in the client while the
+/// previous batch was being stored has already waited; counting from its production keeps an
+/// event's time from 202 to stored at about `wait` plus one insert, and the batches of a busy
+/// partition still at least `wait` apart (the first record of the next batch arrived after the
+/// previous batch closed). Never later than `wait` from now, whatever the producer's clock says.
+fn batch_deadline(produced_ms: i64, wait: Duration) -> Instant {
+    let age_ms = chrono::Utc::now().timestamp_millis().saturating_sub(produced_ms).max(0);
+    let waited = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
+    Instant::now() + wait.saturating_sub(waited)
+}
+
 fn epoch_now() -> u32 {
     u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX)
 }
@@ -114,16 +126,15 @@ impl Worker {
                 }
                 Ok(Ok(message)) => message,
             };
-            deadline.get_or_insert_with(|| Instant::now() + self.config.batch_max_wait);
+            let kafka_timestamp_ms =
+                message.timestamp().to_millis().unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+            deadline.get_or_insert_with(|| batch_deadline(kafka_timestamp_ms, self.config.batch_max_wait));
             let original = message.payload().unwrap_or_default().to_vec();
             rows += memchr::memchr_iter(b'\n', &original).count().max(1);
             batch.push(RawRecord {
                 partition: message.partition(),
                 offset: message.offset(),
-                kafka_timestamp_ms: message
-                    .timestamp()
-                    .to_millis()
-                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis()),
+                kafka_timestamp_ms,
                 original,
             });
         }
@@ -327,5 +338,28 @@ impl Worker {
         tracing::info!(?repair, records = records.len(), "rows found stored; rollups checked");
         self.metrics.rollup_buckets_repaired.inc_by(repair.repaired as u64);
         Some(repair)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn left(produced_ago_ms: i64, wait_ms: u64) -> Duration {
+        let produced = chrono::Utc::now().timestamp_millis() - produced_ago_ms;
+        batch_deadline(produced, Duration::from_millis(wait_ms)).saturating_duration_since(Instant::now())
+    }
+
+    #[test]
+    fn a_batch_closes_its_wait_after_its_first_record_was_produced() {
+        let fresh = left(0, 250);
+        assert!(fresh <= Duration::from_millis(250) && fresh > Duration::from_millis(200), "{fresh:?}");
+        // Queued in the client for 100 ms while the previous batch was stored: 150 ms left.
+        let queued = left(100, 250);
+        assert!(queued <= Duration::from_millis(150) && queued > Duration::from_millis(100), "{queued:?}");
+        // Older than the wait: closes at once.
+        assert_eq!(left(10_000, 250), Duration::ZERO);
+        // A producer clock ahead of ours never makes a batch wait longer than the wait.
+        assert!(left(-60_000, 250) <= Duration::from_millis(250));
     }
 }
