@@ -1,18 +1,24 @@
 //! Completing the rollups after an insert that ClickHouse applied to `events` but not to its
 //! views. An INSERT into `events` writes the table's part first and then, one by one, the parts of
-//! the materialized views; ClickHouse crashing in between leaves rows in `events` that the
+//! the materialized views; ClickHouse crashing in between (or, on a cluster, a view's quorum insert
+//! refused: "another quorum insert has been already started") leaves rows in `events` that the
 //! rollups never saw. The consumer checks whenever it finds rows of its records already stored:
 //! after an insert that reported failure (the re-check), and when reconciliation skips rows after
 //! a restart or rebalance (the consumer may have died with ClickHouse). For those records, each
-//! rollup is compared with `events` per (org, bucket), and where a rollup lacks exactly the rows
-//! of those records, it gets them, built by the view's own SELECT (taken from the migration)
-//! restricted to those records.
+//! rollup is compared with `events` per (org, bucket) on every measure it keeps (rows, tokens,
+//! cost, errors):
+//! - equal: complete;
+//! - the rollup equals `events` less exactly the rows of those records: it gets them, built by the
+//!   view's own SELECT (taken from the migration) restricted to those records;
+//! - anything else (a gap of another insert, a bucket counted twice): the bucket is rebuilt — its
+//!   rollup rows deleted (`ALTER … DELETE`, waited for) and the whole bucket inserted again from
+//!   `events` by the view's SELECT. Only the owner of a partition writes its orgs (records are
+//!   keyed by org) and it is the one rebuilding, so no other insert of those buckets runs
+//!   meanwhile; rows it inserts later reach the rollup through the view as usual.
 //!
-//! Exact because only the owner of a partition writes its orgs (records are keyed by org), each
-//! rollup bucket (org, hour or day) either has or lacks an insert's rows as a whole (one view part
-//! per month partition), and every earlier gap was completed when it was found; a bucket whose
-//! counts fit neither "complete" nor "lacks exactly these rows" (e.g. rows of a complete and of an
-//! interrupted insert re-read together) is left alone and reported (`inconsistent`).
+//! Comparing every measure, not just the row count, is what keeps a gap of one insert from being
+//! taken for another's (a bucket lacking 3 rows of an earlier insert, checked for a later insert of
+//! 3 rows that the rollup has, would otherwise get those 3 again).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -44,10 +50,10 @@ const ROLLUPS: [Rollup; 2] = [
 pub struct Repair {
     /// Buckets that already held the insert's rows.
     pub complete: usize,
-    /// Buckets that lacked them and were completed.
+    /// Buckets that lacked exactly them and were completed.
     pub repaired: usize,
-    /// Buckets whose counts fit neither (left alone, logged).
-    pub inconsistent: usize,
+    /// Buckets whose measures fit neither, rebuilt from `events`.
+    pub rebuilt: usize,
 }
 
 impl std::ops::Add for Repair {
@@ -57,17 +63,61 @@ impl std::ops::Add for Repair {
         Repair {
             complete: self.complete + other.complete,
             repaired: self.repaired + other.repaired,
-            inconsistent: self.inconsistent + other.inconsistent,
+            rebuilt: self.rebuilt + other.rebuilt,
         }
     }
 }
 
+/// The measures a rollup keeps that a bucket is compared on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+struct Measures {
+    rows: u64,
+    tokens: u64,
+    cost: i64,
+    errors: u64,
+}
+
+impl std::ops::Add for Measures {
+    type Output = Measures;
+
+    fn add(self, other: Measures) -> Measures {
+        Measures {
+            rows: self.rows + other.rows,
+            tokens: self.tokens + other.tokens,
+            cost: self.cost + other.cost,
+            errors: self.errors + other.errors,
+        }
+    }
+}
+
+/// A bucket of `events` holding rows of the records: all its rows, and the records' rows.
 #[derive(Row, Deserialize)]
 struct BucketCount {
     org_id: String,
     bucket: u32,
     rows: u64,
-    ours: u64,
+    tokens: u64,
+    cost: i64,
+    errors: u64,
+    ours_rows: u64,
+    ours_tokens: u64,
+    ours_cost: i64,
+    ours_errors: u64,
+}
+
+impl BucketCount {
+    fn all(&self) -> Measures {
+        Measures { rows: self.rows, tokens: self.tokens, cost: self.cost, errors: self.errors }
+    }
+
+    fn ours(&self) -> Measures {
+        Measures {
+            rows: self.ours_rows,
+            tokens: self.ours_tokens,
+            cost: self.ours_cost,
+            errors: self.ours_errors,
+        }
+    }
 }
 
 #[derive(Row, Deserialize)]
@@ -75,6 +125,27 @@ struct RollupCount {
     org_id: String,
     bucket: u32,
     rows: u64,
+    tokens: u64,
+    cost: i64,
+    errors: u64,
+}
+
+/// How a bucket of a rollup compares with `events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Complete,
+    LacksOurs,
+    Rebuild,
+}
+
+fn verdict(raw: Measures, ours: Measures, rollup: Measures) -> Verdict {
+    if rollup == raw {
+        Verdict::Complete
+    } else if rollup + ours == raw {
+        Verdict::LacksOurs
+    } else {
+        Verdict::Rebuild
+    }
 }
 
 /// The SELECT of a view as the migration defines it, split before `FROM` and at `GROUP BY`.
@@ -154,11 +225,14 @@ impl Records<'_> {
         placeholders(self.orgs.len(), "?")
     }
 
-    /// Per (org, bucket) holding rows of the records: all its raw rows and how many are ours.
+    /// Per (org, bucket) holding rows of the records: the measures of all its raw rows and of ours.
     async fn raw_counts(&self, rollup: &Rollup) -> Result<Vec<BucketCount>, clickhouse::error::Error> {
         let sql = format!(
-            "SELECT org_id, toUInt32({bucket}) AS bucket, count() AS rows, countIf({ours}) AS ours FROM {events} \
-             WHERE org_id IN ({orgs}) AND {bucket} >= {bucket_of_min} GROUP BY org_id, bucket HAVING ours > 0",
+            "SELECT org_id, toUInt32({bucket}) AS bucket, count() AS rows, sum(toUInt64(total_tokens)) AS tokens, \
+             sum(cost_nanos) AS cost, sum(toUInt64(status = 'error')) AS errors, countIf({ours}) AS ours_rows, \
+             sumIf(toUInt64(total_tokens), {ours}) AS ours_tokens, sumIf(cost_nanos, {ours}) AS ours_cost, \
+             sumIf(toUInt64(status = 'error'), {ours}) AS ours_errors FROM {events} \
+             WHERE org_id IN ({orgs}) AND {bucket} >= {bucket_of_min} GROUP BY org_id, bucket HAVING ours_rows > 0",
             bucket = rollup.raw_bucket,
             ours = self.ours,
             events = self.events_table,
@@ -168,14 +242,16 @@ impl Records<'_> {
         bind_all(self.client.query(&sql), self.orgs.iter().copied()).fetch_all().await
     }
 
-    /// The rows the rollup counts per (org, bucket) from `first_bucket` on.
+    /// The measures the rollup holds per (org, bucket) from `first_bucket` on.
     async fn rollup_counts(
         &self,
         rollup: &Rollup,
         first_bucket: u32,
-    ) -> Result<HashMap<(String, u32), u64>, clickhouse::error::Error> {
+    ) -> Result<HashMap<(String, u32), Measures>, clickhouse::error::Error> {
         let sql = format!(
-            "SELECT org_id, toUInt32({column}) AS bucket, toUInt64(countMerge(events)) AS rows FROM {database}.{table} \
+            "SELECT org_id, toUInt32({column}) AS bucket, toUInt64(countMerge(events)) AS rows, \
+             sumMerge(total_tokens_sum) AS tokens, sumMerge(cost_nanos_sum) AS cost, sumMerge(errors) AS errors \
+             FROM {database}.{table} \
              WHERE org_id IN ({orgs}) AND toUInt32({column}) >= {first_bucket} GROUP BY org_id, bucket",
             column = rollup.column,
             database = self.database,
@@ -184,10 +260,19 @@ impl Records<'_> {
         );
         let rows: Vec<RollupCount> =
             bind_all(self.client.query(&sql), self.orgs.iter().copied()).fetch_all().await?;
-        Ok(rows.into_iter().map(|r| ((r.org_id, r.bucket), r.rows)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    (r.org_id, r.bucket),
+                    Measures { rows: r.rows, tokens: r.tokens, cost: r.cost, errors: r.errors },
+                )
+            })
+            .collect())
     }
 
-    /// Compares one rollup with the raw rows and completes the buckets that lack exactly ours.
+    /// Compares one rollup with the raw rows: completes the buckets that lack exactly ours and
+    /// rebuilds those whose measures fit neither.
     async fn repair_rollup(
         &self,
         rollup: &Rollup,
@@ -196,68 +281,124 @@ impl Records<'_> {
         let raw = self.raw_counts(rollup).await?;
         let Some(first_bucket) = raw.iter().map(|b| b.bucket).min() else { return Ok(()) };
         let in_rollup = self.rollup_counts(rollup, first_bucket).await?;
-        let missing: Vec<&BucketCount> =
-            raw.iter().filter(|bucket| lacks_ours(rollup, bucket, &in_rollup, outcome)).collect();
-        if missing.is_empty() {
+        let (mut missing, mut rebuild) = (Vec::new(), Vec::new());
+        for bucket in &raw {
+            let have = in_rollup.get(&(bucket.org_id.clone(), bucket.bucket)).copied().unwrap_or_default();
+            match verdict(bucket.all(), bucket.ours(), have) {
+                Verdict::Complete => outcome.complete += 1,
+                Verdict::LacksOurs => missing.push(bucket),
+                Verdict::Rebuild => {
+                    tracing::warn!(
+                        rollup = rollup.table,
+                        org_id = %bucket.org_id,
+                        bucket = bucket.bucket,
+                        raw = ?bucket.all(),
+                        insert = ?bucket.ours(),
+                        rollup_has = ?have,
+                        "rollup bucket disagrees with events beyond the records checked; rebuilding it from events"
+                    );
+                    rebuild.push(bucket);
+                }
+            }
+        }
+        if missing.is_empty() && rebuild.is_empty() {
             return Ok(());
         }
         let Some((select, group)) = view_select(rollup.view, self.database) else {
             tracing::error!(view = rollup.view, "view definition not found in the migrations");
-            outcome.inconsistent += missing.len();
             return Ok(());
         };
-        let buckets = missing.iter().map(|b| format!("(?, {})", b.bucket)).collect::<Vec<_>>().join(", ");
-        let sql = format!(
-            "INSERT INTO {database}.{table} {select} FROM {events} WHERE {ours} \
-             AND (org_id, toUInt32({bucket})) IN ({buckets}) GROUP BY {group}",
+        if !missing.is_empty() {
+            let buckets = bucket_list(&missing);
+            let sql = format!(
+                "INSERT INTO {database}.{table} {select} FROM {events} WHERE {ours} \
+                 AND (org_id, toUInt32({bucket})) IN ({buckets}) GROUP BY {group}",
+                database = self.database,
+                table = rollup.table,
+                events = self.events_table,
+                ours = self.ours,
+                bucket = rollup.raw_bucket,
+            );
+            bind_all(self.client.query(&sql), missing.iter().map(|b| b.org_id.as_str())).execute().await?;
+            outcome.repaired += missing.len();
+            // Which buckets, with the rows added to each: what a later inconsistency is traced back to.
+            let shown: Vec<String> = missing
+                .iter()
+                .take(40)
+                .map(|b| format!("{}@{}+{}", b.org_id, b.bucket, b.ours_rows))
+                .collect();
+            tracing::warn!(
+                rollup = rollup.table,
+                buckets = missing.len(),
+                detail = %shown.join(" "),
+                "completed rollup buckets an interrupted insert had left out"
+            );
+        }
+        if !rebuild.is_empty() {
+            self.rebuild(rollup, &rebuild, &select, &group).await?;
+            outcome.rebuilt += rebuild.len();
+        }
+        Ok(())
+    }
+
+    /// Deletes the rollup's rows of `buckets` and inserts the buckets again from every raw row.
+    /// A deletion (a mutation) only touches the parts older than itself, so the insert that
+    /// follows is never deleted by it, here or on another replica, whenever the mutation runs.
+    /// It is waited for a while, so reads see the rebuilt buckets at once; on a cluster 18.16
+    /// holds back the latest quorum part of a partition from mutations until a newer quorum
+    /// insert arrives, so the wait is bounded, not required: a check that runs before the
+    /// deletion is applied sees the bucket off again and rebuilds it again, which converges to
+    /// the last rebuild.
+    async fn rebuild(
+        &self,
+        rollup: &Rollup,
+        buckets: &[&BucketCount],
+        select: &str,
+        group: &str,
+    ) -> Result<(), clickhouse::error::Error> {
+        let list = bucket_list(buckets);
+        let orgs = buckets.iter().map(|b| b.org_id.as_str());
+        let delete = format!(
+            "ALTER TABLE {database}.{table} DELETE WHERE (org_id, toUInt32({column})) IN ({list})",
+            database = self.database,
+            table = rollup.table,
+            column = rollup.column,
+        );
+        bind_all(self.client.query(&delete), orgs.clone()).execute().await?;
+        let insert = format!(
+            "INSERT INTO {database}.{table} {select} FROM {events} \
+             WHERE (org_id, toUInt32({bucket})) IN ({list}) GROUP BY {group}",
             database = self.database,
             table = rollup.table,
             events = self.events_table,
-            ours = self.ours,
             bucket = rollup.raw_bucket,
         );
-        bind_all(self.client.query(&sql), missing.iter().map(|b| b.org_id.as_str())).execute().await?;
-        outcome.repaired += missing.len();
-        // Which buckets, with the rows added to each: what a later inconsistency is traced back to.
+        bind_all(self.client.query(&insert), orgs).execute().await?;
+        let pending = "SELECT count() FROM system.mutations WHERE database = ? AND table = ? AND NOT is_done";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut left: u64 = 1;
+        while left > 0 && std::time::Instant::now() < deadline {
+            left = self.client.query(pending).bind(self.database).bind(rollup.table).fetch_one().await?;
+            if left > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
         let shown: Vec<String> =
-            missing.iter().take(40).map(|b| format!("{}@{}+{}", b.org_id, b.bucket, b.ours)).collect();
+            buckets.iter().take(40).map(|b| format!("{}@{}={}", b.org_id, b.bucket, b.rows)).collect();
         tracing::warn!(
             rollup = rollup.table,
-            buckets = missing.len(),
+            buckets = buckets.len(),
+            deletion_applied = left == 0,
             detail = %shown.join(" "),
-            "completed rollup buckets an interrupted insert had left out"
+            "rebuilt rollup buckets from events"
         );
         Ok(())
     }
 }
 
-/// Whether the rollup lacks exactly our rows of `bucket`; counts a complete bucket, and logs and
-/// counts one whose numbers fit neither.
-fn lacks_ours(
-    rollup: &Rollup,
-    bucket: &BucketCount,
-    in_rollup: &HashMap<(String, u32), u64>,
-    outcome: &mut Repair,
-) -> bool {
-    let have = in_rollup.get(&(bucket.org_id.clone(), bucket.bucket)).copied().unwrap_or(0);
-    if have == bucket.rows {
-        outcome.complete += 1;
-        false
-    } else if have + bucket.ours == bucket.rows {
-        true
-    } else {
-        outcome.inconsistent += 1;
-        tracing::error!(
-            rollup = rollup.table,
-            org_id = %bucket.org_id,
-            bucket = bucket.bucket,
-            raw = bucket.rows,
-            rollup_rows = have,
-            insert_rows = bucket.ours,
-            "rollup bucket disagrees with events beyond the failed insert; left as is"
-        );
-        false
-    }
+/// `(?, bucket), …` for the buckets, their orgs bound in order.
+fn bucket_list(buckets: &[&BucketCount]) -> String {
+    buckets.iter().map(|b| format!("(?, {})", b.bucket)).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -271,6 +412,25 @@ mod tests {
         assert_eq!(crate::store::partitions_of_insert(&id, "db.events"), [0, 3, 12]);
         assert!(crate::store::partitions_of_insert(&id, "other.events").is_empty());
         assert!(crate::store::partitions_of_insert("some-other-query", "db.events").is_empty());
+    }
+
+    fn m(rows: u64, tokens: u64, cost: i64, errors: u64) -> Measures {
+        Measures { rows, tokens, cost, errors }
+    }
+
+    #[test]
+    fn a_bucket_is_judged_on_every_measure_not_the_row_count_alone() {
+        let raw = m(10, 1_000, 5_000, 1);
+        let ours = m(3, 300, 1_200, 0);
+        assert_eq!(verdict(raw, ours, raw), Verdict::Complete);
+        assert_eq!(verdict(raw, ours, m(7, 700, 3_800, 1)), Verdict::LacksOurs);
+        // Lacks 3 rows of another insert (same count as ours, other tokens): not ours to add.
+        assert_eq!(verdict(raw, ours, m(7, 650, 3_900, 1)), Verdict::Rebuild);
+        // Ours counted twice somewhere, or any other mix.
+        assert_eq!(verdict(raw, ours, m(13, 1_300, 6_200, 1)), Verdict::Rebuild);
+        assert_eq!(verdict(raw, ours, Measures::default()), Verdict::Rebuild);
+        // A bucket made only of our rows that the rollup lacks entirely.
+        assert_eq!(verdict(ours, ours, Measures::default()), Verdict::LacksOurs);
     }
 
     #[test]

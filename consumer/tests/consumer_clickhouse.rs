@@ -413,7 +413,7 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
     };
     let first = repair(&records).await;
     // Hourly: hour 0 and hour 30 of org-a; daily: the two days. None was complete.
-    assert_eq!((first.repaired, first.complete, first.inconsistent), (4, 0, 0), "{first:?}");
+    assert_eq!((first.repaired, first.complete, first.rebuilt), (4, 0, 0), "{first:?}");
     let totals = raw_totals(&clickhouse).await;
     for rollup in ["rollup_hourly", "rollup_daily"] {
         assert_eq!(
@@ -424,7 +424,7 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
     }
     // Checking again (or checking an insert whose views ran) changes nothing.
     let again = repair(&records).await;
-    assert_eq!((again.repaired, again.complete, again.inconsistent), (0, 4, 0), "{again:?}");
+    assert_eq!((again.repaired, again.complete, again.rebuilt), (0, 4, 0), "{again:?}");
     let normal: std::collections::BTreeSet<(i32, i64)> = [(1, 1)].into();
     let untouched = repair(&normal).await;
     assert_eq!((untouched.repaired, untouched.complete), (0, 2));
@@ -457,6 +457,105 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
         .await
         .unwrap();
     assert_eq!(from_rollup.q, from_raw.q);
+    drop_database(&clickhouse).await;
+}
+
+/// A bucket whose rollup disagrees with `events` beyond the records being checked — it lacks rows
+/// of another insert as many as the checked insert has (which it holds), or it counts rows twice
+/// — is not "completed" with the checked rows (which would hide one error under another): it is
+/// rebuilt from `events`, percentiles included, and checking again finds it complete.
+#[tokio::test]
+async fn rollup_buckets_off_beyond_the_checked_insert_are_rebuilt_from_events() {
+    let clickhouse = migrated_database("rebuild").await;
+    let client = clickhouse.client();
+    let insert = |offset: u64, hour: u32, n: u32, tokens: u32| {
+        format!(
+            "INSERT INTO {} (org_id, event_id, timestamp, provider, model, total_tokens, cost_nanos, latency_ms, status, \
+             kafka_partition, kafka_offset, kafka_index) SELECT 'org-r', generateUUIDv4(), \
+             toDateTime(1795000000 + {hour} * 3600 + number * 7, 'UTC'), 'openai', 'gpt-4o', {tokens} + number, \
+             1000000007 * (number + 1), 100 + number * 13, if(number = 0, 'error', 'success'), 0, {offset}, toUInt32(number) \
+             FROM numbers({n})",
+            clickhouse.table("events")
+        )
+    };
+    let views = ["rollup_hourly_mv", "rollup_daily_mv"];
+    let detach = |detach: bool| {
+        let client = client.clone();
+        let clickhouse = clickhouse.clone();
+        async move {
+            for view in views {
+                let verb = if detach { "DETACH" } else { "ATTACH" };
+                client.query(&format!("{verb} TABLE {}", clickhouse.table(view))).execute().await.unwrap();
+            }
+        }
+    };
+    client.query(&insert(1, 0, 5, 10)).execute().await.unwrap(); // stored normally
+                                                                 // Offset 2: 3 rows the rollups never saw (its insert was interrupted, and never checked).
+    detach(true).await;
+    client.query(&insert(2, 0, 3, 500)).execute().await.unwrap();
+    detach(false).await;
+    // Offset 3: 3 rows stored normally, the insert now checked: same count as the gap of offset 2.
+    client.query(&insert(3, 0, 3, 20)).execute().await.unwrap();
+    // Offset 4, another hour: stored normally, then its rollup rows counted twice.
+    client.query(&insert(4, 5, 4, 30)).execute().await.unwrap();
+    for (rollup, view) in [("rollup_hourly", "rollup_hourly_mv"), ("rollup_daily", "rollup_daily_mv")] {
+        let select = tally_schemas::migrations::MIGRATIONS
+            .iter()
+            .flat_map(|m| m.statements(&clickhouse.database))
+            .find(|s| {
+                s.contains(&format!("{}.{view} ", clickhouse.database))
+                    && s.starts_with("CREATE MATERIALIZED VIEW")
+            })
+            .unwrap();
+        let body = &select[select.find("SELECT").unwrap()..];
+        let (head, group) = body.split_at(body.find("\nFROM ").unwrap());
+        let group = &group[group.rfind("GROUP BY").unwrap()..];
+        client
+            .query(&format!(
+                "INSERT INTO {} {head} FROM {} WHERE kafka_offset = 4 {group}",
+                clickhouse.table(rollup),
+                clickhouse.table("events")
+            ))
+            .execute()
+            .await
+            .unwrap();
+    }
+    let store = tally_consumer::store::EventStore::new(&clickhouse);
+    let checked: std::collections::BTreeSet<(i32, i64)> = [(0, 3), (0, 4)].into();
+    let first = store.repair_views(&checked).await.unwrap();
+    // Hour 0 and hour 5 (hourly) are off beyond offsets 3 and 4; so is their day (daily).
+    assert_eq!((first.repaired, first.complete, first.rebuilt), (0, 0, 3), "{first:?}");
+    let totals = raw_totals(&clickhouse).await;
+    for rollup in ["rollup_hourly", "rollup_daily"] {
+        assert_eq!(
+            rollup_totals(&clickhouse, rollup).await,
+            (totals.rows, totals.tokens, totals.cost, totals.errors),
+            "{rollup} == raw after the rebuild"
+        );
+    }
+    #[derive(Row, Deserialize)]
+    struct Q {
+        q: Vec<f32>,
+    }
+    let merged: Q = client
+        .query(&format!(
+            "SELECT quantilesTimingMerge(0.5, 0.95, 0.99)(latency_quantiles) AS q FROM {}",
+            clickhouse.table("rollup_hourly")
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    let raw: Q = client
+        .query(&format!(
+            "SELECT quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q FROM {}",
+            clickhouse.table("events")
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(merged.q, raw.q, "percentiles rebuilt as the view makes them");
+    let again = store.repair_views(&checked).await.unwrap();
+    assert_eq!((again.repaired, again.complete, again.rebuilt), (0, 3, 0), "{again:?}");
     drop_database(&clickhouse).await;
 }
 
