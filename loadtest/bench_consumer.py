@@ -204,7 +204,8 @@ def freshness(rate, seconds):
 
     return {"rate": rate, "seconds": seconds, "markers": len(samples), "p50_ms": pct(50), "p95_ms": pct(95),
             "p99_ms": pct(99), "max_ms": samples[-1] * 1000, "load_events_per_s": load.get("accepted_events_per_s"),
-            "load_statuses": load.get("statuses")}
+            "load_statuses": load.get("statuses"), "batch_max_wait_ms": os.environ.get("TALLY_BATCH_MAX_WAIT_MS", "default"),
+            "samples_ms": [round(x * 1000, 1) for x in samples]}
 
 
 def main():
@@ -214,6 +215,9 @@ def main():
     parser.add_argument("--skip", default="", help="comma list of ceiling,tally,engine,freshness")
     parser.add_argument("--fresh-rate", type=float, default=50_000)
     parser.add_argument("--fresh-seconds", type=float, default=60)
+    parser.add_argument("--record-freshness", metavar="JSON",
+                        help="append the freshness run (every marker's 202-to-visible time) to this file; "
+                             "loadtest/plot_freshness.py draws it")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     suffix = "%08x" % random.getrandbits(32)
@@ -267,6 +271,15 @@ def main():
               "p99 %.0f ms, max %.0f ms" % (fresh["rate"], fresh["seconds"], fresh["markers"],
                                             fresh["load_events_per_s"], json.dumps(fresh["load_statuses"]),
                                             fresh["p50_ms"], fresh["p95_ms"], fresh["p99_ms"], fresh["max_ms"]))
+        if args.record_freshness:
+            runs = []
+            if os.path.exists(args.record_freshness):
+                with open(args.record_freshness) as f:
+                    runs = json.load(f)["runs"]
+            runs.append(dict(fresh, nproc=os.cpu_count(), recorded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            with open(args.record_freshness, "w") as f:
+                json.dump({"runs": runs}, f)
+            print("freshness run recorded in %s" % args.record_freshness)
 
 
 if __name__ == "__main__":
