@@ -56,17 +56,20 @@ pub struct Repair {
     pub rebuilt: usize,
 }
 
-impl std::ops::Add for Repair {
-    type Output = Repair;
+/// Field-by-field `+` for a struct of counters.
+macro_rules! add_fields {
+    ($type:ident { $($field:ident),* }) => {
+        impl std::ops::Add for $type {
+            type Output = $type;
 
-    fn add(self, other: Repair) -> Repair {
-        Repair {
-            complete: self.complete + other.complete,
-            repaired: self.repaired + other.repaired,
-            rebuilt: self.rebuilt + other.rebuilt,
+            fn add(self, other: $type) -> $type {
+                $type { $($field: self.$field + other.$field),* }
+            }
         }
-    }
+    };
 }
+
+add_fields!(Repair { complete, repaired, rebuilt });
 
 /// The measures a rollup keeps that a bucket is compared on.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,18 +80,7 @@ struct Measures {
     errors: u64,
 }
 
-impl std::ops::Add for Measures {
-    type Output = Measures;
-
-    fn add(self, other: Measures) -> Measures {
-        Measures {
-            rows: self.rows + other.rows,
-            tokens: self.tokens + other.tokens,
-            cost: self.cost + other.cost,
-            errors: self.errors + other.errors,
-        }
-    }
-}
+add_fields!(Measures { rows, tokens, cost, errors });
 
 /// A bucket of `events` holding rows of the records: all its rows, and the records' rows.
 #[derive(Row, Deserialize)]

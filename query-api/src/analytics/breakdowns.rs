@@ -8,25 +8,42 @@ use crate::error::ApiError;
 use crate::range::{rfc3339, usd};
 use crate::AppState;
 
+/// Requests, errors and latency of one group (a model, a service).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PerfEntry {
-    provider: String,
-    model: String,
+pub struct PerfMeasures {
     requests: u64,
     errors: u64,
     error_rate: f64,
     latency_ms: Option<Percentiles>,
 }
 
+impl PerfMeasures {
+    fn new(requests: u64, errors: u64, latency: &[f32]) -> PerfMeasures {
+        PerfMeasures {
+            requests,
+            errors,
+            error_rate: rate(errors, requests),
+            latency_ms: Percentiles::from(latency, requests),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PerfEntry {
+    provider: String,
+    model: String,
+    #[serde(flatten)]
+    measures: PerfMeasures,
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePerfEntry {
     service: String,
-    requests: u64,
-    errors: u64,
-    error_rate: f64,
-    latency_ms: Option<Percentiles>,
+    #[serde(flatten)]
+    measures: PerfMeasures,
 }
 
 #[derive(Serialize)]
@@ -57,22 +74,16 @@ pub(super) async fn perf(
         models: rows
             .into_iter()
             .map(|r| PerfEntry {
-                error_rate: rate(r.errors, r.requests),
-                latency_ms: Percentiles::from(&r.latency, r.requests),
+                measures: PerfMeasures::new(r.requests, r.errors, &r.latency),
                 provider: r.provider,
                 model: r.model,
-                requests: r.requests,
-                errors: r.errors,
             })
             .collect(),
         services: services
             .into_iter()
             .map(|r| ServicePerfEntry {
-                error_rate: rate(r.errors, r.requests),
-                latency_ms: Percentiles::from(&r.latency, r.requests),
+                measures: PerfMeasures::new(r.requests, r.errors, &r.latency),
                 service: r.service,
-                requests: r.requests,
-                errors: r.errors,
             })
             .collect(),
     })
