@@ -436,27 +436,8 @@ async fn rollups_missing_an_applied_insert_are_completed_once() {
         );
     }
     // Percentiles included: the repaired states merge like the view's.
-    #[derive(Row, Deserialize)]
-    struct Q {
-        q: Vec<f32>,
-    }
-    let from_rollup: Q = client
-        .query(&format!(
-            "SELECT quantilesTimingMerge(0.5, 0.95, 0.99)(latency_quantiles) AS q FROM {} WHERE org_id = 'org-a'",
-            clickhouse.table("rollup_hourly")
-        ))
-        .fetch_one()
-        .await
-        .unwrap();
-    let from_raw: Q = client
-        .query(&format!(
-            "SELECT quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q FROM {} WHERE org_id = 'org-a'",
-            clickhouse.table("events")
-        ))
-        .fetch_one()
-        .await
-        .unwrap();
-    assert_eq!(from_rollup.q, from_raw.q);
+    let (from_rollup, from_raw) = percentiles(&clickhouse, "org_id = 'org-a'").await;
+    assert_eq!(from_rollup, from_raw);
     drop_database(&clickhouse).await;
 }
 
@@ -533,30 +514,30 @@ async fn rollup_buckets_off_beyond_the_checked_insert_are_rebuilt_from_events() 
             "{rollup} == raw after the rebuild"
         );
     }
+    let (merged, raw) = percentiles(&clickhouse, "1").await;
+    assert_eq!(merged, raw, "percentiles rebuilt as the view makes them");
+    let again = store.repair_views(&checked).await.unwrap();
+    assert_eq!((again.repaired, again.complete, again.rebuilt), (0, 3, 0), "{again:?}");
+    drop_database(&clickhouse).await;
+}
+
+/// p50/p95/p99 latency of the rows `filter` selects, from the hourly rollup's states and from
+/// the raw rows.
+async fn percentiles(clickhouse: &ChConfig, filter: &str) -> (Vec<f32>, Vec<f32>) {
     #[derive(Row, Deserialize)]
     struct Q {
         q: Vec<f32>,
     }
-    let merged: Q = client
-        .query(&format!(
-            "SELECT quantilesTimingMerge(0.5, 0.95, 0.99)(latency_quantiles) AS q FROM {}",
-            clickhouse.table("rollup_hourly")
-        ))
-        .fetch_one()
-        .await
-        .unwrap();
-    let raw: Q = client
-        .query(&format!(
-            "SELECT quantilesTiming(0.5, 0.95, 0.99)(latency_ms) AS q FROM {}",
-            clickhouse.table("events")
-        ))
-        .fetch_one()
-        .await
-        .unwrap();
-    assert_eq!(merged.q, raw.q, "percentiles rebuilt as the view makes them");
-    let again = store.repair_views(&checked).await.unwrap();
-    assert_eq!((again.repaired, again.complete, again.rebuilt), (0, 3, 0), "{again:?}");
-    drop_database(&clickhouse).await;
+    let mut out = Vec::new();
+    for (function, table) in [
+        ("quantilesTimingMerge(0.5, 0.95, 0.99)(latency_quantiles)", "rollup_hourly"),
+        ("quantilesTiming(0.5, 0.95, 0.99)(latency_ms)", "events"),
+    ] {
+        let sql = format!("SELECT {function} AS q FROM {} WHERE {filter}", clickhouse.table(table));
+        out.push(clickhouse.client().query(&sql).fetch_one::<Q>().await.unwrap().q);
+    }
+    let raw = out.pop().unwrap();
+    (out.pop().unwrap(), raw)
 }
 
 /// The value of an unlabelled counter in the consumer's `/metrics`.
