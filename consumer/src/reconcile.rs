@@ -83,6 +83,12 @@ impl Reconciler {
         if !new.is_empty() {
             self.store.wait_for_inserts(&new).await?;
         }
+        // First every query, then every change to the batch: a call that fails half way (one
+        // shard not caught up yet) leaves the batch as it was, so the call that is retried
+        // reports every stored record — the rollup check runs on exactly those. (Removing rows
+        // as each partition was answered lost the records of the answered partitions from the
+        // retried call's outcome, and their rollups were never checked.)
+        let mut found: Vec<(i32, Vec<usize>, HashSet<(i64, u32)>)> = Vec::new();
         for partition in partitions {
             if !self.high.contains_key(&partition) {
                 let first = batch.iter().filter(|p| p.partition == partition).min_by_key(|p| p.offset);
@@ -106,8 +112,11 @@ impl Reconciler {
             if suspects.is_empty() {
                 continue;
             }
-            outcome.checked_records += suspects.len();
             let stored = self.stored_positions(batch, partition, &suspects).await?;
+            found.push((partition, suspects, stored));
+        }
+        for (partition, suspects, stored) in found {
+            outcome.checked_records += suspects.len();
             for &i in &suspects {
                 let offset = batch[i].offset;
                 if let Ok(rows) = &mut batch[i].decoded {
