@@ -22,6 +22,13 @@ use tally_schemas::limits::{MAX_EVENT_AGE_MS, MAX_EVENT_FUTURE_MS};
 use crate::batch::{BatchContext, Pending, Stage};
 use crate::store::{ClickHouseError, EventStore};
 
+/// The records of one partition checked, and which of their (offset, index) rows are stored.
+struct Found {
+    partition: i32,
+    suspects: Vec<usize>,
+    stored: HashSet<(i64, u32)>,
+}
+
 pub struct Reconciler {
     store: EventStore,
     /// Per partition: the largest offset already stored when the partition was (re)assigned, or
@@ -88,7 +95,7 @@ impl Reconciler {
         // reports every stored record — the rollup check runs on exactly those. (Removing rows
         // as each partition was answered lost the records of the answered partitions from the
         // retried call's outcome, and their rollups were never checked.)
-        let mut found: Vec<(i32, Vec<usize>, HashSet<(i64, u32)>)> = Vec::new();
+        let mut found: Vec<Found> = Vec::new();
         for partition in partitions {
             if !self.high.contains_key(&partition) {
                 let first = batch.iter().filter(|p| p.partition == partition).min_by_key(|p| p.offset);
@@ -113,9 +120,9 @@ impl Reconciler {
                 continue;
             }
             let stored = self.stored_positions(batch, partition, &suspects).await?;
-            found.push((partition, suspects, stored));
+            found.push(Found { partition, suspects, stored });
         }
-        for (partition, suspects, stored) in found {
+        for Found { partition, suspects, stored } in found {
             outcome.checked_records += suspects.len();
             for &i in &suspects {
                 let offset = batch[i].offset;
