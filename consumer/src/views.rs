@@ -166,16 +166,35 @@ pub async fn repair(
     events_table: &str,
     records: &BTreeSet<(i32, i64)>,
 ) -> Result<Repair, clickhouse::error::Error> {
+    // A few hundred runs of offsets per query at most (each is a few AST nodes). A bucket whose
+    // checked rows fall in two chunks is seen off by the first and rebuilt from `events`.
+    let mut outcome = Repair::default();
+    let mut chunk = BTreeSet::new();
+    let mut runs = 0;
+    for &(partition, offset) in records {
+        let new_run = chunk.last().is_none_or(|&(p, o): &(i32, i64)| p != partition || o + 1 != offset);
+        if new_run && runs == RUNS_PER_QUERY {
+            outcome = outcome + repair_chunk(client, events_table, &std::mem::take(&mut chunk)).await?;
+            runs = 0;
+        }
+        runs += usize::from(new_run);
+        chunk.insert((partition, offset));
+    }
+    Ok(outcome + repair_chunk(client, events_table, &chunk).await?)
+}
+
+const RUNS_PER_QUERY: usize = 400;
+
+async fn repair_chunk(
+    client: &clickhouse::Client,
+    events_table: &str,
+    records: &BTreeSet<(i32, i64)>,
+) -> Result<Repair, clickhouse::error::Error> {
     let mut outcome = Repair::default();
     if records.is_empty() {
         return Ok(outcome);
     }
-    let positions = records
-        .iter()
-        .map(|(partition, offset)| format!("({partition}, {offset})"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let ours = format!("(kafka_partition, kafka_offset) IN ({positions})");
+    let ours = records_condition(records);
     // The records' orgs and earliest event time bound what ClickHouse reads below.
     let spans: Vec<Span> = client
         .query(&format!(
@@ -388,6 +407,27 @@ impl Records<'_> {
     }
 }
 
+/// The condition selecting the rows of `records`: one `BETWEEN` per run of consecutive offsets
+/// of a partition. Exact (the runs hold only the records), and short: records found stored are
+/// mostly consecutive, where a list of (partition, offset) pairs for a reconciled batch of
+/// thousands of records passed ClickHouse's limit ("AST is too big") and stalled the check.
+fn records_condition(records: &BTreeSet<(i32, i64)>) -> String {
+    let mut runs: Vec<(i32, i64, i64)> = Vec::new();
+    for &(partition, offset) in records {
+        match runs.last_mut() {
+            Some((p, _, last)) if *p == partition && *last + 1 == offset => *last = offset,
+            _ => runs.push((partition, offset, offset)),
+        }
+    }
+    let runs: Vec<String> = runs
+        .iter()
+        .map(|(p, first, last)| {
+            format!("(kafka_partition = {p} AND kafka_offset BETWEEN {first} AND {last})")
+        })
+        .collect();
+    format!("({})", runs.join(" OR "))
+}
+
 /// `(?, bucket), …` for the buckets, their orgs bound in order.
 fn bucket_list(buckets: &[&BucketCount]) -> String {
     buckets.iter().map(|b| format!("(?, {})", b.bucket)).collect::<Vec<_>>().join(", ")
@@ -423,6 +463,19 @@ mod tests {
         assert_eq!(verdict(raw, ours, Measures::default()), Verdict::Rebuild);
         // A bucket made only of our rows that the rollup lacks entirely.
         assert_eq!(verdict(ours, ours, Measures::default()), Verdict::LacksOurs);
+    }
+
+    #[test]
+    fn the_records_condition_is_one_range_per_run_of_consecutive_offsets() {
+        let records: BTreeSet<(i32, i64)> = [(1, 10), (1, 11), (1, 12), (1, 14), (2, 15), (2, 16)]
+            .into_iter()
+            .chain((100..5100).map(|o| (3, o)))
+            .collect();
+        assert_eq!(
+            records_condition(&records),
+            "((kafka_partition = 1 AND kafka_offset BETWEEN 10 AND 12) OR (kafka_partition = 1 AND kafka_offset BETWEEN 14 AND 14) \
+             OR (kafka_partition = 2 AND kafka_offset BETWEEN 15 AND 16) OR (kafka_partition = 3 AND kafka_offset BETWEEN 100 AND 5099))"
+        );
     }
 
     #[test]
