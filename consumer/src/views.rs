@@ -169,32 +169,22 @@ pub async fn repair(
     // A few hundred runs of offsets per query at most (each is a few AST nodes). A bucket whose
     // checked rows fall in two chunks is seen off by the first and rebuilt from `events`.
     let mut outcome = Repair::default();
-    let mut chunk = BTreeSet::new();
-    let mut runs = 0;
-    for &(partition, offset) in records {
-        let new_run = chunk.last().is_none_or(|&(p, o): &(i32, i64)| p != partition || o + 1 != offset);
-        if new_run && runs == RUNS_PER_QUERY {
-            outcome = outcome + repair_chunk(client, events_table, &std::mem::take(&mut chunk)).await?;
-            runs = 0;
-        }
-        runs += usize::from(new_run);
-        chunk.insert((partition, offset));
+    for chunk in runs(records).chunks(RUNS_PER_QUERY) {
+        outcome = outcome + repair_runs(client, events_table, chunk).await?;
     }
-    Ok(outcome + repair_chunk(client, events_table, &chunk).await?)
+    Ok(outcome)
 }
 
 const RUNS_PER_QUERY: usize = 400;
 
-async fn repair_chunk(
+/// `repair` for the records of `runs`.
+async fn repair_runs(
     client: &clickhouse::Client,
     events_table: &str,
-    records: &BTreeSet<(i32, i64)>,
+    runs: &[Run],
 ) -> Result<Repair, clickhouse::error::Error> {
     let mut outcome = Repair::default();
-    if records.is_empty() {
-        return Ok(outcome);
-    }
-    let ours = records_condition(records);
+    let ours = records_condition(runs);
     // The records' orgs and earliest event time bound what ClickHouse reads below.
     let spans: Vec<Span> = client
         .query(&format!(
@@ -407,18 +397,26 @@ impl Records<'_> {
     }
 }
 
-/// The condition selecting the rows of `records`: one `BETWEEN` per run of consecutive offsets
-/// of a partition. Exact (the runs hold only the records), and short: records found stored are
-/// mostly consecutive, where a list of (partition, offset) pairs for a reconciled batch of
-/// thousands of records passed ClickHouse's limit ("AST is too big") and stalled the check.
-fn records_condition(records: &BTreeSet<(i32, i64)>) -> String {
-    let mut runs: Vec<(i32, i64, i64)> = Vec::new();
+/// Consecutive offsets of one partition: (partition, first, last).
+type Run = (i32, i64, i64);
+
+/// `records` as runs of consecutive offsets, in order.
+fn runs(records: &BTreeSet<(i32, i64)>) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
     for &(partition, offset) in records {
         match runs.last_mut() {
             Some((p, _, last)) if *p == partition && *last + 1 == offset => *last = offset,
             _ => runs.push((partition, offset, offset)),
         }
     }
+    runs
+}
+
+/// The condition selecting the rows of the records of `runs`: one `BETWEEN` per run. Exact (the
+/// runs hold only the records), and short: records found stored are mostly consecutive, where a
+/// list of (partition, offset) pairs for a reconciled batch of thousands of records passed
+/// ClickHouse's limit ("AST is too big") and stalled the check.
+fn records_condition(runs: &[Run]) -> String {
     let runs: Vec<String> = runs
         .iter()
         .map(|(p, first, last)| {
@@ -472,7 +470,7 @@ mod tests {
             .chain((100..5100).map(|o| (3, o)))
             .collect();
         assert_eq!(
-            records_condition(&records),
+            records_condition(&runs(&records)),
             "((kafka_partition = 1 AND kafka_offset BETWEEN 10 AND 12) OR (kafka_partition = 1 AND kafka_offset BETWEEN 14 AND 14) \
              OR (kafka_partition = 2 AND kafka_offset BETWEEN 15 AND 16) OR (kafka_partition = 3 AND kafka_offset BETWEEN 100 AND 5099))"
         );
