@@ -153,7 +153,7 @@ pub async fn run(
         }
     };
     let streams = stream::Hub::new(config.stream.clone(), shutdown.clone(), metrics.streams_open.clone());
-    streams.spawn_poller(clickhouse.clone());
+    streams.spawn_poller(&clickhouse);
     let state = AppState {
         streams,
         clickhouse: clickhouse.clone(),

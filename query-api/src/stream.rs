@@ -138,14 +138,13 @@ impl Hub {
         })
     }
 
-    /// Reads the totals of every watched org and hands them to its streams when they changed.
-    pub async fn poll(&self, clickhouse: &ChConfig) {
+    /// Reads the totals of every watched org from `table` (the daily rollup) and hands them to
+    /// its streams when they changed.
+    pub async fn poll(&self, client: &clickhouse::Client, table: &str) {
         let watched: Vec<String> = self.orgs().keys().cloned().collect();
         if watched.is_empty() {
             return;
         }
-        let client = clickhouse.client().with_setting("max_threads", "1");
-        let table = clickhouse.read_table("rollup_daily");
         let mut read: HashMap<String, OrgTotals> = HashMap::with_capacity(watched.len());
         for chunk in watched.chunks(500) {
             let sql = format!(
@@ -183,13 +182,15 @@ impl Hub {
         }
     }
 
-    /// Polls every `interval` until shutdown.
-    pub fn spawn_poller(self: &Arc<Self>, clickhouse: ChConfig) -> tokio::task::JoinHandle<()> {
+    /// Polls every `interval` until shutdown, through one client (its connections are kept
+    /// from one poll to the next).
+    pub fn spawn_poller(self: &Arc<Self>, clickhouse: &ChConfig) -> tokio::task::JoinHandle<()> {
         let hub = Arc::clone(self);
+        let client = clickhouse.client().with_setting("max_threads", "1");
+        let table: Arc<str> = Arc::from(clickhouse.read_table("rollup_daily"));
         tally_common::server::spawn_every(self.config.interval, self.shutdown.clone(), move || {
-            let hub = Arc::clone(&hub);
-            let clickhouse = clickhouse.clone();
-            async move { hub.poll(&clickhouse).await }
+            let (hub, client, table) = (Arc::clone(&hub), client.clone(), Arc::clone(&table));
+            async move { hub.poll(&client, &table).await }
         })
     }
 }
