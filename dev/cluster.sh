@@ -429,6 +429,8 @@ schema() {
   count="$(ch 1 "SELECT count() FROM $db.schema_migrations")"
   [[ $count -ge 5 ]] || die "only $count migrations recorded"
   for n in 2 3 4; do
+    # Replicated: the other nodes fetch the recorded rows asynchronously.
+    ch "$n" "SYSTEM SYNC REPLICA $db.schema_migrations" >/dev/null
     [[ $(ch "$n" "SELECT count() FROM $db.schema_migrations") == "$count" ]] || die "node $n does not see the $count migrations recorded"
   done
   log "$count migrations applied ON CLUSTER and recorded on every node"

@@ -602,3 +602,79 @@ async fn a_fenced_static_member_replaces_its_kafka_client_and_goes_on() {
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
 }
+
+/// The re-check after a failed insert (`Reconciler::filter`, retried until it succeeds) must
+/// change nothing when it fails half way. On a cluster one shard can answer (partition 0: its
+/// rows are stored) while another is not caught up or down (partition 1): the failed call must
+/// leave partition 0's rows in the batch, so the retried call reports record (0, 5) as stored and
+/// its rollups get checked. (Removing rows as each query answered lost such records from the
+/// retried call's outcome, and their rollups were never repaired: the cluster suite's shortfall.)
+/// Here shard 1 is a closed port and shard 0 the local server.
+#[tokio::test]
+async fn a_reconcile_that_fails_half_way_leaves_the_batch_as_it_was() {
+    use tally_consumer::batch::{Pending, RawRecord};
+    use tally_consumer::reconcile::Reconciler;
+    use tally_consumer::store::EventStore;
+
+    let clickhouse = migrated_database("reconcile_half").await;
+    // Two orgs, one routed to each shard by the cluster's sharding rule (evaluated by ClickHouse).
+    #[derive(Row, Deserialize)]
+    struct Routed {
+        org: String,
+        shard: u64,
+    }
+    let routed: Vec<Routed> = clickhouse
+        .client()
+        .query(&format!(
+            "SELECT org_id AS org, toUInt64({} % 2) AS shard FROM \
+             (SELECT concat('org-', toString(number)) AS org_id FROM system.numbers LIMIT 64)",
+            tally_schemas::cluster::SHARDING_KEY
+        ))
+        .fetch_all()
+        .await
+        .unwrap();
+    let org_on = |shard: u64| routed.iter().find(|r| r.shard == shard).unwrap().org.clone();
+    let (org_0, org_1) = (org_on(0), org_on(1));
+    let record = |partition: i32, offset: i64, org: &str, events: u32| {
+        let mut original = Vec::new();
+        for n in 0..events {
+            encode_event(&sample_event(org, n), &mut original);
+        }
+        Pending::decode(RawRecord {
+            partition,
+            offset,
+            kafka_timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            original,
+        })
+    };
+    let batch = || vec![record(0, 5, &org_0, 3), record(1, 7, &org_1, 2)];
+    let rows = |batch: &[Pending]| batch.iter().map(Pending::row_count).collect::<Vec<_>>();
+
+    // Partition 0's record is stored already (its insert applied, the answer lost).
+    let stored = batch();
+    let store = EventStore::new(&clickhouse);
+    store.insert(&tally_consumer::batch::rows_of(&stored[..1])).await.unwrap();
+
+    let half_down = ChConfig {
+        cluster: Some(tally_common::ch::Cluster {
+            name: "tally".into(),
+            shards: vec![vec![clickhouse.url.clone()], vec!["http://127.0.0.1:9".into()]],
+            insert_quorum: 1,
+        }),
+        ..clickhouse.clone()
+    };
+    let mut failing = Reconciler::new(EventStore::new(&half_down));
+    let mut retried = batch();
+    failing.record_stored(&retried); // both partitions' stored offsets known: no high-offset query
+    assert!(failing.filter(&mut retried).await.is_err(), "shard 1 cannot be read");
+    assert_eq!(rows(&retried), vec![3, 2], "a failed call leaves every row in the batch");
+
+    // The retried call (here with both shards answering) sees every stored record.
+    let mut working = Reconciler::new(store);
+    working.record_stored(&retried);
+    let outcome = working.filter(&mut retried).await.unwrap();
+    assert_eq!(rows(&retried), vec![0, 2], "partition 0's stored rows are taken out, partition 1's kept");
+    assert_eq!(outcome.stored_records, [(0, 5)].into(), "{outcome:?}");
+    assert_eq!((outcome.checked_records, outcome.skipped_rows), (2, 3), "{outcome:?}");
+    drop_database(&clickhouse).await;
+}
