@@ -99,6 +99,19 @@ struct Route {
     shard: u32,
 }
 
+#[derive(Row, Deserialize)]
+struct Replicated {
+    table: String,
+    zookeeper_path: String,
+}
+
+#[derive(Row, Deserialize)]
+struct ZkNode {
+    name: String,
+    #[serde(rename = "numChildren")]
+    num_children: i32,
+}
+
 /// `tally.events` of one database: on one server, or on a cluster's shards (each org's rows on
 /// the shard `cityHash64(org_id) % shards`, the Distributed tables' rule), where every read of
 /// the exactly-once checks is asked of each shard and merged, and every insert goes to the shard
@@ -269,7 +282,7 @@ impl EventStore {
     }
 
     /// On a cluster: fails (to be retried) unless every row the replica in use holds is held by
-    /// the quorum, and it holds every row any replica holds. Two conditions, per table (`events`
+    /// the quorum, and it holds every row any replica holds. Three conditions, per table (`events`
     /// and the rollups):
     /// - no part still to fetch (`system.replicas`: the log copied, no insert queued): a replica that lacks a
     ///   part confirmed (or half-written) elsewhere would make the checks see rows as missing and
@@ -277,7 +290,10 @@ impl EventStore {
     ///   lists such a part from the moment its writer registers it in ZooKeeper, before any answer;
     /// - no quorum pending (`<zookeeper_path>/quorum/status`): a part whose quorum insert ended in
     ///   "unknown status" lives on its writer only until the other replicas fetch it; counting its
-    ///   rows as stored before then would commit offsets for rows one disk holds.
+    ///   rows as stored before then would commit offsets for rows one disk holds;
+    /// - no part whose quorum failed still active on the replica (`quorum/failed_parts`):
+    ///   ClickHouse detaches it when the table next starts, so the consumer restarts the table
+    ///   and waits; its rows then count as missing and are sent again.
     async fn caught_up(&self, shard: &Shard) -> Result<(), ClickHouseError> {
         if !self.cluster {
             return Ok(());
@@ -308,21 +324,51 @@ impl EventStore {
                 "is still fetching parts written on another replica ({behind} tables behind)"
             ));
         }
-        let paths: Vec<String> = client
+        let replicated: Vec<Replicated> = client
             .query(&format!(
-                "SELECT zookeeper_path FROM system.replicas WHERE database = ? AND table IN {tables}"
+                "SELECT table, zookeeper_path FROM system.replicas WHERE database = ? AND table IN {tables}"
             ))
             .bind(database)
             .fetch_all()
             .await?;
-        for path in paths {
-            let pending: u64 = client
-                .query("SELECT count() FROM system.zookeeper WHERE path = ? AND name = 'status'")
+        for Replicated { table, zookeeper_path: path } in replicated {
+            // 18.16 keeps one `quorum/status` while a quorum insert is pending; a current
+            // ClickHouse (`insert_quorum_parallel`) keeps a child of `quorum/parallel` per part.
+            let nodes: Vec<ZkNode> = client
+                .query("SELECT name, numChildren FROM system.zookeeper WHERE path = ?")
                 .bind(format!("{path}/quorum"))
-                .fetch_one()
+                .fetch_all()
                 .await?;
-            if pending > 0 {
+            if nodes.iter().any(|n| n.name == "status" || (n.name == "parallel" && n.num_children > 0)) {
                 return not_yet(format!("has a quorum insert into {path} not yet on every replica"));
+            }
+            // A part whose quorum failed (no replica could fetch it from its writer in time) is
+            // forgotten by ClickHouse: its writer detaches it (`noquorum_…`) when it next starts
+            // the table. Until then its rows are visible on the writer only, and counting them
+            // as stored would lose them: seen on the cluster, a rollup part of an insert whose
+            // `events` part made its quorum, checked "complete" on the writer, then detached.
+            let doomed: Vec<String> = client
+                .query(
+                    "SELECT name FROM system.parts WHERE database = ? AND table = ? AND active \
+                     AND name IN (SELECT name FROM system.zookeeper WHERE path = ?)",
+                )
+                .bind(database)
+                .bind(&table)
+                .bind(format!("{path}/quorum/failed_parts"))
+                .fetch_all()
+                .await?;
+            if !doomed.is_empty() {
+                tracing::warn!(
+                    replica = shard.url(),
+                    table = %table,
+                    parts = %doomed.join(" "),
+                    "parts whose quorum failed are still active here; restarting the replica's table so ClickHouse detaches them"
+                );
+                client.query(&format!("SYSTEM RESTART REPLICA {database}.{table}")).execute().await?;
+                return not_yet(format!(
+                    "held parts of {table} whose quorum failed ({}), detached now by restarting the table",
+                    doomed.join(", ")
+                ));
             }
         }
         Ok(())
