@@ -300,7 +300,13 @@ cluster_env() { # the TALLY_* settings every service gets on the cluster
 
 start_service() { # start_service NAME BINARY PORT EXTRA_ENV...
   local name="$1" binary="$2" port="$3"; shift 3
-  is_running "$name" && return 0
+  if is_running "$name"; then
+    # A service keeps running across `make test-cluster` runs; one started before its binary was
+    # rebuilt would test the old code.
+    [[ $CARGO_TARGET_DIR/release/$binary -nt $PROC_RUN/$name.pid ]] || return 0
+    log "$name: its binary was rebuilt since it started; restarting it"
+    stop_proc "$name"
+  fi
   log "starting $name on 127.0.0.1:$port"
   # shellcheck disable=SC2046
   start_bg "$name" env $(cluster_env) TALLY_LISTEN_ADDR="127.0.0.1:$port" "$@" "$CARGO_TARGET_DIR/release/$binary"
