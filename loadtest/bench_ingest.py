@@ -18,6 +18,11 @@ Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,10
        loadtest/bench_ingest.py --sustain EVENTS_PER_S [--seconds 300] [--events 1000]
          the kafka scenario in an open model: requests scheduled at a fixed rate, latency measured
          from each request's scheduled start (no coordinated omission)
+       loadtest/bench_ingest.py ... --perf DIR
+         after each measured cell, a separate run of the same cell under `perf record -e cpu-clock
+         -g` (DWARF call graphs, 499 Hz; not the measured run, which perf would slow), written to
+         DIR/<scenario>-<events>.data, then summarised by loadtest/profile_ingest.py: where the
+         server's CPU per request goes, by stage
 Needs the local stack (dev/stack.sh infra-up) and release binaries (cargo build --release).
 """
 import argparse
@@ -122,6 +127,22 @@ def measure(process, url, key, events, seconds, connections):
     return result
 
 
+def profile(process, url, key, events, connections, measured, path, seconds=8):
+    """A run of the cell under `perf record` (its own run: perf's sampling costs CPU), then the
+    per-stage summary of loadtest/profile_ingest.py scaled to the measured CPU per request."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    recorder = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384",
+                                 "-p", str(process.pid), "-o", path + ".data"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    loadgen(url, key, events, seconds, connections)
+    recorder.send_signal(2)
+    recorder.wait()
+    us_per_request = measured["cpu_us_per_event"] * events
+    subprocess.run([sys.executable, os.path.join(ROOT, "loadtest", "profile_ingest.py"), path + ".data",
+                    "--us-per-request", "%.3f" % us_per_request, "--json", path + ".json"], check=False)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=15)
@@ -131,6 +152,7 @@ def main():
     parser.add_argument("--sustain", type=float, default=0, help="open-model kafka run at this many events/s")
     parser.add_argument("--server-threads", type=int, default=0, help="worker threads of the server under test")
     parser.add_argument("--loadgen-threads", type=int, default=0, help="worker threads of the load generator")
+    parser.add_argument("--perf", default="", help="also profile each cell with perf into this directory")
     args = parser.parse_args()
     if args.sustain:
         return sustain(args)
@@ -163,6 +185,9 @@ def main():
                 result["scenario"] = scenario
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr)
+                if args.perf:
+                    profile(process, url, key, events, args.connections, result,
+                            os.path.join(args.perf, "%s-%d" % (scenario, events)))
         finally:
             stop(process)
 
