@@ -1,12 +1,15 @@
 //! The HTTP plumbing every service shares: `/healthz`, `/readyz`, `/metrics`, request ids, HTTP
 //! metrics labelled by matched route, and graceful shutdown on SIGINT/SIGTERM.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::Next;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -15,18 +18,18 @@ use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Regi
 use tokio_util::sync::CancellationToken;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 
 /// The request id of the current request: the caller's `X-Request-Id` when it is sane, else a new
 /// UUIDv7. Available to handlers as an extension and echoed on the response.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub Arc<str>);
 
-/// Assigns the request id and records the HTTP metrics, in one layer (one boxed future per
-/// request instead of two on the hot path).
-pub async fn observe(State(metrics): State<HttpMetrics>, mut request: Request, next: Next) -> Response {
-    let id = request
+/// The request id of `request`: the caller's `X-Request-Id` when it is sane, else a new UUIDv7.
+fn request_id(request: &Request) -> Arc<str> {
+    request
         .headers()
-        .get(REQUEST_ID_HEADER)
+        .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(Arc::from)
@@ -34,18 +37,98 @@ pub async fn observe(State(metrics): State<HttpMetrics>, mut request: Request, n
             // Thread-local RNG: no syscall and no global lock per request (uuid's now_v7 has both).
             let id = tally_schemas::parse::new_v7(chrono::Utc::now().timestamp_millis());
             Arc::from(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) as &str)
-        });
-    request.extensions_mut().insert(RequestId(Arc::clone(&id)));
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
-    let method = request.method().clone();
-    let started = Instant::now();
-    let mut response = next.run(request).await;
-    metrics.duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
-    metrics.requests.with_label_values(&[&route, method.as_str(), response.status().as_str()]).inc();
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        })
+}
+
+/// The layer that gives each request its id (an extension for the handlers, echoed on the
+/// response) and records the HTTP metrics: `router.layer(ObserveLayer::new(metrics))`. A plain
+/// tower service with its own future: axum's `from_fn` middleware boxed the inner service and the
+/// future on every request, which the ingest's 1-event profile showed as 3 µs of a 30 µs request.
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<HttpMetrics>,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: HttpMetrics) -> Self {
+        ObserveLayer { metrics: Arc::new(metrics) }
     }
-    response
+}
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner, metrics: Arc::clone(&self.metrics) }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<HttpMetrics>,
+}
+
+impl<S> tower::Service<Request> for Observe<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let id = request_id(&request);
+        request.extensions_mut().insert(RequestId(Arc::clone(&id)));
+        let observed = Observed {
+            id,
+            route: request.extensions().get::<MatchedPath>().cloned(),
+            method: request.method().clone(),
+            started: Instant::now(),
+            metrics: Arc::clone(&self.metrics),
+        };
+        ObserveFuture { inner: self.inner.call(request), observed: Some(observed) }
+    }
+}
+
+/// What the layer keeps of a request until its response.
+struct Observed {
+    id: Arc<str>,
+    route: Option<MatchedPath>,
+    method: axum::http::Method,
+    started: Instant,
+    metrics: Arc<HttpMetrics>,
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's future, then the metrics and the request id header on its response.
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        observed: Option<Observed>,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for ObserveFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
+        if let Some(Observed { id, route, method, started, metrics }) = this.observed.take() {
+            let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+            metrics.duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+            metrics.requests.with_label_values(&[route, method.as_str(), response.status().as_str()]).inc();
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                response.headers_mut().insert(REQUEST_ID, value);
+            }
+        }
+        Poll::Ready(Ok(response))
+    }
 }
 
 /// Requests and latency by matched route (never the raw path, which would explode cardinality).
@@ -186,7 +269,8 @@ where
 
 /// The API key of a request: `X-API-Key`, else the token of `Authorization: Bearer`.
 pub fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
-    if let Some(value) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+    const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    if let Some(value) = headers.get(API_KEY).and_then(|v| v.to_str().ok()) {
         return Some(value.trim());
     }
     let authorization = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::{get, post};
-use axum::{middleware, Router};
+use axum::Router;
 use futures::future::BoxFuture;
 use prometheus::Registry;
 use tally_common::keyset::KeySet;
@@ -69,7 +69,7 @@ pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
         .route("/analytics/events", post(handler::ingest_analytics))
         .route("/openapi.json", get(openapi))
         .with_state(state)
-        .layer(middleware::from_fn_with_state(http_metrics, server::observe))
+        .layer(server::ObserveLayer::new(http_metrics))
 }
 
 /// The OpenAPI document of the ingest routes.

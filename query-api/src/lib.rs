@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
-use axum::{middleware, Router};
+use axum::Router;
 use futures::future::BoxFuture;
 use prometheus::Registry;
 use tally_common::ch::{self, ChConfig};
@@ -87,7 +87,7 @@ pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
         .method_not_allowed_fallback(extract::method_not_allowed)
         .with_state(state)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(http_metrics, server::observe))
+        .layer(server::ObserveLayer::new(http_metrics))
 }
 
 /// The OpenAPI document of the query API's routes (served as written in `openapi.json`).
