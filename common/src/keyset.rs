@@ -92,8 +92,8 @@ impl OrgRow {
 
 #[derive(Debug, Default)]
 pub struct KeySet {
-    /// SHA-256 of each active key → its org.
-    by_hash: Arc<Snapshot<HashMap<String, Arc<OrgInfo>>>>,
+    /// SHA-256 of each active key (bytes) → its org.
+    by_hash: Arc<Snapshot<HashMap<[u8; 32], Arc<OrgInfo>>>>,
 }
 
 impl KeySet {
@@ -106,7 +106,7 @@ impl KeySet {
         if !keys::looks_valid(presented) {
             return None;
         }
-        self.by_hash.current().get(&keys::hash(presented)).cloned()
+        self.by_hash.current().get(&keys::digest(presented)).cloned()
     }
 
     /// Has at least one refresh succeeded? Until then every key is unknown.
@@ -145,7 +145,7 @@ impl KeySet {
 }
 
 /// Every active key (not revoked, org not deleted) with its org.
-async fn load_keys(config: &ChConfig) -> Result<HashMap<String, Arc<OrgInfo>>, clickhouse::error::Error> {
+async fn load_keys(config: &ChConfig) -> Result<HashMap<[u8; 32], Arc<OrgInfo>>, clickhouse::error::Error> {
     Ok(key_map(load_key_entries(config).await?))
 }
 
@@ -174,12 +174,17 @@ pub async fn load_key_entries(config: &ChConfig) -> Result<Vec<KeyEntry>, clickh
         .collect())
 }
 
-/// The lookup map of `entries`, one shared `OrgInfo` per org.
-fn key_map(entries: Vec<KeyEntry>) -> HashMap<String, Arc<OrgInfo>> {
+/// The lookup map of `entries`, one shared `OrgInfo` per org. An entry whose hash is not 64 hex
+/// digits matches no key (none is written so; it is logged and left out).
+fn key_map(entries: Vec<KeyEntry>) -> HashMap<[u8; 32], Arc<OrgInfo>> {
     let mut orgs: HashMap<String, Arc<OrgInfo>> = HashMap::new();
     entries
         .into_iter()
-        .map(|entry| {
+        .filter_map(|entry| {
+            let Some(digest) = keys::digest_of_hash(&entry.key_hash) else {
+                tracing::warn!(org_id = %entry.org_id, "an api key's stored hash is not a SHA-256 in hex; ignored");
+                return None;
+            };
             let org = orgs.entry(entry.org_id.clone()).or_insert_with(|| {
                 Arc::new(OrgInfo {
                     org_id: Arc::from(entry.org_id.as_str()),
@@ -189,7 +194,7 @@ fn key_map(entries: Vec<KeyEntry>) -> HashMap<String, Arc<OrgInfo>> {
                     burst: entry.burst,
                 })
             });
-            (entry.key_hash, Arc::clone(org))
+            Some((digest, Arc::clone(org)))
         })
         .collect()
 }

@@ -26,7 +26,20 @@ pub fn generate() -> NewKey {
 
 /// Hex SHA-256 of the key as presented.
 pub fn hash(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+    hex::encode(digest(secret))
+}
+
+/// The SHA-256 of a key as bytes: what the services look keys up by (`hash` is its hex text, as
+/// stored). Hex-encoding it on every request cost more than the SHA-256 itself.
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The bytes of a stored hex `hash`, or None when it is not 64 hex digits.
+pub fn digest_of_hash(hash: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hash, &mut out).ok()?;
+    Some(out)
 }
 
 pub fn display_prefix(secret: &str) -> String {
@@ -43,6 +56,14 @@ pub fn looks_valid(secret: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digest_is_the_stored_hash_in_bytes() {
+        let key = generate();
+        assert_eq!(digest_of_hash(&key.hash), Some(digest(&key.secret)));
+        assert_eq!(digest_of_hash("not hex"), None);
+        assert_eq!(digest_of_hash(&key.hash[..62]), None);
+    }
 
     #[test]
     fn generated_keys_are_unique_well_formed_and_hash_stably() {
