@@ -1,6 +1,6 @@
 //! The ingest's whole-request errors and the one place that maps them to HTTP responses.
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -109,11 +109,16 @@ impl IngestError {
 
 /// `X-RateLimit-Limit` (events per minute), `-Remaining` (events), `-Reset` (seconds until the
 /// burst capacity is full again), on every 2xx and 429.
+// Names parsed once, not on every response.
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 pub fn rate_limit_headers(headers: &mut axum::http::HeaderMap, admission: &crate::ratelimit::Admission) {
     let reset = admission.reset_after.as_secs() + u64::from(admission.reset_after.subsec_nanos() > 0);
-    headers.insert("x-ratelimit-limit", HeaderValue::from(admission.limit));
-    headers.insert("x-ratelimit-remaining", HeaderValue::from(admission.remaining));
-    headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(admission.limit));
+    headers.insert(RATELIMIT_REMAINING, HeaderValue::from(admission.remaining));
+    headers.insert(RATELIMIT_RESET, HeaderValue::from(reset));
 }
 
 impl IntoResponse for IngestError {

@@ -8,9 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::future::BoxFuture;
@@ -46,19 +45,17 @@ struct Accepted {
 pub async fn ingest_sdk(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, IngestError> {
-    handle(state, Dialect::Sdk, request_id, headers, body).await
+    handle(state, Dialect::Sdk, request_id, request).await
 }
 
 pub async fn ingest_analytics(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, IngestError> {
-    handle(state, Dialect::Analytics, request_id, headers, body).await
+    handle(state, Dialect::Analytics, request_id, request).await
 }
 
 fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
@@ -71,9 +68,11 @@ fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
     Ok(())
 }
 
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
 /// The request's `Idempotency-Key`, if any: 1..=MAX_IDEMPOTENCY_KEY_LEN visible bytes.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, IngestError> {
-    match headers.get("idempotency-key") {
+    match headers.get(IDEMPOTENCY_KEY) {
         None => Ok(None),
         Some(value) => match value.to_str() {
             Ok(text) if !text.is_empty() && text.len() <= MAX_IDEMPOTENCY_KEY_LEN => Ok(Some(text)),
@@ -226,9 +225,11 @@ async fn handle(
     state: AppState,
     dialect: Dialect,
     request_id: RequestId,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Result<Response, IngestError> {
+    // The request's own header map, not a copy (a `HeaderMap` extractor clones it).
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let key = presented_key(&headers).ok_or(IngestError::MissingKey)?;
     if !state.keys.is_loaded() || !state.prices.is_loaded() {
         return Err(IngestError::NotReady);
