@@ -291,3 +291,99 @@ pub enum RunError {
     #[error("migrations: {0}")]
     Migrate(#[from] crate::migrate::MigrateError),
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::routing::get;
+    use axum::Extension;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A router whose one route answers the request id the layer gave it.
+    fn app(registry: &Registry) -> Router {
+        let metrics = HttpMetrics::register(registry).unwrap();
+        Router::new()
+            .route("/things/{id}", get(|Extension(id): Extension<RequestId>| async move { id.0.to_string() }))
+            .layer(ObserveLayer::new(metrics))
+    }
+
+    async fn call(
+        app: &Router,
+        path: &str,
+        request_id: Option<&str>,
+    ) -> (StatusCode, Option<String>, String) {
+        let mut request = Request::builder().uri(path);
+        if let Some(id) = request_id {
+            request = request.header(REQUEST_ID_HEADER, id);
+        }
+        let response = app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let echoed = response.headers().get(REQUEST_ID_HEADER).map(|v| v.to_str().unwrap().to_owned());
+        let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        (status, echoed, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn metric(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let families = registry.gather();
+        let family = families.iter().find(|f| f.name() == name).unwrap();
+        family
+            .get_metric()
+            .iter()
+            .find(|m| {
+                labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v))
+            })
+            .map_or(0.0, |m| {
+                if name.ends_with("_total") {
+                    m.get_counter().get_value()
+                } else {
+                    m.get_histogram().get_sample_count() as f64
+                }
+            })
+    }
+
+    #[tokio::test]
+    async fn the_callers_sane_request_id_reaches_the_handler_and_is_echoed() {
+        let app = app(&Registry::new());
+        let (status, echoed, seen) = call(&app, "/things/1", Some("req-123")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(echoed.as_deref(), Some("req-123"));
+        assert_eq!(seen, "req-123");
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_insane_request_id_is_replaced_by_a_new_uuid_v7() {
+        let app = app(&Registry::new());
+        let too_long = "a".repeat(129);
+        for given in [None, Some("has space"), Some(""), Some(too_long.as_str())] {
+            let (_, echoed, seen) = call(&app, "/things/1", given).await;
+            let echoed = echoed.unwrap();
+            assert_eq!(echoed, seen, "the handler sees the id the response carries");
+            let id = uuid::Uuid::parse_str(&echoed).unwrap();
+            assert_eq!(id.get_version_num(), 7, "{given:?} -> {echoed}");
+        }
+        let (_, first, _) = call(&app, "/things/1", None).await;
+        let (_, second, _) = call(&app, "/things/1", None).await;
+        assert_ne!(first, second);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_labelled_by_the_matched_route_never_the_raw_path() {
+        let registry = Registry::new();
+        let app = app(&registry);
+        for path in ["/things/1", "/things/2", "/nowhere"] {
+            call(&app, path, None).await;
+        }
+        let requests = "tally_http_requests_total";
+        let route = [("route", "/things/{id}"), ("method", "GET"), ("status", "200")];
+        assert_eq!(metric(&registry, requests, &route), 2.0);
+        let unmatched = [("route", "unmatched"), ("status", "404")];
+        assert_eq!(metric(&registry, requests, &unmatched), 1.0);
+        assert_eq!(
+            metric(&registry, "tally_http_request_duration_seconds", &[("route", "/things/{id}")]),
+            2.0
+        );
+        assert_eq!(metric(&registry, requests, &[("route", "/things/1")]), 0.0);
+    }
+}
