@@ -174,8 +174,8 @@ pub async fn load_key_entries(config: &ChConfig) -> Result<Vec<KeyEntry>, clickh
         .collect())
 }
 
-/// The lookup map of `entries`, one shared `OrgInfo` per org. An entry whose hash is not 64 hex
-/// digits matches no key (none is written so; it is logged and left out).
+/// The lookup map of `entries`, one shared `OrgInfo` per org. An entry whose hash is not 64
+/// lower-case hex digits matches no key (none is written so; it is logged and left out).
 fn key_map(entries: Vec<KeyEntry>) -> HashMap<[u8; 32], Arc<OrgInfo>> {
     let mut orgs: HashMap<String, Arc<OrgInfo>> = HashMap::new();
     entries
@@ -197,4 +197,40 @@ fn key_map(entries: Vec<KeyEntry>) -> HashMap<[u8; 32], Arc<OrgInfo>> {
             Some((digest, Arc::clone(org)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_schemas::control::KeyEntry;
+    use tally_schemas::keys;
+    use tally_schemas::plan::Plan;
+
+    use super::*;
+
+    fn entry(key_hash: String, org_id: &str) -> KeyEntry {
+        KeyEntry {
+            key_hash,
+            org_id: org_id.into(),
+            name: org_id.into(),
+            plan: Plan::Startup,
+            events_per_minute: 600,
+            burst: 0,
+        }
+    }
+
+    #[test]
+    fn keys_are_found_by_their_hash_and_a_malformed_stored_hash_matches_nothing() {
+        let (a, b) = (keys::generate(), keys::generate());
+        let set = KeySet::new();
+        let loaded = set.replace(vec![
+            entry(a.hash.clone(), "org-a"),
+            entry(b.hash.to_uppercase(), "org-b"),
+            entry("not a sha-256".into(), "org-c"),
+        ]);
+        assert_eq!(loaded, 1, "the malformed entries are left out");
+        assert_eq!(set.lookup(&a.secret).unwrap().org_id.as_ref(), "org-a");
+        assert!(set.lookup(&b.secret).is_none(), "hashes are stored in lower-case hex, as written");
+        assert!(set.lookup(&keys::generate().secret).is_none());
+        assert!(set.lookup("not a key").is_none());
+    }
 }

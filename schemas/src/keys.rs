@@ -35,8 +35,12 @@ pub fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// The bytes of a stored hex `hash`, or None when it is not 64 hex digits.
+/// The bytes of a stored hex `hash`, or None when it is not 64 lower-case hex digits (what
+/// `hash` writes; a key whose stored text differs never matched when keys were compared as text).
 pub fn digest_of_hash(hash: &str) -> Option<[u8; 32]> {
+    if !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
     let mut out = [0u8; 32];
     hex::decode_to_slice(hash, &mut out).ok()?;
     Some(out)
@@ -63,6 +67,7 @@ mod tests {
         assert_eq!(digest_of_hash(&key.hash), Some(digest(&key.secret)));
         assert_eq!(digest_of_hash("not hex"), None);
         assert_eq!(digest_of_hash(&key.hash[..62]), None);
+        assert_eq!(digest_of_hash(&key.hash.to_uppercase()), None);
     }
 
     #[test]
