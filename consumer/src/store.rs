@@ -288,7 +288,8 @@ impl EventStore {
     ///   part confirmed (or half-written) elsewhere would make the checks see rows as missing and
     ///   send them again as a different block, which replication would then double; the queue
     ///   lists such a part from the moment its writer registers it in ZooKeeper, before any answer;
-    /// - no quorum pending (`<zookeeper_path>/quorum/status`): a part whose quorum insert ended in
+    /// - no quorum pending (`<zookeeper_path>/quorum/status` on 18.16, children of
+    ///   `quorum/parallel` on a current ClickHouse): a part whose quorum insert ended in
     ///   "unknown status" lives on its writer only until the other replicas fetch it; counting its
     ///   rows as stored before then would commit offsets for rows one disk holds;
     /// - no part whose quorum failed still active on the replica (`quorum/failed_parts`):
