@@ -32,7 +32,7 @@ query API's counts per org; the months archived under the faults exactly what Cl
 line is `N passed, M failed`. The run's per-second series and faults go to --record (JSON, for
 loadtest/plot.py).
 
-  dev/chaos.sh [--long] [--seed N] [--rate 40] [--record FILE] [--only ingest,consumer,...]
+  dev/chaos.sh [--long] [--seed N] [--rate 40] [--record FILE] [--only ingest,consumer,...] [--rounds N]
 """
 
 import argparse
@@ -439,7 +439,7 @@ class Run:
         """(second of the load, fault) pairs from the seed: every fault once (three times with
         --long), in a random order, at random gaps."""
         chosen = [f for f in FAULTS if f in self.args.only.split(",")]
-        rounds = 3 if self.args.long else 1
+        rounds = self.args.rounds or (3 if self.args.long else 1)
         gap = (20, 60) if self.args.long else (3, 8)
         at, plan = 10.0, []
         for _ in range(rounds):
@@ -490,11 +490,39 @@ class Run:
             self.timeline.faults.append(record)
             log(fault_line(record))
             self.status(ledger)
+            if recovery is None:
+                # Later faults on a pipeline that is not storing would measure nothing: stop here,
+                # say what the services were doing, and let the checks fail on it.
+                log(f"the pipeline did not recover from the {name} fault: the remaining faults are skipped")
+                self.diagnose()
+                break
         time.sleep(self.args.tail)
-        stop.set()
-        for thread in threads + side:
+        ledger.finish(stop, threads, log=log)
+        for thread in side:
             thread.join()
         return orgs, probe_org, ledger
+
+    def diagnose(self):
+        """What a person needs to see why a fault was not recovered from: each service's health
+        and Kafka gauges, and the last lines of every log."""
+        for name, service in getattr(self, "services", {}).items():
+            alive = service.process.poll() is None
+            log(f"  {name}: {'running' if alive else f'exited with {service.process.returncode}'}; "
+                f"/readyz {'ok' if http_ok(f'http://{service.addr}/readyz', timeout=2) else 'NOT ok'}")
+        try:
+            with urllib.request.urlopen(f"http://{INGEST[0]}:{INGEST[1]}/metrics", timeout=2) as response:
+                gauges = [line for line in response.read().decode().splitlines()
+                          if line.startswith(("tally_ingest_kafka_up", "tally_ingest_producer_queue_depth",
+                                              "tally_ingest_produce_seconds_count", "tally_ingest_events_accepted_total"))]
+            log("  the ingest's gauges: " + "; ".join(gauges))
+        except OSError as error:
+            log(f"  the ingest's /metrics did not answer: {error}")
+        for name in ("ingest", "consumer", "kafka"):
+            path = os.path.join(DEV, "log", f"{name}.log")
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    tail = f.readlines()[-15:]
+                log(f"  the last lines of {os.path.relpath(path, ROOT)}:\n    " + "    ".join(tail))
 
     def status(self, ledger):
         with ledger.lock:
@@ -513,7 +541,7 @@ class Run:
             log(("PASS " if ok else "FAIL ") + what)
 
         ours = ", ".join(f"'{o['id']}'" for o in orgs)
-        expected = {(org, i) for org, ids in ledger.ids.items() for i in ids}
+        expected = ledger.expected()
         last, since = None, time.time()
         while time.time() - since < 120:
             stored = int(ch(f"SELECT count() FROM {DB}.events WHERE org_id IN ({ours})"))
@@ -529,7 +557,9 @@ class Run:
         check(not (expected - set(rows)), f"nothing lost: {len(expected)} events answered 202, {len(expected - set(rows))} not stored")
         check(len(rows) == len(set(rows)), f"nothing duplicated: {len(rows)} rows, {len(set(rows))} distinct "
                                            f"({ledger.resent} events sent again after their 202, every unanswered request retried)")
-        check(not (set(rows) - expected), f"nothing else stored: {len(set(rows) - expected)} rows never answered 202")
+        extra = set(rows) - expected - ledger.unknown()
+        check(not extra, f"nothing else stored: {len(extra)} rows never answered 202")
+        check(*ledger.abandoned_check())
         probes = ch(f"SELECT count(), uniqExact(event_id) FROM {DB}.events WHERE org_id = '{probe_org['id']}'").split()
         check(probes[0] == probes[1] and int(probes[0]) >= len(self.timeline.probes),
               f"probe events: {probes[0]} rows, {probes[1]} distinct, {len(self.timeline.probes)} answered 202")
@@ -631,6 +661,7 @@ def main():
     parser.add_argument("--orgs", type=int, default=6)
     parser.add_argument("--sdk-timeout", type=float, default=5, help="the SDK's request timeout (shorter than the produce deadline on purpose)")
     parser.add_argument("--month-rows", type=int, default=1_500_000, help="rows of each closed month the archiver faults archive")
+    parser.add_argument("--rounds", type=int, default=None, help="every chosen fault this many times (default 1, 3 with --long)")
     parser.add_argument("--tail", type=float, default=5, help="seconds of load after the last fault")
     parser.add_argument("--only", default=",".join(FAULTS), help="the faults to cause (comma-separated)")
     parser.add_argument("--record", default=os.path.join(DEV, "chaos-run.json"), help="where the run's series and faults go")

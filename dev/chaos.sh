@@ -30,6 +30,9 @@ if [[ ${1:-} == inside ]]; then
   mkdir -p "$TALLY_DEV_DIR/clickhouse/data"
   mount -t tmpfs -o "size=${CLICKHOUSE_DISK_MB}m,mode=0755" tally-chaos-clickhouse "$TALLY_DEV_DIR/clickhouse/data"
   export TALLY_TOXIPROXY="$TOXIPROXY_DIR/server"
+  # The time limit's SIGTERM reaches the suite too (it stops its services); this shell then stops
+  # the stack below instead of dying with it.
+  trap 'log "time limit reached: stopping"' TERM
   status=0
   python3 "$ROOT/dev/chaos.py" "$@" || status=$?
   TALLY_DEV_DIR="$TALLY_DEV_DIR" bash "$ROOT/dev/stack.sh" down >/dev/null 2>&1 || true
@@ -51,9 +54,16 @@ for pidfile in "$TALLY_DEV_DIR"/run/*.pid; do
 done
 rm -rf "$TALLY_DEV_DIR"
 mkdir -p "$TALLY_DEV_DIR"
-if [[ $(id -u) -eq 0 ]]; then
-  exec unshare --net --mount --propagation private -- bash "$0" inside "$@"
-else
-  # Without root: a user namespace maps this user to root inside it (needs unprivileged user namespaces).
-  exec unshare --user --map-root-user --net --mount --propagation private -- bash "$0" inside "$@"
+# A bound on the whole run, so that a pipeline which never recovers fails the suite instead of
+# holding CI: the short form takes ~3-5 min, the long form ~25 min.
+limit="${TALLY_CHAOS_LIMIT_S:-900}"
+[[ " $* " == *" --long "* || " $* " == *" --rounds "* ]] && limit="${TALLY_CHAOS_LIMIT_S:-3600}"
+namespace=(unshare --net --mount --propagation private)
+# Without root: a user namespace maps this user to root inside it (needs unprivileged user namespaces).
+[[ $(id -u) -eq 0 ]] || namespace=(unshare --user --map-root-user --net --mount --propagation private)
+status=0
+timeout --kill-after=60 "$limit" "${namespace[@]}" -- bash "$0" inside "$@" || status=$?
+if [[ $status -eq 124 ]]; then
+  log "FAILED: the suite did not end within its limit of $limit s (TALLY_CHAOS_LIMIT_S); its logs are in ${TALLY_DEV_DIR#"$ROOT/"}/log/"
 fi
+exit "$status"

@@ -35,6 +35,10 @@ class Ledger:
         self.resent = 0  # events of batches sent again after their 202
         self.statuses = Counter()
         self.requests = 0
+        # Set by `finish` when retrying has lasted too long: the loaders then stop retrying and
+        # record what was never answered 202 in `abandoned` (org id -> event ids).
+        self.give_up = threading.Event()
+        self.abandoned = defaultdict(set)
 
     def add(self, org, ids, resent=False):
         with self.lock:
@@ -49,6 +53,42 @@ class Ledger:
     def rejected_count(self):
         with self.lock:
             return sum(len(v) for v in self.rejected.values())
+
+    def abandoned_count(self):
+        with self.lock:
+            return sum(len(v) for v in self.abandoned.values())
+
+    def expected(self):
+        """(org, event id) of every event answered 202."""
+        with self.lock:
+            return {(org, i) for org, ids in self.ids.items() for i in ids}
+
+    def unknown(self):
+        """(org, event id) of the events given up on: never answered, so stored or not."""
+        with self.lock:
+            return {(org, i) for org, ids in self.abandoned.items() for i in ids}
+
+    def abandoned_check(self):
+        """(ok, text) for the suites' checks: every request was answered 202 in the end."""
+        n = self.abandoned_count()
+        return n == 0, f"every request was answered 202 in the end ({n} events given up on, unanswered after the load)"
+
+    def finish(self, stop, threads, wait=90.0, log=print):
+        """Stops the loaders: each ends once its current request is answered 202 (an SDK retries
+        until then). A pipeline that never recovered would keep them retrying for ever, so after
+        `wait` seconds they give up; what they gave up on is in `abandoned` (the caller's checks
+        fail on it). Returns the number of abandoned events."""
+        stop.set()
+        deadline = time.monotonic() + wait
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            log(f"the load's last requests were still unanswered {wait:g} s after it stopped: giving up on them "
+                "(the pipeline did not recover; see the services' logs)")
+            self.give_up.set()
+            for thread in threads:
+                thread.join()
+        return self.abandoned_count()
 
 
 def event(now, invalid=False):
@@ -121,6 +161,11 @@ def loader(ingest, orgs, ledger, stop, rate_per_thread, batch_size, invalid_rati
         sends = 2 if random.random() < resend_ratio else 1
         for attempt in range(sends):
             while not (stop.is_set() and attempt > 0):  # an SDK retries until answered 202, with the same ids
+                if ledger.give_up.is_set():
+                    if attempt == 0:
+                        with ledger.lock:
+                            ledger.abandoned[org["id"]].update(e["eventId"] for e in events)
+                    return
                 sent_at = time.time()
                 try:
                     if connection is None:
