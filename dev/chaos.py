@@ -79,8 +79,9 @@ def ch(sql, timeout=60, url=CH):
         return response.read().decode()
 
 
-def stack(*args):
-    subprocess.run(["bash", STACK, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def stack(*args, capture=False):
+    return subprocess.run(["bash", STACK, *args], check=True, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True).stdout
 
 
 def stack_env():
@@ -370,7 +371,7 @@ class Run:
             self.services["archiver"].start()
             return pause, self.month_done_after(month, back, mark), f"killed -9 while archiving {month}, restarted after {pause} s"
         if name == "kafka":
-            pause = self.pause()
+            pause = self.args.kafka_down or self.pause()
             stack("stop", "kafka")
             time.sleep(pause)
             starting = time.time()
@@ -517,6 +518,13 @@ class Run:
             log("  the ingest's gauges: " + "; ".join(gauges))
         except OSError as error:
             log(f"  the ingest's /metrics did not answer: {error}")
+        described = subprocess.run(
+            ["java", "-cp", os.path.join(stack("kafka-libs", capture=True).strip(), "*"),
+             "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", stack_env()["TALLY_KAFKA_BROKERS"],
+             "--describe", "--topic", stack_env()["TALLY_EVENTS_TOPIC"]],
+            capture_output=True, text=True, timeout=60)
+        log("  the events topic as the broker describes it (leaders, in-sync replicas):\n    "
+            + "\n    ".join((described.stdout or described.stderr).strip().splitlines()[:20]))
         for name in ("ingest", "consumer", "kafka"):
             path = os.path.join(DEV, "log", f"{name}.log")
             if os.path.exists(path):
@@ -661,6 +669,7 @@ def main():
     parser.add_argument("--orgs", type=int, default=6)
     parser.add_argument("--sdk-timeout", type=float, default=5, help="the SDK's request timeout (shorter than the produce deadline on purpose)")
     parser.add_argument("--month-rows", type=int, default=1_500_000, help="rows of each closed month the archiver faults archive")
+    parser.add_argument("--kafka-down", type=float, default=None, help="seconds the broker stays stopped (default: 0.5-3 s, drawn)")
     parser.add_argument("--rounds", type=int, default=None, help="every chosen fault this many times (default 1, 3 with --long)")
     parser.add_argument("--tail", type=float, default=5, help="seconds of load after the last fault")
     parser.add_argument("--only", default=",".join(FAULTS), help="the faults to cause (comma-separated)")
