@@ -19,6 +19,9 @@ pub struct KafkaConfig {
     /// `lz4` or `zstd`.
     pub compression: String,
     pub linger: Duration,
+    /// `TALLY_PRODUCER_STALL_MS`: a producer that has had nothing acknowledged for this long, while
+    /// sends failed and the brokers answered, is replaced (default: twice the produce timeout).
+    pub stall_after: Duration,
 }
 
 /// Where accepted events go. `Discard` exists for the benchmark that measures the ingest minus Kafka.
@@ -81,6 +84,8 @@ impl IngestConfig {
                 reason: "expected lz4, zstd or none".into(),
             });
         }
+        let produce_timeout = env.millis("TALLY_PRODUCE_TIMEOUT_MS", 10_000)?;
+        let stall_default = u64::try_from(produce_timeout.as_millis() * 2).unwrap_or(u64::MAX);
         let control = match env.string("TALLY_INGEST_CONTROL", "clickhouse").as_str() {
             "clickhouse" => ControlSource::ClickHouse,
             "kafka" => ControlSource::Kafka { topic: env.string("TALLY_CONTROL_TOPIC", CONTROL_TOPIC) },
@@ -101,10 +106,11 @@ impl IngestConfig {
                 brokers: env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
                 events_topic: env.string("TALLY_EVENTS_TOPIC", EVENTS_TOPIC),
                 dlq_topic: env.string("TALLY_DLQ_TOPIC", DLQ_TOPIC),
-                produce_timeout: env.millis("TALLY_PRODUCE_TIMEOUT_MS", 10_000)?,
+                produce_timeout,
                 queue_max_kbytes: env.parse("TALLY_KAFKA_QUEUE_MAX_KBYTES", 262_144)?,
                 compression,
                 linger: env.millis("TALLY_KAFKA_LINGER_MS", 5)?,
+                stall_after: env.millis("TALLY_PRODUCER_STALL_MS", stall_default)?,
             },
             max_body_bytes: env.parse("TALLY_MAX_BODY_BYTES", 8 * 1024 * 1024)?,
             max_compressed_bytes: env.parse("TALLY_MAX_COMPRESSED_BYTES", 2 * 1024 * 1024)?,

@@ -12,6 +12,7 @@ pub struct IngestMetrics {
     pub produce_seconds: Histogram,
     pub producer_queue_depth: IntGauge,
     pub kafka_up: IntGauge,
+    pub producers_replaced: IntCounterVec,
     pub control_snapshots: IntCounter,
 }
 
@@ -50,6 +51,14 @@ impl IngestMetrics {
                 "records queued in the producer, not yet acknowledged",
             )?,
             kafka_up: IntGauge::new("tally_ingest_kafka_up", "1 when the Kafka brokers answer")?,
+            producers_replaced: IntCounterVec::new(
+                Opts::new(
+                    "tally_ingest_producers_replaced_total",
+                    "Kafka producers replaced, by reason: fatal (librdkafka's fatal error) or stalled \
+                     (nothing acknowledged for TALLY_PRODUCER_STALL_MS while sends failed and the brokers answered)",
+                ),
+                &["reason"],
+            )?,
             control_snapshots: IntCounter::new(
                 "tally_ingest_control_snapshots_applied_total",
                 "API-key and price snapshots read from the control topic and applied",
@@ -63,6 +72,7 @@ impl IngestMetrics {
         registry.register(Box::new(metrics.produce_seconds.clone()))?;
         registry.register(Box::new(metrics.producer_queue_depth.clone()))?;
         registry.register(Box::new(metrics.kafka_up.clone()))?;
+        registry.register(Box::new(metrics.producers_replaced.clone()))?;
         registry.register(Box::new(metrics.control_snapshots.clone()))?;
         Ok(metrics)
     }

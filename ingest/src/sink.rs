@@ -2,14 +2,15 @@
 //! and resolves only when the broker acknowledged, so the handler never answers 2xx early.
 //! `DiscardSink` does everything but produce; it is what the ingest benchmark measures against.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use rdkafka::util::Timeout;
 use tally_common::config::KafkaSecurity;
 use tally_schemas::record::{HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
@@ -48,12 +49,95 @@ pub trait EventSink: Send + Sync + 'static {
 }
 
 pub struct KafkaSink {
-    producer: FutureProducer,
+    /// Replaced whole by the supervisor when librdkafka reports a fatal error or the producer
+    /// stalls (see `supervise`); every send clones the current one.
+    producer: RwLock<FutureProducer>,
+    /// The producer replaced last, and when: kept until every send holding it has ended, so that
+    /// its last clone (whose drop joins librdkafka's threads) is dropped here, not on a request's
+    /// worker.
+    retired: Mutex<Option<(Instant, FutureProducer)>>,
+    client_config: ClientConfig,
     events_topic: Arc<str>,
     dlq_topic: Arc<str>,
     produce_timeout: Duration,
-    available: Arc<AtomicBool>,
+    stall_after: Duration,
+    available: AtomicBool,
+    acks: Arc<Acks>,
     metrics: IngestMetrics,
+}
+
+/// What the supervisor needs to tell a stalled producer: when the current producer last had a
+/// record acknowledged (or was created), and whether a send ran out of time since.
+struct Acks {
+    epoch: Instant,
+    /// Milliseconds from `epoch` of the last acknowledgement or of the producer's creation.
+    last: AtomicU64,
+    timed_out_since: AtomicBool,
+}
+
+impl Acks {
+    fn new() -> Self {
+        Acks { epoch: Instant::now(), last: AtomicU64::new(0), timed_out_since: AtomicBool::new(false) }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn acknowledged(&self) {
+        self.last.fetch_max(self.now_ms(), Ordering::Relaxed);
+        if self.timed_out_since.load(Ordering::Relaxed) {
+            self.timed_out_since.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn timed_out(&self) {
+        self.timed_out_since.store(true, Ordering::Relaxed);
+    }
+
+    /// A fresh producer: it gets a whole stall period before it can be judged.
+    fn restart(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+        self.timed_out_since.store(false, Ordering::Relaxed);
+    }
+
+    fn since_last(&self) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// Why the supervisor replaced the producer (the metric's `reason` label).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replacement {
+    /// librdkafka's fatal error (e.g. the idempotent producer's sequence lost): the instance can
+    /// never produce again, so it must be replaced (librdkafka's documented remedy).
+    Fatal(String),
+    /// Nothing acknowledged for `stall_after`, sends running out of time, while the brokers answered
+    /// metadata requests: the producer is stuck although Kafka is there.
+    Stalled(Duration),
+}
+
+impl Replacement {
+    fn reason(&self) -> &'static str {
+        match self {
+            Replacement::Fatal(_) => "fatal",
+            Replacement::Stalled(_) => "stalled",
+        }
+    }
+}
+
+/// The supervisor's rule, apart from the producer so it can be tested alone.
+fn judge(
+    fatal: Option<String>,
+    reachable: bool,
+    timed_out_since_ack: bool,
+    since_ack: Duration,
+    stall_after: Duration,
+) -> Option<Replacement> {
+    if let Some(reason) = fatal {
+        return Some(Replacement::Fatal(reason));
+    }
+    (reachable && timed_out_since_ack && since_ack >= stall_after).then_some(Replacement::Stalled(since_ack))
 }
 
 impl KafkaSink {
@@ -62,8 +146,9 @@ impl KafkaSink {
         security: &KafkaSecurity,
         metrics: IngestMetrics,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let producer: FutureProducer = security
-            .apply(&mut ClientConfig::new())
+        let mut client_config = ClientConfig::new();
+        security
+            .apply(&mut client_config)
             .set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
@@ -73,48 +158,120 @@ impl KafkaSink {
             .set("queue.buffering.max.kbytes", config.queue_max_kbytes.to_string())
             .set("queue.buffering.max.messages", "100000")
             .set("message.max.bytes", "8000000")
-            .set("batch.size", "1000000")
-            .create()?;
+            .set("batch.size", "1000000");
+        let producer: FutureProducer = client_config.create()?;
         Ok(KafkaSink {
-            producer,
+            producer: RwLock::new(producer),
+            retired: Mutex::new(None),
+            client_config,
             events_topic: Arc::from(config.events_topic.as_str()),
             dlq_topic: Arc::from(config.dlq_topic.as_str()),
             produce_timeout: config.produce_timeout,
-            available: Arc::new(AtomicBool::new(false)),
+            stall_after: config.stall_after,
+            available: AtomicBool::new(false),
+            acks: Arc::new(Acks::new()),
             metrics,
         })
     }
 
-    /// Probes the brokers every `interval` (a metadata request) until `shutdown`.
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Every `interval` until `shutdown`: probes the brokers (a metadata request), publishes the
+    /// gauges, and replaces the producer when `supervise` says so.
     pub fn spawn_health_probe(
-        &self,
+        self: &Arc<Self>,
         interval: Duration,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let producer = self.producer.clone();
-        let topic = Arc::clone(&self.events_topic);
-        let available = Arc::clone(&self.available);
-        let metrics = self.metrics.clone();
+        let sink = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                let probe_producer = producer.clone();
-                let probe_topic = Arc::clone(&topic);
-                let reachable = tokio::task::spawn_blocking(move || {
-                    probe_producer.client().fetch_metadata(Some(&probe_topic), Duration::from_secs(2)).is_ok()
+                let probe = Arc::clone(&sink);
+                // Blocking calls (the metadata request; a replacement waits for the old producer's
+                // thread) stay off the request workers.
+                let _ = tokio::task::spawn_blocking(move || {
+                    let reachable = probe.probe();
+                    probe.supervise(reachable);
                 })
-                .await
-                .unwrap_or(false);
-                if available.swap(reachable, Ordering::Relaxed) != reachable {
-                    tracing::info!(reachable, "kafka reachability changed");
-                }
-                metrics.kafka_up.set(i64::from(reachable));
-                metrics.producer_queue_depth.set(i64::from(producer.in_flight_count()));
+                .await;
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(interval) => {}
                 }
             }
         })
+    }
+
+    /// Do the brokers answer? Updates readiness and the gauges.
+    fn probe(&self) -> bool {
+        let producer = self.producer();
+        let reachable =
+            producer.client().fetch_metadata(Some(&self.events_topic), Duration::from_secs(2)).is_ok();
+        if self.available.swap(reachable, Ordering::Relaxed) != reachable {
+            tracing::info!(reachable, "kafka reachability changed");
+        }
+        self.metrics.kafka_up.set(i64::from(reachable));
+        self.metrics.producer_queue_depth.set(i64::from(producer.in_flight_count()));
+        reachable
+    }
+
+    /// Replaces the producer after a fatal error, or when it has stalled: nothing acknowledged for
+    /// `stall_after`, sends running out of time, while the brokers answered. The records the old producer
+    /// still holds are purged, so their requests answer 503 now rather than at their deadline; an
+    /// SDK retries them with the same event ids, which the consumer stores once (a record purged
+    /// in flight may have reached Kafka too). Returns what it did.
+    pub fn supervise(&self, reachable: bool) -> Option<Replacement> {
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Every send that took the retired producer has ended by its deadline (plus a second).
+            if retired
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() > self.produce_timeout + Duration::from_secs(2))
+            {
+                retired.take();
+            }
+        }
+        let fatal =
+            self.producer().client().fatal_error().map(|(code, reason)| format!("{code:?}: {reason}"));
+        let verdict = judge(
+            fatal,
+            reachable,
+            self.acks.timed_out_since.load(Ordering::Relaxed),
+            self.acks.since_last(),
+            self.stall_after,
+        )?;
+        let fresh: FutureProducer = match self.client_config.create() {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                tracing::error!(error = %error, ?verdict, "kafka producer needs replacing but a new one could not be created");
+                return None;
+            }
+        };
+        let old = {
+            let mut current = self.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::replace(&mut *current, fresh)
+        };
+        self.acks.restart();
+        self.metrics.producers_replaced.with_label_values(&[verdict.reason()]).inc();
+        match &verdict {
+            Replacement::Fatal(reason) => {
+                tracing::error!(reason = %reason, "kafka producer failed fatally; replaced by a new one")
+            }
+            Replacement::Stalled(since) => tracing::error!(
+                seconds = since.as_secs_f64(),
+                "kafka producer stalled: nothing acknowledged while the brokers answer; replaced by a new one"
+            ),
+        }
+        old.purge(PurgeConfig::default().queue().inflight());
+        let previous = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace((Instant::now(), old));
+        drop(previous); // at least a stall period old: nothing holds it any more
+        Some(verdict)
     }
 }
 
@@ -126,13 +283,14 @@ impl EventSink for KafkaSink {
         payload: Vec<u8>,
         request_id: Arc<str>,
     ) -> BoxFuture<'static, Result<(), SinkError>> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let topic_name = match topic {
             Topic::Events => Arc::clone(&self.events_topic),
             Topic::DeadLetters => Arc::clone(&self.dlq_topic),
         };
         let deadline = self.produce_timeout;
         let metrics = self.metrics.clone();
+        let acks = Arc::clone(&self.acks);
         Box::pin(async move {
             let started = Instant::now();
             let headers = OwnedHeaders::new()
@@ -143,11 +301,20 @@ impl EventSink for KafkaSink {
             // turns into a 503 instead of unbounded memory.
             let send = producer.send(record, Timeout::After(deadline));
             let result = match tokio::time::timeout(deadline + Duration::from_secs(1), send).await {
-                Err(_) => Err(SinkError::Timeout),
+                Err(_) | Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+                    Err(SinkError::Timeout)
+                }
                 Ok(Err((error, _message))) => Err(SinkError::Kafka(error.to_string())),
                 Ok(Ok(_delivery)) => Ok(()),
             };
             metrics.produce_seconds.observe(started.elapsed().as_secs_f64());
+            // Only a send that ran out of time says the producer may be stuck; a refusal (a record
+            // too large, a fatal error) is an answer.
+            match result {
+                Ok(()) => acks.acknowledged(),
+                Err(SinkError::Timeout) => acks.timed_out(),
+                Err(SinkError::Kafka(_)) => {}
+            }
             result
         })
     }
@@ -157,7 +324,7 @@ impl EventSink for KafkaSink {
     }
 
     fn flush(&self, timeout: Duration) {
-        if let Err(error) = self.producer.flush(Timeout::After(timeout)) {
+        if let Err(error) = self.producer().flush(Timeout::After(timeout)) {
             tracing::error!(error = %error, "producer flush failed at shutdown");
         }
     }
@@ -182,4 +349,117 @@ impl EventSink for DiscardSink {
     }
 
     fn flush(&self, _: Duration) {}
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    use super::*;
+
+    fn config(brokers: &str, topic: &str, produce_timeout: Duration, stall_after: Duration) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_owned(),
+            events_topic: topic.to_owned(),
+            dlq_topic: topic.to_owned(),
+            produce_timeout,
+            queue_max_kbytes: 1024,
+            compression: "lz4".into(),
+            linger: Duration::from_millis(1),
+            stall_after,
+        }
+    }
+
+    fn sink(config: &KafkaConfig) -> (KafkaSink, IngestMetrics) {
+        let metrics = IngestMetrics::register(&prometheus::Registry::new()).unwrap();
+        (KafkaSink::new(config, &KafkaSecurity::default(), metrics.clone()).unwrap(), metrics)
+    }
+
+    async fn send(sink: &KafkaSink) -> Result<(), SinkError> {
+        sink.produce(Topic::Events, Arc::from("org"), b"{}".to_vec(), Arc::from("request")).await
+    }
+
+    #[test]
+    fn the_rule_replaces_a_fatal_producer_at_once_and_a_stalled_one_only_while_kafka_answers() {
+        let stall = Duration::from_secs(20);
+        let fatal = judge(Some("fenced".into()), false, false, Duration::ZERO, stall);
+        assert_eq!(fatal, Some(Replacement::Fatal("fenced".into())));
+        let long = Duration::from_secs(21);
+        assert_eq!(judge(None, true, true, long, stall), Some(Replacement::Stalled(long)));
+        // Kafka down: waiting is right, a new producer would not do better.
+        assert_eq!(judge(None, false, true, long, stall), None);
+        // No send failed since the last acknowledgement (an idle ingest).
+        assert_eq!(judge(None, true, false, long, stall), None);
+        assert_eq!(judge(None, true, true, Duration::from_secs(19), stall), None);
+    }
+
+    /// A fatal error of the idempotent producer cannot be provoked on demand on a healthy broker
+    /// (it takes a fenced epoch or a missing cluster authorisation), so this one test runs on
+    /// librdkafka's own mock cluster, which answers `InitProducerId` with
+    /// CLUSTER_AUTHORIZATION_FAILED once: without the supervisor every later send would fail.
+    #[tokio::test]
+    async fn a_producer_failed_fatally_is_replaced_and_sends_succeed_again() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 1, 1).unwrap();
+        cluster.request_errors(
+            RDKafkaApiKey::InitProducerId,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+        );
+        let config =
+            config(&cluster.bootstrap_servers(), "events", Duration::from_secs(5), Duration::from_secs(60));
+        let (sink, metrics) = sink(&config);
+        assert!(matches!(send(&sink).await, Err(SinkError::Kafka(_))), "the fatal error fails the send");
+        assert!(send(&sink).await.is_err(), "and every send after it");
+        let verdict = sink.supervise(true);
+        assert!(
+            matches!(verdict, Some(Replacement::Fatal(ref reason)) if reason.contains("authori")),
+            "{verdict:?}"
+        );
+        assert_eq!(metrics.producers_replaced.with_label_values(&["fatal"]).get(), 1);
+        send(&sink).await.unwrap();
+        assert_eq!(sink.supervise(true), None, "a healthy producer is left alone");
+        assert_eq!(metrics.producers_replaced.with_label_values(&["fatal"]).get(), 1);
+    }
+
+    /// A broker that answers metadata but refuses every write with a retriable error
+    /// (NOT_ENOUGH_REPLICAS: the producer retries until the record's deadline) is the stall the
+    /// supervisor looks for. One broker cannot be made to do that (Kafka 4 caps the in-sync
+    /// replicas it demands at the replication factor), so this runs on librdkafka's mock cluster.
+    /// The producer is replaced once per stall period, never before, never while Kafka is
+    /// unreachable; once writes are accepted, sends succeed and the stall is cleared.
+    #[tokio::test]
+    async fn a_producer_that_acknowledges_nothing_while_kafka_answers_is_replaced_once_per_stall_period() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 1, 1).unwrap();
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 10_000],
+        );
+        let config = config(
+            &cluster.bootstrap_servers(),
+            "events",
+            Duration::from_millis(1500),
+            Duration::from_secs(3),
+        );
+        let (sink, metrics) = sink(&config);
+        assert!(sink.probe(), "the broker answers metadata requests");
+        assert!(matches!(send(&sink).await, Err(SinkError::Timeout)), "refused until the produce deadline");
+        assert_eq!(sink.supervise(true), None, "not before the stall period");
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        assert!(sink.probe());
+        assert!(matches!(sink.supervise(true), Some(Replacement::Stalled(_))));
+        assert_eq!(metrics.producers_replaced.with_label_values(&["stalled"]).get(), 1);
+        assert_eq!(sink.supervise(true), None, "the new producer gets a whole stall period");
+        assert!(send(&sink).await.is_err(), "the broker still refuses writes");
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        assert_eq!(sink.supervise(false), None, "Kafka unreachable: nothing to gain from a new producer");
+
+        cluster.clear_request_errors(RDKafkaApiKey::Produce);
+        send(&sink).await.unwrap();
+        assert_eq!(sink.supervise(true), None, "an acknowledgement clears the stall");
+        assert_eq!(metrics.producers_replaced.with_label_values(&["stalled"]).get(), 1);
+    }
 }
