@@ -19,8 +19,8 @@ pub struct KafkaConfig {
     /// `lz4` or `zstd`.
     pub compression: String,
     pub linger: Duration,
-    /// `TALLY_PRODUCER_STALL_MS`: a producer that has had nothing acknowledged for this long, while
-    /// sends failed and the brokers answered, is replaced (default: twice the produce timeout).
+    /// `TALLY_PRODUCER_STALL_MS` (5 s): a producer that has had nothing acknowledged for this long
+    /// while records waited and the brokers answered (for as long) is replaced.
     pub stall_after: Duration,
 }
 
@@ -85,7 +85,6 @@ impl IngestConfig {
             });
         }
         let produce_timeout = env.millis("TALLY_PRODUCE_TIMEOUT_MS", 10_000)?;
-        let stall_default = u64::try_from(produce_timeout.as_millis() * 2).unwrap_or(u64::MAX);
         let control = match env.string("TALLY_INGEST_CONTROL", "clickhouse").as_str() {
             "clickhouse" => ControlSource::ClickHouse,
             "kafka" => ControlSource::Kafka { topic: env.string("TALLY_CONTROL_TOPIC", CONTROL_TOPIC) },
@@ -110,7 +109,7 @@ impl IngestConfig {
                 queue_max_kbytes: env.parse("TALLY_KAFKA_QUEUE_MAX_KBYTES", 262_144)?,
                 compression,
                 linger: env.millis("TALLY_KAFKA_LINGER_MS", 5)?,
-                stall_after: env.millis("TALLY_PRODUCER_STALL_MS", stall_default)?,
+                stall_after: env.millis("TALLY_PRODUCER_STALL_MS", 5_000)?,
             },
             max_body_bytes: env.parse("TALLY_MAX_BODY_BYTES", 8 * 1024 * 1024)?,
             max_compressed_bytes: env.parse("TALLY_MAX_COMPRESSED_BYTES", 2 * 1024 * 1024)?,

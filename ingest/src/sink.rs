@@ -2,6 +2,7 @@
 //! and resolves only when the broker acknowledged, so the handler never answers 2xx early.
 //! `DiscardSink` does everything but produce; it is what the ingest benchmark measures against.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use futures::future::BoxFuture;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tally_common::config::KafkaSecurity;
 use tally_schemas::record::{HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
@@ -52,10 +53,12 @@ pub struct KafkaSink {
     /// Replaced whole by the supervisor when librdkafka reports a fatal error or the producer
     /// stalls (see `supervise`); every send clones the current one.
     producer: RwLock<FutureProducer>,
-    /// The producer replaced last, and when: kept until every send holding it has ended, so that
-    /// its last clone (whose drop joins librdkafka's threads) is dropped here, not on a request's
-    /// worker.
-    retired: Mutex<Option<(Instant, FutureProducer)>>,
+    /// Replaced producers, and when: kept until every send holding one has ended, so that its
+    /// last clone (whose drop purges what it still holds and joins librdkafka's threads) is
+    /// dropped by the supervisor, not on a request's worker.
+    retired: Mutex<VecDeque<(Instant, FutureProducer)>>,
+    /// Since when the brokers have answered every probe (None: the last probe failed).
+    reachable_since: Mutex<Option<Instant>>,
     client_config: ClientConfig,
     events_topic: Arc<str>,
     dlq_topic: Arc<str>,
@@ -112,8 +115,9 @@ pub enum Replacement {
     /// librdkafka's fatal error (e.g. the idempotent producer's sequence lost): the instance can
     /// never produce again, so it must be replaced (librdkafka's documented remedy).
     Fatal(String),
-    /// Nothing acknowledged for `stall_after`, sends running out of time, while the brokers answered
-    /// metadata requests: the producer is stuck although Kafka is there.
+    /// For `stall_after` the brokers answered metadata requests and nothing was acknowledged,
+    /// while records waited (or a send ran out of time): the producer is stuck although Kafka is
+    /// there.
     Stalled(Duration),
 }
 
@@ -126,18 +130,23 @@ impl Replacement {
     }
 }
 
-/// The supervisor's rule, apart from the producer so it can be tested alone.
+/// The supervisor's rule, apart from the producer so it can be tested alone. `reachable_for`: how
+/// long the brokers have answered (None: they do not now); `waiting`: records are queued or in
+/// flight, or a send ran out of time since the last acknowledgement.
 fn judge(
     fatal: Option<String>,
-    reachable: bool,
-    timed_out_since_ack: bool,
+    reachable_for: Option<Duration>,
+    waiting: bool,
     since_ack: Duration,
     stall_after: Duration,
 ) -> Option<Replacement> {
     if let Some(reason) = fatal {
         return Some(Replacement::Fatal(reason));
     }
-    (reachable && timed_out_since_ack && since_ack >= stall_after).then_some(Replacement::Stalled(since_ack))
+    // Kafka down: waiting is right, a new producer would not do better. Back since less than a
+    // stall period: the producer gets that long to deliver what waited.
+    let stalled = reachable_for.is_some_and(|up| up >= stall_after) && waiting && since_ack >= stall_after;
+    stalled.then_some(Replacement::Stalled(since_ack))
 }
 
 impl KafkaSink {
@@ -162,7 +171,8 @@ impl KafkaSink {
         let producer: FutureProducer = client_config.create()?;
         Ok(KafkaSink {
             producer: RwLock::new(producer),
-            retired: Mutex::new(None),
+            retired: Mutex::new(VecDeque::new()),
+            reachable_since: Mutex::new(None),
             client_config,
             events_topic: Arc::from(config.events_topic.as_str()),
             dlq_topic: Arc::from(config.dlq_topic.as_str()),
@@ -192,8 +202,8 @@ impl KafkaSink {
                 // Blocking calls (the metadata request; a replacement waits for the old producer's
                 // thread) stay off the request workers.
                 let _ = tokio::task::spawn_blocking(move || {
-                    let reachable = probe.probe();
-                    probe.supervise(reachable);
+                    probe.probe();
+                    probe.supervise();
                 })
                 .await;
                 tokio::select! {
@@ -212,36 +222,44 @@ impl KafkaSink {
         if self.available.swap(reachable, Ordering::Relaxed) != reachable {
             tracing::info!(reachable, "kafka reachability changed");
         }
+        {
+            let mut since = self.reachable_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match (reachable, *since) {
+                (true, None) => *since = Some(Instant::now()),
+                (false, Some(_)) => *since = None,
+                _ => {}
+            }
+        }
         self.metrics.kafka_up.set(i64::from(reachable));
         self.metrics.producer_queue_depth.set(i64::from(producer.in_flight_count()));
         reachable
     }
 
-    /// Replaces the producer after a fatal error, or when it has stalled: nothing acknowledged for
-    /// `stall_after`, sends running out of time, while the brokers answered. The records the old producer
-    /// still holds are purged, so their requests answer 503 now rather than at their deadline; an
-    /// SDK retries them with the same event ids, which the consumer stores once (a record purged
-    /// in flight may have reached Kafka too). Returns what it did.
-    pub fn supervise(&self, reachable: bool) -> Option<Replacement> {
+    /// Replaces the producer after a fatal error, or when it has stalled: for `stall_after` the
+    /// brokers answered and nothing was acknowledged while records waited. What the old producer
+    /// still holds keeps its chance until its deadline (then its requests answer 503 and an SDK
+    /// retries them with the same event ids, which the consumer stores once). Returns what it did.
+    pub fn supervise(&self) -> Option<Replacement> {
         {
             let mut retired = self.retired.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Every send that took the retired producer has ended by its deadline (plus a second).
-            if retired
-                .as_ref()
+            // Every send that took a retired producer has ended by its deadline (plus a second).
+            while retired
+                .front()
                 .is_some_and(|(at, _)| at.elapsed() > self.produce_timeout + Duration::from_secs(2))
             {
-                retired.take();
+                retired.pop_front();
             }
         }
-        let fatal =
-            self.producer().client().fatal_error().map(|(code, reason)| format!("{code:?}: {reason}"));
-        let verdict = judge(
-            fatal,
-            reachable,
-            self.acks.timed_out_since.load(Ordering::Relaxed),
-            self.acks.since_last(),
-            self.stall_after,
-        )?;
+        let producer = self.producer();
+        let reachable_for = self
+            .reachable_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|at| at.elapsed());
+        let waiting = producer.in_flight_count() > 0 || self.acks.timed_out_since.load(Ordering::Relaxed);
+        let fatal = producer.client().fatal_error().map(|(code, reason)| format!("{code:?}: {reason}"));
+        drop(producer);
+        let verdict = judge(fatal, reachable_for, waiting, self.acks.since_last(), self.stall_after)?;
         let fresh: FutureProducer = match self.client_config.create() {
             Ok(fresh) => fresh,
             Err(error) => {
@@ -264,13 +282,10 @@ impl KafkaSink {
                 "kafka producer stalled: nothing acknowledged while the brokers answer; replaced by a new one"
             ),
         }
-        old.purge(PurgeConfig::default().queue().inflight());
-        let previous = self
-            .retired
+        self.retired
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .replace((Instant::now(), old));
-        drop(previous); // at least a stall period old: nothing holds it any more
+            .push_back((Instant::now(), old));
         Some(verdict)
     }
 }
@@ -384,16 +399,18 @@ mod tests {
 
     #[test]
     fn the_rule_replaces_a_fatal_producer_at_once_and_a_stalled_one_only_while_kafka_answers() {
-        let stall = Duration::from_secs(20);
-        let fatal = judge(Some("fenced".into()), false, false, Duration::ZERO, stall);
+        let stall = Duration::from_secs(5);
+        let (long, short) = (Duration::from_secs(6), Duration::from_secs(4));
+        let fatal = judge(Some("fenced".into()), None, false, Duration::ZERO, stall);
         assert_eq!(fatal, Some(Replacement::Fatal("fenced".into())));
-        let long = Duration::from_secs(21);
-        assert_eq!(judge(None, true, true, long, stall), Some(Replacement::Stalled(long)));
+        assert_eq!(judge(None, Some(long), true, long, stall), Some(Replacement::Stalled(long)));
         // Kafka down: waiting is right, a new producer would not do better.
-        assert_eq!(judge(None, false, true, long, stall), None);
-        // No send failed since the last acknowledgement (an idle ingest).
-        assert_eq!(judge(None, true, false, long, stall), None);
-        assert_eq!(judge(None, true, true, Duration::from_secs(19), stall), None);
+        assert_eq!(judge(None, None, true, long, stall), None);
+        // Kafka back for less than a stall period: the producer gets that long to deliver.
+        assert_eq!(judge(None, Some(short), true, long, stall), None);
+        // Nothing waits (an idle ingest), or an acknowledgement came recently.
+        assert_eq!(judge(None, Some(long), false, long, stall), None);
+        assert_eq!(judge(None, Some(long), true, short, stall), None);
     }
 
     /// A fatal error of the idempotent producer cannot be provoked on demand on a healthy broker
@@ -413,14 +430,14 @@ mod tests {
         let (sink, metrics) = sink(&config);
         assert!(matches!(send(&sink).await, Err(SinkError::Kafka(_))), "the fatal error fails the send");
         assert!(send(&sink).await.is_err(), "and every send after it");
-        let verdict = sink.supervise(true);
+        let verdict = sink.supervise();
         assert!(
             matches!(verdict, Some(Replacement::Fatal(ref reason)) if reason.contains("authori")),
             "{verdict:?}"
         );
         assert_eq!(metrics.producers_replaced.with_label_values(&["fatal"]).get(), 1);
         send(&sink).await.unwrap();
-        assert_eq!(sink.supervise(true), None, "a healthy producer is left alone");
+        assert_eq!(sink.supervise(), None, "a healthy producer is left alone");
         assert_eq!(metrics.producers_replaced.with_label_values(&["fatal"]).get(), 1);
     }
 
@@ -447,19 +464,32 @@ mod tests {
         let (sink, metrics) = sink(&config);
         assert!(sink.probe(), "the broker answers metadata requests");
         assert!(matches!(send(&sink).await, Err(SinkError::Timeout)), "refused until the produce deadline");
-        assert_eq!(sink.supervise(true), None, "not before the stall period");
+        assert!(sink.probe());
+        assert_eq!(sink.supervise(), None, "not before the stall period");
         tokio::time::sleep(Duration::from_millis(1700)).await;
         assert!(sink.probe());
-        assert!(matches!(sink.supervise(true), Some(Replacement::Stalled(_))));
+        assert!(matches!(sink.supervise(), Some(Replacement::Stalled(_))));
         assert_eq!(metrics.producers_replaced.with_label_values(&["stalled"]).get(), 1);
-        assert_eq!(sink.supervise(true), None, "the new producer gets a whole stall period");
+        assert_eq!(sink.supervise(), None, "the new producer gets a whole stall period");
         assert!(send(&sink).await.is_err(), "the broker still refuses writes");
+
+        // Kafka unreachable past the stall period: nothing to gain from a new producer.
+        cluster.broker_down(1).unwrap();
         tokio::time::sleep(Duration::from_millis(1600)).await;
-        assert_eq!(sink.supervise(false), None, "Kafka unreachable: nothing to gain from a new producer");
+        assert!(!sink.probe());
+        assert_eq!(sink.supervise(), None, "Kafka is down");
+        cluster.broker_up(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sink.probe() {
+            assert!(Instant::now() < deadline, "the mock broker did not come back");
+        }
+        assert_eq!(sink.supervise(), None, "Kafka back for less than a stall period");
 
         cluster.clear_request_errors(RDKafkaApiKey::Produce);
         send(&sink).await.unwrap();
-        assert_eq!(sink.supervise(true), None, "an acknowledgement clears the stall");
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        assert!(sink.probe());
+        assert_eq!(sink.supervise(), None, "an acknowledgement clears the stall");
         assert_eq!(metrics.producers_replaced.with_label_values(&["stalled"]).get(), 1);
     }
 }
