@@ -20,6 +20,15 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TALLY_CACHE/target}"
 export TALLY_DEV_DIR="$ROOT/.dev/chaos"
 TOXIPROXY_VERSION="v2.12.0"
 TOXIPROXY_DIR="$TALLY_CACHE/toxiproxy-$TOXIPROXY_VERSION"
+# ClickHouse's tmpfs: the long form archives six closed months of 1.5 M rows each beside ~900 000
+# events of load, and merges need room of their own, so it gets twice the short form's 2 GiB (a
+# long run on 2 GiB filled it before its second disk fault; its consumer "recovery" was then the
+# disk's). The disk fault fills whatever is left either way.
+long_form=0
+[[ " $* " == *" --long "* || " $* " == *" --rounds "* ]] && long_form=1
+if [[ ${1:-} != inside ]]; then
+  export TALLY_CHAOS_DISK_MB="${TALLY_CHAOS_DISK_MB:-$((long_form ? 4096 : 2048))}"
+fi
 CLICKHOUSE_DISK_MB="${TALLY_CHAOS_DISK_MB:-2048}"
 
 log() { printf '\033[1m[chaos]\033[0m %s\n' "$*" >&2; }
@@ -56,8 +65,7 @@ rm -rf "$TALLY_DEV_DIR"
 mkdir -p "$TALLY_DEV_DIR"
 # A bound on the whole run, so that a pipeline which never recovers fails the suite instead of
 # holding CI: the short form takes ~3-5 min, the long form ~25 min.
-limit="${TALLY_CHAOS_LIMIT_S:-900}"
-[[ " $* " == *" --long "* || " $* " == *" --rounds "* ]] && limit="${TALLY_CHAOS_LIMIT_S:-3600}"
+limit="${TALLY_CHAOS_LIMIT_S:-$((long_form ? 3600 : 900))}"
 namespace=(unshare --net --mount --propagation private)
 # Without root: a user namespace maps this user to root inside it (needs unprivileged user namespaces).
 [[ $(id -u) -eq 0 ]] || namespace=(unshare --user --map-root-user --net --mount --propagation private)
