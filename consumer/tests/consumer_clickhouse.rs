@@ -635,19 +635,19 @@ async fn a_reconcile_that_fails_half_way_leaves_the_batch_as_it_was() {
         .unwrap();
     let org_on = |shard: u64| routed.iter().find(|r| r.shard == shard).unwrap().org.clone();
     let (org_0, org_1) = (org_on(0), org_on(1));
-    let record = |partition: i32, offset: i64, org: &str, events: u32| {
+    // The same bytes each time the batch is read, as a record redelivered by Kafka (events made
+    // once: `sample_event` stamps them with the current time, so two calls can differ).
+    let events = |org: &str, count: u32| (0..count).map(|n| sample_event(org, n)).collect::<Vec<_>>();
+    let (events_0, events_1) = (events(&org_0, 3), events(&org_1, 2));
+    let kafka_timestamp_ms = chrono::Utc::now().timestamp_millis();
+    let record = |partition: i32, offset: i64, events: &[Event]| {
         let mut original = Vec::new();
-        for n in 0..events {
-            encode_event(&sample_event(org, n), &mut original);
+        for event in events {
+            encode_event(event, &mut original);
         }
-        Pending::decode(RawRecord {
-            partition,
-            offset,
-            kafka_timestamp_ms: chrono::Utc::now().timestamp_millis(),
-            original,
-        })
+        Pending::decode(RawRecord { partition, offset, kafka_timestamp_ms, original })
     };
-    let batch = || vec![record(0, 5, &org_0, 3), record(1, 7, &org_1, 2)];
+    let batch = || vec![record(0, 5, &events_0), record(1, 7, &events_1)];
     let rows = |batch: &[Pending]| batch.iter().map(Pending::row_count).collect::<Vec<_>>();
 
     // Partition 0's record is stored already (its insert applied, the answer lost).
