@@ -518,10 +518,11 @@ class Run:
             log("  the ingest's gauges: " + "; ".join(gauges))
         except OSError as error:
             log(f"  the ingest's /metrics did not answer: {error}")
+        env = stack_env()
         described = subprocess.run(
             ["java", "-cp", os.path.join(stack("kafka-libs", capture=True).strip(), "*"),
-             "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", stack_env()["TALLY_KAFKA_BROKERS"],
-             "--describe", "--topic", stack_env()["TALLY_EVENTS_TOPIC"]],
+             "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", env["TALLY_KAFKA_BROKERS"],
+             "--describe", "--topic", env["TALLY_EVENTS_TOPIC"]],
             capture_output=True, text=True, timeout=60)
         log("  the events topic as the broker describes it (leaders, in-sync replicas):\n    "
             + "\n    ".join((described.stdout or described.stderr).strip().splitlines()[:20]))

@@ -24,12 +24,10 @@ TOXIPROXY_DIR="$TALLY_CACHE/toxiproxy-$TOXIPROXY_VERSION"
 # events of load, and merges need room of their own, so it gets twice the short form's 2 GiB (a
 # long run on 2 GiB filled it before its second disk fault; its consumer "recovery" was then the
 # disk's). The disk fault fills whatever is left either way.
+# (The namespace's shell gets the same arguments after `inside`.)
 long_form=0
 [[ " $* " == *" --long "* || " $* " == *" --rounds "* ]] && long_form=1
-if [[ ${1:-} != inside ]]; then
-  export TALLY_CHAOS_DISK_MB="${TALLY_CHAOS_DISK_MB:-$((long_form ? 4096 : 2048))}"
-fi
-CLICKHOUSE_DISK_MB="${TALLY_CHAOS_DISK_MB:-2048}"
+CLICKHOUSE_DISK_MB="${TALLY_CHAOS_DISK_MB:-$((long_form ? 4096 : 2048))}"
 
 log() { printf '\033[1m[chaos]\033[0m %s\n' "$*" >&2; }
 

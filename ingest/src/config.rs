@@ -84,7 +84,6 @@ impl IngestConfig {
                 reason: "expected lz4, zstd or none".into(),
             });
         }
-        let produce_timeout = env.millis("TALLY_PRODUCE_TIMEOUT_MS", 10_000)?;
         let control = match env.string("TALLY_INGEST_CONTROL", "clickhouse").as_str() {
             "clickhouse" => ControlSource::ClickHouse,
             "kafka" => ControlSource::Kafka { topic: env.string("TALLY_CONTROL_TOPIC", CONTROL_TOPIC) },
@@ -105,7 +104,7 @@ impl IngestConfig {
                 brokers: env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"),
                 events_topic: env.string("TALLY_EVENTS_TOPIC", EVENTS_TOPIC),
                 dlq_topic: env.string("TALLY_DLQ_TOPIC", DLQ_TOPIC),
-                produce_timeout,
+                produce_timeout: env.millis("TALLY_PRODUCE_TIMEOUT_MS", 10_000)?,
                 queue_max_kbytes: env.parse("TALLY_KAFKA_QUEUE_MAX_KBYTES", 262_144)?,
                 compression,
                 linger: env.millis("TALLY_KAFKA_LINGER_MS", 5)?,

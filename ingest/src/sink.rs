@@ -57,14 +57,14 @@ pub struct KafkaSink {
     /// last clone (whose drop purges what it still holds and joins librdkafka's threads) is
     /// dropped by the supervisor, not on a request's worker.
     retired: Mutex<VecDeque<(Instant, FutureProducer)>>,
-    /// Since when the brokers have answered every probe (None: the last probe failed).
+    /// Since when the brokers have answered every probe (None: the last probe failed, or none
+    /// ran yet): readiness, and how long Kafka has been there for the supervisor.
     reachable_since: Mutex<Option<Instant>>,
     client_config: ClientConfig,
     events_topic: Arc<str>,
     dlq_topic: Arc<str>,
     produce_timeout: Duration,
     stall_after: Duration,
-    available: AtomicBool,
     acks: Arc<Acks>,
     metrics: IngestMetrics,
 }
@@ -178,7 +178,6 @@ impl KafkaSink {
             dlq_topic: Arc::from(config.dlq_topic.as_str()),
             produce_timeout: config.produce_timeout,
             stall_after: config.stall_after,
-            available: AtomicBool::new(false),
             acks: Arc::new(Acks::new()),
             metrics,
         })
@@ -219,15 +218,11 @@ impl KafkaSink {
         let producer = self.producer();
         let reachable =
             producer.client().fetch_metadata(Some(&self.events_topic), Duration::from_secs(2)).is_ok();
-        if self.available.swap(reachable, Ordering::Relaxed) != reachable {
-            tracing::info!(reachable, "kafka reachability changed");
-        }
         {
             let mut since = self.reachable_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match (reachable, *since) {
-                (true, None) => *since = Some(Instant::now()),
-                (false, Some(_)) => *since = None,
-                _ => {}
+            if since.is_some() != reachable {
+                *since = reachable.then(Instant::now);
+                tracing::info!(reachable, "kafka reachability changed");
             }
         }
         self.metrics.kafka_up.set(i64::from(reachable));
@@ -335,7 +330,7 @@ impl EventSink for KafkaSink {
     }
 
     fn is_available(&self) -> bool {
-        self.available.load(Ordering::Relaxed)
+        self.reachable_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
     }
 
     fn flush(&self, timeout: Duration) {
