@@ -439,6 +439,8 @@ class Run:
     def schedule(self):
         """(second of the load, fault) pairs from the seed: every fault once (three times with
         --long), in a random order, at random gaps."""
+        if self.args.plan:
+            return self.args.plan
         chosen = [f for f in FAULTS if f in self.args.only.split(",")]
         rounds = self.args.rounds or (3 if self.args.long else 1)
         gap = (20, 60) if self.args.long else (3, 8)
@@ -660,6 +662,16 @@ def fault_line(r):
             f"{r['events_delayed']:>6} events delayed, {r['events_retried']:>5} retried  [{r['how']}]")
 
 
+def plan_arg(text):
+    plan = []
+    for item in text.split(","):
+        at, _, name = item.partition(":")
+        if name not in FAULTS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a fault ({', '.join(FAULTS)})")
+        plan.append((float(at), name))
+    return sorted(plan)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--long", action="store_true", help="every fault three times, ClickHouse down 60 s, longer gaps (~25 min)")
@@ -674,6 +686,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=None, help="every chosen fault this many times (default 1, 3 with --long)")
     parser.add_argument("--tail", type=float, default=5, help="seconds of load after the last fault")
     parser.add_argument("--only", default=",".join(FAULTS), help="the faults to cause (comma-separated)")
+    parser.add_argument("--plan", type=plan_arg, default=None,
+                        help="an exact schedule instead of the seed's, e.g. '10:consumer,10:kafka' (a fault due while "
+                             "another runs begins right after it: this one replays a broker stop just after a consumer restart)")
     parser.add_argument("--record", default=os.path.join(DEV, "chaos-run.json"), help="where the run's series and faults go")
     args = parser.parse_args()
     if args.seed is None:

@@ -182,6 +182,9 @@ pub struct KafkaSecurity {
     pub protocol: String,
     pub sasl: Option<(String, String, String)>,
     pub ca_location: Option<String>,
+    /// librdkafka's `debug` contexts (`TALLY_KAFKA_DEBUG`, e.g. `cgrp,fetch`): its own trace of
+    /// what a client does, logged at debug level (`TALLY_LOG=info,librdkafka=debug,rdkafka=debug`).
+    pub debug: Option<String>,
 }
 
 impl std::fmt::Debug for KafkaSecurity {
@@ -190,6 +193,7 @@ impl std::fmt::Debug for KafkaSecurity {
             .field("protocol", &self.protocol)
             .field("sasl", &self.sasl.as_ref().map(|(mechanism, user, _)| (mechanism, user, "<hidden>")))
             .field("ca_location", &self.ca_location)
+            .field("debug", &self.debug)
             .finish()
     }
 }
@@ -228,7 +232,12 @@ impl KafkaSecurity {
         } else {
             None
         };
-        Ok(KafkaSecurity { protocol, sasl, ca_location: env.optional("TALLY_KAFKA_SSL_CA_LOCATION") })
+        Ok(KafkaSecurity {
+            protocol,
+            sasl,
+            ca_location: env.optional("TALLY_KAFKA_SSL_CA_LOCATION"),
+            debug: env.optional("TALLY_KAFKA_DEBUG"),
+        })
     }
 
     /// Sets what every Kafka client of Tally shares on `client`: the security properties (nothing
@@ -244,6 +253,9 @@ impl KafkaSecurity {
         }
         if let Some(ca) = &self.ca_location {
             client.set("ssl.ca.location", ca);
+        }
+        if let Some(contexts) = &self.debug {
+            client.set("debug", contexts);
         }
         client
     }

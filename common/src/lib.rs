@@ -4,6 +4,7 @@
 
 pub mod ch;
 pub mod config;
+pub mod kafka;
 pub mod keyset;
 pub mod migrate;
 pub mod prices;

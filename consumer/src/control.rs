@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_common::ch::ChConfig;
 use tally_schemas::control::{encode, ControlSnapshot};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,14 @@ pub fn spawn_publisher(
     };
     let producer: FutureProducer =
         crate::kafka::durable_producer(config).set("message.timeout.ms", "30000").create()?;
+    tally_common::kafka::spawn_guard(
+        "consumer control publisher",
+        std::sync::Arc::new(producer.clone()),
+        FutureProducer::client,
+        &config.brokers,
+        &topic,
+        shutdown.clone(),
+    );
     let clickhouse = config.common.clickhouse.clone();
     let interval = config.control_interval;
     Ok(Some(tokio::spawn(async move {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_common::server;
@@ -35,6 +35,14 @@ impl RebalanceCounter {
 impl rdkafka::client::ClientContext for RebalanceCounter {}
 
 impl rdkafka::consumer::ConsumerContext for RebalanceCounter {
+    /// The outcome of an asynchronous commit (see `commit`), delivered by a later poll.
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            // Safe: the records are read again after a restart or a rebalance and reconciled.
+            tracing::warn!(error = %error, partitions = offsets.count(), "offset commit failed");
+        }
+    }
+
     fn post_rebalance(
         &self,
         _: &rdkafka::consumer::BaseConsumer<Self>,
@@ -74,13 +82,21 @@ pub fn consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, KafkaError> {
     client.create_with_context(RebalanceCounter::default())
 }
 
-/// Commits one past the last record of each partition of `batch`, synchronously.
+/// Commits one past the last record of each partition of `batch`, asynchronously: the outcome
+/// comes back through a later poll (`commit_callback`), and closing the client waits for the
+/// commits still outstanding, so the last batch before a shutdown is committed too.
+///
+/// Never synchronously: librdkafka's synchronous commit waits without a deadline, on the thread
+/// that also serves the client's queue. `make chaos` caught the deadlock (a consumer restarted
+/// just before the broker was; `dev/chaos.py --plan 10:consumer,10:kafka` replays it): the
+/// group needed its events served to come back after the broker's restart, nothing served them
+/// while the loop waited in the commit, and the consumer stopped for good, its lag growing.
 pub fn commit(consumer: &KafkaConsumer, topic: &str, batch: &[Pending]) -> Result<(), KafkaError> {
     let mut list = TopicPartitionList::new();
     for (partition, offset) in next_offsets(batch) {
         list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     }
-    consumer.commit(&list, CommitMode::Sync)
+    consumer.commit(&list, CommitMode::Async)
 }
 
 /// The partitions this replica owns now (None when the client cannot tell).
@@ -171,6 +187,18 @@ impl DeadLetters {
             events_topic: config.events_topic.clone(),
             counter,
         })
+    }
+
+    /// Keeps the producer's brokers (see `tally_common::kafka`) until `shutdown`.
+    pub fn spawn_guard(&self, config: &ConsumerConfig, shutdown: CancellationToken) {
+        tally_common::kafka::spawn_guard(
+            "consumer dead-letter producer",
+            Arc::new(self.producer.clone()),
+            FutureProducer::client,
+            &config.brokers,
+            &self.dlq_topic,
+            shutdown,
+        );
     }
 
     /// Sends `pending` with the reason. Never returns before the letter is durable: the offset of

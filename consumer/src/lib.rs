@@ -113,20 +113,34 @@ async fn consume(
     consumer.subscribe(&[&config.events_topic])?;
     let consumer = Arc::new(consumer);
     let background = CancellationToken::new();
-    kafka::spawn_lag_sampler(
+    let sampler = kafka::spawn_lag_sampler(
         Arc::clone(&consumer),
         metrics.lag.clone(),
         Duration::from_secs(5),
         background.clone(),
     );
+    // Clients that forgot every broker (see `tally_common::kafka`) get them back.
+    tally_common::kafka::spawn_guard(
+        "consumer",
+        Arc::clone(&consumer),
+        kafka::KafkaConsumer::client,
+        &config.brokers,
+        &config.events_topic,
+        background.clone(),
+    );
+    let dead_letters = DeadLetters::new(config, metrics.dead_letters.clone())?;
+    dead_letters.spawn_guard(config, background.clone());
     let worker = Worker {
-        dead_letters: DeadLetters::new(config, metrics.dead_letters.clone())?,
+        dead_letters,
         store: EventStore::new(clickhouse),
         consumer,
         metrics: metrics.clone(),
         config: config.clone(),
     };
     let result = worker.run(shutdown).await;
+    // The sampler holds the client too: once it ended, the client is dropped here, which closes
+    // it and waits for the asynchronous commits still outstanding (the last batch's).
     background.cancel();
+    let _ = sampler.await;
     result
 }

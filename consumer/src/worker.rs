@@ -114,7 +114,13 @@ impl Worker {
                 received = tokio::time::timeout(wait, self.consumer.recv()) => received,
             };
             let message = match message {
-                Err(_elapsed) if batch.is_empty() && deadline.is_none() => continue,
+                // Idle: a fatal error may have been raised without an error event reaching us.
+                Err(_elapsed) if batch.is_empty() && deadline.is_none() => {
+                    if self.consumer.client().fatal_error().is_some() {
+                        break;
+                    }
+                    continue;
+                }
                 Err(_elapsed) => break,
                 Ok(Err(error)) => {
                     tracing::warn!(error = %error, "kafka receive failed");
@@ -205,7 +211,8 @@ impl Worker {
         self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
         #[cfg(feature = "failpoints")]
         self.config.failpoints.crash_before_commit();
-        // A failed commit is safe: the batch is read again and reconciled.
+        // A failed commit is safe: the batch is read again and reconciled. (The commit is
+        // asynchronous; its outcome is logged when a later poll delivers it.)
         if let Err(error) = kafka::commit(&self.consumer, &self.config.events_topic, &batch) {
             tracing::warn!(error = %error, "offset commit failed");
         }

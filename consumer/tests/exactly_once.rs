@@ -56,6 +56,18 @@ fn event(n: u64) -> Event {
 
 /// Produces `records` records of `per_record` events, keyed by org; returns the events produced.
 async fn produce(brokers: &str, topic: &str, first: u64, records: u64, per_record: u64) -> u64 {
+    produce_paced(brokers, topic, first, records, per_record, Duration::ZERO).await
+}
+
+/// `produce`, one record every `pace` (each acknowledged before the next is sent).
+async fn produce_paced(
+    brokers: &str,
+    topic: &str,
+    first: u64,
+    records: u64,
+    per_record: u64,
+    pace: Duration,
+) -> u64 {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
@@ -73,6 +85,7 @@ async fn produce(brokers: &str, topic: &str, first: u64, records: u64, per_recor
             .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(10))
             .await
             .unwrap();
+        tokio::time::sleep(pace).await;
     }
     records * per_record
 }
@@ -341,6 +354,42 @@ async fn the_kafka_broker_restarting_mid_stream() {
     setup.drain(expected).await;
     stop(child);
     setup.assert_exactly_once(expected, "broker restarted").await;
+    setup.cleanup().await;
+    drop(broker);
+}
+
+/// A consumer killed and restarted just before the broker is. `make chaos` caught the consumer
+/// stopping for good there: its synchronous offset commit waited, without a deadline, on the
+/// thread that serves the client's group events, which the group needed after the broker's
+/// restart (`dev/chaos.py --plan 10:consumer,10:kafka` replays it). Records keep arriving
+/// throughout, so commits are in flight when the broker goes.
+#[tokio::test]
+async fn a_consumer_restarted_just_before_the_broker_goes_on() {
+    let mut broker = KafkaBroker::start().await;
+    let setup = Setup::new("restartbounce", broker.bootstrap()).await;
+    let mut expected = setup.produce(0, 100, 20).await;
+    let first = setup.spawn_consumer("0", 0.0);
+    setup.drain(expected).await;
+    stop(first); // kill -9: its static member stays in the group
+    let (brokers, topic) = (setup.brokers.clone(), setup.topic.clone());
+    let trickle = tokio::spawn(async move {
+        produce_paced(&brokers, &topic, 100_000, 400, 5, Duration::from_millis(25)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored_before = raw(&setup.clickhouse).await.rows;
+    let second = setup.spawn_consumer("0", 0.0); // the same instance id takes the member over
+    let started = Instant::now();
+    while raw(&setup.clickhouse).await.rows == stored_before {
+        assert!(started.elapsed() < Duration::from_secs(30), "the restarted consumer stored nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.kill();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    broker.resume().await;
+    expected += trickle.await.unwrap();
+    setup.drain(expected).await;
+    stop(second);
+    setup.assert_exactly_once(expected, "a consumer restarted, then the broker").await;
     setup.cleanup().await;
     drop(broker);
 }

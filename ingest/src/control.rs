@@ -56,6 +56,16 @@ pub fn spawn_reader(
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
     consumer.assign(&assignment)?;
+    let consumer = Arc::new(consumer);
+    // A reader that forgot every broker (see `tally_common::kafka`) gets them back.
+    tally_common::kafka::spawn_guard(
+        "ingest control reader",
+        Arc::clone(&consumer),
+        StreamConsumer::client,
+        &kafka.brokers,
+        topic,
+        shutdown.clone(),
+    );
     let topic = topic.to_owned();
     Ok(tokio::spawn(async move {
         let end = start_end(&consumer, &topic).await;

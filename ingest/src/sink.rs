@@ -14,6 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tally_common::config::KafkaSecurity;
+use tally_common::kafka::BootstrapGuard;
 use tally_schemas::record::{HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +61,8 @@ pub struct KafkaSink {
     /// Since when the brokers have answered every probe (None: the last probe failed, or none
     /// ran yet): readiness, and how long Kafka has been there for the supervisor.
     reachable_since: Mutex<Option<Instant>>,
+    /// Gives the producer its bootstrap servers again when no broker answered for a while.
+    bootstrap: Mutex<BootstrapGuard>,
     client_config: ClientConfig,
     events_topic: Arc<str>,
     dlq_topic: Arc<str>,
@@ -173,6 +176,7 @@ impl KafkaSink {
             producer: RwLock::new(producer),
             retired: Mutex::new(VecDeque::new()),
             reachable_since: Mutex::new(None),
+            bootstrap: Mutex::new(BootstrapGuard::new("ingest producer", &config.brokers)),
             client_config,
             events_topic: Arc::from(config.events_topic.as_str()),
             dlq_topic: Arc::from(config.dlq_topic.as_str()),
@@ -225,6 +229,11 @@ impl KafkaSink {
                 tracing::info!(reachable, "kafka reachability changed");
             }
         }
+        // A producer that forgot every broker (see `tally_common::kafka`) gets them back.
+        self.bootstrap
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe(producer.client(), reachable);
         self.metrics.kafka_up.set(i64::from(reachable));
         self.metrics.producer_queue_depth.set(i64::from(producer.in_flight_count()));
         reachable

@@ -609,3 +609,31 @@ async fn events_produced_after_the_client_gave_up_are_counted_as_unanswered() {
     ingest.task.await.unwrap().unwrap();
     drop_database(&ingest.clickhouse).await;
 }
+
+/// The guard against librdkafka forgetting every broker (`tally_common::kafka`): a client that
+/// knows no broker it can reach connects once it is given the bootstrap servers again.
+#[tokio::test]
+async fn a_client_that_knows_no_reachable_broker_connects_once_given_the_bootstrap_servers() {
+    use rdkafka::producer::{FutureProducer, Producer};
+    use tally_common::kafka::BootstrapGuard;
+
+    let topic = unique_name("guard");
+    create_topic(&topic, 1).await;
+    // Nothing listens on port 9: the client knows no broker it can reach, as after the defect.
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9").create().unwrap();
+    let answers = |producer: &FutureProducer| {
+        producer.client().fetch_metadata(Some(&topic), Duration::from_millis(500)).is_ok()
+    };
+    assert!(!answers(&producer), "no broker answers before");
+    let guard = BootstrapGuard::new("test", &kafka_brokers());
+    assert_eq!(guard.reseed(producer.client()), 1, "the one server of the list is accepted");
+    let started = std::time::Instant::now();
+    while !answers(&producer) {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the client connected to the servers given again"
+        );
+    }
+    delete_topics(&[&topic]).await;
+}
