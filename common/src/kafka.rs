@@ -10,9 +10,9 @@
 //!
 //! The guard watches whether the brokers answer a client's metadata requests; when none answered
 //! for `RESEED_AFTER`, it gives the client its bootstrap servers again (`rd_kafka_brokers_add`: a
-//! broker the client still knows is left as it is, a forgotten one is added and connected to), and
-//! again every `RESEED_AFTER` while nothing answers. During a real outage that costs nothing but a
-//! log line: the servers are the ones the client already has.
+//! forgotten server is added and connected to), and again after twice as long each time while
+//! nothing answers (up to `RESEED_AFTER_MAX`). During a real outage that costs a log line and a
+//! spare connection attempt each time, removed by the brokers' next metadata answer.
 
 use std::ffi::CString;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,6 +24,11 @@ use tokio_util::sync::CancellationToken;
 /// How long no broker may answer before the bootstrap servers are given again.
 pub const RESEED_AFTER: Duration = Duration::from_secs(10);
 
+/// While nothing answers, each later time waits twice as long, up to this. (During an outage a
+/// client that still knows its brokers gets one more connection each time, which the brokers'
+/// next metadata answer removes again: a handful per outage, not one every 10 s.)
+pub const RESEED_AFTER_MAX: Duration = Duration::from_secs(300);
+
 /// How often `spawn_guard` asks for metadata.
 pub const PROBE_EVERY: Duration = Duration::from_secs(3);
 
@@ -32,12 +37,19 @@ pub struct BootstrapGuard {
     what: &'static str,
     brokers: CString,
     unreachable_since: Option<Instant>,
+    /// How long the current silence must last for the next time.
+    wait: Duration,
 }
 
 impl BootstrapGuard {
     /// `what` names the client in the log; `brokers` is its `bootstrap.servers`.
     pub fn new(what: &'static str, brokers: &str) -> Self {
-        BootstrapGuard { what, brokers: CString::new(brokers).unwrap_or_default(), unreachable_since: None }
+        BootstrapGuard {
+            what,
+            brokers: CString::new(brokers).unwrap_or_default(),
+            unreachable_since: None,
+            wait: RESEED_AFTER,
+        }
     }
 
     /// After each metadata request of `client`: `answered` is whether a broker answered it.
@@ -48,8 +60,7 @@ impl BootstrapGuard {
             tracing::warn!(
                 client = self.what,
                 servers = added,
-                "no Kafka broker answered for {} s: gave the client its bootstrap servers again",
-                RESEED_AFTER.as_secs()
+                "no Kafka broker answered for a while: gave the client its bootstrap servers again"
             );
             true
         }
@@ -59,13 +70,15 @@ impl BootstrapGuard {
     fn observe_at(&mut self, now: Instant, answered: bool) -> bool {
         if answered {
             self.unreachable_since = None;
+            self.wait = RESEED_AFTER;
             return false;
         }
         let since = *self.unreachable_since.get_or_insert(now);
-        if now.duration_since(since) < RESEED_AFTER {
+        if now.duration_since(since) < self.wait {
             return false;
         }
         self.unreachable_since = Some(now);
+        self.wait = (self.wait * 2).min(RESEED_AFTER_MAX);
         true
     }
 
@@ -115,18 +128,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_servers_are_given_again_after_ten_silent_seconds_and_every_ten_while_silent() {
+    fn the_servers_are_given_again_after_ten_silent_seconds_then_ever_less_often() {
         let mut guard = BootstrapGuard::new("test", "127.0.0.1:9092");
         let start = Instant::now();
         let at = |s: u64| start + Duration::from_secs(s);
         assert!(!guard.observe_at(at(0), false), "the first silence only starts the clock");
         assert!(!guard.observe_at(at(9), false));
         assert!(guard.observe_at(at(10), false), "ten silent seconds");
-        assert!(!guard.observe_at(at(15), false), "not again at once");
-        assert!(guard.observe_at(at(20), false), "again ten seconds later");
-        assert!(!guard.observe_at(at(21), true), "an answer resets the clock");
-        assert!(!guard.observe_at(at(22), false));
-        assert!(!guard.observe_at(at(31), false));
-        assert!(guard.observe_at(at(32), false));
+        assert!(!guard.observe_at(at(20), false), "then twenty");
+        assert!(guard.observe_at(at(30), false));
+        assert!(!guard.observe_at(at(69), false), "then forty");
+        assert!(guard.observe_at(at(70), false));
+        let times = (71..3_600).filter(|&s| guard.observe_at(at(s), false)).count();
+        assert_eq!(times, 12, "80, 160, then every 300 s: a handful an hour");
+        assert!(!guard.observe_at(at(3_600), true), "an answer resets the clock and the wait");
+        assert!(!guard.observe_at(at(3_601), false));
+        assert!(!guard.observe_at(at(3_610), false));
+        assert!(guard.observe_at(at(3_611), false));
     }
 }
