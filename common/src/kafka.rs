@@ -53,16 +53,14 @@ impl BootstrapGuard {
     }
 
     /// After each metadata request of `client`: `answered` is whether a broker answered it.
-    /// Returns whether the bootstrap servers were given again.
-    pub fn observe<C: ClientContext>(&mut self, client: &Client<C>, answered: bool) -> bool {
-        self.observe_at(Instant::now(), answered) && {
+    pub fn observe<C: ClientContext>(&mut self, client: &Client<C>, answered: bool) {
+        if self.observe_at(Instant::now(), answered) {
             let added = self.reseed(client);
             tracing::warn!(
                 client = self.what,
                 servers = added,
                 "no Kafka broker answered for a while: gave the client its bootstrap servers again"
             );
-            true
         }
     }
 

@@ -120,7 +120,7 @@ async fn consume(
         background.clone(),
     );
     // Clients that forgot every broker (see `tally_common::kafka`) get them back.
-    tally_common::kafka::spawn_guard(
+    let guard = tally_common::kafka::spawn_guard(
         "consumer",
         Arc::clone(&consumer),
         kafka::KafkaConsumer::client,
@@ -138,9 +138,10 @@ async fn consume(
         config: config.clone(),
     };
     let result = worker.run(shutdown).await;
-    // The sampler holds the client too: once it ended, the client is dropped here, which closes
-    // it and waits for the asynchronous commits still outstanding (the last batch's).
+    // The sampler and the guard hold the client too: once both ended, the client is dropped
+    // here, which closes it and waits for the asynchronous commits still outstanding (the last
+    // batch's).
     background.cancel();
-    let _ = sampler.await;
+    let _ = tokio::join!(sampler, guard);
     result
 }
