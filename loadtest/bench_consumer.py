@@ -18,6 +18,7 @@
    polling a point lookup every 10 ms. Prints p50/p95/p99/max.
 
 Usage: loadtest/bench_consumer.py [--events 20000000] [--per-record 100] [--skip engine,...]
+                                  [--rounds N] [--baseline DIR]
                                   [--fresh-rate 50000] [--fresh-seconds 60]
 Needs the local stack (dev/stack.sh infra-up) and release binaries (cargo build --release).
 """
@@ -107,12 +108,12 @@ def run_ceiling(database, events):
             "client_rss_mib": usage.ru_maxrss / 1024, "wall_incl_build_s": time.time() - started}
 
 
-def run_tally(database, topic, events):
+def run_tally(database, topic, events, binary="tally-consumer"):
     ch_before = bi.cpu_seconds(clickhouse_pid())
     started = time.time()
-    process = bi.start("tally-consumer", {
+    process = bi.start(binary, {
         "TALLY_CLICKHOUSE_DATABASE": database, "TALLY_EVENTS_TOPIC": topic, "TALLY_MIGRATE": "false",
-        "TALLY_CONSUMER_GROUP": "bench-" + topic, "TALLY_LISTEN_ADDR": "127.0.0.1:18082"})
+        "TALLY_CONSUMER_GROUP": "bench-" + database, "TALLY_LISTEN_ADDR": "127.0.0.1:18082"})
     try:
         finished, _ = wait_rows(database, events, 3600)
         cpu = bi.cpu_seconds(process.pid)
@@ -218,52 +219,79 @@ def main():
     parser.add_argument("--record-freshness", metavar="JSON",
                         help="append the freshness run (every marker's 202-to-visible time) to this file; "
                              "loadtest/plot_freshness.py draws it")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="drain the same topic this many times (ceiling, tally, baseline in turn each round; "
+                             "the engine once): on a shared machine whose speed drifts, each round's ratio "
+                             "compares runs a minute apart, and the median of the rounds is the figure")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="each round also drains with DIR/tally-consumer (another build, e.g. from a git "
+                             "worktree): an A/B of two consumers in one sitting, on the same records")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     suffix = "%08x" % random.getrandbits(32)
     topic = "tally.bench.consumer." + suffix
-    databases = {name: "tally_bench_%s_%s" % (name, suffix) for name in ("ceiling", "tally", "engine")
-                 if name not in skip}
+    runs = []  # (round, name, run function)
+    for number in range(1, args.rounds + 1):
+        if "ceiling" not in skip:
+            runs.append((number, "ceiling", lambda db: run_ceiling(db, args.events)))
+        if "tally" not in skip:
+            runs.append((number, "tally", lambda db: run_tally(db, topic, args.events)))
+        if args.baseline:
+            binary = os.path.join(os.path.abspath(args.baseline), "tally-consumer")
+            runs.append((number, "baseline", lambda db, b=binary: run_tally(db, topic, args.events, b)))
+    if "engine" not in skip:
+        runs.append((1, "engine", lambda db: run_engine(db, topic, args.events)))
+    databases = {}
     rows = []
     try:
-        for database in databases.values():
-            tool("migrate", database)
-        if {"tally", "engine"} - skip:
+        if {"tally", "engine"} - skip or args.baseline:
             bi.create_topic(topic, 8)
             loaded = tool("preload", topic, args.events, args.per_record)
             print("preloaded %d events in %d records (%.1f MB of JSON) in %.1f s" % (
                 loaded["events"], loaded["records"], loaded["payload_bytes"] / 1e6, loaded["seconds"]))
-        for name, run in (("ceiling", lambda db: run_ceiling(db, args.events)),
-                          ("tally", lambda db: run_tally(db, topic, args.events)),
-                          ("engine", lambda db: run_engine(db, topic, args.events))):
-            if name in skip:
-                continue
-            result = run(databases[name])
-            rows.append(result)
-            print(json.dumps(result), file=sys.stderr)
-        sums = check_equal(databases)
+        for number, name, run in runs:
+            label = name if args.rounds == 1 else "%s.%d" % (name, number)
+            database = "tally_bench_%s_%s_%d" % (name, suffix, number)
+            tool("migrate", database)
+            try:
+                result = dict(run(database), scenario=label, round=number, kind=name)
+                rows.append(result)
+                print(json.dumps(result), file=sys.stderr, flush=True)
+                databases[label] = database
+                sums = check_equal({label: database})
+                result["sums"] = sums[label]
+            finally:
+                ch("DROP DATABASE IF EXISTS " + database)
+                ch("DROP DATABASE IF EXISTS " + database + "_admin")
         fresh = None if "freshness" in skip else freshness(args.fresh_rate, args.fresh_seconds)
     finally:
-        for database in databases.values():
-            ch("DROP DATABASE IF EXISTS " + database)
-            ch("DROP DATABASE IF EXISTS " + database + "_admin")
         bi.delete_topic(topic)
 
     print("\nnproc=%d  events=%d  per record=%d  (everything on this machine)" % (
         os.cpu_count(), args.events, args.per_record))
-    print("%-8s %10s %9s %12s %16s %16s %10s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
-                                                 "clickhouse cpu s/M", "rss MiB"))
+    print("%-10s %10s %9s %12s %16s %16s %10s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
+                                                  "clickhouse cpu s/M", "rss MiB"))
     for r in rows:
         million = r["rows"] / 1e6
-        print("%-8s %10d %9.1f %12.0f %16.2f %16.2f %10.1f%s" % (
+        print("%-10s %10d %9.1f %12.0f %16.2f %16.2f %10.1f%s" % (
             r["scenario"], r["rows"], r["seconds"], r["rows"] / r["seconds"], r["client_cpu_s"] / million,
             r["clickhouse_cpu_s"] / million, r["client_rss_mib"],
             "" if r["rows"] >= args.events else "  (stalled: %d rows missing)" % (args.events - r["rows"])))
-    speed = {r["scenario"]: r["rows"] / r["seconds"] for r in rows}
-    if "tally" in speed and "ceiling" in speed:
-        print("tally / ceiling: %.1f%%" % (100 * speed["tally"] / speed["ceiling"]))
-    if "tally" in speed and "engine" in speed:
-        print("tally / kafka engine: %.2fx" % (speed["tally"] / speed["engine"]))
+    speed = {(r["round"], r["kind"]): r["rows"] / r["seconds"] for r in rows}
+    for kind in ("tally", "baseline"):
+        ratios = [speed[(n, kind)] / speed[(n, "ceiling")] for n in range(1, args.rounds + 1)
+                  if (n, kind) in speed and (n, "ceiling") in speed]
+        if ratios:
+            middle = sorted(ratios)[len(ratios) // 2] if len(ratios) % 2 else sum(sorted(ratios)[len(ratios) // 2 - 1:len(ratios) // 2 + 1]) / 2
+            print("%s / ceiling: %s%s" % (kind, ", ".join("%.1f%%" % (100 * x) for x in ratios),
+                                          "" if len(ratios) == 1 else "  (median %.1f%%)" % (100 * middle)))
+    if args.baseline:
+        ab = [speed[(n, "tally")] / speed[(n, "baseline")] for n in range(1, args.rounds + 1)
+              if (n, "tally") in speed and (n, "baseline") in speed]
+        print("tally / baseline (rows/s, same round): %s" % ", ".join("%.3f" % x for x in ab))
+    if (1, "tally") in speed and (1, "engine") in speed:
+        print("tally / kafka engine: %.2fx" % (speed[(1, "tally")] / speed[(1, "engine")]))
+    sums = {r["scenario"]: r["sums"] for r in rows if "sums" in r}
     for name, value in sums.items():
         print("%-8s count, distinct ids, tokens, cost_nanos: %s" % (name, value.replace("\t", ", ")))
     if fresh:
