@@ -11,7 +11,8 @@
    engine   ClickHouse's Kafka table engine (JSONEachRow, the record format) with a materialized
             view into the events table, draining the same topic with its own group
    and prints rows/s, CPU seconds per million rows of the client process and of clickhouse-server,
-   and the client's peak RSS.
+   the client's peak RSS, and "CH busy": the share of the drain ClickHouse spent in INSERTs (the
+   rest it waited for the client between inserts; see insert_busy).
 3. Freshness: the whole pipeline (ingest with the Kafka sink, consumer) under a steady
    --fresh-rate events/s (open model, 100 events/request); a marker event is sent every
    ~100 ms and the time from its 2xx to its row being visible in ClickHouse is measured by
@@ -141,6 +142,18 @@ def run_engine(database, topic, events):
             "clickhouse_cpu_s": cpu, "client_rss_mib": 0.0}
 
 
+def insert_busy(database):
+    """How much of a drain ClickHouse spent inserting: the sum of the INSERTs' durations over the
+    time from the first one's start to the last one's end (system.query_log; whole seconds on 18.16).
+    Near 1 for the ceiling; what is missing is time ClickHouse waited for the client between inserts.
+    Unlike rows/s, it hardly moves with the machine's speed, so it compares runs minutes apart."""
+    ch("SYSTEM FLUSH LOGS")
+    out = ch("SELECT count(), sum(query_duration_ms) / 1000, toUInt64(max(event_time)) - toUInt64(min(query_start_time)) "
+             "FROM system.query_log WHERE type = 2 AND query LIKE 'INSERT INTO %s.events%%'" % database)
+    inserts, busy, span = out.split("\t")
+    return {"inserts": int(inserts), "insert_busy_s": float(busy), "insert_span_s": max(1, int(span))}
+
+
 def check_equal(databases):
     """Each drained table holds the same rows: counts, distinct ids, tokens and exact cost."""
     sums = {}
@@ -255,6 +268,8 @@ def main():
             tool("migrate", database)
             try:
                 result = dict(run(database), scenario=label, round=number, kind=name)
+                if name != "engine":
+                    result.update(insert_busy(database))
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
                 databases[label] = database
@@ -269,13 +284,14 @@ def main():
 
     print("\nnproc=%d  events=%d  per record=%d  (everything on this machine)" % (
         os.cpu_count(), args.events, args.per_record))
-    print("%-10s %10s %9s %12s %16s %16s %10s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
-                                                  "clickhouse cpu s/M", "rss MiB"))
+    print("%-10s %10s %9s %12s %16s %16s %10s %9s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
+                                                      "clickhouse cpu s/M", "rss MiB", "CH busy"))
     for r in rows:
         million = r["rows"] / 1e6
-        print("%-10s %10d %9.1f %12.0f %16.2f %16.2f %10.1f%s" % (
+        busy = "%.0f%%" % (100 * r["insert_busy_s"] / r["insert_span_s"]) if "insert_span_s" in r else "-"
+        print("%-10s %10d %9.1f %12.0f %16.2f %16.2f %10.1f %9s%s" % (
             r["scenario"], r["rows"], r["seconds"], r["rows"] / r["seconds"], r["client_cpu_s"] / million,
-            r["clickhouse_cpu_s"] / million, r["client_rss_mib"],
+            r["clickhouse_cpu_s"] / million, r["client_rss_mib"], busy,
             "" if r["rows"] >= args.events else "  (stalled: %d rows missing)" % (args.events - r["rows"])))
     speed = {(r["round"], r["kind"]): r["rows"] / r["seconds"] for r in rows}
     for kind in ("tally", "baseline"):
