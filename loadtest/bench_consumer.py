@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -154,13 +155,10 @@ def insert_busy(database):
     return {"inserts": int(inserts), "insert_busy_s": float(busy), "insert_span_s": max(1, int(span))}
 
 
-def check_equal(databases):
-    """Each drained table holds the same rows: counts, distinct ids, tokens and exact cost."""
-    sums = {}
-    for name, database in databases.items():
-        sums[name] = ch("SELECT count(), uniqExact(org_id, event_id), sum(total_tokens), sum(cost_nanos) FROM %s.events"
-                        % database)
-    return sums
+def table_sums(database):
+    """What a drain stored, to compare across drains: count, distinct ids, tokens and exact cost."""
+    return ch("SELECT count(), uniqExact(org_id, event_id), sum(total_tokens), sum(cost_nanos) FROM %s.events"
+              % database)
 
 
 def freshness(rate, seconds):
@@ -254,7 +252,6 @@ def main():
             runs.append((number, "baseline", lambda db, b=binary: run_tally(db, topic, args.events, b)))
     if "engine" not in skip:
         runs.append((1, "engine", lambda db: run_engine(db, topic, args.events)))
-    databases = {}
     rows = []
     try:
         if {"tally", "engine"} - skip or args.baseline:
@@ -272,9 +269,7 @@ def main():
                     result.update(insert_busy(database))
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
-                databases[label] = database
-                sums = check_equal({label: database})
-                result["sums"] = sums[label]
+                result["sums"] = table_sums(database)
             finally:
                 ch("DROP DATABASE IF EXISTS " + database)
                 ch("DROP DATABASE IF EXISTS " + database + "_admin")
@@ -298,9 +293,8 @@ def main():
         ratios = [speed[(n, kind)] / speed[(n, "ceiling")] for n in range(1, args.rounds + 1)
                   if (n, kind) in speed and (n, "ceiling") in speed]
         if ratios:
-            middle = sorted(ratios)[len(ratios) // 2] if len(ratios) % 2 else sum(sorted(ratios)[len(ratios) // 2 - 1:len(ratios) // 2 + 1]) / 2
             print("%s / ceiling: %s%s" % (kind, ", ".join("%.1f%%" % (100 * x) for x in ratios),
-                                          "" if len(ratios) == 1 else "  (median %.1f%%)" % (100 * middle)))
+                                          "" if len(ratios) == 1 else "  (median %.1f%%)" % (100 * statistics.median(ratios))))
     if args.baseline:
         ab = [speed[(n, "tally")] / speed[(n, "baseline")] for n in range(1, args.rounds + 1)
               if (n, "tally") in speed and (n, "baseline") in speed]

@@ -220,9 +220,9 @@ impl Deduplicator {
 
         // Keep the first occurrence of each id not stored; compare exactly on a fingerprint match.
         self.kept.clear();
-        let rows: usize = prints.iter().map(Vec::len).sum();
+        let row_count: usize = prints.iter().map(Vec::len).sum();
         let mut first: FastMap<u64, (usize, usize)> =
-            FastMap::with_capacity_and_hasher(rows, FixedState::default());
+            FastMap::with_capacity_and_hasher(row_count, FixedState::default());
         let mut drop: FastSet<(usize, usize)> = FastSet::default();
         for (record, pending) in batch.iter().enumerate() {
             let Ok(rows) = &pending.decoded else { continue };
