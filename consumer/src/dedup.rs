@@ -130,17 +130,27 @@ pub struct Deduplicator {
     expired_at_hour: u16,
     /// The rows the last `filter` kept: (partition, fingerprint, arrival), recorded once stored.
     kept: Vec<(i32, u64, u32)>,
+    /// Counts resets: a check made ahead with the windows of an earlier epoch no longer holds.
+    epoch: u64,
 }
 
 impl Deduplicator {
     pub fn new(store: EventStore, window_hours: u16) -> Self {
-        Deduplicator { store, window_hours, partitions: HashMap::new(), expired_at_hour: 0, kept: Vec::new() }
+        Deduplicator {
+            store,
+            window_hours,
+            partitions: HashMap::new(),
+            expired_at_hour: 0,
+            kept: Vec::new(),
+            epoch: 0,
+        }
     }
 
     /// Forgets everything: called after every rebalance, as another replica may have written.
     pub fn reset(&mut self) {
         self.partitions.clear();
         self.kept.clear();
+        self.epoch += 1;
     }
 
     pub fn ids(&self) -> usize {
@@ -193,86 +203,184 @@ impl Deduplicator {
         partitions.extend(assigned.iter().copied());
         outcome.rebuilt = self.rebuild(&partitions, now).await?;
 
-        // Each row's fingerprint, once; candidates: rows whose fingerprint the window holds.
-        let mut prints: Vec<Vec<u64>> = Vec::with_capacity(batch.len());
-        let mut candidates: HashSet<(&str, uuid::Uuid)> = HashSet::new();
-        for pending in batch.iter() {
-            let rows = pending.decoded.as_ref().map_or(&[][..], Vec::as_slice);
-            let window = self.partitions.get(&pending.partition);
-            prints.push(
-                rows.iter()
-                    .map(|row| {
-                        let print = fingerprint(&row.org_id, &row.event_id);
-                        if window.is_some_and(|w| w.contains(print)) {
-                            candidates.insert((row.org_id.as_str(), row.event_id));
-                        }
-                        print
-                    })
-                    .collect(),
-            );
-        }
+        let (prints, candidates) = fingerprints(&self.partitions, batch);
         outcome.confirmed = candidates.len();
         let stored = if candidates.is_empty() {
             HashSet::new()
         } else {
             self.store.stored_ids(&candidates, self.window_start(now)).await?
         };
-
-        // Keep the first occurrence of each id not stored; compare exactly on a fingerprint match.
-        self.kept.clear();
-        let row_count: usize = prints.iter().map(Vec::len).sum();
-        let mut first: FastMap<u64, (usize, usize)> =
-            FastMap::with_capacity_and_hasher(row_count, FixedState::default());
-        let mut drop: FastSet<(usize, usize)> = FastSet::default();
-        for (record, pending) in batch.iter().enumerate() {
-            let Ok(rows) = &pending.decoded else { continue };
-            for (index, (row, &print)) in rows.iter().zip(&prints[record]).enumerate() {
-                if !stored.is_empty() && stored.contains(&(row.org_id.clone(), row.event_id)) {
-                    drop.insert((record, index));
-                    continue;
-                }
-                match first.get(&print) {
-                    Some(&(r, i)) if same_id(batch, (r, i), row) => {
-                        drop.insert((record, index));
-                        continue;
-                    }
-                    Some(_) => {}
-                    None => {
-                        first.insert(print, (record, index));
-                    }
-                }
-                self.kept.push((pending.partition, print, row.received_at));
-            }
-        }
+        let (drop, kept) = first_occurrences(batch, &prints, &stored);
+        self.kept = kept;
         outcome.duplicates = drop.len();
-        if !drop.is_empty() {
-            for (record, pending) in batch.iter_mut().enumerate() {
-                if let Ok(rows) = &mut pending.decoded {
-                    let mut index = 0;
-                    rows.retain(|_| {
-                        let keep = !drop.contains(&(record, index));
-                        index += 1;
-                        keep
-                    });
-                }
-            }
-        }
+        remove_rows(batch, &drop);
         Ok(outcome)
     }
 
     /// After a successful store: the ids the last `filter` kept count as stored. Expires old ids
     /// once an hour.
     pub fn record_stored(&mut self, now: u32) {
-        for (partition, print, received_at) in self.kept.drain(..) {
-            if let Some(window) = self.partitions.get_mut(&partition) {
-                window.insert(print, received_at);
-            }
-        }
+        record(&mut self.partitions, self.kept.drain(..));
         if hour_tag(now) != self.expired_at_hour {
             self.expired_at_hour = hour_tag(now);
             for window in self.partitions.values_mut() {
                 window.expire(now, self.window_hours);
             }
+        }
+    }
+
+    /// Lends the windows, with the ids of the batch about to be stored, to a thread that checks
+    /// the next batch while this one is inserted (see `Lent::precheck`). `give_back` returns them;
+    /// until then this deduplicator holds no ids.
+    pub fn lend(&mut self) -> Lent {
+        Lent {
+            partitions: std::mem::take(&mut self.partitions),
+            recorded: std::mem::take(&mut self.kept),
+            epoch: self.epoch,
+        }
+    }
+
+    pub fn give_back(&mut self, lent: Lent) {
+        self.partitions = lent.partitions;
+    }
+
+    /// Applies a check made ahead, if it still holds: no rebalance since (the windows it saw were
+    /// not reset) and no earlier stage removed anything from the batch (its row positions are the
+    /// ones checked). None when `filter` must run instead.
+    pub fn apply_prechecked(&mut self, batch: &mut [Pending], prechecked: Prechecked) -> Option<Outcome> {
+        if prechecked.epoch != self.epoch || prechecked.shape != shape(batch) {
+            return None;
+        }
+        remove_rows(batch, &prechecked.drop);
+        self.kept = prechecked.kept;
+        Some(Outcome { duplicates: prechecked.drop.len(), ..Outcome::default() })
+    }
+}
+
+/// The windows lent out while a batch is inserted, with that batch's kept ids.
+pub struct Lent {
+    partitions: HashMap<i32, IdWindow>,
+    recorded: Vec<(i32, u64, u32)>,
+    epoch: u64,
+}
+
+/// The outcome of `Lent::precheck` for a batch none of whose ids the window held.
+pub struct Prechecked {
+    epoch: u64,
+    shape: (usize, usize),
+    drop: FastSet<(usize, usize)>,
+    kept: Vec<(i32, u64, u32)>,
+}
+
+impl Lent {
+    /// Records the ids of the batch being inserted, then checks `batch` (the next one) against the
+    /// windows. Recording before that insert is confirmed is safe: a window hit only makes a row a
+    /// candidate, which a query confirms against ClickHouse once the insert is done, so an id
+    /// recorded for an insert that then fails costs a query, never an event. Returns None, and
+    /// `filter` runs after the insert, when a row's id is a candidate (the confirming query must
+    /// see that insert) or a partition's window is not loaded yet.
+    pub fn precheck(&mut self, batch: &[Pending], assigned: &BTreeSet<i32>) -> Option<Prechecked> {
+        record(&mut self.partitions, self.recorded.drain(..));
+        let mut partitions = batch.iter().map(|p| &p.partition).chain(assigned);
+        if !partitions.all(|p| self.partitions.contains_key(p)) {
+            return None;
+        }
+        let (prints, candidates) = fingerprints(&self.partitions, batch);
+        if !candidates.is_empty() {
+            return None;
+        }
+        let (drop, kept) = first_occurrences(batch, &prints, &HashSet::new());
+        Some(Prechecked { epoch: self.epoch, shape: shape(batch), drop, kept })
+    }
+}
+
+/// Records and rows of a batch: the stages before dedup only remove, so an unchanged shape means
+/// unchanged row positions.
+fn shape(batch: &[Pending]) -> (usize, usize) {
+    (batch.len(), batch.iter().map(Pending::row_count).sum())
+}
+
+fn record(partitions: &mut HashMap<i32, IdWindow>, kept: impl Iterator<Item = (i32, u64, u32)>) {
+    for (partition, print, received_at) in kept {
+        if let Some(window) = partitions.get_mut(&partition) {
+            window.insert(print, received_at);
+        }
+    }
+}
+
+/// Each row's fingerprint, per record, and the rows whose fingerprint the windows hold.
+fn fingerprints<'b>(
+    partitions: &HashMap<i32, IdWindow>,
+    batch: &'b [Pending],
+) -> (Vec<Vec<u64>>, HashSet<(&'b str, uuid::Uuid)>) {
+    let mut prints: Vec<Vec<u64>> = Vec::with_capacity(batch.len());
+    let mut candidates: HashSet<(&str, uuid::Uuid)> = HashSet::new();
+    for pending in batch {
+        let rows = pending.decoded.as_ref().map_or(&[][..], Vec::as_slice);
+        let window = partitions.get(&pending.partition);
+        prints.push(
+            rows.iter()
+                .map(|row| {
+                    let print = fingerprint(&row.org_id, &row.event_id);
+                    if window.is_some_and(|w| w.contains(print)) {
+                        candidates.insert((row.org_id.as_str(), row.event_id));
+                    }
+                    print
+                })
+                .collect(),
+        );
+    }
+    (prints, candidates)
+}
+
+/// The rows to drop, as (record, index): ids in `stored`, and every occurrence of an id after the
+/// first (compared exactly on a fingerprint match). And the (partition, fingerprint, arrival) of
+/// the rows kept.
+fn first_occurrences(
+    batch: &[Pending],
+    prints: &[Vec<u64>],
+    stored: &HashSet<(String, uuid::Uuid)>,
+) -> (FastSet<(usize, usize)>, Vec<(i32, u64, u32)>) {
+    let row_count: usize = prints.iter().map(Vec::len).sum();
+    let mut kept = Vec::with_capacity(row_count);
+    let mut first: FastMap<u64, (usize, usize)> =
+        FastMap::with_capacity_and_hasher(row_count, FixedState::default());
+    let mut drop: FastSet<(usize, usize)> = FastSet::default();
+    for (record, pending) in batch.iter().enumerate() {
+        let Ok(rows) = &pending.decoded else { continue };
+        for (index, (row, &print)) in rows.iter().zip(&prints[record]).enumerate() {
+            if !stored.is_empty() && stored.contains(&(row.org_id.clone(), row.event_id)) {
+                drop.insert((record, index));
+                continue;
+            }
+            match first.get(&print) {
+                Some(&(r, i)) if same_id(batch, (r, i), row) => {
+                    drop.insert((record, index));
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    first.insert(print, (record, index));
+                }
+            }
+            kept.push((pending.partition, print, row.received_at));
+        }
+    }
+    (drop, kept)
+}
+
+fn remove_rows(batch: &mut [Pending], drop: &FastSet<(usize, usize)>) {
+    if drop.is_empty() {
+        return;
+    }
+    for (record, pending) in batch.iter_mut().enumerate() {
+        if let Ok(rows) = &mut pending.decoded {
+            let mut index = 0;
+            rows.retain(|_| {
+                let keep = !drop.contains(&(record, index));
+                index += 1;
+                keep
+            });
         }
     }
 }
@@ -317,6 +425,106 @@ mod tests {
         let failed = dedup.filter(&mut [], &BTreeSet::from([0, 3]), 1_800_000_000).await;
         assert!(failed.is_err());
         assert!(dedup.partitions.is_empty(), "no partition may count as rebuilt");
+    }
+
+    /// A record of partition 0 with one row per (org, event id number).
+    fn record(offset: i64, ids: &[(&str, u128)]) -> Pending {
+        let lines: String = ids
+            .iter()
+            .map(|(org, id)| {
+                format!(
+                    concat!(
+                        r#"{{"org_id":"{}","event_id":"{}","timestamp":"2027-01-01 00:00:00","timestamp_ms":0,"#,
+                        r#""received_at":"2027-01-01 00:00:01","provider":"p","model":"m","prompt_tokens":1,"#,
+                        r#""completion_tokens":1,"total_tokens":2,"cost_nanos":5,"cost_source":"client","#,
+                        r#""latency_ms":1,"status":"success","http_status":0,"error":"","execution_id":"","#,
+                        r#""agent_id":"","user_id":"","service":"","action":"","request_id":"","input_bytes":0,"#,
+                        r#""output_bytes":0,"metadata_keys":[],"metadata_values":[]}}"#,
+                        "\n"
+                    ),
+                    org,
+                    uuid::Uuid::from_u128(*id)
+                )
+            })
+            .collect();
+        Pending::decode(crate::batch::RawRecord {
+            partition: 0,
+            offset,
+            kafka_timestamp_ms: 0,
+            original: lines.into_bytes(),
+        })
+    }
+
+    fn ids(batch: &[Pending]) -> Vec<u128> {
+        batch.iter().flat_map(|p| p.decoded.as_ref().unwrap()).map(|row| row.event_id.as_u128()).collect()
+    }
+
+    fn loaded_dedup() -> Deduplicator {
+        let unreachable = tally_common::ch::ChConfig {
+            url: "http://127.0.0.1:1".into(),
+            database: "tally".into(),
+            user: "default".into(),
+            password: String::new(),
+            cluster: None,
+        };
+        let mut dedup = Deduplicator::new(EventStore::new(&unreachable), 24);
+        dedup.partitions.insert(0, IdWindow::default());
+        dedup
+    }
+
+    /// The check made while the previous batch is inserted: that batch's ids go into the window
+    /// first, so a next batch repeating one of them is not prechecked (its candidate must be
+    /// confirmed by a query after that insert); a batch with only its own repeats is, and applying
+    /// it drops exactly those.
+    #[test]
+    fn a_batch_checked_ahead_sees_the_ids_of_the_batch_being_inserted() {
+        let assigned = BTreeSet::from([0]);
+        let mut dedup = loaded_dedup();
+        dedup.kept = vec![(0, fingerprint("org", &uuid::Uuid::from_u128(1)), 1_798_761_601)];
+        let mut lent = dedup.lend();
+        assert_eq!(dedup.ids(), 0, "lent out");
+        let repeats_inserted = [record(10, &[("org", 2), ("org", 1)])];
+        assert!(lent.precheck(&repeats_inserted, &assigned).is_none());
+        assert!(lent.partitions[&0].contains(fingerprint("org", &uuid::Uuid::from_u128(1))));
+
+        let mut own_repeats =
+            vec![record(11, &[("org", 3), ("other", 3)]), record(12, &[("org", 3), ("org", 4)])];
+        let prechecked = lent.precheck(&own_repeats, &assigned).expect("no id in the window");
+        dedup.give_back(lent);
+        assert_eq!(dedup.ids(), 1);
+        let outcome = dedup.apply_prechecked(&mut own_repeats, prechecked).expect("still valid");
+        assert_eq!(outcome.duplicates, 1);
+        assert_eq!(ids(&own_repeats), [3, 3, 4], "one per org");
+        // 2027-01-01 00:00:01, the rows' arrival: none expires.
+        dedup.record_stored(1_798_761_601);
+        assert_eq!(dedup.ids(), 4);
+    }
+
+    /// A check made ahead no longer holds after a rebalance (the windows were reset) or when an
+    /// earlier stage removed rows (positions moved): the batch is filtered again instead.
+    #[test]
+    fn a_check_made_ahead_is_dropped_after_a_reset_or_a_changed_batch() {
+        let assigned = BTreeSet::from([0]);
+        let batch = || vec![record(1, &[("org", 1), ("org", 1)]), record(2, &[("org", 2)])];
+        let mut dedup = loaded_dedup();
+        let mut lent = dedup.lend();
+        let prechecked = lent.precheck(&batch(), &assigned).unwrap();
+        dedup.give_back(lent);
+        dedup.reset();
+        assert!(dedup.apply_prechecked(&mut batch(), prechecked).is_none());
+
+        let mut dedup = loaded_dedup();
+        let mut lent = dedup.lend();
+        let prechecked = lent.precheck(&batch(), &assigned).unwrap();
+        dedup.give_back(lent);
+        let mut changed = batch();
+        changed.pop();
+        assert!(dedup.apply_prechecked(&mut changed, prechecked).is_none());
+        assert_eq!(ids(&changed), [1, 1], "left as it was");
+
+        // A partition whose window is not loaded (assigned, not rebuilt yet) needs the rebuild.
+        let mut lent = loaded_dedup().lend();
+        assert!(lent.precheck(&batch(), &BTreeSet::from([0, 1])).is_none());
     }
 
     #[test]

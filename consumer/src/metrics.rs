@@ -8,6 +8,7 @@ use prometheus::{
 pub struct ConsumerMetrics {
     pub rows_inserted: IntCounter,
     pub batches: IntCounter,
+    pub batches_prechecked: IntCounter,
     pub batch_rows: Histogram,
     pub insert_seconds: Histogram,
     pub insert_retries: IntCounter,
@@ -31,6 +32,10 @@ impl ConsumerMetrics {
                 "rows inserted into tally.events",
             )?,
             batches: IntCounter::new("tally_consumer_batches_total", "batches inserted and committed")?,
+            batches_prechecked: IntCounter::new(
+                "tally_consumer_batches_prechecked_total",
+                "batches checked against the dedup window while the previous batch was inserted",
+            )?,
             batch_rows: Histogram::with_opts(
                 HistogramOpts::new("tally_consumer_batch_rows", "rows per inserted batch")
                     .buckets(prometheus::exponential_buckets(1.0, 4.0, 10)?),
@@ -98,6 +103,7 @@ impl ConsumerMetrics {
         registry.register(Box::new(metrics.control_snapshots_published.clone()))?;
         registry.register(Box::new(metrics.rows_inserted.clone()))?;
         registry.register(Box::new(metrics.batches.clone()))?;
+        registry.register(Box::new(metrics.batches_prechecked.clone()))?;
         registry.register(Box::new(metrics.batch_rows.clone()))?;
         registry.register(Box::new(metrics.insert_seconds.clone()))?;
         registry.register(Box::new(metrics.insert_retries.clone()))?;

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::Message;
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{rows_of, BatchContext, DropRevoked, Pending, RawRecord, Stage};
 use crate::config::ConsumerConfig;
-use crate::dedup::Deduplicator;
+use crate::dedup::{Deduplicator, Lent, Prechecked};
 use crate::error::ConsumerError;
 use crate::kafka::{self, DeadLetterReason, DeadLetters, KafkaConsumer};
 use crate::metrics::ConsumerMetrics;
@@ -34,6 +35,33 @@ struct LoopState {
     reconciler: Reconciler,
     dedup: Deduplicator,
     generation_seen: u64,
+}
+
+/// A decoded batch, and its dedup check if that was made while the previous batch was inserted.
+struct Ready {
+    batch: Vec<Pending>,
+    prechecked: Option<Prechecked>,
+}
+
+/// A batch being decoded on a blocking thread.
+type Decoding = JoinHandle<Vec<Pending>>;
+
+/// Waits for the next batch's decoding, then checks it against the dedup windows `lent` (which
+/// first record the ids of the batch being inserted), on a blocking thread. Gives the windows back
+/// with the batch.
+fn check_ahead(
+    decoding: Decoding,
+    mut lent: Lent,
+    assigned: BTreeSet<i32>,
+) -> JoinHandle<Result<(Lent, Ready), JoinError>> {
+    tokio::spawn(async move {
+        let batch = decoding.await?;
+        tokio::task::spawn_blocking(move || {
+            let prechecked = lent.precheck(&batch, &assigned);
+            (lent, Ready { batch, prechecked })
+        })
+        .await
+    })
 }
 
 /// How an insert ended.
@@ -73,8 +101,9 @@ fn epoch_now() -> u32 {
 impl Worker {
     /// Polling never overlaps an insert, so a revoke (delivered during a poll) is always seen by
     /// `DropRevoked` before the next insert. Under a backlog (a batch that reached the row bound),
-    /// the next batch is polled first and decoded on a blocking thread while this one is checked
-    /// and stored: ClickHouse's insert work and the consumer's JSON decoding overlap. A batch
+    /// the next batch is polled first, then decoded and checked against the dedup window on other
+    /// threads while this one is checked and stored: ClickHouse's insert work and the consumer's
+    /// per-row work overlap, and ClickHouse waits between inserts only for the poll. A batch
     /// closed by time (light traffic) is stored at once.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let mut state = LoopState {
@@ -82,24 +111,27 @@ impl Worker {
             dedup: Deduplicator::new(self.store.clone(), self.config.dedup_window_hours),
             generation_seen: u64::MAX,
         };
-        let mut ready: Vec<Pending> = Vec::new();
+        let mut ready: Option<Ready> = None;
         loop {
-            let (raw, full) = self.collect_raw(&shutdown, ready.is_empty()).await;
+            let (raw, full) = self.collect_raw(&shutdown, ready.is_none()).await;
             if let Some((code, reason)) = self.consumer.client().fatal_error() {
                 return Err(ConsumerError::KafkaFatal { code, reason });
             }
             let stopping = shutdown.is_cancelled();
             let decoding =
                 tokio::task::spawn_blocking(move || raw.into_iter().map(Pending::decode).collect());
-            if !ready.is_empty() && !self.process(std::mem::take(&mut ready), &mut state, &shutdown).await {
-                return Ok(());
-            }
-            let batch: Vec<Pending> = decoding.await?;
+            let next = match ready.take() {
+                Some(current) => match self.process(current, Some(decoding), &mut state, &shutdown).await? {
+                    Some(next) => next,
+                    None => return Ok(()),
+                },
+                None => Ready { batch: decoding.await?, prechecked: None },
+            };
             if full && !stopping {
-                ready = batch;
+                ready = Some(next);
                 continue;
             }
-            if !batch.is_empty() && !self.process(batch, &mut state, &shutdown).await {
+            if !next.batch.is_empty() && self.process(next, None, &mut state, &shutdown).await?.is_none() {
                 return Ok(());
             }
             if stopping {
@@ -158,13 +190,64 @@ impl Worker {
         (batch, rows >= self.config.batch_max_rows)
     }
 
-    /// Checks and stores one batch, then commits it. False on shutdown.
+    /// Checks and stores one batch, then commits it; meanwhile `next` (the next batch, decoding) is
+    /// decoded and checked ahead against the dedup window. Returns the next batch (empty without
+    /// `next`), None on shutdown.
     async fn process(
         &self,
-        mut batch: Vec<Pending>,
+        current: Ready,
+        next: Option<Decoding>,
         state: &mut LoopState,
         shutdown: &CancellationToken,
-    ) -> bool {
+    ) -> Result<Option<Ready>, ConsumerError> {
+        let Ready { mut batch, prechecked } = current;
+        let Some(assigned) = self.check(&mut batch, prechecked, state, shutdown).await else {
+            return Ok(None);
+        };
+        let ahead = next.map(|decoding| check_ahead(decoding, state.dedup.lend(), assigned));
+        let stored = batch.is_empty() || self.store_batch(&mut batch, &mut state.reconciler, shutdown).await;
+        if !stored {
+            tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
+            return Ok(None);
+        }
+        let next = match ahead {
+            Some(task) => {
+                let (lent, next) = task.await??;
+                state.dedup.give_back(lent);
+                next
+            }
+            None => Ready { batch: Vec::new(), prechecked: None },
+        };
+        // Records of revoked partitions only: nothing to store or commit, the new owner reads them.
+        if batch.is_empty() {
+            return Ok(Some(next));
+        }
+        state.reconciler.record_stored(&batch);
+        state.dedup.record_stored(epoch_now());
+        self.metrics.dedup_ids.set(state.dedup.ids() as i64);
+        self.metrics.dedup_bytes.set(state.dedup.heap_bytes() as i64);
+        #[cfg(feature = "failpoints")]
+        self.config.failpoints.crash_before_commit();
+        // A failed commit is safe: the batch is read again and reconciled. (The commit is
+        // asynchronous; its outcome is logged when a later poll delivers it.)
+        if let Err(error) = kafka::commit(&self.consumer, &self.config.events_topic, &batch) {
+            tracing::warn!(error = %error, "offset commit failed");
+        }
+        self.metrics.batches.inc();
+        free_elsewhere(batch);
+        Ok(Some(next))
+    }
+
+    /// Runs the stages over `batch`: drops what must not be inserted (records of revoked
+    /// partitions, rows already stored, event ids seen already). Returns the partitions owned, or
+    /// None on shutdown.
+    async fn check(
+        &self,
+        batch: &mut Vec<Pending>,
+        prechecked: Option<Prechecked>,
+        state: &mut LoopState,
+        shutdown: &CancellationToken,
+    ) -> Option<BTreeSet<i32>> {
         let LoopState { reconciler, dedup, generation_seen } = state;
         let generation = self.consumer.context().generation();
         if generation != *generation_seen {
@@ -177,20 +260,16 @@ impl Worker {
                 .unwrap_or_else(|| batch.iter().map(|p| p.partition).collect()),
             now: epoch_now(),
         };
-        let Some(revoked) = self.run_stage(&mut DropRevoked, &mut batch, &context, shutdown).await else {
-            return false;
-        };
+        let revoked = self.run_stage(&mut DropRevoked, batch, &context, shutdown).await?;
         if revoked > 0 {
             self.metrics.revoked_records_dropped.inc_by(revoked as u64);
             tracing::info!(records = revoked, "dropped records of revoked partitions before insert");
         }
         if batch.is_empty() {
-            return true;
+            return Some(context.assigned);
         }
         // Never insert what may already be stored: the stages retry until ClickHouse answers.
-        let Some(reconciled) = self.run_stage(reconciler, &mut batch, &context, shutdown).await else {
-            return false;
-        };
+        let reconciled = self.run_stage(reconciler, batch, &context, shutdown).await?;
         if reconciled.skipped_rows > 0 {
             self.metrics.reconciled_rows_skipped.inc_by(reconciled.skipped_rows as u64);
             tracing::info!(
@@ -199,12 +278,15 @@ impl Worker {
                 "reconciled rows already stored"
             );
             // Their insert may have died with ClickHouse between `events` and the views.
-            if self.check_views(&reconciled.stored_records, &mut Backoff::default(), shutdown).await.is_none()
-            {
-                return false;
-            }
+            self.check_views(&reconciled.stored_records, &mut Backoff::default(), shutdown).await?;
         }
-        let Some(removed) = self.run_stage(dedup, &mut batch, &context, shutdown).await else { return false };
+        let removed = match prechecked.and_then(|p| dedup.apply_prechecked(batch, p)) {
+            Some(removed) => {
+                self.metrics.batches_prechecked.inc();
+                removed
+            }
+            None => self.run_stage(dedup, batch, &context, shutdown).await?,
+        };
         if removed.rebuilt > 0 {
             tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
         }
@@ -212,24 +294,7 @@ impl Worker {
             self.metrics.duplicates_dropped.inc_by(removed.duplicates as u64);
             tracing::info!(rows = removed.duplicates, "dropped rows whose event id was already stored");
         }
-        if !self.store_batch(&mut batch, reconciler, shutdown).await {
-            tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
-            return false;
-        }
-        reconciler.record_stored(&batch);
-        dedup.record_stored(epoch_now());
-        self.metrics.dedup_ids.set(dedup.ids() as i64);
-        self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
-        #[cfg(feature = "failpoints")]
-        self.config.failpoints.crash_before_commit();
-        // A failed commit is safe: the batch is read again and reconciled. (The commit is
-        // asynchronous; its outcome is logged when a later poll delivers it.)
-        if let Err(error) = kafka::commit(&self.consumer, &self.config.events_topic, &batch) {
-            tracing::warn!(error = %error, "offset commit failed");
-        }
-        self.metrics.batches.inc();
-        free_elsewhere(batch);
-        true
+        Some(context.assigned)
     }
 
     /// Runs `stage` over `batch` until its queries succeed; None on shutdown.

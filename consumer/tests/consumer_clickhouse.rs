@@ -333,6 +333,45 @@ async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restar
     drop_database(&clickhouse).await;
 }
 
+/// Under a backlog each batch is checked against the dedup window while the previous one is
+/// inserted. A retry of an id of the batch being inserted is still dropped (confirmed once that
+/// insert is done), and so are repeats inside a batch checked ahead.
+#[tokio::test]
+async fn duplicates_are_dropped_when_batches_are_checked_ahead_of_their_insert() {
+    let clickhouse = migrated_database("dedup_ahead").await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let events: Vec<Event> = (0..12).map(|n| sample_event("org-x", n)).collect();
+    // One event per record, four rows per batch: [0 1 2 3] [1 4 4 5] [6 6 7 8] [9 10 11 7] [3 11].
+    let order = [0, 1, 2, 3, 1, 4, 4, 5, 6, 6, 7, 8, 9, 10, 11, 7, 3, 11];
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
+    for n in order {
+        let payload = record(&[&events[n]]);
+        let message = FutureRecord::to(&topic).key("org-x").payload(&payload);
+        producer.send(message, Duration::from_secs(10)).await.unwrap();
+    }
+    let consumer =
+        start_consumer_with(&clickhouse, &topic, &dlq, &group, &[("TALLY_BATCH_MAX_ROWS", "4")]).await;
+    wait_for_rows(&clickhouse, 12).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!((totals.rows, totals.ids), (12, 12), "{totals:?}");
+    assert_eq!(metric(&consumer.metrics_url, "tally_consumer_duplicates_dropped_total").await, 6.0);
+    assert!(
+        metric(&consumer.metrics_url, "tally_consumer_batches_prechecked_total").await >= 1.0,
+        "the backlog was checked ahead"
+    );
+    for rollup in ["rollup_hourly", "rollup_daily"] {
+        let (rows, tokens, cost, _) = settled_rollup_totals(&clickhouse, rollup, totals.rows).await;
+        assert_eq!((rows, tokens, cost), (totals.rows, totals.tokens, totals.cost), "{rollup}");
+    }
+    consumer.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
+    drop_database(&clickhouse).await;
+}
+
 #[tokio::test]
 async fn a_record_clickhouse_refuses_is_dead_lettered_and_the_rest_of_its_batch_stored() {
     let clickhouse = migrated_database("poison").await;
