@@ -41,6 +41,10 @@ pub fn fingerprint(org_id: &str, event_id: &uuid::Uuid) -> u64 {
 
 type FastMap<K, V> = HashMap<K, V, FixedState>;
 type FastSet<K> = HashSet<K, FixedState>;
+/// Rows of a batch, as (record, index in the record).
+type Positions = FastSet<(usize, usize)>;
+/// Rows kept, as (partition, fingerprint, arrival epoch seconds).
+type Kept = Vec<(i32, u64, u32)>;
 
 /// The table's hash of an entry: the fingerprint spread over 64 bits (the table uses the top bits).
 fn spread(fingerprint: u64) -> u64 {
@@ -128,8 +132,8 @@ pub struct Deduplicator {
     window_hours: u16,
     partitions: HashMap<i32, IdWindow>,
     expired_at_hour: u16,
-    /// The rows the last `filter` kept: (partition, fingerprint, arrival), recorded once stored.
-    kept: Vec<(i32, u64, u32)>,
+    /// The rows the last `filter` kept, recorded once stored.
+    kept: Kept,
     /// Counts resets: a check made ahead with the windows of an earlier epoch no longer holds.
     epoch: u64,
 }
@@ -260,7 +264,7 @@ impl Deduplicator {
 /// The windows lent out while a batch is inserted, with that batch's kept ids.
 pub struct Lent {
     partitions: HashMap<i32, IdWindow>,
-    recorded: Vec<(i32, u64, u32)>,
+    recorded: Kept,
     epoch: u64,
 }
 
@@ -268,8 +272,8 @@ pub struct Lent {
 pub struct Prechecked {
     epoch: u64,
     shape: (usize, usize),
-    drop: FastSet<(usize, usize)>,
-    kept: Vec<(i32, u64, u32)>,
+    drop: Positions,
+    kept: Kept,
 }
 
 impl Lent {
@@ -340,12 +344,12 @@ fn first_occurrences(
     batch: &[Pending],
     prints: &[Vec<u64>],
     stored: &HashSet<(String, uuid::Uuid)>,
-) -> (FastSet<(usize, usize)>, Vec<(i32, u64, u32)>) {
+) -> (Positions, Kept) {
     let row_count: usize = prints.iter().map(Vec::len).sum();
     let mut kept = Vec::with_capacity(row_count);
     let mut first: FastMap<u64, (usize, usize)> =
         FastMap::with_capacity_and_hasher(row_count, FixedState::default());
-    let mut drop: FastSet<(usize, usize)> = FastSet::default();
+    let mut drop = Positions::default();
     for (record, pending) in batch.iter().enumerate() {
         let Ok(rows) = &pending.decoded else { continue };
         for (index, (row, &print)) in rows.iter().zip(&prints[record]).enumerate() {
@@ -369,7 +373,7 @@ fn first_occurrences(
     (drop, kept)
 }
 
-fn remove_rows(batch: &mut [Pending], drop: &FastSet<(usize, usize)>) {
+fn remove_rows(batch: &mut [Pending], drop: &Positions) {
     if drop.is_empty() {
         return;
     }
