@@ -6,13 +6,38 @@ use std::collections::{BTreeMap, BTreeSet};
 use tally_schemas::record::{decode_events, RecordError};
 use tally_schemas::EventRow;
 
+use crate::kafka::KafkaPayload;
+
+/// A record's payload: where librdkafka holds it (as polled), or owned bytes.
+pub enum Payload {
+    Kafka(KafkaPayload),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Kafka(kafka) => kafka.bytes(),
+            Payload::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Self {
+        Payload::Owned(bytes)
+    }
+}
+
 /// One Kafka record as polled, not decoded yet.
 pub struct RawRecord {
     pub partition: i32,
     pub offset: i64,
     /// The record's Kafka timestamp (set by the ingest's producer when it accepted the events).
     pub kafka_timestamp_ms: i64,
-    pub original: Vec<u8>,
+    pub original: Payload,
 }
 
 /// One Kafka record of the batch, decoded (or not).
@@ -20,7 +45,7 @@ pub struct Pending {
     pub partition: i32,
     pub offset: i64,
     pub kafka_timestamp_ms: i64,
-    pub original: Vec<u8>,
+    pub original: Payload,
     pub decoded: Result<Vec<EventRow>, RecordError>,
 }
 
@@ -106,7 +131,7 @@ mod tests {
             partition,
             offset,
             kafka_timestamp_ms: 0,
-            original: payload.as_bytes().to_vec(),
+            original: payload.as_bytes().to_vec().into(),
         })
     }
 

@@ -455,7 +455,7 @@ mod tests {
             partition: 0,
             offset,
             kafka_timestamp_ms: 0,
-            original: lines.into_bytes(),
+            original: lines.into_bytes().into(),
         })
     }
 

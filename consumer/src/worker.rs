@@ -11,11 +11,11 @@ use rdkafka::Message;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{rows_of, BatchContext, DropRevoked, Pending, RawRecord, Stage};
+use crate::batch::{rows_of, BatchContext, DropRevoked, Payload, Pending, RawRecord, Stage};
 use crate::config::ConsumerConfig;
 use crate::dedup::{Deduplicator, Lent, Prechecked};
 use crate::error::ConsumerError;
-use crate::kafka::{self, DeadLetterReason, DeadLetters, KafkaConsumer};
+use crate::kafka::{self, DeadLetterReason, DeadLetters, KafkaConsumer, KafkaPayload};
 use crate::metrics::ConsumerMetrics;
 use crate::reconcile::Reconciler;
 use crate::retry::{until_ok, Backoff};
@@ -178,14 +178,10 @@ impl Worker {
             let kafka_timestamp_ms =
                 message.timestamp().to_millis().unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
             deadline.get_or_insert_with(|| batch_deadline(kafka_timestamp_ms, self.config.batch_max_wait));
-            let original = message.payload().unwrap_or_default().to_vec();
+            let (partition, offset) = (message.partition(), message.offset());
+            let original = Payload::Kafka(KafkaPayload::new(message, &self.consumer));
             rows += memchr::memchr_iter(b'\n', &original).count().max(1);
-            batch.push(RawRecord {
-                partition: message.partition(),
-                offset: message.offset(),
-                kafka_timestamp_ms,
-                original,
-            });
+            batch.push(RawRecord { partition, offset, kafka_timestamp_ms, original });
         }
         (batch, rows >= self.config.batch_max_rows)
     }

@@ -684,7 +684,7 @@ async fn a_reconcile_that_fails_half_way_leaves_the_batch_as_it_was() {
         for event in events {
             encode_event(event, &mut original);
         }
-        Pending::decode(RawRecord { partition, offset, kafka_timestamp_ms, original })
+        Pending::decode(RawRecord { partition, offset, kafka_timestamp_ms, original: original.into() })
     };
     let batch = || vec![record(0, 5, &events_0), record(1, 7, &events_1)];
     let rows = |batch: &[Pending]| batch.iter().map(Pending::row_count).collect::<Vec<_>>();
