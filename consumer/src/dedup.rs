@@ -418,14 +418,7 @@ mod tests {
     /// of trusting an empty (or half-filled) window. Nothing listens on port 1: the query fails.
     #[tokio::test]
     async fn a_failed_rebuild_marks_no_partition_loaded() {
-        let unreachable = tally_common::ch::ChConfig {
-            url: "http://127.0.0.1:1".into(),
-            database: "tally".into(),
-            user: "default".into(),
-            password: String::new(),
-            cluster: None,
-        };
-        let mut dedup = Deduplicator::new(EventStore::new(&unreachable), 24);
+        let mut dedup = unreachable_dedup();
         let failed = dedup.filter(&mut [], &BTreeSet::from([0, 3]), 1_800_000_000).await;
         assert!(failed.is_err());
         assert!(dedup.partitions.is_empty(), "no partition may count as rebuilt");
@@ -463,7 +456,8 @@ mod tests {
         batch.iter().flat_map(|p| p.decoded.as_ref().unwrap()).map(|row| row.event_id.as_u128()).collect()
     }
 
-    fn loaded_dedup() -> Deduplicator {
+    /// A deduplicator whose queries fail: nothing listens on port 1.
+    fn unreachable_dedup() -> Deduplicator {
         let unreachable = tally_common::ch::ChConfig {
             url: "http://127.0.0.1:1".into(),
             database: "tally".into(),
@@ -471,7 +465,12 @@ mod tests {
             password: String::new(),
             cluster: None,
         };
-        let mut dedup = Deduplicator::new(EventStore::new(&unreachable), 24);
+        Deduplicator::new(EventStore::new(&unreachable), 24)
+    }
+
+    /// Partition 0's window loaded (empty), so checks need no query.
+    fn loaded_dedup() -> Deduplicator {
+        let mut dedup = unreachable_dedup();
         dedup.partitions.insert(0, IdWindow::default());
         dedup
     }

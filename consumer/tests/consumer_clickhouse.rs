@@ -172,6 +172,14 @@ async fn settled_rollup_totals(clickhouse: &ChConfig, table: &str, rows: u64) ->
     totals
 }
 
+/// Both rollups hold exactly the stored rows' count, tokens and cost (once the views caught up).
+async fn rollups_match_raw(clickhouse: &ChConfig, totals: &Totals) {
+    for rollup in ["rollup_hourly", "rollup_daily"] {
+        let (rows, tokens, cost, _) = settled_rollup_totals(clickhouse, rollup, totals.rows).await;
+        assert_eq!((rows, tokens, cost), (totals.rows, totals.tokens, totals.cost), "{rollup}");
+    }
+}
+
 async fn wait_for_rows(clickhouse: &ChConfig, expected: u64) {
     for _ in 0..150 {
         if raw_totals(clickhouse).await.rows >= expected {
@@ -324,10 +332,7 @@ async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restar
     assert!(metric(&consumer.metrics_url, "tally_consumer_dedup_ids").await >= 6.0);
     // The rollups saw exactly the stored rows.
     let totals = raw_totals(&clickhouse).await;
-    for rollup in ["rollup_hourly", "rollup_daily"] {
-        let (rows, tokens, cost, _) = settled_rollup_totals(&clickhouse, rollup, totals.rows).await;
-        assert_eq!((rows, tokens, cost), (totals.rows, totals.tokens, totals.cost), "{rollup}");
-    }
+    rollups_match_raw(&clickhouse, &totals).await;
     consumer.stop().await;
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
@@ -363,10 +368,7 @@ async fn duplicates_are_dropped_when_batches_are_checked_ahead_of_their_insert()
         metric(&consumer.metrics_url, "tally_consumer_batches_prechecked_total").await >= 1.0,
         "the backlog was checked ahead"
     );
-    for rollup in ["rollup_hourly", "rollup_daily"] {
-        let (rows, tokens, cost, _) = settled_rollup_totals(&clickhouse, rollup, totals.rows).await;
-        assert_eq!((rows, tokens, cost), (totals.rows, totals.tokens, totals.cost), "{rollup}");
-    }
+    rollups_match_raw(&clickhouse, &totals).await;
     consumer.stop().await;
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
