@@ -10,10 +10,8 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
-use rdkafka::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_common::server;
 use tally_schemas::record::{DeadLetter, SourcePosition, Stage};
@@ -56,33 +54,6 @@ impl rdkafka::consumer::ConsumerContext for RebalanceCounter {
 }
 
 pub type KafkaConsumer = StreamConsumer<RebalanceCounter>;
-
-/// A polled record's payload, left where librdkafka put it and read in place (decoded on another
-/// thread, dead-lettered) instead of copied out during the poll: copying a batch's ~30 MB held
-/// ClickHouse waiting ~20 ms per batch of 100 000 rows (`perf`: `memmove` the loop's largest cost).
-pub struct KafkaPayload {
-    // Fields drop in order: the message before the client it was polled from.
-    message: BorrowedMessage<'static>,
-    _client: Arc<KafkaConsumer>,
-}
-
-impl KafkaPayload {
-    /// Keeps `message` with the client it came from.
-    #[allow(unsafe_code)]
-    pub fn new(message: BorrowedMessage<'_>, client: &Arc<KafkaConsumer>) -> Self {
-        // SAFETY: a `BorrowedMessage` owns (by an `Arc`) the librdkafka event holding its bytes;
-        // its lifetime stands for the client handle, which must outlive the event. The struct
-        // keeps a strong reference to that client and, by field order, drops the message first;
-        // the message is never handed out, only its bytes for as long as the struct is borrowed.
-        let message =
-            unsafe { std::mem::transmute::<BorrowedMessage<'_>, BorrowedMessage<'static>>(message) };
-        KafkaPayload { message, _client: Arc::clone(client) }
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        self.message.payload().unwrap_or_default()
-    }
-}
 
 pub fn consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, KafkaError> {
     let mut client = ClientConfig::new();

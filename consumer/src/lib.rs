@@ -139,7 +139,7 @@ async fn consume(
     };
     let result = worker.run(shutdown).await;
     // The sampler and the guard hold the client too (and so does every polled record until it is
-    // freed, see `KafkaPayload`): once they ended, the client is dropped, which closes it and waits
+    // freed, see `batch::KafkaPayload`): once they ended, the client is dropped, which closes it and waits
     // for the asynchronous commits still outstanding (the last batch's).
     background.cancel();
     let _ = tokio::join!(sampler, guard);

@@ -11,11 +11,11 @@ use rdkafka::Message;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{rows_of, BatchContext, DropRevoked, Payload, Pending, RawRecord, Stage};
+use crate::batch::{rows_of, BatchContext, DropRevoked, KafkaPayload, Payload, Pending, RawRecord, Stage};
 use crate::config::ConsumerConfig;
 use crate::dedup::{Deduplicator, Lent, Prechecked};
 use crate::error::ConsumerError;
-use crate::kafka::{self, DeadLetterReason, DeadLetters, KafkaConsumer, KafkaPayload};
+use crate::kafka::{self, DeadLetterReason, DeadLetters, KafkaConsumer};
 use crate::metrics::ConsumerMetrics;
 use crate::reconcile::Reconciler;
 use crate::retry::{until_ok, Backoff};
