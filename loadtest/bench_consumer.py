@@ -158,8 +158,9 @@ def insert_busy(database):
 def settle():
     """Lets the machine finish what the last drain left: its parts written back to disk (a drain
     writes gigabytes; the next one would share the disk with that write-back) and no merge
-    running. Without it, the drain that came second in a round ran up to 1.2x slower than the same
-    binary drained first (an A/A run, session 16)."""
+    running. It does not remove the order effect: with it, an A/A run (session 16) still had the
+    same binary 1.2x faster right after the ceiling than after itself in one round of two, which
+    is why rounds also rotate the order."""
     started = time.time()
     os.sync()
     while time.time() - started < 60 and int(ch("SELECT count() FROM system.merges") or 0) > 0:
@@ -243,8 +244,9 @@ def main():
                              "loadtest/plot_freshness.py draws it")
     parser.add_argument("--rounds", type=int, default=1,
                         help="drain the same topic this many times (ceiling, tally, baseline in turn each round, "
-                             "each round starting one later; the engine once): on a shared machine whose speed drifts, each round's ratio "
-                             "compares runs a minute apart, and the median of the rounds is the figure")
+                             "each round starting one later; the engine once): on a shared machine whose speed "
+                             "drifts, each round's ratio compares runs a minute apart, and the median of the "
+                             "rounds is the figure")
     parser.add_argument("--baseline", metavar="DIR",
                         help="each round also drains with DIR/tally-consumer (another build, e.g. from a git "
                              "worktree): an A/B of two consumers in one sitting, on the same records")

@@ -2,7 +2,6 @@
 //! not), and the stages that take out of a batch what must not be inserted.
 
 use std::collections::{BTreeMap, BTreeSet};
-
 use std::sync::Arc;
 
 use rdkafka::consumer::{ConsumerContext, StreamConsumer};

@@ -224,7 +224,7 @@ impl Deduplicator {
     /// After a successful store: the ids the last `filter` kept count as stored. Expires old ids
     /// once an hour.
     pub fn record_stored(&mut self, now: u32) {
-        record(&mut self.partitions, self.kept.drain(..));
+        insert_ids(&mut self.partitions, self.kept.drain(..));
         if hour_tag(now) != self.expired_at_hour {
             self.expired_at_hour = hour_tag(now);
             for window in self.partitions.values_mut() {
@@ -284,7 +284,7 @@ impl Lent {
     /// `filter` runs after the insert, when a row's id is a candidate (the confirming query must
     /// see that insert) or a partition's window is not loaded yet.
     pub fn precheck(&mut self, batch: &[Pending], assigned: &BTreeSet<i32>) -> Option<Prechecked> {
-        record(&mut self.partitions, self.recorded.drain(..));
+        insert_ids(&mut self.partitions, self.recorded.drain(..));
         let mut partitions = batch.iter().map(|p| &p.partition).chain(assigned);
         if !partitions.all(|p| self.partitions.contains_key(p)) {
             return None;
@@ -304,7 +304,8 @@ fn shape(batch: &[Pending]) -> (usize, usize) {
     (batch.len(), batch.iter().map(Pending::row_count).sum())
 }
 
-fn record(partitions: &mut HashMap<i32, IdWindow>, kept: impl Iterator<Item = (i32, u64, u32)>) {
+/// Remembers the kept rows' ids in their partitions' windows.
+fn insert_ids(partitions: &mut HashMap<i32, IdWindow>, kept: impl Iterator<Item = (i32, u64, u32)>) {
     for (partition, print, received_at) in kept {
         if let Some(window) = partitions.get_mut(&partition) {
             window.insert(print, received_at);

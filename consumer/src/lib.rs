@@ -138,9 +138,9 @@ async fn consume(
         config: config.clone(),
     };
     let result = worker.run(shutdown).await;
-    // The sampler and the guard hold the client too (and so does every polled record until it is
-    // freed, see `batch::KafkaPayload`): once they ended, the client is dropped, which closes it and waits
-    // for the asynchronous commits still outstanding (the last batch's).
+    // The sampler and the guard hold the client too (and so does every polled record until it
+    // is freed, see `batch::KafkaPayload`): once they ended, the client is dropped, which closes
+    // it and waits for the asynchronous commits still outstanding (the last batch's).
     background.cancel();
     let _ = tokio::join!(sampler, guard);
     result

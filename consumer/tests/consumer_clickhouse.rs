@@ -65,9 +65,19 @@ async fn first_dead_letter(dlq: &str) -> DeadLetter {
 }
 
 async fn produce(topic: &str, key: &str, payload: &[u8]) {
+    produce_all(topic, key, &[payload.to_vec()]).await;
+}
+
+/// Produces `payloads` in order, one record each, all with `key` (one partition).
+async fn produce_all(topic: &str, key: &str, payloads: &[Vec<u8>]) {
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
-    producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10)).await.unwrap();
+    for payload in payloads {
+        producer
+            .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
 }
 
 struct Consumer_ {
@@ -350,13 +360,8 @@ async fn duplicates_are_dropped_when_batches_are_checked_ahead_of_their_insert()
     let events: Vec<Event> = (0..12).map(|n| sample_event("org-x", n)).collect();
     // One event per record, four rows per batch: [0 1 2 3] [1 4 4 5] [6 6 7 8] [9 10 11 7] [3 11].
     let order = [0, 1, 2, 3, 1, 4, 4, 5, 6, 6, 7, 8, 9, 10, 11, 7, 3, 11];
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
-    for n in order {
-        let payload = record(&[&events[n]]);
-        let message = FutureRecord::to(&topic).key("org-x").payload(&payload);
-        producer.send(message, Duration::from_secs(10)).await.unwrap();
-    }
+    let payloads: Vec<Vec<u8>> = order.iter().map(|&n| record(&[&events[n]])).collect();
+    produce_all(&topic, "org-x", &payloads).await;
     let consumer =
         start_consumer_with(&clickhouse, &topic, &dlq, &group, &[("TALLY_BATCH_MAX_ROWS", "4")]).await;
     wait_for_rows(&clickhouse, 12).await;
