@@ -22,9 +22,8 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use foldhash::fast::FixedState;
 
 use hashbrown::HashTable;
-use tally_schemas::EventRow;
 
-use crate::batch::{BatchContext, Pending, Stage};
+use crate::batch::{BatchContext, Pending, Row, Stage};
 use crate::store::{ClickHouseError, EventStore};
 
 const FINGERPRINT_BITS: u32 = 48;
@@ -328,7 +327,7 @@ fn fingerprints<'b>(
                 .map(|row| {
                     let print = fingerprint(&row.org_id, &row.event_id);
                     if window.is_some_and(|w| w.contains(print)) {
-                        candidates.insert((row.org_id.as_str(), row.event_id));
+                        candidates.insert((&*row.org_id, row.event_id));
                     }
                     print
                 })
@@ -354,7 +353,7 @@ fn first_occurrences(
     for (record, pending) in batch.iter().enumerate() {
         let Ok(rows) = &pending.decoded else { continue };
         for (index, (row, &print)) in rows.iter().zip(&prints[record]).enumerate() {
-            if !stored.is_empty() && stored.contains(&(row.org_id.clone(), row.event_id)) {
+            if !stored.is_empty() && stored.contains(&(row.org_id.to_string(), row.event_id)) {
                 drop.insert((record, index));
                 continue;
             }
@@ -390,7 +389,7 @@ fn remove_rows(batch: &mut [Pending], drop: &Positions) {
     }
 }
 
-fn same_id(batch: &[Pending], (record, index): (usize, usize), row: &EventRow) -> bool {
+fn same_id(batch: &[Pending], (record, index): (usize, usize), row: &Row) -> bool {
     match &batch[record].decoded {
         Ok(rows) => {
             rows.get(index).is_some_and(|other| other.org_id == row.org_id && other.event_id == row.event_id)

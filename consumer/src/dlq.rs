@@ -11,10 +11,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
-use tally_schemas::record::{decode_events, DeadLetter, Stage};
+use tally_schemas::record::{DeadLetter, Stage};
 
-use tally_schemas::EventRow;
-
+use crate::batch::{rows_of, Pending, RawRecord};
 use crate::config::ConsumerConfig;
 use crate::error::ConsumerError;
 use crate::store::EventStore;
@@ -121,24 +120,27 @@ pub async fn replay(config: &ConsumerConfig) -> Result<ReplayReport, ConsumerErr
         if letter.stage != Stage::Consume {
             continue;
         }
-        let Ok(events) = decode_events(&letter.original_bytes().unwrap_or_default()) else {
+        // Decoded as the consumer decodes a polled record, at the position it was polled from.
+        let mut record = Pending::decode(RawRecord {
+            partition: source.partition,
+            offset: source.offset,
+            kafka_timestamp_ms: letter.received_at_ms,
+            original: letter.original_bytes().unwrap_or_default().into(),
+        });
+        let Ok(rows) = &mut record.decoded else {
             report.still_undecodable += 1;
             continue;
         };
         report.replayable += 1;
-        let rows: Vec<EventRow> = events
-            .into_iter()
-            .enumerate()
-            .map(|(index, event)| EventRow::new(event, source.partition, source.offset, index as u32))
-            .collect();
         let offsets = (source.offset, source.offset);
         let stored = store.stored_positions(source.partition, offsets, rows.iter()).await?;
-        let missing: Vec<&EventRow> =
-            rows.iter().filter(|row| !stored.contains(&(source.offset, row.kafka_index))).collect();
-        report.rows_already_stored += rows.len() - missing.len();
-        if missing.is_empty() {
+        let before = rows.len();
+        rows.retain(|row| !stored.contains(&(source.offset, row.kafka_index)));
+        report.rows_already_stored += before - rows.len();
+        if rows.is_empty() {
             continue;
         }
+        let missing = rows_of(std::slice::from_ref(&record));
         store.insert(&missing).await?;
         report.rows_inserted += missing.len();
     }

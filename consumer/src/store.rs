@@ -11,8 +11,8 @@ use clickhouse::Row;
 use serde::Deserialize;
 use tally_common::ch::{self, ChConfig};
 use tally_schemas::limits::MAX_EVENT_AGE_MS;
-use tally_schemas::EventRow;
 
+use crate::batch::{self, RowBytes};
 use crate::views;
 
 pub type ClickHouseError = clickhouse::error::Error;
@@ -56,6 +56,9 @@ struct FoundId {
     #[serde(with = "clickhouse::serde::uuid")]
     event_id: uuid::Uuid,
 }
+
+/// How much of an insert is buffered before it goes to ClickHouse (the client's own chunk size).
+const INSERT_CHUNK_BYTES: usize = 256 * 1024;
 
 /// One shard of the events table: a client per replica, and the replica in use. On a single
 /// server there is one shard of one replica.
@@ -379,7 +382,7 @@ impl EventStore {
     /// `max_insert_block_size` is above the batch bound). Returns the time ClickHouse took. When a
     /// shard fails the others' inserts still complete; the error is returned and the caller
     /// re-checks which rows are stored before trying again.
-    pub async fn insert(&self, rows: &[&EventRow]) -> Result<std::time::Duration, ClickHouseError> {
+    pub async fn insert(&self, rows: &[RowBytes<'_>]) -> Result<std::time::Duration, ClickHouseError> {
         let started = Instant::now();
         if self.shards.len() == 1 {
             let shard = &self.shards[0];
@@ -391,11 +394,11 @@ impl EventStore {
                 }
             };
         }
-        let orgs: BTreeSet<&str> = rows.iter().map(|r| r.org_id.as_str()).collect();
+        let orgs: BTreeSet<&str> = rows.iter().map(|r| r.org_id).collect();
         let routes = self.shards_of(&orgs).await?;
-        let mut per_shard: Vec<Vec<&EventRow>> = vec![Vec::new(); self.shards.len()];
+        let mut per_shard: Vec<Vec<RowBytes>> = vec![Vec::new(); self.shards.len()];
         for row in rows {
-            per_shard[routes[row.org_id.as_str()]].push(row);
+            per_shard[routes[row.org_id]].push(*row);
         }
         let inserts =
             per_shard.iter().enumerate().filter(|(_, rows)| !rows.is_empty()).map(
@@ -414,16 +417,21 @@ impl EventStore {
         }
     }
 
-    async fn insert_into(&self, shard: &Shard, rows: &[&EventRow]) -> Result<(), ClickHouseError> {
+    async fn insert_into(&self, shard: &Shard, rows: &[RowBytes<'_>]) -> Result<(), ClickHouseError> {
         let partitions: std::collections::BTreeSet<u16> = rows.iter().map(|r| r.kafka_partition).collect();
+        let sql =
+            format!("INSERT INTO {}({}) FORMAT RowBinary", self.table, tally_schemas::row::select_list());
         let mut insert = shard
             .client()
-            .insert_unescaped::<EventRow>(&self.table)
-            .await?
+            .insert_formatted_with(sql)
             .with_setting("max_insert_block_size", "1048576")
-            .with_setting("query_id", insert_query_id(&self.table, &partitions));
+            .with_setting("query_id", insert_query_id(&self.table, &partitions))
+            .buffered_with_capacity(INSERT_CHUNK_BYTES);
         for row in rows {
-            insert.write(row).await?;
+            insert.write_buffered(row.bytes);
+            if insert.buf_len() >= INSERT_CHUNK_BYTES {
+                insert.flush().await?;
+            }
         }
         insert.end().await
     }
@@ -498,7 +506,7 @@ impl EventStore {
         &self,
         partition: i32,
         offsets: (i64, i64),
-        rows: impl Iterator<Item = &'a EventRow>,
+        rows: impl Iterator<Item = &'a batch::Row>,
     ) -> Result<HashSet<(i64, u32)>, ClickHouseError> {
         let mut orgs: BTreeSet<&str> = BTreeSet::new();
         let mut min_ts = u32::MAX;

@@ -11,7 +11,9 @@ use rdkafka::Message;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{rows_of, BatchContext, DropRevoked, KafkaPayload, Payload, Pending, RawRecord, Stage};
+use crate::batch::{
+    rows_of, BatchContext, DropRevoked, KafkaPayload, Payload, Pending, RawRecord, RowBytes, Stage,
+};
 use crate::config::ConsumerConfig;
 use crate::dedup::{Deduplicator, Lent, Prechecked};
 use crate::error::ConsumerError;
@@ -393,7 +395,7 @@ impl Worker {
         }
     }
 
-    async fn insert(&self, rows: &[&tally_schemas::EventRow]) -> Result<(), ClickHouseError> {
+    async fn insert(&self, rows: &[RowBytes<'_>]) -> Result<(), ClickHouseError> {
         let took = self.store.insert(rows).await?;
         self.metrics.insert_seconds.observe(took.as_secs_f64());
         #[cfg(feature = "failpoints")]

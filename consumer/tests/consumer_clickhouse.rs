@@ -724,3 +724,71 @@ async fn a_reconcile_that_fails_half_way_leaves_the_batch_as_it_was() {
     assert_eq!((outcome.checked_records, outcome.skipped_rows), (2, 3), "{outcome:?}");
     drop_database(&clickhouse).await;
 }
+
+/// The consumer writes its inserts' RowBinary by hand, straight from the records' bytes: every
+/// column ClickHouse stores must be what the event says, for lines in the shape the ingest writes
+/// (read in place) and for lines that need escapes (read through serde), with and without
+/// metadata, at each position.
+#[tokio::test]
+async fn every_column_is_stored_as_the_event_says() {
+    use tally_consumer::batch::{rows_of, Pending, RawRecord};
+    use tally_consumer::store::EventStore;
+    use tally_schemas::row::select_list;
+    use tally_schemas::EventRow;
+
+    let clickhouse = migrated_database("columns").await;
+    let plain = sample_event("org-columns", 1);
+    let mut escaped = sample_event("org-columns", 2);
+    escaped.error = "rate \"limited\"\nretry in 2\u{1}s \\ é".into();
+    escaped.user_id = "ユーザー".into();
+    escaped.metadata = vec![("a\"b".into(), "c\\d".into()), ("e".into(), String::new())];
+    let mut other = sample_event("org-other", 3);
+    other.metadata = Vec::new();
+    other.cost_nanos = -42;
+    other.cost_source = CostSource::Unknown;
+    other.http_status = 529;
+    other.input_bytes = u64::MAX;
+    other.output_bytes = 1 << 40;
+    other.agent_id = "agent".into();
+    other.action = "summarise".into();
+    other.request_id = "req-1".into();
+    let mut computed = sample_event("org-columns", 4);
+    computed.cost_source = CostSource::Computed;
+    computed.metadata = vec![("a".into(), "1".into()), ("b".into(), "2".into()), ("c".into(), "3".into())];
+    let records = [(3, 17, vec![&plain, &escaped]), (5, 2, vec![&other, &computed])];
+    let batch: Vec<Pending> = records
+        .iter()
+        .map(|(partition, offset, events)| {
+            let original = record(events).into();
+            Pending::decode(RawRecord {
+                partition: *partition,
+                offset: *offset,
+                kafka_timestamp_ms: 0,
+                original,
+            })
+        })
+        .collect();
+    EventStore::new(&clickhouse).insert(&rows_of(&batch)).await.unwrap();
+
+    let expected: Vec<EventRow> = records
+        .iter()
+        .flat_map(|(partition, offset, events)| {
+            events
+                .iter()
+                .enumerate()
+                .map(|(index, event)| EventRow::new((*event).clone(), *partition, *offset, index as u32))
+        })
+        .collect();
+    let stored: Vec<EventRow> = clickhouse
+        .client()
+        .query(&format!(
+            "SELECT {} FROM {} ORDER BY kafka_partition, kafka_index",
+            select_list(),
+            clickhouse.table("events")
+        ))
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(stored, expected);
+    drop_database(&clickhouse).await;
+}

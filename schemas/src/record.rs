@@ -157,6 +157,15 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
 /// Decodes every JSONEachRow line of a record payload. Fails on the first bad line: a record is
 /// produced whole by one ingest call, so a bad line means the record is not Tally's.
 pub fn decode_events(payload: &[u8]) -> Result<Vec<Event>, RecordError> {
+    let mut events = Vec::new();
+    read_events(payload, |_, event| events.push(event.to_event()))?;
+    Ok(events)
+}
+
+/// Calls `each` with every event of a record payload and its index (blank lines skipped), its
+/// strings borrowed from the payload where the line is in the shape Tally writes. Fails on the
+/// first bad line; `each` has then seen the lines before it.
+pub fn read_events(payload: &[u8], mut each: impl FnMut(u32, &EventRef<'_>)) -> Result<(), RecordError> {
     // Valid UTF-8 is checked once for the whole record, not string by string; a record that is
     // not valid UTF-8 still gets its error (and line) from the JSON parser.
     let Ok(text) = std::str::from_utf8(payload) else {
@@ -167,22 +176,176 @@ pub fn decode_events(payload: &[u8]) -> Result<Vec<Event>, RecordError> {
         }
         return Err(RecordError::Invalid("record is not valid UTF-8".into()));
     };
-    let mut events = Vec::with_capacity(memchr::memchr_iter(b'\n', payload).count() + 1);
-    for (line_number, line) in text.split('\n').enumerate() {
+    let mut index = 0;
+    let mut rest = text;
+    let mut line_number = 0;
+    while !rest.is_empty() {
+        let end = memchr::memchr(b'\n', rest.as_bytes()).unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
+        line_number += 1;
         if line.bytes().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
         // Tally's own encoder writes the columns in one order with no whitespace: read that shape
         // directly; anything else (escaped strings, another writer) goes through serde.
         match fast::decode_line(line) {
-            Some(event) => events.push(event),
-            None => events.push(decode_line_serde(line).map_err(|error| match error {
-                RecordError::Json { source, .. } => RecordError::Json { line: line_number + 1, source },
-                other => other,
-            })?),
+            Some(event) => each(index, &event),
+            None => {
+                let event = decode_line_serde(line).map_err(|error| match error {
+                    RecordError::Json { source, .. } => RecordError::Json { line: line_number, source },
+                    other => other,
+                })?;
+                each(index, &event.borrowed());
+            }
+        }
+        index += 1;
+    }
+    Ok(())
+}
+
+/// One event as read from a record, its strings borrowed (from the record, or from an [`Event`]).
+#[derive(Debug, Clone)]
+pub struct EventRef<'a> {
+    pub event_id: Uuid,
+    pub org_id: &'a str,
+    pub received_at_ms: i64,
+    pub timestamp_ms: i64,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    pub cost_nanos: i64,
+    pub cost_source: CostSource,
+    pub latency_ms: u32,
+    pub status: Status,
+    pub http_status: u16,
+    pub error: &'a str,
+    pub execution_id: &'a str,
+    pub agent_id: &'a str,
+    pub user_id: &'a str,
+    pub service: &'a str,
+    pub action: &'a str,
+    pub request_id: &'a str,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub metadata: Metadata<'a>,
+}
+
+/// An event's metadata pairs as read.
+#[derive(Debug, Clone, Copy)]
+pub enum Metadata<'a> {
+    /// The `metadata_keys` and `metadata_values` arrays of a line as written (brackets included;
+    /// strings without escapes, so no item holds a `"`), each of `len` items.
+    Json {
+        keys: &'a str,
+        values: &'a str,
+        len: usize,
+    },
+    Pairs(&'a [(String, String)]),
+}
+
+impl<'a> Metadata<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Metadata::Json { len, .. } => *len,
+            Metadata::Pairs(pairs) => pairs.len(),
         }
     }
-    Ok(events)
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.side(true)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.side(false)
+    }
+
+    fn side(&self, keys: bool) -> impl Iterator<Item = &'a str> + 'a {
+        let (json, pairs): (Option<&'a str>, &'a [(String, String)]) = match *self {
+            // `["a","b"]`: the items are what lies between `["`, `","` and `"]`.
+            Metadata::Json { keys: k, values: v, len } => {
+                let array = if keys { k } else { v };
+                (Some(array).filter(|_| len > 0).map(|a| &a[2..a.len() - 2]), &[])
+            }
+            Metadata::Pairs(pairs) => (None, pairs),
+        };
+        let json_items = json.into_iter().flat_map(|inner| inner.split("\",\""));
+        let pair_items = pairs.iter().map(move |(k, v)| if keys { k.as_str() } else { v.as_str() });
+        json_items.chain(pair_items)
+    }
+}
+
+impl EventRef<'_> {
+    pub fn to_event(&self) -> Event {
+        Event {
+            event_id: self.event_id,
+            org_id: self.org_id.to_owned(),
+            received_at_ms: self.received_at_ms,
+            timestamp_ms: self.timestamp_ms,
+            provider: self.provider.to_owned(),
+            model: self.model.to_owned(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cost_nanos: self.cost_nanos,
+            cost_source: self.cost_source,
+            latency_ms: self.latency_ms,
+            status: self.status,
+            http_status: self.http_status,
+            error: self.error.to_owned(),
+            execution_id: self.execution_id.to_owned(),
+            agent_id: self.agent_id.to_owned(),
+            user_id: self.user_id.to_owned(),
+            service: self.service.to_owned(),
+            action: self.action.to_owned(),
+            request_id: self.request_id.to_owned(),
+            input_bytes: self.input_bytes,
+            output_bytes: self.output_bytes,
+            metadata: self
+                .metadata
+                .keys()
+                .map(str::to_owned)
+                .zip(self.metadata.values().map(str::to_owned))
+                .collect(),
+        }
+    }
+}
+
+impl Event {
+    pub fn borrowed(&self) -> EventRef<'_> {
+        EventRef {
+            event_id: self.event_id,
+            org_id: &self.org_id,
+            received_at_ms: self.received_at_ms,
+            timestamp_ms: self.timestamp_ms,
+            provider: &self.provider,
+            model: &self.model,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cost_nanos: self.cost_nanos,
+            cost_source: self.cost_source,
+            latency_ms: self.latency_ms,
+            status: self.status,
+            http_status: self.http_status,
+            error: &self.error,
+            execution_id: &self.execution_id,
+            agent_id: &self.agent_id,
+            user_id: &self.user_id,
+            service: &self.service,
+            action: &self.action,
+            request_id: &self.request_id,
+            input_bytes: self.input_bytes,
+            output_bytes: self.output_bytes,
+            metadata: Metadata::Pairs(&self.metadata),
+        }
+    }
 }
 
 /// One JSONEachRow line through serde (any key order, escapes, whitespace).

@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
 use crate::event::{CostSource, Event, Status};
+use crate::record::EventRef;
 
 /// A column of `tally.events` as ClickHouse describes it (`system.columns`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -146,8 +147,78 @@ pub fn select_list() -> String {
     event_columns().iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
 }
 
-fn epoch_seconds(ms: i64) -> u32 {
+/// A `DateTime` column's value for a time in epoch milliseconds (its millisecond part dropped).
+pub fn epoch_seconds(ms: i64) -> u32 {
     u32::try_from(ms.div_euclid(1000)).unwrap_or(0)
+}
+
+/// Where a row came from: (partition, offset, index of the line in its record), as the
+/// `kafka_partition`, `kafka_offset` and `kafka_index` columns store it.
+fn kafka_columns((partition, offset, index): (i32, i64, u32)) -> (u16, u64, u32) {
+    (u16::try_from(partition).unwrap_or(u16::MAX), u64::try_from(offset).unwrap_or(0), index)
+}
+
+fn put_leb128(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    put_leb128(out, text.len() as u64);
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_strs<'a>(out: &mut Vec<u8>, len: usize, items: impl Iterator<Item = &'a str>) {
+    put_leb128(out, len as u64);
+    for item in items {
+        put_str(out, item);
+    }
+}
+
+/// Appends `event`'s row of `tally.events` in RowBinary (the columns of [`EventRow`], in order,
+/// with the values [`EventRow::new`] gives them), read from `position` (partition, offset, line) of
+/// the events topic. Written by hand: the consumer writes every row it inserts this way, straight
+/// from the record's bytes, with no `EventRow` (and its dozen strings) in between.
+pub fn write_row_binary(event: &EventRef<'_>, position: (i32, i64, u32), out: &mut Vec<u8>) {
+    let (partition, offset, index) = kafka_columns(position);
+    put_str(out, event.org_id);
+    let (high, low) = event.event_id.as_u64_pair();
+    out.extend_from_slice(&high.to_le_bytes());
+    out.extend_from_slice(&low.to_le_bytes());
+    out.extend_from_slice(&epoch_seconds(event.timestamp_ms).to_le_bytes());
+    out.extend_from_slice(&(event.timestamp_ms.rem_euclid(1000) as u16).to_le_bytes());
+    out.extend_from_slice(&epoch_seconds(event.received_at_ms).to_le_bytes());
+    put_str(out, event.provider);
+    put_str(out, event.model);
+    out.extend_from_slice(&event.prompt_tokens.to_le_bytes());
+    out.extend_from_slice(&event.completion_tokens.to_le_bytes());
+    out.extend_from_slice(&event.total_tokens.to_le_bytes());
+    out.extend_from_slice(&event.cost_nanos.to_le_bytes());
+    out.push(event.cost_source.code() as u8);
+    out.extend_from_slice(&event.latency_ms.to_le_bytes());
+    out.push(event.status.code() as u8);
+    out.extend_from_slice(&event.http_status.to_le_bytes());
+    for text in [
+        event.error,
+        event.execution_id,
+        event.agent_id,
+        event.user_id,
+        event.service,
+        event.action,
+        event.request_id,
+    ] {
+        put_str(out, text);
+    }
+    out.extend_from_slice(&event.input_bytes.to_le_bytes());
+    out.extend_from_slice(&event.output_bytes.to_le_bytes());
+    put_strs(out, event.metadata.len(), event.metadata.keys());
+    put_strs(out, event.metadata.len(), event.metadata.values());
+    out.extend_from_slice(&partition.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&index.to_le_bytes());
 }
 
 impl EventRow {
@@ -155,6 +226,7 @@ impl EventRow {
     /// record.
     pub fn new(event: Event, partition: i32, offset: i64, index: u32) -> Self {
         let (metadata_keys, metadata_values) = event.metadata.into_iter().unzip();
+        let (kafka_partition, kafka_offset, kafka_index) = kafka_columns((partition, offset, index));
         EventRow {
             timestamp: epoch_seconds(event.timestamp_ms),
             timestamp_ms: event.timestamp_ms.rem_euclid(1000) as u16,
@@ -182,9 +254,9 @@ impl EventRow {
             output_bytes: event.output_bytes,
             metadata_keys,
             metadata_values,
-            kafka_partition: u16::try_from(partition).unwrap_or(u16::MAX),
-            kafka_offset: u64::try_from(offset).unwrap_or(0),
-            kafka_index: index,
+            kafka_partition,
+            kafka_offset,
+            kafka_index,
         }
     }
 
