@@ -258,26 +258,48 @@ impl<'a> Metadata<'a> {
         self.len() == 0
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn keys(&self) -> Items<'a> {
         self.side(true)
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn values(&self) -> Items<'a> {
         self.side(false)
     }
 
-    fn side(&self, keys: bool) -> impl Iterator<Item = &'a str> + 'a {
-        let (json, pairs): (Option<&'a str>, &'a [(String, String)]) = match *self {
-            // `["a","b"]`: the items are what lies between `["`, `","` and `"]`.
+    fn side(&self, keys: bool) -> Items<'a> {
+        match *self {
             Metadata::Json { keys: k, values: v, len } => {
                 let array = if keys { k } else { v };
-                (Some(array).filter(|_| len > 0).map(|a| &a[2..a.len() - 2]), &[])
+                // `["a","b"]`: from just after `["`, each item ends at the next `"`.
+                Items::Json { rest: if len > 0 { &array[2..] } else { "" } }
             }
-            Metadata::Pairs(pairs) => (None, pairs),
-        };
-        let json_items = json.into_iter().flat_map(|inner| inner.split("\",\""));
-        let pair_items = pairs.iter().map(move |(k, v)| if keys { k.as_str() } else { v.as_str() });
-        json_items.chain(pair_items)
+            Metadata::Pairs(pairs) => Items::Pairs { pairs: pairs.iter(), keys },
+        }
+    }
+}
+
+/// The keys or the values of [`Metadata`], in order.
+pub enum Items<'a> {
+    Json { rest: &'a str },
+    Pairs { pairs: std::slice::Iter<'a, (String, String)>, keys: bool },
+}
+
+impl<'a> Iterator for Items<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        match self {
+            Items::Json { rest } => {
+                let end = memchr::memchr(b'"', rest.as_bytes())?;
+                let item = &rest[..end];
+                // Past the closing `"` and the `,"` before the next item (or the `]` at the end).
+                *rest = rest.get(end + 3..).unwrap_or_default();
+                Some(item)
+            }
+            Items::Pairs { pairs, keys } => {
+                pairs.next().map(|(k, v)| if *keys { k.as_str() } else { v.as_str() })
+            }
+        }
     }
 }
 

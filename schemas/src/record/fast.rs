@@ -16,8 +16,10 @@ impl<'a> Cursor<'a> {
         &self.text.as_bytes()[self.at..]
     }
 
-    fn expect(&mut self, literal: &[u8]) -> Option<()> {
-        self.bytes().starts_with(literal).then(|| self.at += literal.len())
+    /// The literal next, and steps over it. Its length is a constant, so the comparison compiles
+    /// to a few loads instead of a `memcmp` call (`perf`: 5 % of the consumer's CPU as calls).
+    fn expect<const N: usize>(&mut self, literal: &[u8; N]) -> Option<()> {
+        (self.bytes().first_chunk::<N>() == Some(literal)).then(|| self.at += N)
     }
 
     /// A string without escapes or control characters, as a slice of the line.
@@ -25,7 +27,8 @@ impl<'a> Cursor<'a> {
         self.expect(b"\"")?;
         let rest = self.bytes();
         let end = memchr::memchr2(b'"', b'\\', rest)?;
-        if rest[end] != b'"' || rest[..end].iter().any(|b| *b < 0x20) {
+        // Without an early exit, so the check compiles to a vector loop.
+        if rest[end] != b'"' || rest[..end].iter().fold(false, |control, b| control | (*b < 0x20)) {
             return None;
         }
         let text = &self.text[self.at..self.at + end];
@@ -35,11 +38,20 @@ impl<'a> Cursor<'a> {
 
     /// An unsigned JSON integer: digits, no leading zero, within u64.
     fn unsigned(&mut self) -> Option<u64> {
-        let digits = self.bytes().iter().take_while(|b| b.is_ascii_digit()).count();
-        if digits == 0 || digits > 20 || (digits > 1 && self.bytes()[0] == b'0') {
+        let bytes = self.bytes();
+        let mut value: u64 = 0;
+        let mut digits = 0;
+        for &b in bytes {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
+                break;
+            }
+            value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+            digits += 1;
+        }
+        if digits == 0 || (digits > 1 && bytes[0] == b'0') {
             return None;
         }
-        let value = self.text[self.at..self.at + digits].parse().ok()?;
         self.at += digits;
         Some(value)
     }
@@ -189,6 +201,23 @@ mod tests {
     use crate::record::encode_event;
     use crate::row::write_row_binary;
     use crate::Event;
+
+    #[test]
+    fn integers_are_read_to_the_edge_of_their_type_and_no_further() {
+        let read = |text: &str| Cursor { text, at: 0 }.unsigned();
+        assert_eq!(read("18446744073709551615,"), Some(u64::MAX));
+        assert_eq!(read("18446744073709551616"), None);
+        assert_eq!(read("00000000000000000000001"), None);
+        assert_eq!(read("0"), Some(0));
+        assert_eq!(read("01"), None);
+        assert_eq!(read("-1"), None);
+        assert_eq!(read("7x"), Some(7));
+        let signed = |text: &str| Cursor { text, at: 0 }.signed();
+        assert_eq!(signed("-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(signed("-9223372036854775809"), None);
+        assert_eq!(signed("9223372036854775808"), None);
+        assert_eq!(signed("-0"), None);
+    }
 
     /// Strings of every kind, or (`plain`) only those Tally writes without escapes, which the
     /// fast reader reads (with every kind, few events have no escaped string among their 12).
