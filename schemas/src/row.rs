@@ -1,5 +1,6 @@
-//! The one row type of `tally.events`: what the consumer inserts, the query API reads back, the
-//! archiver turns into Parquet and the load tools generate. Its column list is declared once, in
+//! The one row type of `tally.events`: what the query API reads back, the archiver turns into
+//! Parquet and the load tools generate; the consumer writes the same row's RowBinary by hand
+//! (`write_row_binary`) straight from the record's bytes. Its column list is declared once, in
 //! the `event_row!` invocation below (field, Rust type, ClickHouse type, in table order), and
 //! both the struct and `event_columns()` come from it; a test holds `event_columns()` equal to the
 //! real table on ClickHouse 18.16 and on a current ClickHouse, which is the guard the client's
@@ -183,39 +184,59 @@ fn put_strs<'a>(out: &mut Vec<u8>, len: usize, items: impl Iterator<Item = &'a s
 /// the events topic. Written by hand: the consumer writes every row it inserts this way, straight
 /// from the record's bytes, with no `EventRow` (and its dozen strings) in between.
 pub fn write_row_binary(event: &EventRef<'_>, position: (i32, i64, u32), out: &mut Vec<u8>) {
+    // Every field by name: a field added to the event does not compile here until it is written
+    // (its column's place: `consumer/tests/consumer_clickhouse.rs` reads every column back).
+    let EventRef {
+        event_id,
+        org_id,
+        received_at_ms,
+        timestamp_ms,
+        provider,
+        model,
+        prompt_tokens,
+        completion_tokens,
+        total_tokens,
+        cost_nanos,
+        cost_source,
+        latency_ms,
+        status,
+        http_status,
+        error,
+        execution_id,
+        agent_id,
+        user_id,
+        service,
+        action,
+        request_id,
+        input_bytes,
+        output_bytes,
+        metadata,
+    } = event;
     let (partition, offset, index) = kafka_columns(position);
-    put_str(out, event.org_id);
-    let (high, low) = event.event_id.as_u64_pair();
+    put_str(out, org_id);
+    let (high, low) = event_id.as_u64_pair();
     out.extend_from_slice(&high.to_le_bytes());
     out.extend_from_slice(&low.to_le_bytes());
-    out.extend_from_slice(&epoch_seconds(event.timestamp_ms).to_le_bytes());
-    out.extend_from_slice(&(event.timestamp_ms.rem_euclid(1000) as u16).to_le_bytes());
-    out.extend_from_slice(&epoch_seconds(event.received_at_ms).to_le_bytes());
-    put_str(out, event.provider);
-    put_str(out, event.model);
-    out.extend_from_slice(&event.prompt_tokens.to_le_bytes());
-    out.extend_from_slice(&event.completion_tokens.to_le_bytes());
-    out.extend_from_slice(&event.total_tokens.to_le_bytes());
-    out.extend_from_slice(&event.cost_nanos.to_le_bytes());
-    out.push(event.cost_source.code() as u8);
-    out.extend_from_slice(&event.latency_ms.to_le_bytes());
-    out.push(event.status.code() as u8);
-    out.extend_from_slice(&event.http_status.to_le_bytes());
-    for text in [
-        event.error,
-        event.execution_id,
-        event.agent_id,
-        event.user_id,
-        event.service,
-        event.action,
-        event.request_id,
-    ] {
+    out.extend_from_slice(&epoch_seconds(*timestamp_ms).to_le_bytes());
+    out.extend_from_slice(&(timestamp_ms.rem_euclid(1000) as u16).to_le_bytes());
+    out.extend_from_slice(&epoch_seconds(*received_at_ms).to_le_bytes());
+    put_str(out, provider);
+    put_str(out, model);
+    out.extend_from_slice(&prompt_tokens.to_le_bytes());
+    out.extend_from_slice(&completion_tokens.to_le_bytes());
+    out.extend_from_slice(&total_tokens.to_le_bytes());
+    out.extend_from_slice(&cost_nanos.to_le_bytes());
+    out.push(cost_source.code() as u8);
+    out.extend_from_slice(&latency_ms.to_le_bytes());
+    out.push(status.code() as u8);
+    out.extend_from_slice(&http_status.to_le_bytes());
+    for text in [error, execution_id, agent_id, user_id, service, action, request_id] {
         put_str(out, text);
     }
-    out.extend_from_slice(&event.input_bytes.to_le_bytes());
-    out.extend_from_slice(&event.output_bytes.to_le_bytes());
-    put_strs(out, event.metadata.len(), event.metadata.keys());
-    put_strs(out, event.metadata.len(), event.metadata.values());
+    out.extend_from_slice(&input_bytes.to_le_bytes());
+    out.extend_from_slice(&output_bytes.to_le_bytes());
+    put_strs(out, metadata.len(), metadata.keys());
+    put_strs(out, metadata.len(), metadata.values());
     out.extend_from_slice(&partition.to_le_bytes());
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&index.to_le_bytes());
