@@ -21,6 +21,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 
 use foldhash::fast::FixedState;
 
+use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 
 use crate::batch::{BatchContext, Pending, Row, Stage};
@@ -75,15 +76,21 @@ impl IdWindow {
     pub fn insert(&mut self, fingerprint: u64, received_at: u32) {
         let tag = hour_tag(received_at);
         let entry = fingerprint | (u64::from(tag) << FINGERPRINT_BITS);
-        match self.entries.find_mut(spread(fingerprint), |e| e & FINGERPRINT_MASK == fingerprint) {
-            Some(existing) => {
+        // One probe for both outcomes (a lookup, then an insert, probed twice per new id).
+        match self.entries.entry(
+            spread(fingerprint),
+            |e| e & FINGERPRINT_MASK == fingerprint,
+            |e| spread(e & FINGERPRINT_MASK),
+        ) {
+            Entry::Occupied(mut existing) => {
+                let existing = existing.get_mut();
                 let existing_tag = (*existing >> FINGERPRINT_BITS) as u16;
                 if age_hours(tag, existing_tag) > 0 {
                     *existing = entry;
                 }
             }
-            None => {
-                self.entries.insert_unique(spread(fingerprint), entry, |e| spread(e & FINGERPRINT_MASK));
+            Entry::Vacant(vacant) => {
+                vacant.insert(entry);
             }
         }
     }
@@ -305,8 +312,14 @@ fn shape(batch: &[Pending]) -> (usize, usize) {
 
 /// Remembers the kept rows' ids in their partitions' windows.
 fn insert_ids(partitions: &mut HashMap<i32, IdWindow>, kept: impl Iterator<Item = (i32, u64, u32)>) {
+    // Rows come record by record, so a partition's rows run together: its window is looked up
+    // once per run, not per row.
+    let mut current: Option<(i32, Option<&mut IdWindow>)> = None;
     for (partition, print, received_at) in kept {
-        if let Some(window) = partitions.get_mut(&partition) {
+        if current.as_ref().is_none_or(|(p, _)| *p != partition) {
+            current = Some((partition, partitions.get_mut(&partition)));
+        }
+        if let Some((_, Some(window))) = current.as_mut() {
             window.insert(print, received_at);
         }
     }
