@@ -226,9 +226,10 @@ def freshness(rate, seconds):
     def pct(p):
         return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] * 1000
 
+    # Without TALLY_BATCH_MAX_WAIT_MS the consumer waits its default, 250 ms.
     return {"rate": rate, "seconds": seconds, "markers": len(samples), "p50_ms": pct(50), "p95_ms": pct(95),
             "p99_ms": pct(99), "max_ms": samples[-1] * 1000, "load_events_per_s": load.get("accepted_events_per_s"),
-            "load_statuses": load.get("statuses"), "batch_max_wait_ms": os.environ.get("TALLY_BATCH_MAX_WAIT_MS", "default"),
+            "load_statuses": load.get("statuses"), "batch_max_wait_ms": os.environ.get("TALLY_BATCH_MAX_WAIT_MS", "250"),
             "samples_ms": [round(x * 1000, 1) for x in samples]}
 
 

@@ -27,7 +27,8 @@ def main():
     for run in runs:
         samples = sorted(run["samples_ms"])
         share = [(i + 1) / len(samples) for i in range(len(samples))]
-        label = (f"batch wait {run['batch_max_wait_ms']} ms: p50 {run['p50_ms']:.0f}, p99 {run['p99_ms']:.0f} ms "
+        label = (f"{run.get('recorded_at', '')[:16].replace('T', ' ')} batch wait {run['batch_max_wait_ms']} ms: "
+                 f"p50 {run['p50_ms']:.0f}, p99 {run['p99_ms']:.0f} ms "
                  f"({run['markers']} markers)")
         line, = axis.step(samples, share, where="post", label=label)
         axis.plot([run["p99_ms"]], [0.99], "o", color=line.get_color())
