@@ -428,6 +428,43 @@ async fn analytics_equal_the_raw_table_for_the_org_and_for_one_user() {
     api.stop().await;
 }
 
+/// The rollup reads of a request ask for the uncompressed cache: an org's second overview reads
+/// its blocks from the cache, not by decompressing them again (what kept the overview route from
+/// its latency target at 200 requests/s).
+#[tokio::test]
+async fn an_orgs_repeated_rollup_reads_come_from_the_uncompressed_cache() {
+    let api = Api::start().await;
+    let (org, key, _) = api.create_org("cached").await;
+    let now = Utc::now();
+    generate(&api, &org, now - Duration::minutes(3), 300, 5).await;
+    let hour = Duration::hours(1);
+    let range = [
+        ("from", rfc(now.duration_trunc(hour).unwrap() - Duration::hours(40))),
+        ("to", rfc(now.duration_trunc(hour).unwrap())),
+    ];
+    for _ in 0..2 {
+        let (status, overview) = get(&api, &key, "/api/analytics/overview", &range).await;
+        assert_eq!(status, 200, "{overview}");
+        assert!(overview["totalRequests"].as_u64().unwrap() > 0, "{overview}");
+    }
+    api.clickhouse.client().query("SYSTEM FLUSH LOGS").execute().await.unwrap();
+    let reads = raw(
+        &api,
+        &format!(
+            "SELECT Settings.Values[indexOf(Settings.Names, 'use_uncompressed_cache')] AS cache, \
+             ProfileEvents.Values[indexOf(ProfileEvents.Names, 'UncompressedCacheHits')] AS hits \
+             FROM system.query_log WHERE type = 2 AND query LIKE '%{}%' AND query LIKE '%sumMerge(prompt_tokens_sum)%' \
+             AND query NOT LIKE '%system.query_log%' ORDER BY event_time, query_start_time",
+            api.clickhouse.table("rollup_hourly")
+        ),
+    )
+    .await;
+    assert_eq!(reads.len(), 2, "one usage read per overview: {reads:?}");
+    assert!(reads.iter().all(|r| r["cache"] == "1"), "{reads:?}");
+    assert!(reads[1]["hits"].as_u64().unwrap() > 0, "the second read hits the cache: {reads:?}");
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn events_list_pages_newest_first_with_filters_and_a_stable_cursor() {
     let api = Api::start().await;
