@@ -10,11 +10,14 @@ and prints events/s, requests/s, p50/p99 latency, the server's CPU microseconds 
 sends its next request when the previous answered) for --seconds per scenario.
 
 Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,100,1000]
-                                [--scenarios ceiling,discard,kafka] [--server-threads N]
+                                [--scenarios ceiling,discard,kafka] [--server-threads N] [--rate R]
          --server-threads N: runtime worker threads of the server under test (ceiling and ingest
          alike: TALLY_WORKER_THREADS for the ingest, tokio's TOKIO_WORKER_THREADS for the ceiling);
          --loadgen-threads N: the same for the load
          generator; default for both: one per core
+         --rate R: an open model at R requests/s for every cell instead of the closed one
+         scenario ceiling+N: the ceiling spinning N ns of CPU per request on top of its work, to
+         calibrate what a server with N ns of its own work per request shows in this harness
        loadtest/bench_ingest.py --sustain EVENTS_PER_S [--seconds 300] [--events 1000]
          the kafka scenario in an open model: requests scheduled at a fixed rate, latency measured
          from each request's scheduled start (no coordinated omission)
@@ -116,10 +119,10 @@ def loadgen(url, key, events, seconds, connections, rate=0.0):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(process, url, key, events, seconds, connections):
-    loadgen(url, key, events, 2, connections)  # warm-up: connections, allocator, JIT-free but caches
+def measure(process, url, key, events, seconds, connections, rate=0.0):
+    loadgen(url, key, events, 2, connections, rate)  # warm-up: connections, allocator, caches
     before = cpu_seconds(process.pid)
-    result = loadgen(url, key, events, seconds, connections)
+    result = loadgen(url, key, events, seconds, connections, rate)
     result["server_cpu_s"] = cpu_seconds(process.pid) - before
     result["server_rss_mib"] = rss_mib(process.pid)
     accepted = result["accepted_events_per_s"] * result["seconds"]
@@ -127,7 +130,7 @@ def measure(process, url, key, events, seconds, connections):
     return result
 
 
-def profile(process, url, key, events, connections, measured, path, seconds=8):
+def profile(process, url, key, events, connections, measured, path, rate=0.0, seconds=8):
     """A run of the cell under `perf record` (its own run: perf's sampling costs CPU), then the
     per-stage summary of loadtest/profile_ingest.py scaled to the measured CPU per request."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -135,7 +138,7 @@ def profile(process, url, key, events, connections, measured, path, seconds=8):
                                  "-p", str(process.pid), "-o", path + ".data"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    loadgen(url, key, events, seconds, connections)
+    loadgen(url, key, events, seconds, connections, rate)
     recorder.send_signal(2)
     recorder.wait()
     us_per_request = measured["cpu_us_per_event"] * events
@@ -149,6 +152,8 @@ def main():
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--events", default="1,100,1000")
     parser.add_argument("--scenarios", default="ceiling,discard,kafka")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="requests/s of an open model for every cell (default: closed model)")
     parser.add_argument("--sustain", type=float, default=0, help="open-model kafka run at this many events/s")
     parser.add_argument("--server-threads", type=int, default=0, help="worker threads of the server under test")
     parser.add_argument("--loadgen-threads", type=int, default=0, help="worker threads of the load generator")
@@ -172,8 +177,10 @@ def main():
     env.update(threads)
     rows = []
     for scenario in scenarios:
-        if scenario == "ceiling":
-            process, url = start("tally-ceiling", threads, ["127.0.0.1:18090"]), "http://127.0.0.1:18090"
+        if scenario.startswith("ceiling"):
+            # ceiling+N: the ceiling spinning N ns of CPU per request (a calibration of the harness)
+            work = dict(threads, TALLY_CEILING_WORK_NS=scenario.partition("+")[2] or "0")
+            process, url = start("tally-ceiling", work, ["127.0.0.1:18090"]), "http://127.0.0.1:18090"
             time.sleep(0.5)
         else:
             process = start("tally-ingest", dict(env, TALLY_SINK="discard" if scenario == "discard" else "kafka"))
@@ -181,31 +188,34 @@ def main():
             wait_http(url + "/readyz", 60)
         try:
             for events in events_list:
-                result = measure(process, url, key, events, args.seconds, args.connections)
+                result = measure(process, url, key, events, args.seconds, args.connections, args.rate)
                 result["scenario"] = scenario
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr)
                 if args.perf:
                     profile(process, url, key, events, args.connections, result,
-                            os.path.join(args.perf, "%s-%d" % (scenario, events)))
+                            os.path.join(args.perf, "%s-%d" % (scenario, events)), args.rate)
         finally:
             stop(process)
 
-    print("\nnproc=%d  seconds=%s  connections=%d  worker threads: server %s, load generator %s (same machine)"
+    print("\nnproc=%d  seconds=%s  connections=%d  worker threads: server %s, load generator %s (same machine); %s"
           % (os.cpu_count(), args.seconds, args.connections, args.server_threads or "one per core",
-             args.loadgen_threads or "one per core"))
-    print("%-8s %6s %12s %10s %9s %9s %10s %8s %s" % ("scenario", "ev/req", "events/s", "req/s", "p50 ms",
+             args.loadgen_threads or "one per core",
+             "open model, %.0f requests/s" % args.rate if args.rate else "closed model"))
+    print("%-12s %6s %12s %10s %9s %9s %10s %8s %s" % ("scenario", "ev/req", "events/s", "req/s", "p50 ms",
                                                        "p99 ms", "cpu us/ev", "rss MiB", "statuses"))
     for r in rows:
-        print("%-8s %6d %12.0f %10.0f %9.2f %9.2f %10.3f %8.1f %s" % (
+        print("%-12s %6d %12.0f %10.0f %9.2f %9.2f %10.3f %8.1f %s" % (
             r["scenario"], r["events_per_request"], r["accepted_events_per_s"], r["requests_per_s"],
             r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["cpu_us_per_event"], r["server_rss_mib"],
             json.dumps(r["statuses"])))
-    ceiling = {r["events_per_request"]: r["accepted_events_per_s"] for r in rows if r["scenario"] == "ceiling"}
+    ceiling = {r["events_per_request"]: r for r in rows if r["scenario"] == "ceiling"}
     for r in rows:
-        if r["scenario"] != "ceiling" and ceiling.get(r["events_per_request"]):
-            print("%s at %d events/request: %.1f%% of the ceiling" % (
-                r["scenario"], r["events_per_request"], 100 * r["accepted_events_per_s"] / ceiling[r["events_per_request"]]))
+        base = ceiling.get(r["events_per_request"])
+        if r["scenario"] != "ceiling" and base and base["accepted_events_per_s"]:
+            print("%s at %d events/request: %.1f%% of the ceiling's events/s, %.2fx its CPU per request" % (
+                r["scenario"], r["events_per_request"], 100 * r["accepted_events_per_s"] / base["accepted_events_per_s"],
+                r["cpu_us_per_event"] / base["cpu_us_per_event"]))
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database + "_admin"])
     if "kafka" in scenarios:
