@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
+use rdkafka::message::Headers;
 use rdkafka::Message;
+use tally_schemas::record::{event_count, HEADER_EVENTS};
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -96,6 +98,14 @@ fn free_elsewhere(batch: Vec<Pending>) {
     tokio::task::spawn_blocking(move || drop(batch));
 }
 
+/// The rows a record says it holds (the ingest's `tally-events` header), so that polling a batch
+/// does not read every payload once more between two inserts; None when it does not say (then its
+/// lines are counted). The count only sizes the batch: decoding reads every line whatever it says.
+fn announced_rows(message: &impl Message) -> Option<usize> {
+    let headers = message.headers()?;
+    headers.iter().find(|header| header.key == HEADER_EVENTS).and_then(|header| event_count(header.value?))
+}
+
 fn epoch_now() -> u32 {
     u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX)
 }
@@ -181,8 +191,9 @@ impl Worker {
                 message.timestamp().to_millis().unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
             deadline.get_or_insert_with(|| batch_deadline(kafka_timestamp_ms, self.config.batch_max_wait));
             let (partition, offset) = (message.partition(), message.offset());
+            let counted = announced_rows(&message);
             let original = Payload::Kafka(KafkaPayload::new(message, &self.consumer));
-            rows += memchr::memchr_iter(b'\n', &original).count().max(1);
+            rows += counted.unwrap_or_else(|| memchr::memchr_iter(b'\n', &original).count().max(1));
             batch.push(RawRecord { partition, offset, kafka_timestamp_ms, original });
         }
         (batch, rows >= self.config.batch_max_rows)
@@ -430,6 +441,38 @@ mod tests {
     fn left(produced_ago_ms: i64, wait_ms: u64) -> Duration {
         let produced = chrono::Utc::now().timestamp_millis() - produced_ago_ms;
         batch_deadline(produced, Duration::from_millis(wait_ms)).saturating_duration_since(Instant::now())
+    }
+
+    fn record(headers: Option<rdkafka::message::OwnedHeaders>) -> rdkafka::message::OwnedMessage {
+        rdkafka::message::OwnedMessage::new(
+            Some(b"{}\n{}\n".to_vec()),
+            None,
+            "events".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            0,
+            headers,
+        )
+    }
+
+    #[test]
+    fn a_record_announces_its_rows_or_is_counted_by_its_lines() {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let with = |value: &str| {
+            Some(
+                OwnedHeaders::new()
+                    .insert(Header { key: "tally-request-id", value: Some("r") })
+                    .insert(Header { key: HEADER_EVENTS, value: Some(value) }),
+            )
+        };
+        assert_eq!(announced_rows(&record(with("2"))), Some(2));
+        assert_eq!(announced_rows(&record(with("100"))), Some(100), "the header is what sizes the batch");
+        for unusable in ["", "0", "two", "-2"] {
+            assert_eq!(announced_rows(&record(with(unusable))), None, "{unusable:?}");
+        }
+        assert_eq!(announced_rows(&record(None)), None);
+        let other = OwnedHeaders::new().insert(Header { key: "tally-schema-version", value: Some("1") });
+        assert_eq!(announced_rows(&record(Some(other))), None);
     }
 
     #[test]

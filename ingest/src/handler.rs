@@ -160,7 +160,7 @@ async fn produce(
     dead_letters: Vec<Vec<u8>>,
 ) -> Result<(), IngestError> {
     let dead_letter_sends = futures::future::join_all(dead_letters.into_iter().map(|letter| {
-        state.sink.produce(Topic::DeadLetters, Arc::clone(&org.org_id), letter, Arc::clone(&request_id.0))
+        state.sink.produce(Topic::DeadLetters, Arc::clone(&org.org_id), letter, 1, Arc::clone(&request_id.0))
     }));
     if accepted == 0 {
         report_dead_letter_failures(state, &dead_letter_sends.await);
@@ -171,6 +171,7 @@ async fn produce(
             Topic::Events,
             Arc::clone(&org.org_id),
             payload,
+            accepted,
             Arc::clone(&request_id.0),
         )),
         events: accepted as u64,

@@ -15,7 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tally_common::config::KafkaSecurity;
 use tally_common::kafka::BootstrapGuard;
-use tally_schemas::record::{HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
+use tally_schemas::record::{HEADER_EVENTS, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
@@ -37,11 +37,14 @@ pub enum SinkError {
 
 pub trait EventSink: Send + Sync + 'static {
     /// Resolves once the record is durably stored (acks=all), or with the reason it is not.
+    /// `events`: how many events (lines) `payload` holds, sent in the `tally-events` header of an
+    /// events record.
     fn produce(
         &self,
         topic: Topic,
         key: Arc<str>,
         payload: Vec<u8>,
+        events: usize,
         request_id: Arc<str>,
     ) -> BoxFuture<'static, Result<(), SinkError>>;
     /// Is the event store reachable right now?
@@ -300,6 +303,7 @@ impl EventSink for KafkaSink {
         topic: Topic,
         key: Arc<str>,
         payload: Vec<u8>,
+        events: usize,
         request_id: Arc<str>,
     ) -> BoxFuture<'static, Result<(), SinkError>> {
         let producer = self.producer();
@@ -312,9 +316,13 @@ impl EventSink for KafkaSink {
         let acks = Arc::clone(&self.acks);
         Box::pin(async move {
             let started = Instant::now();
-            let headers = OwnedHeaders::new()
+            let mut headers = OwnedHeaders::new()
                 .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(SCHEMA_VERSION) })
                 .insert(Header { key: HEADER_REQUEST_ID, value: Some(request_id.as_ref()) });
+            if topic == Topic::Events {
+                let count = events.to_string();
+                headers = headers.insert(Header { key: HEADER_EVENTS, value: Some(count.as_str()) });
+            }
             let record = FutureRecord::to(&topic_name).key(key.as_ref()).payload(&payload).headers(headers);
             // Waiting for queue space is part of the deadline: a full queue (Kafka slow or down)
             // turns into a 503 instead of unbounded memory.
@@ -358,6 +366,7 @@ impl EventSink for DiscardSink {
         _: Topic,
         _: Arc<str>,
         _: Vec<u8>,
+        _: usize,
         _: Arc<str>,
     ) -> BoxFuture<'static, Result<(), SinkError>> {
         Box::pin(std::future::ready(Ok(())))
@@ -398,7 +407,7 @@ mod tests {
     }
 
     async fn send(sink: &KafkaSink) -> Result<(), SinkError> {
-        sink.produce(Topic::Events, Arc::from("org"), b"{}".to_vec(), Arc::from("request")).await
+        sink.produce(Topic::Events, Arc::from("org"), b"{}".to_vec(), 1, Arc::from("request")).await
     }
 
     #[test]

@@ -13,7 +13,9 @@ use serde_json::{json, Value};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
 use tally_ingest::config::IngestConfig;
-use tally_schemas::record::{decode_events, DeadLetter, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION};
+use tally_schemas::record::{
+    decode_events, DeadLetter, HEADER_EVENTS, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION,
+};
 use tally_testkit::{
     create_org_with_key, create_topic, create_topic_on, delete_topics, drop_database, kafka_brokers,
     migrated_database, unique_name, KafkaBroker,
@@ -197,6 +199,7 @@ async fn valid_events_reach_kafka_and_invalid_ones_the_dead_letter_topic() {
     assert_eq!(record.key(), Some(ingest.org_id.as_bytes()));
     assert_eq!(header(record, HEADER_SCHEMA_VERSION).as_deref(), Some("1"));
     assert_eq!(header(record, HEADER_REQUEST_ID).as_deref(), Some("req-123"));
+    assert_eq!(header(record, HEADER_EVENTS).as_deref(), Some("2"), "the accepted events, not the sent ones");
     let events = decode_events(record.payload().unwrap()).unwrap();
     assert_eq!(events.len(), 2);
     assert!(events.iter().all(|e| e.org_id == ingest.org_id));
@@ -214,6 +217,7 @@ async fn valid_events_reach_kafka_and_invalid_ones_the_dead_letter_topic() {
 
     let letters = read_all(&ingest.dlq_topic).await;
     assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], HEADER_EVENTS), None, "a dead letter is one document, not a batch");
     let letter: DeadLetter = serde_json::from_slice(letters[0].payload().unwrap()).unwrap();
     assert_eq!(letter.reason, "invalid_timestamp");
     assert_eq!(letter.request_id, "req-123");

@@ -16,6 +16,19 @@ pub const DLQ_TOPIC: &str = "tally.events.dlq.v1";
 pub const SCHEMA_VERSION: &str = "1";
 pub const HEADER_SCHEMA_VERSION: &str = "tally-schema-version";
 pub const HEADER_REQUEST_ID: &str = "tally-request-id";
+/// How many events (JSONEachRow lines) an events record holds, in ASCII decimal. The consumer
+/// bounds its batches by rows with it instead of scanning each payload for line ends between two
+/// inserts; a record without it (an older ingest, another producer) is counted by its lines.
+pub const HEADER_EVENTS: &str = "tally-events";
+
+/// The event count of a `HEADER_EVENTS` value: a positive decimal of at most 9 digits, else None.
+pub fn event_count(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 9 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let count = value.iter().fold(0usize, |n, digit| n * 10 + usize::from(digit - b'0'));
+    (count > 0).then_some(count)
+}
 
 /// A JSONEachRow line as decoded; field names are `tally.events` column names.
 #[derive(Deserialize)]
@@ -469,6 +482,23 @@ impl DeadLetter {
             (Some(text), _) => Some(text.as_bytes().to_vec()),
             (None, Some(hex_text)) => hex::decode(hex_text).ok(),
             (None, None) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::event_count;
+
+    #[test]
+    fn an_event_count_is_a_positive_decimal_or_nothing() {
+        assert_eq!(event_count(b"1"), Some(1));
+        assert_eq!(event_count(b"1000"), Some(1000));
+        assert_eq!(event_count(b"999999999"), Some(999_999_999));
+        for bad in
+            [&b""[..], b"0", b"000", b"-1", b"+1", b" 1", b"1 ", b"1e3", b"0x10", b"1000000000", b"\xff"]
+        {
+            assert_eq!(event_count(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }

@@ -18,10 +18,13 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
-use tally_schemas::record::encode_event;
+use tally_schemas::record::{
+    encode_event, HEADER_EVENTS, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION,
+};
 use tally_schemas::EventRow;
 use tally_schemas::{CostSource, Event, Status};
 
@@ -112,7 +115,13 @@ async fn preload(env: &Env, topic: &str, events: u64, per_record: u64) -> anyhow
         let producer = producer.clone();
         let topic = topic.to_owned();
         in_flight.push(async move {
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            // The headers the ingest writes on an events record.
+            let (request_id, events) = (format!("bench-{record}"), count.to_string());
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(SCHEMA_VERSION) })
+                .insert(Header { key: HEADER_REQUEST_ID, value: Some(request_id.as_str()) })
+                .insert(Header { key: HEADER_EVENTS, value: Some(events.as_str()) });
+            let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
             producer.send(record, Duration::from_secs(60)).await.map(|_| ()).map_err(|(e, _)| e)
         });
         if in_flight.len() >= 20_000 {
