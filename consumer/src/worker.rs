@@ -153,9 +153,9 @@ impl Worker {
     }
 
     /// Polls up to a batch of records, undecoded: rows are counted from each record's header (or
-    /// its lines), so the bound holds before decoding. With `wait`, waits for a first record and then up to the batch wait;
-    /// without, takes only what the client already fetched. Returns the records and whether the
-    /// row bound was reached.
+    /// its lines), so the bound holds before decoding. With `wait`, waits for a first record and
+    /// then up to the batch wait; without, takes only what the client already fetched. Returns the
+    /// records and whether the row bound was reached.
     async fn collect_raw(&self, shutdown: &CancellationToken, wait: bool) -> (Vec<RawRecord>, bool) {
         let mut batch = Vec::new();
         let mut rows = 0usize;

@@ -8,13 +8,14 @@ use std::time::Duration;
 use clickhouse::Row;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
 use tally_consumer::config::ConsumerConfig;
-use tally_schemas::record::{encode_event, DeadLetter, Stage};
+use tally_schemas::record::{encode_event, DeadLetter, Stage, HEADER_EVENTS};
 use tally_schemas::{CostSource, Event, Status};
 use tally_testkit::{
     create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name,
@@ -374,6 +375,48 @@ async fn duplicates_are_dropped_when_batches_are_checked_ahead_of_their_insert()
         "the backlog was checked ahead"
     );
     rollups_match_raw(&clickhouse, &totals).await;
+    consumer.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
+    drop_database(&clickhouse).await;
+}
+
+/// A batch is sized by the row count a record announces in its `tally-events` header, not by
+/// scanning its lines: records of one event each that announce four fill a four-row batch alone
+/// (counted by their lines, a backlog of six would go in two batches).
+#[tokio::test]
+async fn a_batch_is_bounded_by_the_rows_its_records_announce() {
+    let clickhouse = migrated_database("announced").await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
+    for n in 0..6 {
+        let payload = record(&[&sample_event("org-x", n)]);
+        let headers = OwnedHeaders::new().insert(Header { key: HEADER_EVENTS, value: Some("4") });
+        producer
+            .send(
+                FutureRecord::to(&topic).key("org-x").payload(&payload).headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let consumer =
+        start_consumer_with(&clickhouse, &topic, &dlq, &group, &[("TALLY_BATCH_MAX_ROWS", "4")]).await;
+    wait_for_rows(&clickhouse, 6).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!((totals.rows, totals.ids), (6, 6), "every line is decoded whatever the header says");
+    // A batch is counted after its commit, which follows the insert its rows became visible by.
+    let mut batches = 0.0;
+    for _ in 0..100 {
+        batches = metric(&consumer.metrics_url, "tally_consumer_batches_total").await;
+        if batches >= 6.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(batches, 6.0, "one record per batch");
     consumer.stop().await;
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
