@@ -11,11 +11,16 @@ sends its next request when the previous answered) for --seconds per scenario.
 
 Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,100,1000]
                                 [--scenarios ceiling,discard,kafka] [--server-threads N] [--rate R]
+                                [--rounds N] [--baseline DIR]
          --server-threads N: runtime worker threads of the server under test (ceiling and ingest
          alike: TALLY_WORKER_THREADS for the ingest, tokio's TOKIO_WORKER_THREADS for the ceiling);
          --loadgen-threads N: the same for the load
          generator; default for both: one per core
          --rate R: an open model at R requests/s for every cell instead of the closed one
+         --rounds N: the scenarios N times in turn, each cell's ratio against the ceiling of its own
+         round, and the median per scenario (this machine's ceiling drifts by a third between runs)
+         --baseline DIR: scenario 'baseline' is DIR's tally-ingest with the discard sink (an A/B of
+         two builds against the same ceilings)
          scenario ceiling+N: the ceiling spinning N ns of CPU per request on top of its work, to
          calibrate what a server with N ns of its own work per request shows in this harness
        loadtest/bench_ingest.py --sustain EVENTS_PER_S [--seconds 300] [--events 1000]
@@ -32,6 +37,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -68,10 +74,10 @@ def wait_http(url, seconds=30):
     raise SystemExit("not answering: " + url)
 
 
-def start(binary, env, args=()):
+def start(binary, env, args=(), bin_dir=None):
     full_env = dict(os.environ, TALLY_LOG="warn", TALLY_LOG_FORMAT="json", **env)
     log = open(os.path.join(ROOT, ".dev", "log", "bench-%s.log" % os.path.basename(binary)), "a")
-    return subprocess.Popen([os.path.join(BIN, binary), *args], env=full_env, stdout=log, stderr=log)
+    return subprocess.Popen([os.path.join(bin_dir or BIN, binary), *args], env=full_env, stdout=log, stderr=log)
 
 
 def stop(process):
@@ -158,6 +164,10 @@ def main():
     parser.add_argument("--server-threads", type=int, default=0, help="worker threads of the server under test")
     parser.add_argument("--loadgen-threads", type=int, default=0, help="worker threads of the load generator")
     parser.add_argument("--perf", default="", help="also profile each cell with perf into this directory")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the scenarios this many times in turn; ratios per round and their median")
+    parser.add_argument("--baseline", default="",
+                        help="directory of another build's tally-ingest: scenario 'baseline' runs it (discard sink)")
     args = parser.parse_args()
     if args.sustain:
         return sustain(args)
@@ -176,20 +186,24 @@ def main():
         LOADGEN_ENV["TOKIO_WORKER_THREADS"] = str(args.loadgen_threads)
     env.update(threads)
     rows = []
-    for scenario in scenarios:
+    if "baseline" in scenarios and not args.baseline:
+        raise SystemExit("scenario 'baseline' needs --baseline DIR (a directory holding another build's tally-ingest)")
+    for round_number, scenario in ((r, s) for r in range(1, args.rounds + 1) for s in scenarios):
         if scenario.startswith("ceiling"):
             # ceiling+N: the ceiling spinning N ns of CPU per request (a calibration of the harness)
             work = dict(threads, TALLY_CEILING_WORK_NS=scenario.partition("+")[2] or "0")
             process, url = start("tally-ceiling", work, ["127.0.0.1:18090"]), "http://127.0.0.1:18090"
             time.sleep(0.5)
         else:
-            process = start("tally-ingest", dict(env, TALLY_SINK="discard" if scenario == "discard" else "kafka"))
+            process = start("tally-ingest", dict(env, TALLY_SINK="kafka" if scenario == "kafka" else "discard"),
+                            bin_dir=args.baseline if scenario == "baseline" else None)
             url = "http://127.0.0.1:18080"
             wait_http(url + "/readyz", 60)
         try:
             for events in events_list:
                 result = measure(process, url, key, events, args.seconds, args.connections, args.rate)
                 result["scenario"] = scenario
+                result["round"] = round_number
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr)
                 if args.perf:
@@ -202,20 +216,29 @@ def main():
           % (os.cpu_count(), args.seconds, args.connections, args.server_threads or "one per core",
              args.loadgen_threads or "one per core",
              "open model, %.0f requests/s" % args.rate if args.rate else "closed model"))
-    print("%-12s %6s %12s %10s %9s %9s %10s %8s %s" % ("scenario", "ev/req", "events/s", "req/s", "p50 ms",
-                                                       "p99 ms", "cpu us/ev", "rss MiB", "statuses"))
+    print("%5s %-12s %6s %12s %10s %9s %9s %10s %8s %s" % ("round", "scenario", "ev/req", "events/s", "req/s",
+                                                             "p50 ms", "p99 ms", "cpu us/ev", "rss MiB", "statuses"))
     for r in rows:
-        print("%-12s %6d %12.0f %10.0f %9.2f %9.2f %10.3f %8.1f %s" % (
-            r["scenario"], r["events_per_request"], r["accepted_events_per_s"], r["requests_per_s"],
+        print("%5d %-12s %6d %12.0f %10.0f %9.2f %9.2f %10.3f %8.1f %s" % (
+            r["round"], r["scenario"], r["events_per_request"], r["accepted_events_per_s"], r["requests_per_s"],
             r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["cpu_us_per_event"], r["server_rss_mib"],
             json.dumps(r["statuses"])))
-    ceiling = {r["events_per_request"]: r for r in rows if r["scenario"] == "ceiling"}
+    # Each cell against the ceiling of its own round (the machine drifts between rounds).
+    ceiling = {(r["round"], r["events_per_request"]): r for r in rows if r["scenario"] == "ceiling"}
+    ratios = {}
     for r in rows:
-        base = ceiling.get(r["events_per_request"])
+        base = ceiling.get((r["round"], r["events_per_request"]))
         if r["scenario"] != "ceiling" and base and base["accepted_events_per_s"]:
-            print("%s at %d events/request: %.1f%% of the ceiling's events/s, %.2fx its CPU per request" % (
-                r["scenario"], r["events_per_request"], 100 * r["accepted_events_per_s"] / base["accepted_events_per_s"],
-                r["cpu_us_per_event"] / base["cpu_us_per_event"]))
+            ratio = r["cpu_us_per_event"] / base["cpu_us_per_event"]
+            ratios.setdefault((r["scenario"], r["events_per_request"]), []).append(ratio)
+            print("round %d, %s at %d events/request: %.1f%% of the ceiling's events/s, %.2fx its CPU per request" % (
+                r["round"], r["scenario"], r["events_per_request"],
+                100 * r["accepted_events_per_s"] / base["accepted_events_per_s"], ratio))
+    if args.rounds > 1:
+        for (scenario, events), values in ratios.items():
+            print("%s at %d events/request over %d rounds: median %.2fx the ceiling's CPU per request (%s)" % (
+                scenario, events, len(values), statistics.median(values),
+                ", ".join("%.2f" % v for v in values)))
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database])
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database + "_admin"])
     if "kafka" in scenarios:
