@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod control;
+mod cursor;
 pub mod event;
 pub mod keys;
 pub mod limits;

@@ -10,49 +10,49 @@ use serde_json::value::RawValue;
 use super::{Rejection, RejectionCode};
 use crate::event::Status;
 
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SdkTokens {
+pub(super) struct SdkTokens {
     #[serde(default)]
-    prompt_tokens: u64,
+    pub(super) prompt_tokens: u64,
     #[serde(default)]
-    completion_tokens: u64,
-    total_tokens: Option<u64>,
+    pub(super) completion_tokens: u64,
+    pub(super) total_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct SdkEvent<'a> {
     #[serde(borrow)]
-    timestamp: Cow<'a, str>,
+    pub(super) timestamp: Cow<'a, str>,
     #[serde(borrow)]
-    provider: Cow<'a, str>,
+    pub(super) provider: Cow<'a, str>,
     #[serde(borrow)]
-    model: Cow<'a, str>,
-    tokens: SdkTokens,
-    cost: Option<f64>,
+    pub(super) model: Cow<'a, str>,
+    pub(super) tokens: SdkTokens,
+    pub(super) cost: Option<f64>,
     #[serde(default)]
-    latency: f64,
+    pub(super) latency: f64,
     #[serde(borrow)]
-    status: Cow<'a, str>,
+    pub(super) status: Cow<'a, str>,
     #[serde(borrow, default)]
-    error: Option<Cow<'a, str>>,
+    pub(super) error: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    event_id: Option<Cow<'a, str>>,
+    pub(super) event_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    execution_id: Option<Cow<'a, str>>,
+    pub(super) execution_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    agent_id: Option<Cow<'a, str>>,
+    pub(super) agent_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    user_id: Option<Cow<'a, str>>,
+    pub(super) user_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    service: Option<Cow<'a, str>>,
+    pub(super) service: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    action: Option<Cow<'a, str>>,
+    pub(super) action: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    request_id: Option<Cow<'a, str>>,
+    pub(super) request_id: Option<Cow<'a, str>>,
     #[serde(default)]
-    metadata: Option<BTreeMap<String, String>>,
+    pub(super) metadata: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@
 //! event.
 
 mod dialects;
+mod fast;
 mod validate;
 
 use serde::Deserialize;
@@ -185,15 +186,14 @@ pub fn parse_batch<'a>(
     // Validating UTF-8 once for the whole body (an ASCII fast path) lets serde skip it per string.
     let text = std::str::from_utf8(body).ok();
     if let (Dialect::Sdk, Some(text)) = (dialect, text) {
-        if let Ok(typed) = serde_json::from_str::<TypedSdkBatch>(text) {
-            if typed.events.len() > MAX_EVENTS_PER_REQUEST {
-                return Err(BodyError::TooManyEvents {
-                    count: typed.events.len(),
-                    max: MAX_EVENTS_PER_REQUEST,
-                });
+        // The hand-written reader first (the common shape), serde's derive for everything else.
+        let typed = fast::sdk_batch(text)
+            .or_else(|| serde_json::from_str::<TypedSdkBatch>(text).ok().map(|batch| batch.events));
+        if let Some(events) = typed {
+            if events.len() > MAX_EVENTS_PER_REQUEST {
+                return Err(BodyError::TooManyEvents { count: events.len(), max: MAX_EVENTS_PER_REQUEST });
             }
-            let outcomes = typed
-                .events
+            let outcomes = events
                 .into_iter()
                 .enumerate()
                 .map(|(index, event)| {

@@ -1,0 +1,373 @@
+//! A reader of the common SDK batch: `{"events":[...]}` whose events hold only the SDK's fields,
+//! strings without escapes and numbers in their plain form. It returns `None` on anything else (an
+//! unknown or repeated field, an escape, a shape it does not know, a number it would not read
+//! exactly as serde does) and the caller then parses the body with serde, so it accepts nothing
+//! serde refuses and reads what it accepts the same way (tested against serde on generated
+//! bodies). On a 1-event request serde's derive was most of the parse's CPU.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use super::dialects::{SdkEvent, SdkTokens};
+use crate::cursor::Cursor;
+
+/// The events of an SDK batch, or `None` when the body is not in the shape this reader takes.
+pub(super) fn sdk_batch(text: &str) -> Option<Vec<SdkEvent<'_>>> {
+    let mut c = Cursor::new(text);
+    let mut events = None;
+    object(&mut c, |c, key| match key {
+        "events" if events.is_none() => {
+            events = Some(array(c, event)?);
+            Some(())
+        }
+        _ => None,
+    })?;
+    c.ws();
+    if c.at != text.len() {
+        return None;
+    }
+    events
+}
+
+/// Steps through an object (whitespace allowed around every token), calling `member` with the
+/// cursor on each member's value and its key; `member` reads the value or fails the object.
+fn object<'a>(
+    c: &mut Cursor<'a>,
+    mut member: impl FnMut(&mut Cursor<'a>, &'a str) -> Option<()>,
+) -> Option<()> {
+    c.ws();
+    c.expect(b"{")?;
+    c.ws();
+    if c.expect(b"}").is_some() {
+        return Some(());
+    }
+    loop {
+        let key = c.raw_str()?;
+        c.ws();
+        c.expect(b":")?;
+        c.ws();
+        member(c, key)?;
+        c.ws();
+        if c.expect(b",").is_none() {
+            return c.expect(b"}");
+        }
+        c.ws();
+    }
+}
+
+/// The items of an array, each read by `item`.
+fn array<'a, T>(c: &mut Cursor<'a>, item: impl Fn(&mut Cursor<'a>) -> Option<T>) -> Option<Vec<T>> {
+    c.expect(b"[")?;
+    c.ws();
+    let mut items = Vec::new();
+    if c.expect(b"]").is_some() {
+        return Some(items);
+    }
+    loop {
+        items.push(item(c)?);
+        c.ws();
+        if c.expect(b",").is_none() {
+            c.expect(b"]")?;
+            return Some(items);
+        }
+        c.ws();
+    }
+}
+
+/// `null` as `None`, else the value `read` reads.
+fn nullable<'a, T>(c: &mut Cursor<'a>, read: impl FnOnce(&mut Cursor<'a>) -> Option<T>) -> Option<Option<T>> {
+    if c.null().is_some() {
+        return Some(None);
+    }
+    read(c).map(Some)
+}
+
+/// A JSON number read as an `f64` exactly as serde_json reads it: a plain integer of at most 15
+/// digits is converted directly (serde_json converts the same u64 the same way); any other form
+/// (a sign, a fraction, an exponent) is handed to serde_json itself.
+fn number(c: &mut Cursor<'_>) -> Option<f64> {
+    let bytes = c.bytes();
+    let len =
+        bytes.iter().take_while(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')).count();
+    let token = &c.text[c.at..c.at + len];
+    let value = if len <= 15 && bytes[..len].iter().all(u8::is_ascii_digit) {
+        if len == 0 || (len > 1 && bytes[0] == b'0') {
+            return None;
+        }
+        c.unsigned()? as f64
+    } else {
+        let value = serde_json::from_str::<f64>(token).ok()?;
+        c.at += len;
+        value
+    };
+    Some(value)
+}
+
+/// Records `bit` in `seen`, failing when it was already there (serde refuses a repeated field).
+fn first_time(seen: &mut u32, bit: u32) -> Option<()> {
+    let mask = 1 << bit;
+    (*seen & mask == 0).then(|| *seen |= mask)
+}
+
+fn tokens(c: &mut Cursor<'_>) -> Option<SdkTokens> {
+    let (mut prompt, mut completion, mut total, mut seen) = (0, 0, None, 0);
+    object(c, |c, key| match key {
+        "promptTokens" => {
+            first_time(&mut seen, 0)?;
+            prompt = c.unsigned()?;
+            Some(())
+        }
+        "completionTokens" => {
+            first_time(&mut seen, 1)?;
+            completion = c.unsigned()?;
+            Some(())
+        }
+        "totalTokens" => {
+            first_time(&mut seen, 2)?;
+            total = nullable(c, Cursor::unsigned)?;
+            Some(())
+        }
+        _ => None,
+    })?;
+    Some(SdkTokens { prompt_tokens: prompt, completion_tokens: completion, total_tokens: total })
+}
+
+fn metadata(c: &mut Cursor<'_>) -> Option<BTreeMap<String, String>> {
+    let mut entries = BTreeMap::new();
+    object(c, |c, key| {
+        // A repeated key: the last value wins, as with serde's map.
+        entries.insert(key.to_owned(), c.raw_str()?.to_owned());
+        Some(())
+    })?;
+    Some(entries)
+}
+
+fn event<'a>(c: &mut Cursor<'a>) -> Option<SdkEvent<'a>> {
+    let (mut timestamp, mut provider, mut model, mut status) = (None, None, None, None);
+    let (mut tokens_read, mut cost, mut latency, mut metadata_read) = (None, None, None, None);
+    let mut optional: [Option<&'a str>; 8] = [None; 8];
+    let mut seen = 0u32;
+    object(c, |c, key| {
+        let slot = match key {
+            "timestamp" => &mut timestamp,
+            "provider" => &mut provider,
+            "model" => &mut model,
+            "status" => &mut status,
+            "tokens" => {
+                first_time(&mut seen, 4)?;
+                tokens_read = Some(tokens(c)?);
+                return Some(());
+            }
+            "cost" => {
+                first_time(&mut seen, 5)?;
+                cost = nullable(c, number)?;
+                return Some(());
+            }
+            "latency" => {
+                first_time(&mut seen, 6)?;
+                latency = Some(number(c)?);
+                return Some(());
+            }
+            "metadata" => {
+                first_time(&mut seen, 7)?;
+                metadata_read = nullable(c, metadata)?;
+                return Some(());
+            }
+            _ => {
+                let index = OPTIONAL.iter().position(|name| *name == key)?;
+                first_time(&mut seen, 8 + index as u32)?;
+                optional[index] = nullable(c, Cursor::raw_str)?;
+                return Some(());
+            }
+        };
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(c.raw_str()?);
+        Some(())
+    })?;
+    let [error, event_id, execution_id, agent_id, user_id, service, action, request_id] =
+        optional.map(|value| value.map(Cow::Borrowed));
+    Some(SdkEvent {
+        timestamp: Cow::Borrowed(timestamp?),
+        provider: Cow::Borrowed(provider?),
+        model: Cow::Borrowed(model?),
+        tokens: tokens_read?,
+        cost,
+        latency: latency.unwrap_or_default(),
+        status: Cow::Borrowed(status?),
+        error,
+        event_id,
+        execution_id,
+        agent_id,
+        user_id,
+        service,
+        action,
+        request_id,
+        metadata: metadata_read,
+    })
+}
+
+/// The SDK's optional string fields, in the order `event` unpacks them.
+const OPTIONAL: [&str; 8] =
+    ["error", "eventId", "executionId", "agentId", "userId", "service", "action", "requestId"];
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct Batch<'a> {
+        #[serde(borrow)]
+        events: Vec<SdkEvent<'a>>,
+    }
+
+    fn serde_batch(text: &str) -> Option<Vec<SdkEvent<'_>>> {
+        serde_json::from_str::<Batch>(text).ok().map(|batch| batch.events)
+    }
+
+    const LOADGEN_EVENT: &str = r#"{"agentId":null,"completionTokens":1,"error":null,"executionId":"exec-7","latency":4150,"model":"gpt-4o","provider":"openai","status":"success","timestamp":"2026-12-02T10:00:00.123Z","tokens":{"completionTokens":320,"promptTokens":1200,"totalTokens":1520},"userId":"user-7","cost":0.0062}"#;
+
+    #[test]
+    fn the_common_batches_take_the_fast_path() {
+        // The load generator's events (serde_json's compact output) and a pretty-printed batch.
+        let event = LOADGEN_EVENT.replace("\"completionTokens\":1,", "");
+        for body in [
+            format!(r#"{{"events":[{event}]}}"#),
+            format!(r#"{{"events":[{event},{event}]}}"#),
+            format!("{{\n  \"events\": [\n    {event} ,\n {event}\n  ]\n}}\n"),
+            r#"{"events":[]}"#.to_owned(),
+        ] {
+            let fast = sdk_batch(&body).unwrap_or_else(|| panic!("not read: {body}"));
+            assert_eq!(Some(fast), serde_batch(&body), "{body}");
+        }
+    }
+
+    #[test]
+    fn what_it_does_not_read_is_left_to_serde() {
+        let cases = [
+            // unknown field, repeated field, escape, integer with a fraction, bad shape
+            r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success","extra":1}]}"#,
+            r#"{"events":[{"timestamp":"t","timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success"}]}"#,
+            r#"{"events":[{"timestamp":"t","provider":"p\"q","model":"m","tokens":{},"status":"success"}]}"#,
+            r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{"promptTokens":1.0},"status":"success"}]}"#,
+            r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success"}],"more":1}"#,
+            r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success"}]} x"#,
+            r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success","latency":01}]}"#,
+        ];
+        for body in cases {
+            assert_eq!(sdk_batch(body), None, "{body}");
+        }
+    }
+
+    /// One member of a generated event: a known field in one of its forms, or something the fast
+    /// reader must refuse or read exactly as serde does.
+    fn member() -> impl Strategy<Value = String> {
+        let string = prop_oneof![
+            Just("\"openai\"".to_owned()),
+            Just("\"\"".to_owned()),
+            Just("\"gpt-4o \\u00e9\"".to_owned()),
+            Just("\"caf\u{e9} \u{1F600}\"".to_owned()),
+            Just("\"tab\there\"".to_owned()),
+            Just("null".to_owned()),
+            Just("12".to_owned()),
+            Just("\"2026-12-02T10:00:00Z\"".to_owned()),
+        ];
+        let number = prop_oneof![
+            (0u64..100_000).prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| f.to_string()),
+            (0.0f64..10.0).prop_map(|f| format!("{f}")),
+            Just("1e3".to_owned()),
+            Just("-0".to_owned()),
+            Just("0.1E-2".to_owned()),
+            Just("007".to_owned()),
+            Just("123456789012345678901234".to_owned()),
+            Just("null".to_owned()),
+            Just("\"5\"".to_owned()),
+        ];
+        let tokens = (
+            proptest::option::of(number.clone()),
+            proptest::option::of(number.clone()),
+            proptest::option::of(number.clone()),
+        )
+            .prop_map(|(p, c, t)| {
+                let mut parts = Vec::new();
+                if let Some(p) = p {
+                    parts.push(format!("\"promptTokens\":{p}"));
+                }
+                if let Some(c) = c {
+                    parts.push(format!("\"completionTokens\" : {c}"));
+                }
+                if let Some(t) = t {
+                    parts.push(format!("\"totalTokens\":{t}"));
+                }
+                format!("{{{}}}", parts.join(","))
+            });
+        let metadata = prop_oneof![
+            Just("{}".to_owned()),
+            Just("null".to_owned()),
+            Just(r#"{"a":"1","b":"2","a":"3"}"#.to_owned()),
+            Just(r#"{"a":1}"#.to_owned()),
+        ];
+        // A `&str` strategy is a regex: one of the names.
+        prop_oneof![
+            ("timestamp|provider|model|status|error|eventId|executionId|agentId|userId|service|action|requestId|other",
+             string.clone()),
+            ("cost|latency", number),
+            ("tokens", tokens),
+            ("metadata", metadata),
+            ("status", prop_oneof![Just("\"success\"".to_owned()), Just("\"error\"".to_owned())]),
+        ]
+        .prop_map(|(name, value)| format!("\"{name}\":{value}"))
+    }
+
+    fn required() -> Vec<String> {
+        vec![
+            "\"timestamp\":\"2026-12-02T10:00:00Z\"".to_owned(),
+            "\"provider\":\"openai\"".to_owned(),
+            "\"model\":\"gpt-4o\"".to_owned(),
+            "\"tokens\":{\"promptTokens\":3}".to_owned(),
+            "\"status\":\"success\"".to_owned(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+        /// Whatever the fast reader reads, serde reads the same; and a body of valid members in
+        /// their plain forms is read by the fast reader (it does not just give up).
+        #[test]
+        fn it_reads_what_serde_reads(
+            extra in proptest::collection::vec(member(), 0..6),
+            keep in proptest::collection::vec(proptest::bool::weighted(0.9), 5),
+            spaces in any::<bool>(),
+            events in 1usize..3,
+        ) {
+            let mut members: Vec<String> =
+                required().into_iter().zip(&keep).filter(|(_, k)| **k).map(|(m, _)| m).collect();
+            members.extend(extra);
+            let separator = if spaces { " ,\n " } else { "," };
+            let event = format!("{{{}}}", members.join(separator));
+            let body = format!("{{\"events\":[{}]}}", vec![event; events].join(","));
+            if let Some(fast) = sdk_batch(&body) {
+                prop_assert_eq!(Some(fast), serde_batch(&body), "{}", body);
+            }
+        }
+
+        #[test]
+        fn plain_events_are_read(
+            latency in 0u64..1_000_000_000_000_000,
+            cost in 0.0f64..1000.0,
+            prompt in any::<u64>(),
+            user in "[a-z0-9-]{0,20}",
+        ) {
+            let body = format!(
+                r#"{{"events":[{{"timestamp":"2026-12-02T10:00:00Z","provider":"openai","model":"gpt-4o","tokens":{{"promptTokens":{prompt}}},"status":"error","latency":{latency},"cost":{cost},"userId":"{user}","metadata":{{"k":"v"}}}}]}}"#
+            );
+            let fast = sdk_batch(&body);
+            prop_assert!(fast.is_some(), "{}", body);
+            prop_assert_eq!(fast, serde_batch(&body));
+        }
+    }
+}
