@@ -4,40 +4,69 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use axum::body::Bytes;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
 use tokio_util::sync::CancellationToken;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 
 /// The request id of the current request: the caller's `X-Request-Id` when it is sane, else a new
-/// UUIDv7. Available to handlers as an extension and echoed on the response.
+/// UUIDv7. Available to handlers as an extension and echoed on the response. It is kept as the
+/// header value it is echoed as (a clone is a reference count, no copy).
 #[derive(Debug, Clone)]
-pub struct RequestId(pub Arc<str>);
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// A fixed id (tests, and work that no request started). Panics if it is not a valid header value.
+    pub const fn from_static(id: &'static str) -> Self {
+        RequestId(HeaderValue::from_static(id))
+    }
+
+    /// The id as text (always visible ASCII: checked or generated so).
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// The request id of `request`: the caller's `X-Request-Id` when it is sane, else a new UUIDv7.
-fn request_id(request: &Request) -> Arc<str> {
-    request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(Arc::from)
-        .unwrap_or_else(|| {
-            // Thread-local RNG: no syscall and no global lock per request (uuid's now_v7 has both).
-            let id = tally_schemas::parse::new_v7(chrono::Utc::now().timestamp_millis());
-            Arc::from(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()) as &str)
-        })
+fn request_id(request: &Request) -> RequestId {
+    let sane = |v: &&HeaderValue| {
+        let bytes = v.as_bytes();
+        !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic)
+    };
+    if let Some(given) = request.headers().get(REQUEST_ID).filter(sane) {
+        return RequestId(given.clone());
+    }
+    // Thread-local RNG: no syscall and no global lock per request (uuid's now_v7 has both).
+    let id = tally_schemas::parse::new_v7(chrono::Utc::now().timestamp_millis());
+    let text = id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes().to_vec();
+    // A hyphenated UUID is always a valid header value.
+    RequestId(
+        HeaderValue::from_maybe_shared(Bytes::from(text)).unwrap_or(HeaderValue::from_static("unknown")),
+    )
 }
 
 /// The layer that gives each request its id (an extension for the handlers, echoed on the
@@ -59,14 +88,52 @@ impl<S> tower::Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
-        Observe { inner, metrics: Arc::clone(&self.metrics) }
+        let handles = RouteHandles {
+            metrics: Arc::clone(&self.metrics),
+            duration: OnceLock::new(),
+            requests: OnceLock::new(),
+        };
+        Observe { inner, handles: Arc::new(handles) }
     }
 }
 
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
+    handles: Arc<RouteHandles>,
+}
+
+/// The metric handles of one layered service (axum layers each route on its own), resolved on its
+/// first request and reused while its labels stay the same: `with_label_values` hashes the labels
+/// and takes a lock on every call, which showed in the ingest's per-request profile. Other labels
+/// (another status, the fallback's routes) are looked up as before.
+pub struct RouteHandles {
     metrics: Arc<HttpMetrics>,
+    duration: OnceLock<(String, Histogram)>,
+    requests: OnceLock<(String, axum::http::Method, StatusCode, IntCounter)>,
+}
+
+impl RouteHandles {
+    fn observe(&self, route: &str, method: &axum::http::Method, status: StatusCode, seconds: f64) {
+        match self.duration.get() {
+            Some((cached, histogram)) if cached == route => histogram.observe(seconds),
+            _ => {
+                let histogram = self.metrics.duration.with_label_values(&[route]);
+                histogram.observe(seconds);
+                // The first route seen stays cached; a later different one is looked up each time.
+                let _ = self.duration.set((route.to_owned(), histogram));
+            }
+        }
+        match self.requests.get() {
+            Some((r, m, s, counter)) if r == route && m == method && *s == status => counter.inc(),
+            _ => {
+                let counter =
+                    self.metrics.requests.with_label_values(&[route, method.as_str(), status.as_str()]);
+                counter.inc();
+                let _ = self.requests.set((route.to_owned(), method.clone(), status, counter));
+            }
+        }
+    }
 }
 
 impl<S> tower::Service<Request> for Observe<S>
@@ -83,13 +150,13 @@ where
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         let id = request_id(&request);
-        request.extensions_mut().insert(RequestId(Arc::clone(&id)));
+        request.extensions_mut().insert(id.clone());
         let observed = Observed {
             id,
             route: request.extensions().get::<MatchedPath>().cloned(),
             method: request.method().clone(),
             started: Instant::now(),
-            metrics: Arc::clone(&self.metrics),
+            handles: Arc::clone(&self.handles),
         };
         ObserveFuture { inner: self.inner.call(request), observed: Some(observed) }
     }
@@ -97,11 +164,11 @@ where
 
 /// What the layer keeps of a request until its response.
 struct Observed {
-    id: Arc<str>,
+    id: RequestId,
     route: Option<MatchedPath>,
     method: axum::http::Method,
     started: Instant,
-    metrics: Arc<HttpMetrics>,
+    handles: Arc<RouteHandles>,
 }
 
 pin_project_lite::pin_project! {
@@ -119,13 +186,10 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for ObserveFuture<
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(mut response) = std::task::ready!(this.inner.poll(cx));
-        if let Some(Observed { id, route, method, started, metrics }) = this.observed.take() {
+        if let Some(Observed { id, route, method, started, handles }) = this.observed.take() {
             let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-            metrics.duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
-            metrics.requests.with_label_values(&[route, method.as_str(), response.status().as_str()]).inc();
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                response.headers_mut().insert(REQUEST_ID, value);
-            }
+            handles.observe(route, &method, response.status(), started.elapsed().as_secs_f64());
+            response.headers_mut().insert(REQUEST_ID, id.0);
         }
         Poll::Ready(Ok(response))
     }
@@ -305,7 +369,13 @@ mod tests {
     fn app(registry: &Registry) -> Router {
         let metrics = HttpMetrics::register(registry).unwrap();
         Router::new()
-            .route("/things/{id}", get(|Extension(id): Extension<RequestId>| async move { id.0.to_string() }))
+            .route("/things/{id}", get(|Extension(id): Extension<RequestId>| async move { id.to_string() }))
+            .route(
+                "/answer/{code}",
+                get(|axum::extract::Path(code): axum::extract::Path<u16>| async move {
+                    StatusCode::from_u16(code).unwrap()
+                }),
+            )
             .layer(ObserveLayer::new(metrics))
     }
 
@@ -385,5 +455,23 @@ mod tests {
             2.0
         );
         assert_eq!(metric(&registry, requests, &[("route", "/things/1")]), 0.0);
+    }
+
+    #[tokio::test]
+    async fn each_status_of_a_route_is_counted_under_its_own_label() {
+        // The first answer's handles are cached; the others must still land on their own labels.
+        let registry = Registry::new();
+        let app = app(&registry);
+        for code in [202, 429, 202, 503, 429, 202] {
+            call(&app, &format!("/answer/{code}"), None).await;
+        }
+        let requests = "tally_http_requests_total";
+        for (status, count) in [("202", 3.0), ("429", 2.0), ("503", 1.0)] {
+            let labels = [("route", "/answer/{code}"), ("method", "GET"), ("status", status)];
+            assert_eq!(metric(&registry, requests, &labels), count, "status {status}");
+        }
+        let durations =
+            metric(&registry, "tally_http_request_duration_seconds", &[("route", "/answer/{code}")]);
+        assert_eq!(durations, 6.0);
     }
 }

@@ -1,8 +1,9 @@
 //! The ingest's whole-request errors and the one place that maps them to HTTP responses.
 
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
 use tally_schemas::parse::BodyError;
@@ -114,11 +115,45 @@ const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit")
 const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-pub fn rate_limit_headers(headers: &mut axum::http::HeaderMap, admission: &crate::ratelimit::Admission) {
-    let reset = admission.reset_after.as_secs() + u64::from(admission.reset_after.subsec_nanos() > 0);
-    headers.insert(RATELIMIT_LIMIT, HeaderValue::from(admission.limit));
-    headers.insert(RATELIMIT_REMAINING, HeaderValue::from(admission.remaining));
-    headers.insert(RATELIMIT_RESET, HeaderValue::from(reset));
+/// The three rate-limit header values, written as text at the end of `buf` (which may hold the
+/// response's body before them), so that the body and the values share one allocation.
+pub struct RateLimitValues {
+    ends: [usize; 4],
+}
+
+impl RateLimitValues {
+    pub fn write(admission: &crate::ratelimit::Admission, buf: &mut BytesMut) -> Self {
+        let reset = admission.reset_after.as_secs() + u64::from(admission.reset_after.subsec_nanos() > 0);
+        let mut digits = itoa::Buffer::new();
+        let start = buf.len();
+        buf.extend_from_slice(digits.format(admission.limit).as_bytes());
+        let limit_end = buf.len();
+        buf.extend_from_slice(digits.format(admission.remaining).as_bytes());
+        let remaining_end = buf.len();
+        buf.extend_from_slice(digits.format(reset).as_bytes());
+        RateLimitValues { ends: [start, limit_end, remaining_end, buf.len()] }
+    }
+
+    /// Inserts the headers, each value a slice of `bytes` (the frozen `buf` of `write`).
+    pub fn insert(&self, bytes: &Bytes, headers: &mut HeaderMap) {
+        let [start, limit_end, remaining_end, end] = self.ends;
+        for (name, range) in [
+            (RATELIMIT_LIMIT, start..limit_end),
+            (RATELIMIT_REMAINING, limit_end..remaining_end),
+            (RATELIMIT_RESET, remaining_end..end),
+        ] {
+            // Decimal digits are always a valid header value.
+            if let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(range)) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+pub fn rate_limit_headers(headers: &mut HeaderMap, admission: &crate::ratelimit::Admission) {
+    let mut buf = BytesMut::with_capacity(32);
+    let values = RateLimitValues::write(admission, &mut buf);
+    values.insert(&buf.freeze(), headers);
 }
 
 impl IntoResponse for IngestError {

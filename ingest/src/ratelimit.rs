@@ -46,7 +46,8 @@ pub struct Admission {
 
 pub struct OrgLimits {
     replicas: u32,
-    by_org: RwLock<HashMap<Arc<str>, OrgLimiter>>,
+    /// Keyed by org id (server-made, never from a request body): a fast non-keyed hash.
+    by_org: RwLock<HashMap<Arc<str>, OrgLimiter, rustc_hash::FxBuildHasher>>,
 }
 
 fn share(value: u32, replicas: u32) -> NonZeroU32 {
@@ -55,7 +56,7 @@ fn share(value: u32, replicas: u32) -> NonZeroU32 {
 
 impl OrgLimits {
     pub fn new(replicas: u32) -> Self {
-        OrgLimits { replicas: replicas.max(1), by_org: RwLock::new(HashMap::new()) }
+        OrgLimits { replicas: replicas.max(1), by_org: RwLock::new(HashMap::default()) }
     }
 
     /// The limiter for the org's current plan; replaced when the plan or override changes.

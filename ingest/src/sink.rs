@@ -15,6 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tally_common::config::KafkaSecurity;
 use tally_common::kafka::BootstrapGuard;
+use tally_common::server::RequestId;
 use tally_schemas::record::{HEADER_EVENTS, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +46,7 @@ pub trait EventSink: Send + Sync + 'static {
         key: Arc<str>,
         payload: Vec<u8>,
         events: usize,
-        request_id: Arc<str>,
+        request_id: RequestId,
     ) -> BoxFuture<'static, Result<(), SinkError>>;
     /// Is the event store reachable right now?
     fn is_available(&self) -> bool;
@@ -304,7 +305,7 @@ impl EventSink for KafkaSink {
         key: Arc<str>,
         payload: Vec<u8>,
         events: usize,
-        request_id: Arc<str>,
+        request_id: RequestId,
     ) -> BoxFuture<'static, Result<(), SinkError>> {
         let producer = self.producer();
         let topic_name = match topic {
@@ -318,7 +319,7 @@ impl EventSink for KafkaSink {
             let started = Instant::now();
             let mut headers = OwnedHeaders::new()
                 .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(SCHEMA_VERSION) })
-                .insert(Header { key: HEADER_REQUEST_ID, value: Some(request_id.as_ref()) });
+                .insert(Header { key: HEADER_REQUEST_ID, value: Some(request_id.as_str()) });
             if topic == Topic::Events {
                 let count = events.to_string();
                 headers = headers.insert(Header { key: HEADER_EVENTS, value: Some(count.as_str()) });
@@ -367,7 +368,7 @@ impl EventSink for DiscardSink {
         _: Arc<str>,
         _: Vec<u8>,
         _: usize,
-        _: Arc<str>,
+        _: RequestId,
     ) -> BoxFuture<'static, Result<(), SinkError>> {
         Box::pin(std::future::ready(Ok(())))
     }
@@ -407,7 +408,8 @@ mod tests {
     }
 
     async fn send(sink: &KafkaSink) -> Result<(), SinkError> {
-        sink.produce(Topic::Events, Arc::from("org"), b"{}".to_vec(), 1, Arc::from("request")).await
+        sink.produce(Topic::Events, Arc::from("org"), b"{}".to_vec(), 1, RequestId::from_static("request"))
+            .await
     }
 
     #[test]
