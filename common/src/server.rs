@@ -334,12 +334,13 @@ where
 /// The API key of a request: `X-API-Key`, else the token of `Authorization: Bearer`.
 pub fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
     const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    // `to_str` only passes visible ASCII, spaces and tabs, so ASCII trimming is all there is to do.
     if let Some(value) = headers.get(API_KEY).and_then(|v| v.to_str().ok()) {
-        return Some(value.trim());
+        return Some(value.trim_ascii());
     }
     let authorization = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = authorization.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_ascii())
 }
 
 /// Why a service's `run` stopped with an error: a dependency it could not set up at start, or the

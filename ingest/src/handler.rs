@@ -62,6 +62,9 @@ pub async fn ingest_analytics(
 
 fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        if content_type.as_bytes() == b"application/json" {
+            return Ok(()); // what every SDK sends: no parsing of parameters and case
+        }
         let essence = content_type.to_str().unwrap_or("").split(';').next().unwrap_or("").trim();
         if !essence.eq_ignore_ascii_case("application/json") {
             return Err(IngestError::Unsupported(UnsupportedMedia::ContentType(essence.to_owned())));
