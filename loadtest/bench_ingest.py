@@ -26,6 +26,9 @@ Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,10
        loadtest/bench_ingest.py --sustain EVENTS_PER_S [--seconds 300] [--events 1000]
          the kafka scenario in an open model: requests scheduled at a fixed rate, latency measured
          from each request's scheduled start (no coordinated omission)
+       loadtest/bench_ingest.py --instructions [--events 1] [--scenarios ceiling,discard[,baseline]]
+         each server's user-space instructions per request under valgrind's callgrind (one worker):
+         the own work per request counted exactly, where CPU time on a shared machine drifts
        loadtest/bench_ingest.py ... --perf DIR
          after each measured cell, a separate run of the same cell under `perf record -e cpu-clock
          -g` (DWARF call graphs, 499 Hz; not the measured run, which perf would slow), written to
@@ -37,10 +40,13 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,13 +68,18 @@ def rss_mib(pid):
     return 0.0
 
 
-def wait_http(url, seconds=30):
+def wait_http(url, seconds=30, any_status=False):
+    """Waits until `url` answers 200 (or, with any_status, answers at all: the ceiling has no GET)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+            time.sleep(0.1)
         except Exception:
             time.sleep(0.1)
     raise SystemExit("not answering: " + url)
@@ -168,9 +179,13 @@ def main():
                         help="run the scenarios this many times in turn; ratios per round and their median")
     parser.add_argument("--baseline", default="",
                         help="directory of another build's tally-ingest: scenario 'baseline' runs it (discard sink)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instead of timing: user-space instructions per request of each server under callgrind")
     args = parser.parse_args()
     if args.sustain:
         return sustain(args)
+    if args.instructions:
+        return instructions(args)
     events_list = [int(e) for e in args.events.split(",")]
     scenarios = args.scenarios.split(",")
 
@@ -243,6 +258,59 @@ def main():
     subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + database + "_admin"])
     if "kafka" in scenarios:
         delete_topic(topic)
+
+
+def instructions(args):
+    """Each server's own work per request, counted exactly: the user-space instructions it executes
+    (valgrind's callgrind, one runtime worker, counters zeroed after a warm-up) divided by the
+    requests it answered. Deterministic where CPU time on a shared machine is not; it leaves out
+    the kernel (the sockets, the wake-ups), which the timed runs include."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    database = "tally_bench_%08x" % random.getrandbits(32)
+    key = bench_org(database)
+    out_dir = tempfile.mkdtemp(prefix="tally-callgrind-")
+    env = {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_LISTEN_ADDR": "127.0.0.1:18080", "TALLY_SINK": "discard",
+           "TOKIO_WORKER_THREADS": "1"}
+    cells = []
+    try:
+        for scenario in [s for s in args.scenarios.split(",") if s in ("ceiling", "discard", "baseline")]:
+            for events in [int(e) for e in args.events.split(",")]:
+                if scenario == "ceiling":
+                    binary, cmd_args, url = "tally-ceiling", ["127.0.0.1:18090"], "http://127.0.0.1:18090"
+                else:
+                    binary, cmd_args, url = "tally-ingest", [], "http://127.0.0.1:18080"
+                path = os.path.join(args.baseline if scenario == "baseline" else BIN, binary)
+                log = open(os.path.join(ROOT, ".dev", "log", "bench-callgrind.log"), "a")
+                process = subprocess.Popen(
+                    ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.path.join(out_dir, "%s-%d.%%p" % (scenario, events)),
+                     path, *cmd_args], env=dict(os.environ, TALLY_LOG="warn", TALLY_LOG_FORMAT="json", **env),
+                    stdout=log, stderr=log)
+                try:
+                    wait_http(url + ("/v1/ingest" if scenario == "ceiling" else "/readyz"), 120, any_status=True)
+                    loadgen(url, key, events, 3, 4)  # warm-up
+                    subprocess.run(["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True)
+                    result = loadgen(url, key, events, args.seconds, 4)
+                    subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
+                finally:
+                    stop(process)
+                dump = os.path.join(out_dir, "%s-%d.%d.1" % (scenario, events, process.pid))
+                total = next(int(line.split()[1]) for line in open(dump) if line.startswith(("summary:", "totals:")))
+                cells.append((scenario, events, result["requests"], total / max(1, result["requests"])))
+                print("%s at %d events/request: %d requests, %.0f instructions per request" % cells[-1], file=sys.stderr)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for name in (database, database + "_admin"):
+            subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + name])
+    print("\nnproc=%d  user-space instructions per request under callgrind (one runtime worker; kernel not counted)"
+          % os.cpu_count())
+    print("%-10s %6s %10s %14s %12s %14s" % ("scenario", "ev/req", "requests", "instr/request", "x ceiling", "above ceiling"))
+    ceiling = {events: per for scenario, events, _, per in cells if scenario == "ceiling"}
+    for scenario, events, requests, per in cells:
+        base = ceiling.get(events)
+        print("%-10s %6d %10d %14.0f %12s %14s" % (scenario, events, requests, per,
+                                                    "%.2f" % (per / base) if base else "-",
+                                                    "%.0f" % (per - base) if base else "-"))
 
 
 def sustain(args):
