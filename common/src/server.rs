@@ -107,7 +107,7 @@ pub struct Observe<S> {
 /// first request and reused while its labels stay the same: `with_label_values` hashes the labels
 /// and takes a lock on every call, which showed in the ingest's per-request profile. Other labels
 /// (another status, the fallback's routes) are looked up as before.
-pub struct RouteHandles {
+struct RouteHandles {
     metrics: Arc<HttpMetrics>,
     duration: OnceLock<(String, Histogram)>,
     requests: OnceLock<(String, axum::http::Method, StatusCode, IntCounter)>,
