@@ -50,10 +50,26 @@ pub async fn migrate(config: &ChConfig) -> Result<Vec<u32>, MigrateError> {
     }
     acquire_lock(config).await?;
     let result = apply_missing(config).await;
-    let released = client.query(&format!("DROP TABLE IF EXISTS {db}.schema_migrations_lock")).execute().await;
+    let released = drop_lock(config).await;
     let applied = result?;
     released?;
     Ok(applied)
+}
+
+/// Drops the lock table. 18.16 can answer UNKNOWN_TABLE even to `DROP TABLE IF EXISTS` when it
+/// races another runner's failing `CREATE` of the same table (seen once in a CI run); the drop is
+/// then tried again, so the lock is never left behind for the stale-lock timeout to clear.
+async fn drop_lock(config: &ChConfig) -> Result<(), MigrateError> {
+    let drop = format!("DROP TABLE IF EXISTS {}.schema_migrations_lock", config.database);
+    let mut attempts = 0;
+    loop {
+        match config.client().query(&drop).execute().await {
+            Ok(()) => return Ok(()),
+            Err(e) if error_code(&e) == Some(CODE_UNKNOWN_TABLE) && attempts < 20 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn acquire_lock(config: &ChConfig) -> Result<(), MigrateError> {
@@ -77,7 +93,7 @@ async fn acquire_lock(config: &ChConfig) -> Result<(), MigrateError> {
             .await?;
         if age.is_some_and(|seconds| seconds > STALE_LOCK_AFTER_S) {
             tracing::warn!(database = %db, "breaking a stale migration lock");
-            client.query(&format!("DROP TABLE IF EXISTS {db}.schema_migrations_lock")).execute().await?;
+            drop_lock(config).await?;
             continue;
         }
         if started.elapsed() > LOCK_WAIT {
