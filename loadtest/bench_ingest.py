@@ -28,7 +28,8 @@ Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,10
          from each request's scheduled start (no coordinated omission)
        loadtest/bench_ingest.py --instructions [--events 1] [--scenarios ceiling,discard[,baseline]]
          each server's user-space instructions per request under valgrind's callgrind (one worker):
-         the own work per request counted exactly, where CPU time on a shared machine drifts
+         the own work per request counted exactly, where CPU time on a shared machine drifts;
+         --keep DIR keeps the dumps (callgrind_annotate DIR/discard-1.<pid>.1 shows where it goes)
        loadtest/bench_ingest.py ... --perf DIR
          after each measured cell, a separate run of the same cell under `perf record -e cpu-clock
          -g` (DWARF call graphs, 499 Hz; not the measured run, which perf would slow), written to
@@ -59,6 +60,25 @@ ADMIN = "bench-admin-token-%016x" % random.getrandbits(64)
 def cpu_seconds(pid):
     fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def system_seconds(pid):
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / CLOCK_TICKS  # stime: the kernel's part
+
+
+def context_switches(pid):
+    """Voluntary + involuntary context switches of all the process's threads so far: a thread that
+    parks for want of work and is woken again costs kernel time the request pays for."""
+    total = 0
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            for line in open("/proc/%d/task/%s/status" % (pid, task)):
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    total += int(line.split()[1])
+        except OSError:
+            pass  # the thread ended meanwhile
+    return total
 
 
 def rss_mib(pid):
@@ -138,9 +158,11 @@ def loadgen(url, key, events, seconds, connections, rate=0.0):
 
 def measure(process, url, key, events, seconds, connections, rate=0.0):
     loadgen(url, key, events, 2, connections, rate)  # warm-up: connections, allocator, caches
-    before = cpu_seconds(process.pid)
+    before = cpu_seconds(process.pid), system_seconds(process.pid), context_switches(process.pid)
     result = loadgen(url, key, events, seconds, connections, rate)
-    result["server_cpu_s"] = cpu_seconds(process.pid) - before
+    result["server_cpu_s"] = cpu_seconds(process.pid) - before[0]
+    result["server_system_share"] = (system_seconds(process.pid) - before[1]) / max(1e-9, result["server_cpu_s"])
+    result["switches_per_request"] = (context_switches(process.pid) - before[2]) / max(1, result["requests"])
     result["server_rss_mib"] = rss_mib(process.pid)
     accepted = result["accepted_events_per_s"] * result["seconds"]
     result["cpu_us_per_event"] = result["server_cpu_s"] * 1e6 / accepted if accepted else float("nan")
@@ -175,6 +197,8 @@ def main():
     parser.add_argument("--server-threads", type=int, default=0, help="worker threads of the server under test")
     parser.add_argument("--loadgen-threads", type=int, default=0, help="worker threads of the load generator")
     parser.add_argument("--perf", default="", help="also profile each cell with perf into this directory")
+    parser.add_argument("--keep", default="",
+                        help="with --instructions: keep the callgrind dumps in this directory (for callgrind_annotate)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the scenarios this many times in turn; ratios per round and their median")
     parser.add_argument("--baseline", default="",
@@ -231,12 +255,14 @@ def main():
           % (os.cpu_count(), args.seconds, args.connections, args.server_threads or "one per core",
              args.loadgen_threads or "one per core",
              "open model, %.0f requests/s" % args.rate if args.rate else "closed model"))
-    print("%5s %-12s %6s %12s %10s %9s %9s %10s %8s %s" % ("round", "scenario", "ev/req", "events/s", "req/s",
-                                                             "p50 ms", "p99 ms", "cpu us/ev", "rss MiB", "statuses"))
+    print("%5s %-12s %6s %12s %10s %9s %9s %10s %6s %8s %8s %s" % (
+        "round", "scenario", "ev/req", "events/s", "req/s", "p50 ms", "p99 ms", "cpu us/ev", "sys %", "cs/req",
+        "rss MiB", "statuses"))
     for r in rows:
-        print("%5d %-12s %6d %12.0f %10.0f %9.2f %9.2f %10.3f %8.1f %s" % (
+        print("%5d %-12s %6d %12.0f %10.0f %9.2f %9.2f %10.3f %6.0f %8.3f %8.1f %s" % (
             r["round"], r["scenario"], r["events_per_request"], r["accepted_events_per_s"], r["requests_per_s"],
-            r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["cpu_us_per_event"], r["server_rss_mib"],
+            r["latency_ms"]["p50"], r["latency_ms"]["p99"], r["cpu_us_per_event"], 100 * r["server_system_share"],
+            r["switches_per_request"], r["server_rss_mib"],
             json.dumps(r["statuses"])))
     # Each cell against the ceiling of its own round (the machine drifts between rounds).
     ceiling = {(r["round"], r["events_per_request"]): r for r in rows if r["scenario"] == "ceiling"}
@@ -269,7 +295,8 @@ def instructions(args):
         raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
     database = "tally_bench_%08x" % random.getrandbits(32)
     key = bench_org(database)
-    out_dir = tempfile.mkdtemp(prefix="tally-callgrind-")
+    out_dir = args.keep or tempfile.mkdtemp(prefix="tally-callgrind-")
+    os.makedirs(out_dir, exist_ok=True)
     env = {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_LISTEN_ADDR": "127.0.0.1:18080", "TALLY_SINK": "discard",
            "TOKIO_WORKER_THREADS": "1"}
     cells = []
@@ -299,7 +326,8 @@ def instructions(args):
                 cells.append((scenario, events, result["requests"], total / max(1, result["requests"])))
                 print("%s at %d events/request: %d requests, %.0f instructions per request" % cells[-1], file=sys.stderr)
     finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(out_dir, ignore_errors=True)
         for name in (database, database + "_admin"):
             subprocess.run(["curl", "-s", "-o", "/dev/null", "http://127.0.0.1:8123/", "--data", "DROP DATABASE IF EXISTS " + name])
     print("\nnproc=%d  user-space instructions per request under callgrind (one runtime worker; kernel not counted)"
