@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod keyset;
 pub mod migrate;
 pub mod prices;
+pub mod scratch;
 pub mod server;
 pub mod snapshot;
 pub mod telemetry;

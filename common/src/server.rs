@@ -8,7 +8,6 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::body::Bytes;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +24,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID_HEADER);
 
 /// The request id of the current request: the caller's `X-Request-Id` when it is sane, else a new
 /// UUIDv7. Available to handlers as an extension and echoed on the response. It is kept as the
-/// header value it is echoed as (a clone is a reference count, no copy).
+/// header value it is echoed as: the caller's is a slice of the request as read, a generated one a
+/// slice of a per-thread chunk (`scratch`), so a clone is a reference count, no copy and no allocation.
 #[derive(Debug, Clone)]
 pub struct RequestId(HeaderValue);
 
@@ -62,11 +62,11 @@ fn request_id(request: &Request) -> RequestId {
     }
     // Thread-local RNG: no syscall and no global lock per request (uuid's now_v7 has both).
     let id = tally_schemas::parse::new_v7(chrono::Utc::now().timestamp_millis());
-    let text = id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes().to_vec();
+    let (text, ()) = crate::scratch::bytes_from(uuid::fmt::Hyphenated::LENGTH, |buf| {
+        buf.extend_from_slice(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes())
+    });
     // A hyphenated UUID is always a valid header value.
-    RequestId(
-        HeaderValue::from_maybe_shared(Bytes::from(text)).unwrap_or(HeaderValue::from_static("unknown")),
-    )
+    RequestId(HeaderValue::from_maybe_shared(text).unwrap_or(HeaderValue::from_static("unknown")))
 }
 
 /// The layer that gives each request its id (an extension for the handlers, echoed on the

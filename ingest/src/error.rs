@@ -151,9 +151,8 @@ impl RateLimitValues {
 }
 
 pub fn rate_limit_headers(headers: &mut HeaderMap, admission: &crate::ratelimit::Admission) {
-    let mut buf = BytesMut::with_capacity(32);
-    let values = RateLimitValues::write(admission, &mut buf);
-    values.insert(&buf.freeze(), headers);
+    let (bytes, values) = tally_common::scratch::bytes_from(32, |buf| RateLimitValues::write(admission, buf));
+    values.insert(&bytes, headers);
 }
 
 impl IntoResponse for IngestError {

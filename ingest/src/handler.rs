@@ -13,12 +13,13 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use bytes::{BufMut, BytesMut};
+use bytes::BufMut;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use prometheus::IntCounter;
 use serde::Serialize;
 use tally_common::keyset::OrgInfo;
+use tally_common::scratch;
 use tally_common::server::{presented_key, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
 use tally_schemas::parse::{derived_event_id, parse_batch, Batch, Dialect, RequestContext};
@@ -263,26 +264,31 @@ async fn handle(
     Ok(accepted_response(&body, &admission))
 }
 
-/// The 202: its JSON body and its rate-limit header values are written into one buffer and shared
-/// from it (one allocation where a `Json` body and three `HeaderValue`s took four).
+/// The 202: its JSON body and its rate-limit header values are written one after the other into
+/// the thread's scratch chunk and shared from it (no allocation of their own, where a `Json` body
+/// and three `HeaderValue`s took four).
 fn accepted_response(body: &Accepted, admission: &Admission) -> Response {
-    let mut buf = BytesMut::with_capacity(128);
-    if body.rejected.is_empty() {
-        // The common answer, written directly (what serde writes for it, byte for byte).
-        buf.extend_from_slice(b"{\"accepted\":");
-        buf.extend_from_slice(itoa::Buffer::new().format(body.accepted).as_bytes());
-        buf.extend_from_slice(b",\"message\":\"");
-        buf.extend_from_slice(body.message.as_bytes());
-        buf.extend_from_slice(b"\"}");
-    } else if serde_json::to_writer((&mut buf).writer(), body).is_err() {
+    let (bytes, (written, body_end, values)) = scratch::bytes_from(128, |buf| {
+        let written = if body.rejected.is_empty() {
+            // The common answer, written directly (what serde writes for it, byte for byte).
+            buf.extend_from_slice(b"{\"accepted\":");
+            buf.extend_from_slice(itoa::Buffer::new().format(body.accepted).as_bytes());
+            buf.extend_from_slice(b",\"message\":\"");
+            buf.extend_from_slice(body.message.as_bytes());
+            buf.extend_from_slice(b"\"}");
+            true
+        } else {
+            serde_json::to_writer(buf.writer(), body).is_ok()
+        };
+        let body_end = buf.len();
+        (written, body_end, RateLimitValues::write(admission, buf))
+    });
+    if !written {
         // Numbers and strings into memory do not fail; if they did, axum's `Json` answers for it.
         let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
         crate::error::rate_limit_headers(response.headers_mut(), admission);
         return response;
     }
-    let body_end = buf.len();
-    let values = RateLimitValues::write(admission, &mut buf);
-    let bytes = buf.freeze();
     // Room for the request id the middleware adds, so the map is allocated once.
     let mut headers = HeaderMap::with_capacity(5);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -42,16 +42,19 @@ impl Status {
     }
 }
 
-/// One usage event after parsing, validation and pricing.
+/// One usage event after parsing, validation and pricing. Its text fields are `String`s wherever
+/// an event is kept; the ingest's parser makes them `Cow<str>` borrowed from the request body and
+/// the key's org id, so a request's events are validated, priced and encoded without copying their
+/// strings (`into_owned` gives the owned event).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
+pub struct Event<S = String> {
     pub event_id: Uuid,
     /// From the API key that sent it, never from the body.
-    pub org_id: String,
+    pub org_id: S,
     pub received_at_ms: i64,
     pub timestamp_ms: i64,
-    pub provider: String,
-    pub model: String,
+    pub provider: S,
+    pub model: S,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
@@ -61,15 +64,47 @@ pub struct Event {
     pub status: Status,
     /// HTTP status of the LLM call when the SDK reported one (seed 004), else 0.
     pub http_status: u16,
-    pub error: String,
-    pub execution_id: String,
-    pub agent_id: String,
-    pub user_id: String,
-    pub service: String,
-    pub action: String,
-    pub request_id: String,
+    pub error: S,
+    pub execution_id: S,
+    pub agent_id: S,
+    pub user_id: S,
+    pub service: S,
+    pub action: S,
+    pub request_id: S,
     pub input_bytes: u64,
     pub output_bytes: u64,
     /// Sorted by key, keys unique.
     pub metadata: Vec<(String, String)>,
+}
+
+impl Event<std::borrow::Cow<'_, str>> {
+    /// The event with its strings copied out of the request.
+    pub fn into_owned(self) -> Event {
+        Event {
+            event_id: self.event_id,
+            org_id: self.org_id.into_owned(),
+            received_at_ms: self.received_at_ms,
+            timestamp_ms: self.timestamp_ms,
+            provider: self.provider.into_owned(),
+            model: self.model.into_owned(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cost_nanos: self.cost_nanos,
+            cost_source: self.cost_source,
+            latency_ms: self.latency_ms,
+            status: self.status,
+            http_status: self.http_status,
+            error: self.error.into_owned(),
+            execution_id: self.execution_id.into_owned(),
+            agent_id: self.agent_id.into_owned(),
+            user_id: self.user_id.into_owned(),
+            service: self.service.into_owned(),
+            action: self.action.into_owned(),
+            request_id: self.request_id.into_owned(),
+            input_bytes: self.input_bytes,
+            output_bytes: self.output_bytes,
+            metadata: self.metadata,
+        }
+    }
 }

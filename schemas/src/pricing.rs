@@ -71,11 +71,11 @@ impl PriceBook {
     }
 
     /// Prices an event that arrived without a client cost; events with one keep it.
-    pub fn price(&self, event: &mut Event) {
+    pub fn price<S: AsRef<str>>(&self, event: &mut Event<S>) {
         if event.cost_source == CostSource::Client {
             return;
         }
-        match self.lookup(&event.provider, &event.model, event.timestamp_ms) {
+        match self.lookup(event.provider.as_ref(), event.model.as_ref(), event.timestamp_ms) {
             Some(price) => {
                 event.cost_nanos = cost_nanos(price, event.prompt_tokens, event.completion_tokens);
                 event.cost_source = CostSource::Computed;

@@ -110,12 +110,12 @@ fn json_str_array<'a>(out: &mut Vec<u8>, items: impl Iterator<Item = &'a str>) {
 /// Appends one event as a JSONEachRow line (with its trailing newline) to `out`. Written by hand,
 /// not with serde: it runs once per event on the ingest's hot path and serde wrote every column
 /// name through the string escaper. `tests/parse.rs` decodes what this writes with serde.
-pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
+pub fn encode_event<S: AsRef<str>>(event: &Event<S>, out: &mut Vec<u8>) {
     let timestamp = DateTimeText::from_epoch_ms(event.timestamp_ms);
     let received_at = DateTimeText::from_epoch_ms(event.received_at_ms);
     let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
     out.extend_from_slice(b"{\"org_id\":");
-    json_str(out, &event.org_id);
+    json_str(out, event.org_id.as_ref());
     out.extend_from_slice(b",\"event_id\":\"");
     out.extend_from_slice(event.event_id.hyphenated().encode_lower(&mut uuid).as_bytes());
     out.extend_from_slice(b"\",\"timestamp\":\"");
@@ -125,9 +125,9 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"received_at\":\"");
     out.extend_from_slice(received_at.as_str().as_bytes());
     out.extend_from_slice(b"\",\"provider\":");
-    json_str(out, &event.provider);
+    json_str(out, event.provider.as_ref());
     out.extend_from_slice(b",\"model\":");
-    json_str(out, &event.model);
+    json_str(out, event.model.as_ref());
     out.extend_from_slice(b",\"prompt_tokens\":");
     json_int(out, event.prompt_tokens);
     out.extend_from_slice(b",\"completion_tokens\":");
@@ -153,6 +153,7 @@ pub fn encode_event(event: &Event, out: &mut Vec<u8>) {
         (b",\"action\":", &event.action),
         (b",\"request_id\":", &event.request_id),
     ] {
+        let value = value.as_ref();
         out.extend_from_slice(key);
         json_str(out, value);
     }

@@ -25,7 +25,9 @@ fn parse_sdk(events: serde_json::Value, key: Option<&str>) -> Vec<Result<Event, 
     let raw = split_events(Dialect::Sdk, &body).unwrap();
     raw.iter()
         .enumerate()
-        .map(|(i, r)| parse_event(Dialect::Sdk, r, i, &ctx(key)).map_err(|e| e.code.to_string()))
+        .map(|(i, r)| {
+            parse_event(Dialect::Sdk, r, i, &ctx(key)).map(Event::into_owned).map_err(|e| e.code.to_string())
+        })
         .collect()
 }
 
@@ -150,7 +152,7 @@ fn seed_004_documents_map_onto_the_same_event() {
       "cost":{"usd":0.0032},"meta":{"params":{"size":"1024x1024"},"region":"eu"}});
     for body in [serde_json::to_vec(&doc).unwrap(), serde_json::to_vec(&json!([doc, doc])).unwrap()] {
         let raw = split_events(Dialect::Analytics, &body).unwrap();
-        let e = parse_event(Dialect::Analytics, raw[0], 0, &ctx(None)).unwrap();
+        let e = parse_event(Dialect::Analytics, raw[0], 0, &ctx(None)).unwrap().into_owned();
         assert_eq!(e.timestamp_ms, NOW_MS - 99);
         assert_eq!((e.prompt_tokens, e.completion_tokens, e.total_tokens), (1200, 350, 1550));
         assert_eq!((e.input_bytes, e.output_bytes), (8421, 1_048_576));
@@ -286,5 +288,43 @@ proptest! {
             encode_event(event, &mut payload);
             prop_assert_eq!(decode_events(&payload).unwrap()[0].cost_nanos, event.cost_nanos);
         }
+    }
+}
+
+/// A batch's events borrow their strings from the body (and the org id from the request) when the
+/// body is in the common shape; escaped strings are decoded into owned ones, trimmed and cut the
+/// same way, and either kind encodes to the same row.
+#[test]
+fn batch_events_borrow_their_unescaped_strings() {
+    use std::borrow::Cow;
+    use tally_schemas::parse::parse_batch;
+
+    let plain_body = r#"{"events":[{"timestamp":"2026-01-23T12:00:00Z","provider":"openai","model":"gpt-4o","tokens":{"promptTokens":1},"status":"error","error":"timeout","userId":"u-1"}]}"#;
+    let long_escaped = format!("\\u00e9{}", "x".repeat(3000)); // é then 3000 bytes: cut at 2048
+    let escaped_body = format!(
+        r#"{{"events":[{{"timestamp":"2026-01-23T12:00:00Z","provider":" open\u0041i ","model":"gpt\/4o","tokens":{{"promptTokens":1}},"status":"error","error":"{long_escaped}","userId":"u\"1"}}]}}"#
+    );
+    let context = ctx(None);
+    let plain_batch = parse_batch(Dialect::Sdk, plain_body.as_bytes(), &context).unwrap();
+    let plain = plain_batch.outcomes[0].as_ref().unwrap();
+    for text in [&plain.org_id, &plain.provider, &plain.model, &plain.error, &plain.user_id] {
+        assert!(matches!(text, Cow::Borrowed(_)), "{text:?} was copied");
+    }
+    assert_eq!((plain.provider.as_ref(), plain.error.as_ref()), ("openai", "timeout"));
+    let escaped_batch = parse_batch(Dialect::Sdk, escaped_body.as_bytes(), &context).unwrap();
+    let escaped = escaped_batch.outcomes[0].as_ref().unwrap();
+    assert!(matches!(escaped.provider, Cow::Owned(_)));
+    assert_eq!(escaped.provider, "openAi", "decoded, then trimmed");
+    assert_eq!(escaped.model, "gpt/4o");
+    assert_eq!(escaped.user_id, "u\"1");
+    assert_eq!(escaped.error.len(), tally_schemas::limits::MAX_ERROR_LEN);
+    assert!(escaped.error.starts_with('é'));
+    for outcome in plain_batch.outcomes.iter().chain(&escaped_batch.outcomes) {
+        let (borrowed, owned) = (outcome.as_ref().unwrap(), outcome.as_ref().unwrap().clone().into_owned());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_event(borrowed, &mut a);
+        encode_event(&owned, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(decode_events(&a).unwrap(), vec![owned]);
     }
 }

@@ -10,6 +10,8 @@ mod dialects;
 mod fast;
 mod validate;
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -158,7 +160,7 @@ pub fn split_events(dialect: Dialect, body: &[u8]) -> Result<Vec<&RawValue>, Bod
 pub struct Batch<'a> {
     dialect: Dialect,
     body: &'a [u8],
-    pub outcomes: Vec<Result<Event, Rejection>>,
+    pub outcomes: Vec<Result<Event<Cow<'a, str>>, Rejection>>,
     raw: std::sync::OnceLock<Vec<&'a RawValue>>,
 }
 
@@ -176,7 +178,7 @@ impl<'a> Batch<'a> {
 pub fn parse_batch<'a>(
     dialect: Dialect,
     body: &'a [u8],
-    ctx: &RequestContext,
+    ctx: &RequestContext<'a>,
 ) -> Result<Batch<'a>, BodyError> {
     #[derive(Deserialize)]
     struct TypedSdkBatch<'a> {
@@ -209,13 +211,14 @@ pub fn parse_batch<'a>(
     Ok(Batch { dialect, body, outcomes, raw: std::sync::OnceLock::from(raw) })
 }
 
-/// Parses and validates the event at `index` of its request.
-pub fn parse_event(
+/// Parses and validates the event at `index` of its request (its strings borrowed from `raw` where
+/// they had no escapes; `into_owned` copies them).
+pub fn parse_event<'a>(
     dialect: Dialect,
-    raw: &RawValue,
+    raw: &'a RawValue,
     index: usize,
-    ctx: &RequestContext,
-) -> Result<Event, Rejection> {
+    ctx: &RequestContext<'a>,
+) -> Result<Event<Cow<'a, str>>, Rejection> {
     let fields = match dialect {
         Dialect::Sdk => sdk_fields(raw)?,
         Dialect::Analytics => analytics_fields(raw)?,

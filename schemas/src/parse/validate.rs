@@ -28,8 +28,12 @@ pub fn new_v7(epoch_ms: i64) -> Uuid {
     uuid::Builder::from_unix_timestamp_millis(u64::try_from(epoch_ms).unwrap_or(0), &random).into_uuid()
 }
 
-fn bounded(name: &'static str, value: Option<Cow<'_, str>>, max: usize) -> Result<String, Rejection> {
-    let text = value.map(Cow::into_owned).unwrap_or_default();
+fn bounded<'a>(
+    name: &'static str,
+    value: Option<Cow<'a, str>>,
+    max: usize,
+) -> Result<Cow<'a, str>, Rejection> {
+    let text = value.unwrap_or_default();
     if text.len() > max {
         return Err(Rejection::new(
             RejectionCode::FieldTooLong,
@@ -39,12 +43,26 @@ fn bounded(name: &'static str, value: Option<Cow<'_, str>>, max: usize) -> Resul
     Ok(text)
 }
 
-fn required_name(name: &'static str, value: Cow<'_, str>) -> Result<String, Rejection> {
-    let trimmed = value.trim();
+fn required_name<'a>(name: &'static str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
+    let trimmed = match value {
+        Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+        Cow::Owned(text) if text.trim().len() == text.len() => Cow::Owned(text),
+        Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+    };
     if trimmed.is_empty() {
         return Err(Rejection::new(RejectionCode::MissingField, format!("{name} must not be empty")));
     }
-    bounded(name, Some(Cow::Borrowed(trimmed)), MAX_NAME_LEN)
+    bounded(name, Some(trimmed), MAX_NAME_LEN)
+}
+
+/// The error text, cut to `MAX_ERROR_LEN` bytes at a character boundary.
+fn truncated_error(error: Option<Cow<'_, str>>) -> Cow<'_, str> {
+    match error {
+        None => Cow::Borrowed(""),
+        Some(Cow::Borrowed(text)) => Cow::Borrowed(truncate_utf8(text, MAX_ERROR_LEN)),
+        Some(Cow::Owned(text)) if text.len() <= MAX_ERROR_LEN => Cow::Owned(text),
+        Some(Cow::Owned(text)) => Cow::Owned(truncate_utf8(&text, MAX_ERROR_LEN).to_owned()),
+    }
 }
 
 fn count(name: &'static str, value: u64) -> Result<u32, Rejection> {
@@ -194,10 +212,15 @@ fn checked_metadata(metadata: &std::collections::BTreeMap<String, String>) -> Re
     Ok(())
 }
 
-impl Fields<'_> {
+impl<'a> Fields<'a> {
     /// Validates the fields of the event at `index` of its request (the first failed check
-    /// rejects it, in the order below) and builds the event.
-    pub(super) fn into_event(self, index: usize, ctx: &RequestContext) -> Result<Event, Rejection> {
+    /// rejects it, in the order below) and builds the event, its strings borrowed from the body
+    /// (and the org id from the context) wherever the body had them without escapes.
+    pub(super) fn into_event(
+        self,
+        index: usize,
+        ctx: &RequestContext<'a>,
+    ) -> Result<Event<Cow<'a, str>>, Rejection> {
         let timestamp_ms = checked_time(&self.timestamp, ctx)?;
         let (prompt_tokens, completion_tokens, total_tokens) =
             checked_tokens(self.prompt_tokens, self.completion_tokens, self.total_tokens)?;
@@ -208,7 +231,7 @@ impl Fields<'_> {
         checked_metadata(&self.metadata)?;
         Ok(Event {
             event_id,
-            org_id: ctx.org_id.to_owned(),
+            org_id: Cow::Borrowed(ctx.org_id),
             received_at_ms: ctx.received_at_ms,
             timestamp_ms,
             provider: required_name("provider", self.provider)?,
@@ -221,7 +244,7 @@ impl Fields<'_> {
             latency_ms,
             status: self.status,
             http_status: self.http_status,
-            error: truncate_utf8(self.error.as_deref().unwrap_or(""), MAX_ERROR_LEN).to_owned(),
+            error: truncated_error(self.error),
             execution_id: bounded("executionId", self.execution_id, MAX_ID_LEN)?,
             agent_id: bounded("agentId", self.agent_id, MAX_ID_LEN)?,
             user_id: bounded("userId", self.user_id, MAX_ID_LEN)?,
