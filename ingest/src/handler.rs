@@ -228,7 +228,9 @@ impl Drop for OutlivingSend {
     }
 }
 
-async fn handle(
+/// One ingest request, whichever way it came (the router's handlers above, or `IngestService`'s
+/// direct route).
+pub(crate) async fn handle(
     state: AppState,
     dialect: Dialect,
     request_id: RequestId,

@@ -10,9 +10,11 @@ pub mod prices;
 pub mod ratelimit;
 pub mod sink;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures::future::BoxFuture;
@@ -26,6 +28,7 @@ use crate::config::{ControlSource, IngestConfig, SinkKind};
 use crate::metrics::IngestMetrics;
 use crate::prices::Prices;
 use crate::sink::{DiscardSink, EventSink, KafkaSink};
+use tally_schemas::parse::Dialect;
 
 /// Handler state: one `Arc`, so axum's per-request clone is a single reference count.
 #[derive(Clone)]
@@ -64,12 +67,77 @@ pub fn system_clock() -> i64 {
 
 /// The ingest routes (without the operational ones), testable with `oneshot`.
 pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
+    routes(state, &server::ObserveLayer::new(http_metrics))
+}
+
+fn routes(state: AppState, observe: &server::ObserveLayer) -> Router {
     Router::new()
         .route("/v1/ingest", post(handler::ingest_sdk))
         .route("/analytics/events", post(handler::ingest_analytics))
         .route("/openapi.json", get(openapi))
         .with_state(state)
-        .layer(server::ObserveLayer::new(http_metrics))
+        .layer(observe.clone())
+}
+
+/// The ingest as served: `POST /v1/ingest` and `POST /analytics/events` go straight to their
+/// handler, observed as the router's layer would (same request id, metrics and headers); every
+/// other request (other methods on those paths included) goes through the router.
+#[derive(Clone)]
+pub struct IngestService {
+    state: AppState,
+    sdk: server::DirectRoute,
+    analytics: server::DirectRoute,
+    router: Router,
+}
+
+impl IngestService {
+    /// The ingest routes and `more` (the operational ones) behind the direct ingest routes.
+    pub fn new(state: AppState, http_metrics: HttpMetrics, more: Router) -> Self {
+        let observe = server::ObserveLayer::new(http_metrics);
+        IngestService {
+            sdk: observe.direct("/v1/ingest"),
+            analytics: observe.direct("/analytics/events"),
+            router: routes(state.clone(), &observe).merge(more),
+            state,
+        }
+    }
+}
+
+type DirectFuture = server::ObserveFuture<BoxFuture<'static, Result<Response, Infallible>>>;
+
+impl tower::Service<axum::extract::Request> for IngestService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future =
+        futures::future::Either<DirectFuture, <Router as tower::Service<axum::extract::Request>>::Future>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(())) // the router is always ready too
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        use futures::future::Either;
+        if request.method() == axum::http::Method::POST {
+            let path = request.uri().path();
+            let direct = if path == self.sdk.path() {
+                Some((&self.sdk, Dialect::Sdk))
+            } else if path == self.analytics.path() {
+                Some((&self.analytics, Dialect::Analytics))
+            } else {
+                None
+            };
+            if let Some((route, dialect)) = direct {
+                let state = self.state.clone();
+                return Either::Left(route.call(request, move |request_id, request| {
+                    let answer: BoxFuture<'static, Result<Response, Infallible>> = Box::pin(async move {
+                        Ok(handler::handle(state, dialect, request_id, request).await.into_response())
+                    });
+                    answer
+                }));
+            }
+        }
+        Either::Right(tower::Service::call(&mut self.router, request))
+    }
 }
 
 /// The OpenAPI document of the ingest routes.
@@ -178,13 +246,131 @@ pub async fn run(
         readiness: Arc::new(IngestReadiness { sink, keys, prices }),
         shutdown: shutdown.clone(),
     };
-    let router = app(state, http_metrics).merge(server::ops_routes(ops));
+    let service = IngestService::new(state, http_metrics, server::ops_routes(ops));
     tracing::info!(addr = %listener.local_addr()?, "ingest listening");
-    server::serve(listener, router, shutdown).await?;
+    server::serve_service(listener, service, shutdown).await?;
     tracing::info!("draining: flushing the producer");
     if let Some(kafka) = kafka {
         kafka.flush(config.common.shutdown_timeout);
     }
     background.cancel();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use axum::body::Body;
+    use axum::http::{Method, StatusCode};
+    use tally_schemas::control::KeyEntry;
+    use tally_schemas::plan::Plan;
+    use tally_schemas::pricing::PriceBook;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The service as `run` builds it, with the discard sink, one org's key and an empty price book.
+    fn service(registry: &Registry) -> (IngestService, String) {
+        let key = tally_schemas::keys::generate();
+        let keys = KeySet::new();
+        keys.replace(vec![KeyEntry {
+            key_hash: key.hash.clone(),
+            org_id: "org-direct".into(),
+            name: "direct".into(),
+            plan: Plan::Enterprise,
+            events_per_minute: 1_000_000,
+            burst: 0,
+        }]);
+        let prices = Arc::new(Prices::default());
+        prices.replace(PriceBook::new([]));
+        let state = AppState::new(Shared {
+            sink: Arc::new(DiscardSink),
+            keys,
+            prices,
+            metrics: IngestMetrics::register(registry).unwrap(),
+            clock: system_clock,
+            limits: Arc::new(ratelimit::OrgLimits::new(1)),
+            max_body_bytes: 1 << 20,
+            max_compressed_bytes: 1 << 20,
+        });
+        let http_metrics = HttpMetrics::register(registry).unwrap();
+        (
+            IngestService::new(state, http_metrics, Router::new().route("/healthz", get(|| async { "ok" }))),
+            key.secret,
+        )
+    }
+
+    async fn send(
+        service: &IngestService,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> Response {
+        let mut request = axum::http::Request::builder().method(method).uri(path);
+        if let Some(key) = key {
+            request = request.header("x-api-key", key).header("content-type", "application/json");
+        }
+        service.clone().oneshot(request.body(Body::from(body.to_owned())).unwrap()).await.unwrap()
+    }
+
+    fn requests(registry: &Registry, route: &str, method: &str, status: &str) -> u64 {
+        let families = registry.gather();
+        let Some(family) = families.iter().find(|f| f.name() == "tally_http_requests_total") else {
+            return 0;
+        };
+        family
+            .get_metric()
+            .iter()
+            .find(|m| {
+                let label = |name: &str| {
+                    m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_owned())
+                };
+                label("route").as_deref() == Some(route)
+                    && label("method").as_deref() == Some(method)
+                    && label("status").as_deref() == Some(status)
+            })
+            .map_or(0, |m| m.get_counter().get_value() as u64)
+    }
+
+    #[tokio::test]
+    async fn the_direct_ingest_routes_answer_and_are_observed_as_through_the_router() {
+        let registry = Registry::new();
+        let (service, key) = service(&registry);
+        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ");
+        let body = format!(
+            r#"{{"events":[{{"timestamp":"{now}","provider":"openai","model":"gpt-4o","tokens":{{"promptTokens":3}},"status":"success"}}]}}"#
+        );
+        let accepted = send(&service, Method::POST, "/v1/ingest", Some(&key), &body).await;
+        assert_eq!(accepted.status(), StatusCode::ACCEPTED);
+        assert_eq!(accepted.headers()["x-request-id"].len(), 36, "a generated UUID is echoed");
+        assert_eq!(accepted.headers()["x-ratelimit-limit"], "1000000");
+        let text = axum::body::to_bytes(accepted.into_body(), 1024).await.unwrap();
+        assert_eq!(&text[..], br#"{"accepted":1,"message":"Events queued for processing"}"#);
+
+        let unauthorized = send(&service, Method::POST, "/v1/ingest?x=1", None, &body).await;
+        assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+        assert!(unauthorized.headers().contains_key("x-request-id"));
+        let analytics = send(&service, Method::POST, "/analytics/events", Some(&key), "[]").await;
+        assert_eq!(analytics.status(), StatusCode::ACCEPTED);
+
+        // Everything else is the router's: another method on the path, the other routes, 404s.
+        assert_eq!(
+            send(&service, Method::GET, "/v1/ingest", None, "").await.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(send(&service, Method::GET, "/openapi.json", None, "").await.status(), StatusCode::OK);
+        assert_eq!(send(&service, Method::GET, "/healthz", None, "").await.status(), StatusCode::OK);
+        assert_eq!(
+            send(&service, Method::POST, "/v1/ingest/", Some(&key), &body).await.status(),
+            StatusCode::NOT_FOUND
+        );
+
+        assert_eq!(requests(&registry, "/v1/ingest", "POST", "202"), 1);
+        assert_eq!(requests(&registry, "/v1/ingest", "POST", "401"), 1);
+        assert_eq!(requests(&registry, "/analytics/events", "POST", "202"), 1);
+        assert_eq!(requests(&registry, "/v1/ingest", "GET", "405"), 1);
+        assert_eq!(requests(&registry, "/openapi.json", "GET", "200"), 1);
+    }
 }
