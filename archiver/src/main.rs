@@ -9,7 +9,7 @@ use tally_archiver::store::Archive;
 use tally_common::config::Env;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tally_common::alloc::Allocator = tally_common::alloc::Allocator;
 
 const USAGE: &str = "usage: tally-archiver run | verify | serve | restore YYYY-MM\n\
   run     archive every closed month not yet archived (and drop archived months older than\n\

@@ -2,6 +2,7 @@
 //! telemetry, the operational HTTP routes, ClickHouse access and migrations, the API key set and
 //! the model prices (what the control topic carries).
 
+pub mod alloc;
 pub mod ch;
 pub mod config;
 pub mod kafka;

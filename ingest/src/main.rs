@@ -5,7 +5,7 @@ use tally_common::config::Env;
 use tally_ingest::config::IngestConfig;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tally_common::alloc::Allocator = tally_common::alloc::Allocator;
 
 fn main() -> anyhow::Result<()> {
     let env = Env::from_process()?;

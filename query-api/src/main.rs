@@ -5,7 +5,7 @@ use tally_common::config::Env;
 use tally_query_api::config::QueryConfig;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tally_common::alloc::Allocator = tally_common::alloc::Allocator;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

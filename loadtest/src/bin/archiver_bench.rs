@@ -25,7 +25,7 @@ use tally_archiver::store::Archive;
 use tally_common::config::Env;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tally_common::alloc::Allocator = tally_common::alloc::Allocator;
 
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

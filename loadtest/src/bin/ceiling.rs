@@ -33,7 +33,7 @@ async fn ingest(body: Body) -> StatusCode {
 }
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tally_common::alloc::Allocator = tally_common::alloc::Allocator;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

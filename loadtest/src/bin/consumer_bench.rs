@@ -29,7 +29,7 @@ use tally_schemas::EventRow;
 use tally_schemas::{CostSource, Event, Status};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tally_common::alloc::Allocator = tally_common::alloc::Allocator;
 
 const MODELS: &[(&str, &str)] = &[
     ("openai", "gpt-4o"),

@@ -228,7 +228,7 @@ async fn worker(
 }
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tally_common::alloc::Allocator = tally_common::alloc::Allocator;
 
 /// Open model: emits each request's intended start time on schedule, `rate` per second, for
 /// `duration` from `started` (a slow server does not slow the schedule down).
