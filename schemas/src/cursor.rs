@@ -8,8 +8,9 @@ const SHORT_STRING: usize = 64;
 /// The index of the first `"`, `\\` or control character (< 0x20) of `bytes`, eight bytes at a
 /// time: in each word, a byte equal to the pattern becomes zero and `(x - 0x01..) & !x & 0x80..`
 /// flags zero bytes (and bytes below 0x20 for the control test). A borrow can flag a byte above a
-/// real match but never below one, so the lowest flag is exact.
-fn special_byte(bytes: &[u8]) -> Option<usize> {
+/// real match but never below one, so the lowest flag is exact. These are also the bytes a JSON
+/// string must escape (`record::json_str` asks it).
+pub(crate) fn special_byte(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     let zero_bytes = |x: u64, below: u64| x.wrapping_sub(below) & !x & HIGHS;
