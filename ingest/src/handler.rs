@@ -50,7 +50,7 @@ pub async fn ingest_sdk(
     Extension(request_id): Extension<RequestId>,
     request: Request,
 ) -> Result<Response, IngestError> {
-    handle(state, Dialect::Sdk, request_id, request).await
+    handle(&state, Dialect::Sdk, request_id, request).await
 }
 
 pub async fn ingest_analytics(
@@ -58,7 +58,7 @@ pub async fn ingest_analytics(
     Extension(request_id): Extension<RequestId>,
     request: Request,
 ) -> Result<Response, IngestError> {
-    handle(state, Dialect::Analytics, request_id, request).await
+    handle(&state, Dialect::Analytics, request_id, request).await
 }
 
 fn check_media(headers: &HeaderMap) -> Result<(), IngestError> {
@@ -231,7 +231,7 @@ impl Drop for OutlivingSend {
 /// One ingest request, whichever way it came (the router's handlers above, or `IngestService`'s
 /// direct route).
 pub(crate) async fn handle(
-    state: AppState,
+    state: &AppState,
     dialect: Dialect,
     request_id: RequestId,
     request: Request,
@@ -256,8 +256,8 @@ pub(crate) async fn handle(
         state.metrics.events_rate_limited.inc_by(u64::from(valid));
         return Err(IngestError::RateLimited(admission));
     }
-    let sorted = sort_events(&state, &org, &request_id, &context, &mut batch, &admission, bytes.len())?;
-    produce(&state, &org, &request_id, sorted.payload, sorted.accepted, sorted.dead_letters).await?;
+    let sorted = sort_events(state, &org, &request_id, &context, &mut batch, &admission, bytes.len())?;
+    produce(state, &org, &request_id, sorted.payload, sorted.accepted, sorted.dead_letters).await?;
     let body = Accepted {
         accepted: sorted.accepted,
         rejected: sorted.rejected,

@@ -81,9 +81,13 @@ fn routes(state: AppState, observe: &server::ObserveLayer) -> Router {
 
 /// The ingest as served: `POST /v1/ingest` and `POST /analytics/events` go straight to their
 /// handler, observed as the router's layer would (same request id, metrics and headers); every
-/// other request (other methods on those paths included) goes through the router.
+/// other request (other methods on those paths included) goes through the router. One `Arc`:
+/// hyper clones the service for every request, and each reference count of it is shared by all
+/// the runtime's workers.
 #[derive(Clone)]
-pub struct IngestService {
+pub struct IngestService(Arc<Routes>);
+
+struct Routes {
     state: AppState,
     sdk: server::DirectRoute,
     analytics: server::DirectRoute,
@@ -94,12 +98,12 @@ impl IngestService {
     /// The ingest routes and `more` (the operational ones) behind the direct ingest routes.
     pub fn new(state: AppState, http_metrics: HttpMetrics, more: Router) -> Self {
         let observe = server::ObserveLayer::new(http_metrics);
-        IngestService {
+        IngestService(Arc::new(Routes {
             sdk: observe.direct("/v1/ingest"),
             analytics: observe.direct("/analytics/events"),
             router: routes(state.clone(), &observe).merge(more),
             state,
-        }
+        }))
     }
 }
 
@@ -117,26 +121,30 @@ impl tower::Service<axum::extract::Request> for IngestService {
 
     fn call(&mut self, request: axum::extract::Request) -> Self::Future {
         use futures::future::Either;
+        let routes = &self.0;
         if request.method() == axum::http::Method::POST {
             let path = request.uri().path();
-            let direct = if path == self.sdk.path() {
-                Some((&self.sdk, Dialect::Sdk))
-            } else if path == self.analytics.path() {
-                Some((&self.analytics, Dialect::Analytics))
+            let direct = if path == routes.sdk.path() {
+                Some((&routes.sdk, Dialect::Sdk))
+            } else if path == routes.analytics.path() {
+                Some((&routes.analytics, Dialect::Analytics))
             } else {
                 None
             };
             if let Some((route, dialect)) = direct {
-                let state = self.state.clone();
+                let service = self.clone();
                 return Either::Left(route.call(request, move |request_id, request| {
                     let answer: BoxFuture<'static, Result<Response, Infallible>> = Box::pin(async move {
-                        Ok(handler::handle(state, dialect, request_id, request).await.into_response())
+                        Ok(handler::handle(&service.0.state, dialect, request_id, request)
+                            .await
+                            .into_response())
                     });
                     answer
                 }));
             }
         }
-        Either::Right(tower::Service::call(&mut self.router, request))
+        // The router is an `Arc` inside; calling it needs it mutably, so a clone of it.
+        Either::Right(tower::Service::call(&mut routes.router.clone(), request))
     }
 }
 
