@@ -22,7 +22,9 @@ import sys
 # matches. perf names a function once outlined (`a::b::f`) and again where it was inlined
 # (`f<...>`, `{async_fn_env#0}`...), nested in each other, so the largest is the whole of it.
 STAGES = [
-    ("whole handler", r"tally_ingest::handler::handle\b"),
+    # The handler: an axum handler until session 20, since then the future `IngestService` boxes.
+    ("whole handler", r"tally_ingest::handler::handle\b"
+                      r"|IngestService as tower_service::Service<.*>>::call::\{\{closure\}\}::\{\{closure\}\}"),
     ("auth (key lookup)", r"KeySet::lookup|keys::hash\b"),
     ("rate limit", r"OrgLimits::admit"),
     ("body read", r"tally_ingest::body::read\b"),
@@ -30,7 +32,10 @@ STAGES = [
     ("price + encode (+ rejects)", r"handler::sort_events"),
     ("encode", r"record::encode_event"),
     ("produce (sink)", r"handler::produce\b"),
-    ("response (JSON body, headers)", r"IntoResponse for \(http::status::StatusCode, axum::json::Json|rate_limit_headers"),
+    ("response (JSON body, headers)", r"IntoResponse for \(http::status::StatusCode, axum::json::Json|rate_limit_headers"
+                                      r"|handler::accepted_response\b"),
+    ("dispatch and request id (before the handler)", r"IngestService as tower_service::Service<[^{]*>>::call$"
+                                                      r"|server::Observe<S> as tower_service::Service<[^{]*>>::call$"),
     ("middleware incl. handler", r"FromFn<.*as tower_service::Service<.*>>::call::\{\{closure\}\}|server::observe\b"
                                  r"|server::ObserveFuture<F> as core::future::future::Future>::poll"),
     ("writing responses (hyper flush: sendmsg)", r"h1::io::Buffered<T,B>::poll_flush"),

@@ -80,31 +80,6 @@ pub struct Event<S = String> {
 impl Event<std::borrow::Cow<'_, str>> {
     /// The event with its strings copied out of the request.
     pub fn into_owned(self) -> Event {
-        Event {
-            event_id: self.event_id,
-            org_id: self.org_id.into_owned(),
-            received_at_ms: self.received_at_ms,
-            timestamp_ms: self.timestamp_ms,
-            provider: self.provider.into_owned(),
-            model: self.model.into_owned(),
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            total_tokens: self.total_tokens,
-            cost_nanos: self.cost_nanos,
-            cost_source: self.cost_source,
-            latency_ms: self.latency_ms,
-            status: self.status,
-            http_status: self.http_status,
-            error: self.error.into_owned(),
-            execution_id: self.execution_id.into_owned(),
-            agent_id: self.agent_id.into_owned(),
-            user_id: self.user_id.into_owned(),
-            service: self.service.into_owned(),
-            action: self.action.into_owned(),
-            request_id: self.request_id.into_owned(),
-            input_bytes: self.input_bytes,
-            output_bytes: self.output_bytes,
-            metadata: self.metadata,
-        }
+        self.borrowed().to_event()
     }
 }

@@ -354,15 +354,15 @@ impl EventRef<'_> {
     }
 }
 
-impl Event {
+impl<S: AsRef<str>> Event<S> {
     pub fn borrowed(&self) -> EventRef<'_> {
         EventRef {
             event_id: self.event_id,
-            org_id: &self.org_id,
+            org_id: self.org_id.as_ref(),
             received_at_ms: self.received_at_ms,
             timestamp_ms: self.timestamp_ms,
-            provider: &self.provider,
-            model: &self.model,
+            provider: self.provider.as_ref(),
+            model: self.model.as_ref(),
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             total_tokens: self.total_tokens,
@@ -371,13 +371,13 @@ impl Event {
             latency_ms: self.latency_ms,
             status: self.status,
             http_status: self.http_status,
-            error: &self.error,
-            execution_id: &self.execution_id,
-            agent_id: &self.agent_id,
-            user_id: &self.user_id,
-            service: &self.service,
-            action: &self.action,
-            request_id: &self.request_id,
+            error: self.error.as_ref(),
+            execution_id: self.execution_id.as_ref(),
+            agent_id: self.agent_id.as_ref(),
+            user_id: self.user_id.as_ref(),
+            service: self.service.as_ref(),
+            action: self.action.as_ref(),
+            request_id: self.request_id.as_ref(),
             input_bytes: self.input_bytes,
             output_bytes: self.output_bytes,
             metadata: Metadata::Pairs(&self.metadata),
