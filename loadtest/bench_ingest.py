@@ -57,14 +57,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ADMIN = "bench-admin-token-%016x" % random.getrandbits(64)
 
 
+def cpu_times(pid):
+    """The process's user and kernel CPU seconds so far (utime, stime)."""
+    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
 def cpu_seconds(pid):
-    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def system_seconds(pid):
-    fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
-    return int(fields[12]) / CLOCK_TICKS  # stime: the kernel's part
+    return sum(cpu_times(pid))
 
 
 def context_switches(pid):
@@ -158,11 +158,12 @@ def loadgen(url, key, events, seconds, connections, rate=0.0):
 
 def measure(process, url, key, events, seconds, connections, rate=0.0):
     loadgen(url, key, events, 2, connections, rate)  # warm-up: connections, allocator, caches
-    before = cpu_seconds(process.pid), system_seconds(process.pid), context_switches(process.pid)
+    (user_before, system_before), switches_before = cpu_times(process.pid), context_switches(process.pid)
     result = loadgen(url, key, events, seconds, connections, rate)
-    result["server_cpu_s"] = cpu_seconds(process.pid) - before[0]
-    result["server_system_share"] = (system_seconds(process.pid) - before[1]) / max(1e-9, result["server_cpu_s"])
-    result["switches_per_request"] = (context_switches(process.pid) - before[2]) / max(1, result["requests"])
+    user, system = cpu_times(process.pid)
+    result["server_cpu_s"] = (user - user_before) + (system - system_before)
+    result["server_system_share"] = (system - system_before) / max(1e-9, result["server_cpu_s"])
+    result["switches_per_request"] = (context_switches(process.pid) - switches_before) / max(1, result["requests"])
     result["server_rss_mib"] = rss_mib(process.pid)
     accepted = result["accepted_events_per_s"] * result["seconds"]
     result["cpu_us_per_event"] = result["server_cpu_s"] * 1e6 / accepted if accepted else float("nan")

@@ -88,12 +88,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
-        let handles = RouteHandles {
-            metrics: Arc::clone(&self.metrics),
-            duration: OnceLock::new(),
-            requests: OnceLock::new(),
-        };
-        Observe { inner, handles: Arc::new(handles) }
+        Observe { inner, handles: RouteHandles::new(&self.metrics) }
     }
 }
 
@@ -114,6 +109,14 @@ struct RouteHandles {
 }
 
 impl RouteHandles {
+    fn new(metrics: &Arc<HttpMetrics>) -> Arc<Self> {
+        Arc::new(RouteHandles {
+            metrics: Arc::clone(metrics),
+            duration: OnceLock::new(),
+            requests: OnceLock::new(),
+        })
+    }
+
     fn observe(&self, route: &str, method: &axum::http::Method, status: StatusCode, seconds: f64) {
         match self.duration.get() {
             Some((cached, histogram)) if cached == route => histogram.observe(seconds),
@@ -149,19 +152,12 @@ where
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let id = request_id(&request);
-        request.extensions_mut().insert(id.clone());
         let route = match request.extensions().get::<MatchedPath>() {
             Some(matched) => RouteLabel::Matched(matched.clone()),
             None => RouteLabel::Unmatched,
         };
-        let observed = Observed {
-            id,
-            route,
-            method: request.method().clone(),
-            started: Instant::now(),
-            handles: Arc::clone(&self.handles),
-        };
+        let observed = Observed::start(&request, route, &self.handles);
+        request.extensions_mut().insert(observed.id.clone());
         ObserveFuture { inner: self.inner.call(request), observed: Some(observed) }
     }
 }
@@ -179,12 +175,7 @@ pub struct DirectRoute {
 impl ObserveLayer {
     /// The observation of `route` (the path it is served on, its metrics label) outside the router.
     pub fn direct(&self, route: &'static str) -> DirectRoute {
-        let handles = RouteHandles {
-            metrics: Arc::clone(&self.metrics),
-            duration: OnceLock::new(),
-            requests: OnceLock::new(),
-        };
-        DirectRoute { route, handles: Arc::new(handles) }
+        DirectRoute { route, handles: RouteHandles::new(&self.metrics) }
     }
 }
 
@@ -200,15 +191,8 @@ impl DirectRoute {
     where
         F: Future<Output = Result<Response, Infallible>>,
     {
-        let id = request_id(&request);
-        let observed = Observed {
-            id: id.clone(),
-            route: RouteLabel::Fixed(self.route),
-            method: request.method().clone(),
-            started: Instant::now(),
-            handles: Arc::clone(&self.handles),
-        };
-        ObserveFuture { inner: serve(id, request), observed: Some(observed) }
+        let observed = Observed::start(&request, RouteLabel::Fixed(self.route), &self.handles);
+        ObserveFuture { inner: serve(observed.id.clone(), request), observed: Some(observed) }
     }
 }
 
@@ -236,6 +220,19 @@ struct Observed {
     method: axum::http::Method,
     started: Instant,
     handles: Arc<RouteHandles>,
+}
+
+impl Observed {
+    /// The request's id and what its metrics need, as it starts.
+    fn start(request: &Request, route: RouteLabel, handles: &Arc<RouteHandles>) -> Self {
+        Observed {
+            id: request_id(request),
+            route,
+            method: request.method().clone(),
+            started: Instant::now(),
+            handles: Arc::clone(handles),
+        }
+    }
 }
 
 pin_project_lite::pin_project! {

@@ -65,11 +65,9 @@ pub fn system_clock() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The ingest routes (without the operational ones), testable with `oneshot`.
-pub fn app(state: AppState, http_metrics: HttpMetrics) -> Router {
-    routes(state, &server::ObserveLayer::new(http_metrics))
-}
-
+/// The ingest routes (without the operational ones) as a router. `IngestService` answers their
+/// POSTs before the router sees them; the router keeps the two POST routes for every other method
+/// on those paths (405 with `Allow: POST`), and a POST would be answered the same way here.
 fn routes(state: AppState, observe: &server::ObserveLayer) -> Router {
     Router::new()
         .route("/v1/ingest", post(handler::ingest_sdk))

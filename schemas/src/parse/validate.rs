@@ -43,26 +43,28 @@ fn bounded<'a>(
     Ok(text)
 }
 
+/// `text` cut to `part(text)`, a slice of itself: a borrowed text stays borrowed, an owned one is
+/// copied only when the cut shortens it.
+fn cut<'a>(text: Cow<'a, str>, part: impl Fn(&str) -> &str) -> Cow<'a, str> {
+    match text {
+        Cow::Borrowed(text) => Cow::Borrowed(part(text)),
+        Cow::Owned(text) => {
+            let kept = part(&text);
+            if kept.len() < text.len() {
+                Cow::Owned(kept.to_owned())
+            } else {
+                Cow::Owned(text)
+            }
+        }
+    }
+}
+
 fn required_name<'a>(name: &'static str, value: Cow<'a, str>) -> Result<Cow<'a, str>, Rejection> {
-    let trimmed = match value {
-        Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
-        Cow::Owned(text) if text.trim().len() == text.len() => Cow::Owned(text),
-        Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
-    };
+    let trimmed = cut(value, str::trim);
     if trimmed.is_empty() {
         return Err(Rejection::new(RejectionCode::MissingField, format!("{name} must not be empty")));
     }
     bounded(name, Some(trimmed), MAX_NAME_LEN)
-}
-
-/// The error text, cut to `MAX_ERROR_LEN` bytes at a character boundary.
-fn truncated_error(error: Option<Cow<'_, str>>) -> Cow<'_, str> {
-    match error {
-        None => Cow::Borrowed(""),
-        Some(Cow::Borrowed(text)) => Cow::Borrowed(truncate_utf8(text, MAX_ERROR_LEN)),
-        Some(Cow::Owned(text)) if text.len() <= MAX_ERROR_LEN => Cow::Owned(text),
-        Some(Cow::Owned(text)) => Cow::Owned(truncate_utf8(&text, MAX_ERROR_LEN).to_owned()),
-    }
 }
 
 fn count(name: &'static str, value: u64) -> Result<u32, Rejection> {
@@ -244,7 +246,7 @@ impl<'a> Fields<'a> {
             latency_ms,
             status: self.status,
             http_status: self.http_status,
-            error: truncated_error(self.error),
+            error: cut(self.error.unwrap_or_default(), |text| truncate_utf8(text, MAX_ERROR_LEN)),
             execution_id: bounded("executionId", self.execution_id, MAX_ID_LEN)?,
             agent_id: bounded("agentId", self.agent_id, MAX_ID_LEN)?,
             user_id: bounded("userId", self.user_id, MAX_ID_LEN)?,
