@@ -22,7 +22,8 @@ use tally_common::keyset::OrgInfo;
 use tally_common::scratch;
 use tally_common::server::{presented_key, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
-use tally_schemas::parse::{derived_event_id, parse_batch, Batch, Dialect, RequestContext};
+use tally_schemas::parse::{derived_event_id, parse_batch, sdk_rows, Batch, Dialect, RequestContext};
+use tally_schemas::pricing::PriceBook;
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 
 use crate::body;
@@ -36,6 +37,9 @@ struct Rejected {
     index: usize,
     reason: String,
 }
+
+/// The 202's message.
+const QUEUED: &str = "Events queued for processing";
 
 #[derive(Serialize)]
 struct Accepted {
@@ -96,25 +100,59 @@ struct Sorted {
     dead_letters: Vec<Vec<u8>>,
 }
 
-/// Prices and encodes the valid events the rate limit admits; rejects the others (over the limit,
-/// or invalid, with a dead letter holding the original JSON).
+/// The rejection of a valid event over the org's rate limit (counted).
+fn rate_limited(state: &AppState, index: usize, admission: &Admission) -> Rejected {
+    state.metrics.events_rate_limited.inc();
+    let reason = format!("rate_limited: over {} events per minute, retry later", admission.limit);
+    Rejected { index, reason }
+}
+
+/// The answer to a request whose `rows` events were all valid and are already priced and encoded
+/// in `payload` (`sdk_rows`): the rate limit admits the first ones, the others are rejected as over
+/// it, exactly as `sort_events` would have sorted them.
+async fn accept_rows(
+    state: &AppState,
+    org: &OrgInfo,
+    request_id: &RequestId,
+    mut payload: Vec<u8>,
+    rows: usize,
+) -> Result<Response, IngestError> {
+    let admission = state.limits.admit(org, rows as u32);
+    if rows > 0 && admission.allowed == 0 {
+        state.metrics.events_rate_limited.inc_by(rows as u64);
+        return Err(IngestError::RateLimited(admission));
+    }
+    let accepted = rows.min(admission.allowed as usize);
+    let mut rejected = Vec::new();
+    if accepted < rows {
+        // A row is one line: keep the payload up to the end of the last admitted one.
+        let end = payload
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(accepted - 1)
+            .map_or(0, |(i, _)| i + 1);
+        payload.truncate(end);
+        rejected = (accepted..rows).map(|index| rate_limited(state, index, &admission)).collect();
+    }
+    produce(state, org, request_id, payload, accepted, Vec::new()).await?;
+    Ok(accepted_response(&Accepted { accepted, rejected, message: QUEUED }, &admission))
+}
+
+/// Prices and encodes the valid events the rate limit admits into `payload`; rejects the others
+/// (over the limit, or invalid, with a dead letter holding the original JSON).
+#[allow(clippy::too_many_arguments)] // the request's parts, each used
 fn sort_events(
     state: &AppState,
+    prices: &PriceBook,
     org: &OrgInfo,
     request_id: &RequestId,
     context: &RequestContext<'_>,
     batch: &mut Batch<'_>,
     admission: &Admission,
-    body_len: usize,
+    payload: Vec<u8>,
 ) -> Result<Sorted, IngestError> {
-    let prices = state.prices.current();
-    // A row of JSONEachRow is about twice its SDK event (every column is written).
-    let mut sorted = Sorted {
-        payload: Vec::with_capacity(body_len * 5 / 2 + 1024),
-        accepted: 0,
-        rejected: Vec::new(),
-        dead_letters: Vec::new(),
-    };
+    let mut sorted = Sorted { payload, accepted: 0, rejected: Vec::new(), dead_letters: Vec::new() };
     for (index, outcome) in std::mem::take(&mut batch.outcomes).into_iter().enumerate() {
         match outcome {
             Ok(mut event) if sorted.accepted < admission.allowed as usize => {
@@ -122,11 +160,7 @@ fn sort_events(
                 encode_event(&event, &mut sorted.payload);
                 sorted.accepted += 1;
             }
-            Ok(_) => {
-                state.metrics.events_rate_limited.inc();
-                let reason = format!("rate_limited: over {} events per minute, retry later", admission.limit);
-                sorted.rejected.push(Rejected { index, reason });
-            }
+            Ok(_) => sorted.rejected.push(rate_limited(state, index, admission)),
             Err(rejection) => {
                 state.metrics.events_rejected.with_label_values(&[rejection.code.as_str()]).inc();
                 let letter = DeadLetter {
@@ -249,6 +283,15 @@ pub(crate) async fn handle(
     let bytes = body::read(&headers, body, state.max_compressed_bytes, state.max_body_bytes).await?;
     let received_at_ms = (state.clock)();
     let context = RequestContext { org_id: &org.org_id, received_at_ms, idempotency_key };
+    let prices = state.prices.current();
+    // A row of JSONEachRow is about twice its SDK event (every column is written).
+    let mut payload = Vec::with_capacity(bytes.len() * 5 / 2 + 1024);
+    if dialect == Dialect::Sdk {
+        // The common request (valid events in the shape SDKs send) in one pass, straight to rows.
+        if let Some(rows) = sdk_rows(&bytes, &context, &prices, &mut payload) {
+            return accept_rows(state, &org, &request_id, payload, rows).await;
+        }
+    }
     let mut batch = parse_batch(dialect, &bytes, &context)?;
     let valid = batch.outcomes.iter().filter(|p| p.is_ok()).count() as u32;
     let admission = state.limits.admit(&org, valid);
@@ -256,13 +299,9 @@ pub(crate) async fn handle(
         state.metrics.events_rate_limited.inc_by(u64::from(valid));
         return Err(IngestError::RateLimited(admission));
     }
-    let sorted = sort_events(state, &org, &request_id, &context, &mut batch, &admission, bytes.len())?;
+    let sorted = sort_events(state, &prices, &org, &request_id, &context, &mut batch, &admission, payload)?;
     produce(state, &org, &request_id, sorted.payload, sorted.accepted, sorted.dead_letters).await?;
-    let body = Accepted {
-        accepted: sorted.accepted,
-        rejected: sorted.rejected,
-        message: "Events queued for processing",
-    };
+    let body = Accepted { accepted: sorted.accepted, rejected: sorted.rejected, message: QUEUED };
     Ok(accepted_response(&body, &admission))
 }
 
@@ -329,7 +368,7 @@ mod tests {
         };
         let rejected = || vec![Rejected { index: 1, reason: "invalid_cost: \"x\" \\ \u{e9}".into() }];
         for (accepted, rejected) in [(1, Vec::new()), (1000, Vec::new()), (2, rejected())] {
-            let body = Accepted { accepted, rejected, message: "Events queued for processing" };
+            let body = Accepted { accepted, rejected, message: QUEUED };
             let response = accepted_response(&body, &admission);
             assert_eq!(response.status(), StatusCode::ACCEPTED);
             let headers = response.headers().clone();

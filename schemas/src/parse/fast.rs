@@ -11,22 +11,30 @@ use std::collections::BTreeMap;
 use super::dialects::{SdkEvent, SdkTokens};
 use crate::cursor::Cursor;
 
-/// The events of an SDK batch, or `None` when the body is not in the shape this reader takes.
-pub(super) fn sdk_batch(text: &str) -> Option<Vec<SdkEvent<'_>>> {
+/// Reads an SDK batch in the common shape, handing `each` its events in order. `None` when the
+/// body is not in that shape or when `each` refused an event (the reading stops there).
+pub(super) fn sdk_each<'a>(text: &'a str, mut each: impl FnMut(SdkEvent<'a>) -> Option<()>) -> Option<()> {
     let mut c = Cursor::new(text);
-    let mut events = None;
+    let mut seen = false;
     object(&mut c, |c, key| match key {
-        "events" if events.is_none() => {
-            events = Some(array(c, event)?);
-            Some(())
+        "events" if !seen => {
+            seen = true;
+            items(c, |c| each(event(c)?))
         }
         _ => None,
     })?;
     c.ws();
-    if c.at != text.len() {
-        return None;
-    }
-    events
+    (seen && c.at == text.len()).then_some(())
+}
+
+/// The events of an SDK batch, or `None` when the body is not in the shape this reader takes.
+pub(super) fn sdk_batch(text: &str) -> Option<Vec<SdkEvent<'_>>> {
+    let mut events = Vec::new();
+    sdk_each(text, |event| {
+        events.push(event);
+        Some(())
+    })?;
+    Some(events)
 }
 
 /// Steps through an object (whitespace allowed around every token), calling `member` with the
@@ -55,20 +63,18 @@ fn object<'a>(
     }
 }
 
-/// The items of an array, each read by `item`.
-fn array<'a, T>(c: &mut Cursor<'a>, item: impl Fn(&mut Cursor<'a>) -> Option<T>) -> Option<Vec<T>> {
+/// Steps through an array, `item` reading each of its items.
+fn items<'a>(c: &mut Cursor<'a>, mut item: impl FnMut(&mut Cursor<'a>) -> Option<()>) -> Option<()> {
     c.expect(b"[")?;
     c.ws();
-    let mut items = Vec::new();
     if c.expect(b"]").is_some() {
-        return Some(items);
+        return Some(());
     }
     loop {
-        items.push(item(c)?);
+        item(c)?;
         c.ws();
         if c.expect(b",").is_none() {
-            c.expect(b"]")?;
-            return Some(items);
+            return c.expect(b"]");
         }
         c.ws();
     }
@@ -217,6 +223,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::limits::MAX_EVENTS_PER_REQUEST;
 
     #[derive(serde::Deserialize)]
     struct Batch<'a> {
@@ -226,6 +233,67 @@ mod tests {
 
     fn serde_batch(text: &str) -> Option<Vec<SdkEvent<'_>>> {
         serde_json::from_str::<Batch>(text).ok().map(|batch| batch.events)
+    }
+
+    /// The request every row test reads: event ids derived from an idempotency key, so the two
+    /// paths make the same rows; the generated timestamps (2026-12-02T10:00:00Z) an hour old.
+    const CTX: crate::parse::RequestContext<'static> = crate::parse::RequestContext {
+        org_id: "org-1",
+        received_at_ms: 1_796_205_600_000 + 3_600_000,
+        idempotency_key: Some("retry-1"),
+    };
+
+    fn book() -> crate::pricing::PriceBook {
+        crate::pricing::PriceBook::new([crate::pricing::ModelPrice {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            effective_from_ms: 0,
+            input_nanos_per_mtok: 2_500_000_000,
+            output_nanos_per_mtok: 10_000_000_000,
+        }])
+    }
+
+    /// What the event-by-event path makes of a body: every event priced and encoded, when every
+    /// event was accepted.
+    fn rows_one_by_one(body: &str) -> Option<Vec<u8>> {
+        let batch = crate::parse::parse_batch(crate::parse::Dialect::Sdk, body.as_bytes(), &CTX).ok()?;
+        let (book, mut out) = (book(), Vec::new());
+        for outcome in batch.outcomes {
+            let mut event = outcome.ok()?;
+            book.price(&mut event);
+            crate::record::encode_event(&event, &mut out);
+        }
+        Some(out)
+    }
+
+    /// `sdk_rows` after a prefix already in the buffer: the rows it appended, or `None` with the
+    /// prefix left as it was.
+    fn rows_in_one_pass(body: &str) -> Option<(usize, Vec<u8>)> {
+        let mut out = b"prefix\n".to_vec();
+        let rows = crate::parse::sdk_rows(body.as_bytes(), &CTX, &book(), &mut out);
+        match rows {
+            Some(rows) => Some((rows, out.split_off(7))),
+            None => {
+                assert_eq!(out, b"prefix\n", "a refused body left rows behind");
+                None
+            }
+        }
+    }
+
+    /// The one-pass path and the event-by-event path agree on `body`: the same rows when the
+    /// first takes it, and the first takes every body in the common shape whose events are valid.
+    fn assert_paths_agree(body: &str) {
+        let one_by_one = rows_one_by_one(body);
+        match rows_in_one_pass(body) {
+            Some((rows, out)) => {
+                assert_eq!(Some(&out), one_by_one.as_ref(), "{body}");
+                assert_eq!(rows, out.iter().filter(|b| **b == b'\n').count());
+            }
+            None => assert!(
+                one_by_one.is_none() || sdk_batch(body).is_none_or(|e| e.len() > MAX_EVENTS_PER_REQUEST),
+                "valid batch in the common shape not taken: {body}"
+            ),
+        }
     }
 
     const LOADGEN_EVENT: &str = r#"{"agentId":null,"completionTokens":1,"error":null,"executionId":"exec-7","latency":4150,"model":"gpt-4o","provider":"openai","status":"success","timestamp":"2026-12-02T10:00:00.123Z","tokens":{"completionTokens":320,"promptTokens":1200,"totalTokens":1520},"userId":"user-7","cost":0.0062}"#;
@@ -243,6 +311,40 @@ mod tests {
             let fast = sdk_batch(&body).unwrap_or_else(|| panic!("not read: {body}"));
             assert_eq!(Some(fast), serde_batch(&body), "{body}");
         }
+    }
+
+    #[test]
+    fn valid_batches_become_rows_in_one_pass() {
+        let event = LOADGEN_EVENT.replace("\"completionTokens\":1,", "");
+        let unpriced = event.replace(",\"cost\":0.0062", ""); // priced from the book
+        let invalid = event.replace("success", "maybe");
+        let one = format!(r#"{{"events":[{event}]}}"#);
+        let (rows, out) = rows_in_one_pass(&one).expect("the load generator's batch");
+        assert_eq!(rows, 1);
+        let decoded = crate::record::decode_events(&out).unwrap();
+        assert_eq!((decoded[0].cost_nanos, decoded[0].org_id.as_str()), (6_200_000, "org-1"));
+        let (_, priced) = rows_in_one_pass(&format!(r#"{{"events":[{unpriced}]}}"#)).unwrap();
+        let decoded = crate::record::decode_events(&priced).unwrap();
+        assert_eq!(
+            (decoded[0].cost_nanos, decoded[0].cost_source),
+            (6_200_000, crate::event::CostSource::Computed)
+        );
+        let many = vec![unpriced.as_str(); MAX_EVENTS_PER_REQUEST].join(",");
+        assert_eq!(rows_in_one_pass(&format!(r#"{{"events":[{many}]}}"#)).map(|r| r.0), Some(1000));
+        for body in [
+            one.clone(),
+            format!(r#"{{"events":[{event},{unpriced},{event}]}}"#),
+            format!(r#"{{"events":[{event},{invalid}]}}"#),
+            format!(r#"{{"events":[{many},{event}]}}"#),
+            r#"{"events":[]}"#.to_owned(),
+            r#"{"events":[],"events":[]}"#.to_owned(),
+            "{}".to_owned(),
+        ] {
+            assert_paths_agree(&body);
+        }
+        assert!(rows_in_one_pass(&format!(r#"{{"events":[{event},{invalid}]}}"#)).is_none());
+        assert!(rows_in_one_pass(&format!(r#"{{"events":[{many},{event}]}}"#)).is_none(), "1001 events");
+        assert_eq!(rows_in_one_pass(r#"{"events":[]}"#).map(|r| r.0), Some(0));
     }
 
     #[test]
@@ -353,6 +455,21 @@ mod tests {
             if let Some(fast) = sdk_batch(&body) {
                 prop_assert_eq!(Some(fast), serde_batch(&body), "{}", body);
             }
+        }
+
+        /// On generated bodies (valid and invalid events, shapes the reader takes and others) the
+        /// one-pass rows are the event-by-event path's.
+        #[test]
+        fn one_pass_rows_are_the_event_by_event_rows(
+            extra in proptest::collection::vec(member(), 0..6),
+            keep in proptest::collection::vec(proptest::bool::weighted(0.95), 5),
+            events in 1usize..4,
+        ) {
+            let mut members: Vec<String> =
+                required().into_iter().zip(&keep).filter(|(_, k)| **k).map(|(m, _)| m).collect();
+            members.extend(extra);
+            let event = format!("{{{}}}", members.join(","));
+            assert_paths_agree(&format!("{{\"events\":[{}]}}", vec![event; events].join(",")));
         }
 
         #[test]
