@@ -16,7 +16,7 @@ use crate::cursor::Cursor;
 pub(super) fn sdk_each<'a>(text: &'a str, mut each: impl FnMut(SdkEvent<'a>) -> Option<()>) -> Option<()> {
     let mut c = Cursor::new(text);
     let mut seen = false;
-    object(&mut c, |c, key| match key {
+    object(&mut c, Cursor::raw_str, |c, key| match key {
         "events" if !seen => {
             seen = true;
             items(c, |c| each(event(c)?))
@@ -37,11 +37,13 @@ pub(super) fn sdk_batch(text: &str) -> Option<Vec<SdkEvent<'_>>> {
     Some(events)
 }
 
-/// Steps through an object (whitespace allowed around every token), calling `member` with the
-/// cursor on each member's value and its key; `member` reads the value or fails the object.
-fn object<'a>(
+/// Steps through an object (whitespace allowed around every token), reading each member's key
+/// with `key` and calling `member` with the cursor on its value; `member` reads the value or fails
+/// the object, and so does a key `key` does not read.
+fn object<'a, K>(
     c: &mut Cursor<'a>,
-    mut member: impl FnMut(&mut Cursor<'a>, &'a str) -> Option<()>,
+    mut key: impl FnMut(&mut Cursor<'a>) -> Option<K>,
+    mut member: impl FnMut(&mut Cursor<'a>, K) -> Option<()>,
 ) -> Option<()> {
     c.ws();
     c.expect(b"{")?;
@@ -50,7 +52,7 @@ fn object<'a>(
         return Some(());
     }
     loop {
-        let key = c.raw_str()?;
+        let key = key(c)?;
         c.ws();
         c.expect(b":")?;
         c.ws();
@@ -60,6 +62,57 @@ fn object<'a>(
             return c.expect(b"}");
         }
         c.ws();
+    }
+}
+
+/// The names of the SDK's fields (an event's and its `tokens`'), `Optional` indexing the optional
+/// strings in the order `event` unpacks them.
+#[derive(Clone, Copy)]
+enum Field {
+    Timestamp,
+    Provider,
+    Model,
+    Status,
+    Tokens,
+    Cost,
+    Latency,
+    Metadata,
+    Optional(usize),
+    PromptTokens,
+    CompletionTokens,
+    TotalTokens,
+}
+
+/// The key at the cursor when it is one of the SDK's field names written plainly (`"model"`),
+/// stepping over it: compared whole, quotes included, instead of scanned as a string and then
+/// matched. `None` for any other key (an unknown name, or a known one written with escapes), and
+/// the reader then leaves the body to serde, as it did when it read every key as a string.
+fn field(c: &mut Cursor<'_>) -> Option<Field> {
+    use Field::*;
+    macro_rules! one_of {
+        ($($name:literal => $field:expr),+) => {{
+            $(if c.expect($name).is_some() {
+                return Some($field);
+            })+
+            None
+        }};
+    }
+    match *c.bytes().get(1)? {
+        b't' => {
+            one_of!(b"\"timestamp\"" => Timestamp, b"\"tokens\"" => Tokens, b"\"totalTokens\"" => TotalTokens)
+        }
+        b'p' => one_of!(b"\"provider\"" => Provider, b"\"promptTokens\"" => PromptTokens),
+        b'm' => one_of!(b"\"model\"" => Model, b"\"metadata\"" => Metadata),
+        b's' => one_of!(b"\"status\"" => Status, b"\"service\"" => Optional(5)),
+        b'c' => one_of!(b"\"cost\"" => Cost, b"\"completionTokens\"" => CompletionTokens),
+        b'l' => one_of!(b"\"latency\"" => Latency),
+        b'e' => {
+            one_of!(b"\"error\"" => Optional(0), b"\"eventId\"" => Optional(1), b"\"executionId\"" => Optional(2))
+        }
+        b'a' => one_of!(b"\"agentId\"" => Optional(3), b"\"action\"" => Optional(6)),
+        b'u' => one_of!(b"\"userId\"" => Optional(4)),
+        b'r' => one_of!(b"\"requestId\"" => Optional(7)),
+        _ => None,
     }
 }
 
@@ -117,18 +170,18 @@ fn first_time(seen: &mut u32, bit: u32) -> Option<()> {
 
 fn tokens(c: &mut Cursor<'_>) -> Option<SdkTokens> {
     let (mut prompt, mut completion, mut total, mut seen) = (0, 0, None, 0);
-    object(c, |c, key| match key {
-        "promptTokens" => {
+    object(c, field, |c, key| match key {
+        Field::PromptTokens => {
             first_time(&mut seen, 0)?;
             prompt = c.unsigned()?;
             Some(())
         }
-        "completionTokens" => {
+        Field::CompletionTokens => {
             first_time(&mut seen, 1)?;
             completion = c.unsigned()?;
             Some(())
         }
-        "totalTokens" => {
+        Field::TotalTokens => {
             first_time(&mut seen, 2)?;
             total = nullable(c, Cursor::unsigned)?;
             Some(())
@@ -140,7 +193,7 @@ fn tokens(c: &mut Cursor<'_>) -> Option<SdkTokens> {
 
 fn metadata(c: &mut Cursor<'_>) -> Option<BTreeMap<String, String>> {
     let mut entries = BTreeMap::new();
-    object(c, |c, key| {
+    object(c, Cursor::raw_str, |c, key| {
         // A repeated key: the last value wins, as with serde's map.
         entries.insert(key.to_owned(), c.raw_str()?.to_owned());
         Some(())
@@ -153,38 +206,38 @@ fn event<'a>(c: &mut Cursor<'a>) -> Option<SdkEvent<'a>> {
     let (mut tokens_read, mut cost, mut latency, mut metadata_read) = (None, None, None, None);
     let mut optional: [Option<&'a str>; 8] = [None; 8];
     let mut seen = 0u32;
-    object(c, |c, key| {
+    object(c, field, |c, key| {
         let slot = match key {
-            "timestamp" => &mut timestamp,
-            "provider" => &mut provider,
-            "model" => &mut model,
-            "status" => &mut status,
-            "tokens" => {
+            Field::Timestamp => &mut timestamp,
+            Field::Provider => &mut provider,
+            Field::Model => &mut model,
+            Field::Status => &mut status,
+            Field::Tokens => {
                 first_time(&mut seen, 4)?;
                 tokens_read = Some(tokens(c)?);
                 return Some(());
             }
-            "cost" => {
+            Field::Cost => {
                 first_time(&mut seen, 5)?;
                 cost = nullable(c, number)?;
                 return Some(());
             }
-            "latency" => {
+            Field::Latency => {
                 first_time(&mut seen, 6)?;
                 latency = Some(number(c)?);
                 return Some(());
             }
-            "metadata" => {
+            Field::Metadata => {
                 first_time(&mut seen, 7)?;
                 metadata_read = nullable(c, metadata)?;
                 return Some(());
             }
-            _ => {
-                let index = OPTIONAL.iter().position(|name| *name == key)?;
+            Field::Optional(index) => {
                 first_time(&mut seen, 8 + index as u32)?;
                 optional[index] = nullable(c, Cursor::raw_str)?;
                 return Some(());
             }
+            Field::PromptTokens | Field::CompletionTokens | Field::TotalTokens => return None,
         };
         if slot.is_some() {
             return None;
@@ -213,10 +266,6 @@ fn event<'a>(c: &mut Cursor<'a>) -> Option<SdkEvent<'a>> {
         metadata: metadata_read,
     })
 }
-
-/// The SDK's optional string fields, in the order `event` unpacks them.
-const OPTIONAL: [&str; 8] =
-    ["error", "eventId", "executionId", "agentId", "userId", "service", "action", "requestId"];
 
 #[cfg(test)]
 mod tests {
@@ -358,6 +407,12 @@ mod tests {
             r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success"}],"more":1}"#,
             r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success"}]} x"#,
             r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success","latency":01}]}"#,
+            // a known name written with an escape, names extending or cut from known ones, a
+            // tokens name at the event's level
+            r#"{"events":[{"t\u0069mestamp":"t","provider":"p","model":"m","tokens":{},"status":"success"}]}"#,
+            r#"{"events":[{"timestamp":"t","provider":"p","models":"m","tokens":{},"status":"success"}]}"#,
+            r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success","cos":1}]}"#,
+            r#"{"events":[{"timestamp":"t","provider":"p","model":"m","tokens":{},"status":"success","totalTokens":1}]}"#,
         ];
         for body in cases {
             assert_eq!(sdk_batch(body), None, "{body}");
