@@ -61,7 +61,7 @@ fn request_id(request: &Request) -> RequestId {
         return RequestId(given.clone());
     }
     // Thread-local RNG: no syscall and no global lock per request (uuid's now_v7 has both).
-    let id = tally_schemas::parse::new_v7(chrono::Utc::now().timestamp_millis());
+    let id = tally_schemas::parse::new_v7(tally_schemas::time::now_ms());
     let (text, ()) = crate::scratch::bytes_from(uuid::fmt::Hyphenated::LENGTH, |buf| {
         buf.extend_from_slice(id.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).as_bytes())
     });

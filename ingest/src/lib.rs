@@ -62,7 +62,7 @@ pub struct Shared {
 }
 
 pub fn system_clock() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    tally_schemas::time::now_ms()
 }
 
 /// The ingest routes (without the operational ones) as a router. `IngestService` answers their

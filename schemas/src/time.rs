@@ -1,6 +1,15 @@
 //! Date arithmetic on epoch seconds and milliseconds, hand-rolled for the hot paths: the ingest
 //! parses RFC 3339 and writes ClickHouse DateTime text per event, the consumer reads it back.
 
+/// Milliseconds since the epoch, now (the system clock; before the epoch, negative). What chrono's
+/// `Utc::now().timestamp_millis()` gives, without building a calendar date first.
+pub fn now_ms() -> i64 {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => since.as_millis() as i64,
+        Err(before) => -(before.duration().as_millis() as i64),
+    }
+}
+
 fn two_digits(bytes: &[u8], at: usize) -> Option<u32> {
     let (tens, ones) = (bytes.get(at)?.wrapping_sub(b'0'), bytes.get(at + 1)?.wrapping_sub(b'0'));
     (tens < 10 && ones < 10).then(|| u32::from(tens) * 10 + u32::from(ones))
@@ -143,4 +152,15 @@ impl DateTimeText {
 /// Formats epoch milliseconds as ClickHouse DateTime text (seconds) in UTC.
 pub fn datetime_text(epoch_ms: i64) -> String {
     DateTimeText::from_epoch_ms(epoch_ms).as_str().to_owned()
+}
+
+#[cfg(test)]
+mod now_tests {
+    #[test]
+    fn now_is_chronos_now() {
+        let before = chrono::Utc::now().timestamp_millis();
+        let now = super::now_ms();
+        let after = chrono::Utc::now().timestamp_millis();
+        assert!(before <= now && now <= after, "{before} {now} {after}");
+    }
 }

@@ -24,7 +24,12 @@ pub fn derived_event_id(org_id: &str, key: &str, index: usize) -> Uuid {
 /// A UUIDv7 for `epoch_ms` with 74 random bits from the thread-local generator: no system call
 /// and no shared lock per event (uuid's `now_v7` takes a global mutex and reads the OS RNG).
 pub fn new_v7(epoch_ms: i64) -> Uuid {
-    let random: [u8; 10] = rand::random();
+    use rand::RngCore;
+    // Two words of the thread's generator (`rand::random::<[u8; 10]>` drew a word per byte).
+    let mut rng = rand::rng();
+    let words = (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())).to_le_bytes();
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&words[..10]);
     uuid::Builder::from_unix_timestamp_millis(u64::try_from(epoch_ms).unwrap_or(0), &random).into_uuid()
 }
 
@@ -257,5 +262,28 @@ impl<'a> Fields<'a> {
             output_bytes: self.output_bytes,
             metadata: self.metadata.into_iter().collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_ids_are_v7_at_their_time_and_distinct() {
+        let at = 1_796_205_600_123;
+        let ids: std::collections::HashSet<Uuid> = (0..10_000).map(|_| new_v7(at)).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(100) {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+            let (seconds, nanos) = id.get_timestamp().expect("a v7 timestamp").to_unix();
+            assert_eq!(seconds * 1000 + u64::from(nanos / 1_000_000), at as u64);
+        }
+        // The random bits vary in every one of their bytes (a byte drawn as zero by mistake would not).
+        let bytes: Vec<[u8; 16]> = ids.iter().map(|id| *id.as_bytes()).collect();
+        for position in [7, 9, 10, 11, 12, 13, 14, 15] {
+            assert!(bytes.iter().any(|b| b[position] != bytes[0][position]), "byte {position} constant");
+        }
     }
 }
