@@ -199,11 +199,13 @@ async fn produce(
     accepted: usize,
     dead_letters: Vec<Vec<u8>>,
 ) -> Result<(), IngestError> {
-    let dead_letter_sends = futures::future::join_all(dead_letters.into_iter().map(|letter| {
-        state.sink.produce(Topic::DeadLetters, Arc::clone(&org.org_id), letter, 1, request_id.clone())
-    }));
+    let dead_letter_sends = |dead_letters: Vec<Vec<u8>>| {
+        futures::future::join_all(dead_letters.into_iter().map(|letter| {
+            state.sink.produce(Topic::DeadLetters, Arc::clone(&org.org_id), letter, 1, request_id.clone())
+        }))
+    };
     if accepted == 0 {
-        report_dead_letter_failures(state, &dead_letter_sends.await);
+        report_dead_letter_failures(state, &dead_letter_sends(dead_letters).await);
         return Ok(());
     }
     let events_send = OutlivingSend {
@@ -215,11 +217,16 @@ async fn produce(
             request_id.clone(),
         )),
         events: accepted as u64,
-        unanswered: state.metrics.events_produced_unanswered.clone(),
+        unanswered: &state.metrics.events_produced_unanswered,
     };
-    let (events_result, dead_letter_results) = futures::join!(events_send, dead_letter_sends);
-    events_result?;
-    report_dead_letter_failures(state, &dead_letter_results);
+    if dead_letters.is_empty() {
+        events_send.await?; // the common request: nothing to join
+    } else {
+        let (events_result, dead_letter_results) =
+            futures::join!(events_send, dead_letter_sends(dead_letters));
+        events_result?;
+        report_dead_letter_failures(state, &dead_letter_results);
+    }
     state.metrics.events_accepted.inc_by(accepted as u64);
     Ok(())
 }
@@ -230,13 +237,14 @@ async fn produce(
 /// once Kafka acknowledged it, its events are counted in
 /// `tally_ingest_events_produced_unanswered_total`, so that accepted + unanswered adds up to what
 /// the topic received. Nothing is spawned on the ordinary path, only when a request is dropped.
-struct OutlivingSend {
+struct OutlivingSend<'a> {
     send: Option<BoxFuture<'static, Result<(), SinkError>>>,
     events: u64,
-    unanswered: IntCounter,
+    /// Borrowed: cloned (a reference count every worker shares) only when a send is left behind.
+    unanswered: &'a IntCounter,
 }
 
-impl Future for OutlivingSend {
+impl Future for OutlivingSend<'_> {
     type Output = Result<(), SinkError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -247,7 +255,7 @@ impl Future for OutlivingSend {
     }
 }
 
-impl Drop for OutlivingSend {
+impl Drop for OutlivingSend<'_> {
     fn drop(&mut self) {
         let Some(send) = self.send.take() else { return };
         let (events, unanswered) = (self.events, self.unanswered.clone());
