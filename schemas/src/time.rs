@@ -122,26 +122,41 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// equal to chrono's formatting.
 pub struct DateTimeText([u8; 19]);
 
+thread_local! {
+    /// The thread's last day (days since the epoch) and its `YYYY-MM-DD`: an event's time and its
+    /// arrival, and the events after it, are nearly always on the same day.
+    static LAST_DAY: std::cell::Cell<(i64, [u8; 10])> = const { std::cell::Cell::new((i64::MIN, [0; 10])) };
+}
+
+/// `value` (below 100) as two ASCII digits.
+fn two(value: u32) -> [u8; 2] {
+    [b'0' + (value / 10) as u8, b'0' + (value % 10) as u8]
+}
+
+/// `YYYY-MM-DD` of a day since 1970-01-01 (years 0..=9999).
+fn date_text(days: i64) -> [u8; 10] {
+    let (year, month, day) = civil_from_days(days);
+    let year = year as u32;
+    let ([y0, y1], [y2, y3], [m0, m1], [d0, d1]) = (two(year / 100), two(year % 100), two(month), two(day));
+    [y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1]
+}
+
 impl DateTimeText {
     pub fn from_epoch_ms(epoch_ms: i64) -> Self {
         let seconds = epoch_ms.div_euclid(1000).clamp(0, 253_402_300_799);
-        let (year, month, day) = civil_from_days(seconds.div_euclid(86_400));
-        let of_day = seconds.rem_euclid(86_400);
-        let mut out = *b"0000-00-00 00:00:00";
-        let mut put = |at: usize, value: i64, width: usize| {
-            let mut v = value;
-            for i in (0..width).rev() {
-                out[at + i] = b'0' + (v % 10) as u8;
-                v /= 10;
+        let day = seconds.div_euclid(86_400);
+        let date = LAST_DAY.with(|last| match last.get() {
+            (cached, text) if cached == day => text,
+            _ => {
+                let text = date_text(day);
+                last.set((day, text));
+                text
             }
-        };
-        put(0, year, 4);
-        put(5, i64::from(month), 2);
-        put(8, i64::from(day), 2);
-        put(11, of_day / 3600, 2);
-        put(14, of_day / 60 % 60, 2);
-        put(17, of_day % 60, 2);
-        DateTimeText(out)
+        });
+        let of_day = seconds.rem_euclid(86_400) as u32;
+        let ([h0, h1], [i0, i1], [s0, s1]) = (two(of_day / 3600), two(of_day / 60 % 60), two(of_day % 60));
+        let [a, b, c, d, e, f, g, h, i, j] = date;
+        DateTimeText([a, b, c, d, e, f, g, h, i, j, b' ', h0, h1, b':', i0, i1, b':', s0, s1])
     }
 
     pub fn as_str(&self) -> &str {
@@ -156,6 +171,25 @@ pub fn datetime_text(epoch_ms: i64) -> String {
 
 #[cfg(test)]
 mod now_tests {
+    /// Times on the same day and on others, in turn, so the thread's cached day is used and
+    /// replaced: each as chrono writes it.
+    #[test]
+    fn datetime_text_is_chronos_across_days() {
+        let mut at = 1_796_205_600_123i64;
+        for step in 0..20_000i64 {
+            // a second, a day, a minute, a day back, a millisecond, 23 hours, 40 days: forward on the whole
+            at += [999, 86_400_000 - 1, 37_000, -86_400_000, 1, 3_600_000 * 23, 86_400_000 * 40]
+                [(step % 7) as usize];
+            let expected = chrono::DateTime::from_timestamp_millis(at)
+                .expect("in range")
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string();
+            assert_eq!(super::DateTimeText::from_epoch_ms(at).as_str(), expected, "{at}");
+        }
+        assert_eq!(super::DateTimeText::from_epoch_ms(-1).as_str(), "1970-01-01 00:00:00");
+        assert_eq!(super::DateTimeText::from_epoch_ms(i64::MAX).as_str(), "9999-12-31 23:59:59");
+    }
+
     #[test]
     fn now_is_chronos_now() {
         let before = chrono::Utc::now().timestamp_millis();
