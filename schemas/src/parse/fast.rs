@@ -142,24 +142,52 @@ fn nullable<'a, T>(c: &mut Cursor<'a>, read: impl FnOnce(&mut Cursor<'a>) -> Opt
 }
 
 /// A JSON number read as an `f64` exactly as serde_json reads it: a plain integer of at most 15
-/// digits is converted directly (serde_json converts the same u64 the same way); any other form
-/// (a sign, a fraction, an exponent) is handed to serde_json itself.
+/// digits is converted directly (serde_json converts the same u64 the same way), and so is a plain
+/// decimal (`0.0062`) of at most 15 digits: its digits as an integer, exact in an f64, divided by
+/// the exact power of ten, which IEEE division rounds correctly, as serde_json does for them. Any
+/// other form (a sign, an exponent, more digits) is handed to serde_json itself.
 fn number(c: &mut Cursor<'_>) -> Option<f64> {
     let bytes = c.bytes();
     let len =
         bytes.iter().take_while(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')).count();
-    let token = &c.text[c.at..c.at + len];
-    let value = if len <= 15 && bytes[..len].iter().all(u8::is_ascii_digit) {
-        if len == 0 || (len > 1 && bytes[0] == b'0') {
+    let token = &bytes[..len];
+    if len <= 16 {
+        if let Some(value) = plain_decimal(token) {
+            c.at += len;
+            return Some(value);
+        }
+    }
+    let value = serde_json::from_str::<f64>(&c.text[c.at..c.at + len]).ok()?;
+    c.at += len;
+    Some(value)
+}
+
+/// `digits` or `digits.digits`, at most 15 digits in all, in JSON's form (no leading zero but a
+/// lone one before the point): the value, exactly rounded.
+fn plain_decimal(token: &[u8]) -> Option<f64> {
+    const POW10: [f64; 16] =
+        [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15];
+    let (whole, fraction) = match token.iter().position(|b| *b == b'.') {
+        Some(point) => (&token[..point], Some(&token[point + 1..])),
+        None => (token, None),
+    };
+    let digits = whole.len() + fraction.map_or(0, <[u8]>::len);
+    if whole.is_empty()
+        || (whole.len() > 1 && whole[0] == b'0')
+        || fraction.is_some_and(<[u8]>::is_empty)
+        || digits > 15
+    {
+        return None;
+    }
+    let mut mantissa = 0u64;
+    for b in whole.iter().chain(fraction.unwrap_or_default()) {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
             return None;
         }
-        c.unsigned()? as f64
-    } else {
-        let value = serde_json::from_str::<f64>(token).ok()?;
-        c.at += len;
-        value
-    };
-    Some(value)
+        mantissa = mantissa * 10 + u64::from(digit);
+    }
+    Some(mantissa as f64 / POW10[fraction.map_or(0, <[u8]>::len)])
 }
 
 /// Records `bit` in `seen`, failing when it was already there (serde refuses a repeated field).
@@ -509,6 +537,31 @@ mod tests {
             let body = format!("{{\"events\":[{}]}}", vec![event; events].join(","));
             if let Some(fast) = sdk_batch(&body) {
                 prop_assert_eq!(Some(fast), serde_batch(&body), "{}", body);
+            }
+        }
+
+        /// Plain decimals of up to 15 digits (and the forms around them) read as serde_json reads
+        /// them, to the last bit.
+        #[test]
+        fn decimals_are_read_as_serde_reads_them(
+            mantissa in 0u64..1_000_000_000_000_000,
+            scale in 0usize..17,
+            suffix in prop_oneof![Just(""), Just("0"), Just("e1"), Just(".")],
+        ) {
+            let digits = mantissa.to_string();
+            let text = if scale == 0 {
+                format!("{digits}{suffix}")
+            } else if scale >= digits.len() {
+                format!("0.{}{digits}{suffix}", "0".repeat(scale - digits.len()))
+            } else {
+                format!("{}.{}{suffix}", &digits[..digits.len() - scale], &digits[digits.len() - scale..])
+            };
+            let serde = serde_json::from_str::<f64>(&text).ok();
+            let mut c = Cursor::new(&text);
+            let fast = number(&mut c);
+            prop_assert_eq!(fast.map(f64::to_bits), serde.map(f64::to_bits), "{}", text);
+            if fast.is_some() {
+                prop_assert_eq!(c.at, text.len());
             }
         }
 
