@@ -23,7 +23,6 @@ use tally_common::scratch;
 use tally_common::server::{presented_key, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
 use tally_schemas::parse::{derived_event_id, parse_batch, sdk_rows, Batch, Dialect, RequestContext};
-use tally_schemas::pricing::PriceBook;
 use tally_schemas::record::{encode_event, DeadLetter, Stage};
 
 use crate::body;
@@ -141,10 +140,8 @@ async fn accept_rows(
 
 /// Prices and encodes the valid events the rate limit admits into `payload`; rejects the others
 /// (over the limit, or invalid, with a dead letter holding the original JSON).
-#[allow(clippy::too_many_arguments)] // the request's parts, each used
 fn sort_events(
     state: &AppState,
-    prices: &PriceBook,
     org: &OrgInfo,
     request_id: &RequestId,
     context: &RequestContext<'_>,
@@ -152,6 +149,7 @@ fn sort_events(
     admission: &Admission,
     payload: Vec<u8>,
 ) -> Result<Sorted, IngestError> {
+    let prices = state.prices.current();
     let mut sorted = Sorted { payload, accepted: 0, rejected: Vec::new(), dead_letters: Vec::new() };
     for (index, outcome) in std::mem::take(&mut batch.outcomes).into_iter().enumerate() {
         match outcome {
@@ -291,12 +289,12 @@ pub(crate) async fn handle(
     let bytes = body::read(&headers, body, state.max_compressed_bytes, state.max_body_bytes).await?;
     let received_at_ms = (state.clock)();
     let context = RequestContext { org_id: &org.org_id, received_at_ms, idempotency_key };
-    let prices = state.prices.current();
     // A row of JSONEachRow is about twice its SDK event (every column is written).
     let mut payload = Vec::with_capacity(bytes.len() * 5 / 2 + 1024);
     if dialect == Dialect::Sdk {
         // The common request (valid events in the shape SDKs send) in one pass, straight to rows.
-        if let Some(rows) = sdk_rows(&bytes, &context, &prices, &mut payload) {
+        let rows = sdk_rows(&bytes, &context, &state.prices.current(), &mut payload);
+        if let Some(rows) = rows {
             return accept_rows(state, &org, &request_id, payload, rows).await;
         }
     }
@@ -307,7 +305,7 @@ pub(crate) async fn handle(
         state.metrics.events_rate_limited.inc_by(u64::from(valid));
         return Err(IngestError::RateLimited(admission));
     }
-    let sorted = sort_events(state, &prices, &org, &request_id, &context, &mut batch, &admission, payload)?;
+    let sorted = sort_events(state, &org, &request_id, &context, &mut batch, &admission, payload)?;
     produce(state, &org, &request_id, sorted.payload, sorted.accepted, sorted.dead_letters).await?;
     let body = Accepted { accepted: sorted.accepted, rejected: sorted.rejected, message: QUEUED };
     Ok(accepted_response(&body, &admission))
