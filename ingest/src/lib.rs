@@ -73,8 +73,21 @@ fn routes(state: AppState, observe: &server::ObserveLayer) -> Router {
         .route("/v1/ingest", post(handler::ingest_sdk))
         .route("/analytics/events", post(handler::ingest_analytics))
         .route("/openapi.json", get(openapi))
+        .fallback(no_route)
         .with_state(state)
         .layer(observe.clone())
+}
+
+/// A path the ingest does not serve: 404 with the error body its other errors have, given its
+/// request id and counted under the `unmatched` route by the layer (axum's own 404 was neither).
+async fn no_route(uri: axum::http::Uri) -> Response {
+    let path: String = uri.path().chars().take(200).collect();
+    let body = serde_json::json!({"error": {
+        "code": "not_found",
+        "message": format!("no route for {path}"),
+        "hint": "the ingest serves POST /v1/ingest and POST /analytics/events (see /openapi.json)",
+    }});
+    (axum::http::StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
 /// The ingest as served: `POST /v1/ingest` and `POST /analytics/events` go straight to their
@@ -368,15 +381,25 @@ mod tests {
         );
         assert_eq!(send(&service, Method::GET, "/openapi.json", None, "").await.status(), StatusCode::OK);
         assert_eq!(send(&service, Method::GET, "/healthz", None, "").await.status(), StatusCode::OK);
-        assert_eq!(
-            send(&service, Method::POST, "/v1/ingest/", Some(&key), &body).await.status(),
-            StatusCode::NOT_FOUND
-        );
+        let not_found = send(&service, Method::POST, "/v1/ingest/", Some(&key), &body).await;
+        assert_eq!(not_found.status(), StatusCode::NOT_FOUND);
+        assert_eq!(not_found.headers()["x-request-id"].len(), 36, "a 404 has its request id too");
+        let error: serde_json::Value =
+            serde_json::from_slice(&axum::body::to_bytes(not_found.into_body(), 1024).await.unwrap())
+                .unwrap();
+        assert_eq!(error["error"]["code"], "not_found");
+        assert_eq!(error["error"]["message"], "no route for /v1/ingest/");
 
         assert_eq!(requests(&registry, "/v1/ingest", "POST", "202"), 1);
         assert_eq!(requests(&registry, "/v1/ingest", "POST", "401"), 1);
         assert_eq!(requests(&registry, "/analytics/events", "POST", "202"), 1);
         assert_eq!(requests(&registry, "/v1/ingest", "GET", "405"), 1);
         assert_eq!(requests(&registry, "/openapi.json", "GET", "200"), 1);
+        assert_eq!(requests(&registry, "unmatched", "POST", "404"), 1);
+        assert_eq!(
+            requests(&registry, "/healthz", "GET", "200"),
+            0,
+            "the operational routes are not counted"
+        );
     }
 }
