@@ -28,6 +28,9 @@ pub enum IngestError {
     Unavailable(#[from] SinkError),
     #[error("not ready: api keys and prices not loaded yet")]
     NotReady,
+    /// A path the ingest does not serve (at most its first 200 characters).
+    #[error("no route for {0}")]
+    NoRoute(String),
     #[error("rate limit of {} events per minute reached", .0.limit)]
     RateLimited(crate::ratelimit::Admission),
     /// Tally could not write its own dead letter (a server fault, not the client's).
@@ -90,6 +93,11 @@ impl IngestError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media",
                 "send Content-Type: application/json",
+            ),
+            IngestError::NoRoute(_) => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the ingest serves POST /v1/ingest and POST /analytics/events (see /openapi.json)",
             ),
             IngestError::Unavailable(_) | IngestError::NotReady => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "retry after the delay in Retry-After")

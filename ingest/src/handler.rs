@@ -99,6 +99,17 @@ struct Sorted {
     dead_letters: Vec<Vec<u8>>,
 }
 
+/// The org's rate limit asked for `valid` events: a 429 (every one of them counted as limited) when
+/// it admits none of them, else how many it admits.
+fn admit(state: &AppState, org: &OrgInfo, valid: u32) -> Result<Admission, IngestError> {
+    let admission = state.limits.admit(org, valid);
+    if valid > 0 && admission.allowed == 0 {
+        state.metrics.events_rate_limited.inc_by(u64::from(valid));
+        return Err(IngestError::RateLimited(admission));
+    }
+    Ok(admission)
+}
+
 /// The rejection of a valid event over the org's rate limit (counted).
 fn rate_limited(state: &AppState, index: usize, admission: &Admission) -> Rejected {
     state.metrics.events_rate_limited.inc();
@@ -116,11 +127,7 @@ async fn accept_rows(
     mut payload: Vec<u8>,
     rows: usize,
 ) -> Result<Response, IngestError> {
-    let admission = state.limits.admit(org, rows as u32);
-    if rows > 0 && admission.allowed == 0 {
-        state.metrics.events_rate_limited.inc_by(rows as u64);
-        return Err(IngestError::RateLimited(admission));
-    }
+    let admission = admit(state, org, rows as u32)?;
     let accepted = rows.min(admission.allowed as usize);
     let mut rejected = Vec::new();
     if accepted < rows {
@@ -300,11 +307,7 @@ pub(crate) async fn handle(
     }
     let mut batch = parse_batch(dialect, &bytes, &context)?;
     let valid = batch.outcomes.iter().filter(|p| p.is_ok()).count() as u32;
-    let admission = state.limits.admit(&org, valid);
-    if valid > 0 && admission.allowed == 0 {
-        state.metrics.events_rate_limited.inc_by(u64::from(valid));
-        return Err(IngestError::RateLimited(admission));
-    }
+    let admission = admit(state, &org, valid)?;
     let sorted = sort_events(state, &org, &request_id, &context, &mut batch, &admission, payload)?;
     produce(state, &org, &request_id, sorted.payload, sorted.accepted, sorted.dead_letters).await?;
     let body = Accepted { accepted: sorted.accepted, rejected: sorted.rejected, message: QUEUED };

@@ -80,14 +80,8 @@ fn routes(state: AppState, observe: &server::ObserveLayer) -> Router {
 
 /// A path the ingest does not serve: 404 with the error body its other errors have, given its
 /// request id and counted under the `unmatched` route by the layer (axum's own 404 was neither).
-async fn no_route(uri: axum::http::Uri) -> Response {
-    let path: String = uri.path().chars().take(200).collect();
-    let body = serde_json::json!({"error": {
-        "code": "not_found",
-        "message": format!("no route for {path}"),
-        "hint": "the ingest serves POST /v1/ingest and POST /analytics/events (see /openapi.json)",
-    }});
-    (axum::http::StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+async fn no_route(uri: axum::http::Uri) -> error::IngestError {
+    error::IngestError::NoRoute(uri.path().chars().take(200).collect())
 }
 
 /// The ingest as served: `POST /v1/ingest` and `POST /analytics/events` go straight to their

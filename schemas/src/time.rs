@@ -170,7 +170,7 @@ pub fn datetime_text(epoch_ms: i64) -> String {
 }
 
 #[cfg(test)]
-mod now_tests {
+mod tests {
     /// Times on the same day and on others, in turn, so the thread's cached day is used and
     /// replaced: each as chrono writes it.
     #[test]

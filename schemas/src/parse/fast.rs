@@ -150,12 +150,9 @@ fn number(c: &mut Cursor<'_>) -> Option<f64> {
     let bytes = c.bytes();
     let len =
         bytes.iter().take_while(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')).count();
-    let token = &bytes[..len];
-    if len <= 16 {
-        if let Some(value) = plain_decimal(token) {
-            c.at += len;
-            return Some(value);
-        }
+    if let Some(value) = plain_decimal(&bytes[..len]) {
+        c.at += len;
+        return Some(value);
     }
     let value = serde_json::from_str::<f64>(&c.text[c.at..c.at + len]).ok()?;
     c.at += len;
