@@ -430,11 +430,19 @@ where
 /// The API key of a request: `X-API-Key`, else the token of `Authorization: Bearer`.
 pub fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
     const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    key_of(headers.get(API_KEY), headers.get(axum::http::header::AUTHORIZATION))
+}
+
+/// [`presented_key`] from the two headers' values, for a caller that has already found them.
+pub fn key_of<'a>(
+    api_key: Option<&'a HeaderValue>,
+    authorization: Option<&'a HeaderValue>,
+) -> Option<&'a str> {
     // `to_str` only passes visible ASCII, spaces and tabs, so ASCII trimming is all there is to do.
-    if let Some(value) = headers.get(API_KEY).and_then(|v| v.to_str().ok()) {
+    if let Some(value) = api_key.and_then(|v| v.to_str().ok()) {
         return Some(value.trim_ascii());
     }
-    let authorization = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let authorization = authorization?.to_str().ok()?;
     let (scheme, token) = authorization.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_ascii())
 }

@@ -6,7 +6,7 @@
 use std::io::Read;
 
 use axum::body::{to_bytes, Body, Bytes};
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderValue;
 
 use crate::error::{IngestError, MalformedBody, UnsupportedMedia};
 
@@ -21,8 +21,9 @@ pub enum Encoding {
     Zstd,
 }
 
-pub fn encoding(headers: &HeaderMap) -> Result<Encoding, IngestError> {
-    let Some(value) = headers.get(header::CONTENT_ENCODING) else { return Ok(Encoding::Identity) };
+/// The body's encoding, from its `Content-Encoding` value (none: identity).
+pub fn encoding(content_encoding: Option<&HeaderValue>) -> Result<Encoding, IngestError> {
+    let Some(value) = content_encoding else { return Ok(Encoding::Identity) };
     let text = value.to_str().unwrap_or("").trim();
     if text.eq_ignore_ascii_case("identity") || text.is_empty() {
         Ok(Encoding::Identity)
@@ -73,12 +74,11 @@ pub fn decode(encoding: Encoding, raw: Bytes, max_decompressed: usize) -> Result
 /// Reads and decodes the body. Decompression runs on the blocking pool when the body is large
 /// enough that it would stall the async workers.
 pub async fn read(
-    headers: &HeaderMap,
+    encoding: Encoding,
     body: Body,
     max_compressed: usize,
     max_decompressed: usize,
 ) -> Result<Bytes, IngestError> {
-    let encoding = encoding(headers)?;
     let wire_limit = if encoding == Encoding::Identity { max_decompressed } else { max_compressed };
     let raw = to_bytes(body, wire_limit).await.map_err(|_| IngestError::TooLarge { limit: wire_limit })?;
     if encoding == Encoding::Identity || raw.len() < 64 * 1024 {
