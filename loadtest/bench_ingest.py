@@ -34,7 +34,8 @@ Usage: loadtest/bench_ingest.py [--seconds 15] [--connections 16] [--events 1,10
          after each measured cell, a separate run of the same cell under `perf record -e cpu-clock
          -g` (DWARF call graphs, 499 Hz; not the measured run, which perf would slow), written to
          DIR/<scenario>-<events>.data, then summarised by loadtest/profile_ingest.py: where the
-         server's CPU per request goes, by stage
+         server's CPU per request goes, by stage; for each server after the ceiling in a round, also
+         where its microseconds above the ceiling go, symbol by symbol, kernel and user space apart
 Needs the local stack (dev/stack.sh infra-up) and release binaries (cargo build --release).
 """
 import argparse
@@ -170,9 +171,11 @@ def measure(process, url, key, events, seconds, connections, rate=0.0):
     return result
 
 
-def profile(process, url, key, events, connections, measured, path, rate=0.0, seconds=8):
+def profile(process, url, key, events, connections, measured, path, rate=0.0, seconds=8, ceiling=None):
     """A run of the cell under `perf record` (its own run: perf's sampling costs CPU), then the
-    per-stage summary of loadtest/profile_ingest.py scaled to the measured CPU per request."""
+    per-stage summary of loadtest/profile_ingest.py scaled to the measured CPU per request; with
+    `ceiling` (the ceiling's profile path and measured result in the same round), also where the
+    microseconds above it go, symbol by symbol."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     recorder = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384",
                                  "-p", str(process.pid), "-o", path + ".data"],
@@ -182,8 +185,13 @@ def profile(process, url, key, events, connections, measured, path, rate=0.0, se
     recorder.send_signal(2)
     recorder.wait()
     us_per_request = measured["cpu_us_per_event"] * events
+    against = []
+    if ceiling:
+        ceiling_path, ceiling_measured = ceiling
+        against = ["--against", ceiling_path + ".data",
+                   "--against-us", "%.3f" % (ceiling_measured["cpu_us_per_event"] * events)]
     subprocess.run([sys.executable, os.path.join(ROOT, "loadtest", "profile_ingest.py"), path + ".data",
-                    "--us-per-request", "%.3f" % us_per_request, "--json", path + ".json"], check=False)
+                    "--us-per-request", "%.3f" % us_per_request, "--json", path + ".json", *against], check=False)
 
 
 def main():
@@ -228,6 +236,7 @@ def main():
     rows = []
     if "baseline" in scenarios and not args.baseline:
         raise SystemExit("scenario 'baseline' needs --baseline DIR (a directory holding another build's tally-ingest)")
+    ceilings = {}  # events per request -> the ceiling's profile path and result, this round
     for round_number, scenario in ((r, s) for r in range(1, args.rounds + 1) for s in scenarios):
         if scenario.startswith("ceiling"):
             # ceiling+N: the ceiling spinning N ns of CPU per request (a calibration of the harness)
@@ -247,8 +256,11 @@ def main():
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr)
                 if args.perf:
-                    profile(process, url, key, events, args.connections, result,
-                            os.path.join(args.perf, "%s-%d" % (scenario, events)), args.rate)
+                    path = os.path.join(args.perf, "%s-%d" % (scenario, events))
+                    profile(process, url, key, events, args.connections, result, path, args.rate,
+                            ceiling=ceilings.get(events))
+                    if scenario == "ceiling":  # what the servers after it in this round are read against
+                        ceilings[events] = (path, result)
         finally:
             stop(process)
 

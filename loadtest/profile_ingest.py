@@ -10,7 +10,12 @@ Two views of the same samples:
 Each share is also shown in microseconds of CPU per request when --us-per-request is given (the
 figure measured without perf in the same run of bench_ingest.py).
 
+With --against CEILING.data --against-us US (the ceiling's profile and measured CPU per request
+from the same run), a third view: where the microseconds above the ceiling go, symbol by symbol
+(self time in us per request, this profile's minus the ceiling's; kernel and user space apart).
+
 Usage: loadtest/profile_ingest.py PERF.data [--us-per-request US] [--json OUT]
+                                            [--against CEILING.data --against-us US]
 """
 import argparse
 import json
@@ -69,15 +74,47 @@ def report(path):
     return rows
 
 
+def self_us(rows, us_per_request):
+    """Self time per symbol in us per request (a symbol's hash suffix dropped: two builds' names match)."""
+    out = {}
+    for _, self_, _, sym in rows:
+        key = re.sub(r"::h[0-9a-f]{16}$", "", sym)
+        out[key] = out.get(key, 0.0) + self_ * us_per_request / 100.0
+    return out
+
+
+def difference(rows, us, ceiling_rows, ceiling_us, top=30):
+    """Where the microseconds above the ceiling go: self time by symbol, this server's minus the
+    ceiling's, both scaled to their own measured CPU per request."""
+    mine, theirs = self_us(rows, us), self_us(ceiling_rows, ceiling_us)
+    kernel = lambda d: sum(v for k, v in d.items() if k.startswith("[k]"))
+    print("  above the ceiling (%.2f us against %.2f: %.2fx), self time in us per request:" % (us, ceiling_us, us / ceiling_us))
+    print("    %-48s %8.2f us  (%.2f against %.2f)" % ("kernel", kernel(mine) - kernel(theirs), kernel(mine), kernel(theirs)))
+    print("    %-48s %8.2f us  (%.2f against %.2f)" % ("user space", (us - kernel(mine)) - (ceiling_us - kernel(theirs)),
+                                                        us - kernel(mine), ceiling_us - kernel(theirs)))
+    diffs = sorted(((mine.get(k, 0.0) - theirs.get(k, 0.0), k) for k in set(mine) | set(theirs)), reverse=True)
+    print("  the %d symbols that add most (us per request: difference, this server, the ceiling):" % top)
+    for diff, sym in diffs[:top]:
+        print("    %7.3f %7.3f %7.3f  %s" % (diff, mine.get(sym, 0.0), theirs.get(sym, 0.0), sym[:100]))
+    print("  the ceiling's own that this server does not spend (e.g. axum's router it bypasses):")
+    for diff, sym in diffs[-8:]:
+        print("    %7.3f %7.3f %7.3f  %s" % (diff, mine.get(sym, 0.0), theirs.get(sym, 0.0), sym[:100]))
+    return [{"difference_us": d, "symbol": k} for d, k in diffs[:top]]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
     parser.add_argument("--us-per-request", type=float, default=0.0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--against", default="", help="the ceiling's perf data from the same run")
+    parser.add_argument("--against-us", type=float, default=0.0, help="the ceiling's measured CPU us per request")
     args = parser.parse_args()
     rows = report(args.data)
     if not rows:
         raise SystemExit("no samples in " + args.data)
+    if args.against and not (args.us_per_request and args.against_us):
+        raise SystemExit("--against needs --us-per-request and --against-us (the measured CPU per request of each)")
     scale = args.us_per_request / 100.0 if args.us_per_request else 0.0
 
     def fmt(share):
@@ -111,10 +148,17 @@ def main():
     print("  top functions by self time:")
     for _, self_, dso, sym in top:
         print("    %6.2f %%  %s" % (self_, sym[:110]))
+    above = []
+    if args.against:
+        ceiling_rows = report(args.against)
+        if not ceiling_rows:
+            raise SystemExit("no samples in " + args.against)
+        above = difference(rows, args.us_per_request, ceiling_rows, args.against_us)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"data": args.data, "us_per_request": args.us_per_request, "stages": stages, "areas": areas,
-                       "top": [{"self": s, "dso": d, "symbol": y} for _, s, d, y in top]}, out, indent=1)
+                       "top": [{"self": s, "dso": d, "symbol": y} for _, s, d, y in top],
+                       "above_ceiling": above}, out, indent=1)
 
 
 if __name__ == "__main__":
