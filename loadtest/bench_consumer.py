@@ -5,8 +5,9 @@
    (one record per request of --per-record events of one org, 1000 orgs, keyed by org, lz4).
 2. Drains the same rows into ClickHouse three ways, each into its own freshly migrated database
    (the events table with its two rollup views):
-   ceiling  the rows built in memory before the clock starts and inserted by the consumer's own
-            insert path (clickhouse crate, RowBinary, 100 000 rows per INSERT): no Kafka, no decoding
+   ceiling  the preloaded rows themselves (same ids, times and values), written in RowBinary as the
+            consumer writes them before the clock starts, then inserted as the consumer inserts
+            (100 000 rows per INSERT, streamed in 256 KiB chunks): no Kafka, no decoding
    tally    tally-consumer draining the topic (its own group; reconciliation and dedup on)
    engine   ClickHouse's Kafka table engine (JSONEachRow, the record format) with a materialized
             view into the events table, draining the same topic with its own group
@@ -95,10 +96,14 @@ def wait_rows(database, expected, timeout, stall=60):
     raise SystemExit("%s.events never reached %d rows (has %d)" % (database, expected, count_rows(database)))
 
 
-def run_ceiling(database, events):
+def run_ceiling(database, events, per_record, now_ms):
+    """The preload's own rows (its per-record count and clock), RowBinary built before the clock
+    starts, inserted as the consumer inserts; without a preload (tally and engine skipped) rows of
+    the same shape."""
     ch_before = bi.cpu_seconds(clickhouse_pid())
     started = time.time()
-    process = subprocess.Popen([TOOL, "ceiling", database, str(events)], stdout=subprocess.PIPE, text=True)
+    command = [TOOL, "ceiling", database, str(events), "100000", str(per_record)] + ([str(now_ms)] if now_ms else [])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = status
     result = json.loads(process.stdout.read().strip().splitlines()[-1])
@@ -259,7 +264,8 @@ def main():
     for number in range(1, args.rounds + 1):
         round_runs = []
         if "ceiling" not in skip:
-            round_runs.append((number, "ceiling", lambda db: run_ceiling(db, args.events)))
+            round_runs.append((number, "ceiling",
+                               lambda db: run_ceiling(db, args.events, args.per_record, loaded.get("now_ms"))))
         if "tally" not in skip:
             round_runs.append((number, "tally", lambda db: run_tally(db, topic, args.events)))
         if args.baseline:
@@ -272,6 +278,7 @@ def main():
     if "engine" not in skip:
         runs.append((1, "engine", lambda db: run_engine(db, topic, args.events)))
     rows = []
+    loaded = {}
     try:
         if {"tally", "engine"} - skip or args.baseline:
             bi.create_topic(topic, 8)
