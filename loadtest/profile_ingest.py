@@ -87,11 +87,11 @@ def difference(rows, us, ceiling_rows, ceiling_us, top=30):
     """Where the microseconds above the ceiling go: self time by symbol, this server's minus the
     ceiling's, both scaled to their own measured CPU per request."""
     mine, theirs = self_us(rows, us), self_us(ceiling_rows, ceiling_us)
-    kernel = lambda d: sum(v for k, v in d.items() if k.startswith("[k]"))
+    kernel_mine, kernel_theirs = (sum(v for k, v in d.items() if k.startswith("[k]")) for d in (mine, theirs))
     print("  above the ceiling (%.2f us against %.2f: %.2fx), self time in us per request:" % (us, ceiling_us, us / ceiling_us))
-    print("    %-48s %8.2f us  (%.2f against %.2f)" % ("kernel", kernel(mine) - kernel(theirs), kernel(mine), kernel(theirs)))
-    print("    %-48s %8.2f us  (%.2f against %.2f)" % ("user space", (us - kernel(mine)) - (ceiling_us - kernel(theirs)),
-                                                        us - kernel(mine), ceiling_us - kernel(theirs)))
+    print("    %-48s %8.2f us  (%.2f against %.2f)" % ("kernel", kernel_mine - kernel_theirs, kernel_mine, kernel_theirs))
+    print("    %-48s %8.2f us  (%.2f against %.2f)" % ("user space", (us - kernel_mine) - (ceiling_us - kernel_theirs),
+                                                        us - kernel_mine, ceiling_us - kernel_theirs))
     diffs = sorted(((mine.get(k, 0.0) - theirs.get(k, 0.0), k) for k in set(mine) | set(theirs)), reverse=True)
     print("  the %d symbols that add most (us per request: difference, this server, the ceiling):" % top)
     for diff, sym in diffs[:top]:
