@@ -64,6 +64,31 @@ async fn status_is_scoped_to_the_key_and_follows_key_lifecycle() {
     assert_eq!(b["totalEvents"], 1, "org b sees only its own event");
     assert_eq!(b["firstEventAt"], "2025-12-01T00:00:00.000Z");
 
+    // The first and last events are found within their hours, however many events between them.
+    api.insert_event(&org_b, "2025-12-01 00:59:59", 999).await;
+    api.insert_event(&org_b, "2026-02-10 07:00:00", 1).await;
+    api.insert_event(&org_b, "2026-02-10 07:45:10", 42).await;
+    let (_, b) = api.status(&key_b).await;
+    assert_eq!(
+        (&b["totalEvents"], &b["firstEventAt"], &b["lastEventAt"]),
+        (&json!(4), &json!("2025-12-01T00:00:00.000Z"), &json!("2026-02-10T07:45:10.042Z"))
+    );
+    // A month the archiver dropped from the events table still counts (the rollups keep it); its
+    // first event is then given as the start of its hour.
+    api.clickhouse
+        .client()
+        .query(&format!("ALTER TABLE {} DROP PARTITION 202512", api.clickhouse.table("events")))
+        .execute()
+        .await
+        .unwrap();
+    let (_, b) = api.status(&key_b).await;
+    assert_eq!(
+        (&b["totalEvents"], &b["firstEventAt"], &b["lastEventAt"]),
+        (&json!(4), &json!("2025-12-01T00:00:00.000Z"), &json!("2026-02-10T07:45:10.042Z"))
+    );
+    api.insert_event(&org_b, "2025-12-01 00:30:00", 500).await; // restored into the month
+    assert_eq!(api.status(&key_b).await.1["firstEventAt"], "2025-12-01T00:30:00.500Z");
+
     assert_eq!(api.status("tally_0000").await.0, 401);
     assert_eq!(api.http.get(api.url("/api/telemetry/status")).send().await.unwrap().status(), 401);
 

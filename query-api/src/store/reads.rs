@@ -98,6 +98,21 @@ struct Spent {
     cost_nanos: i64,
 }
 
+/// An org's event count and its first and last hours, from the hourly rollup.
+#[derive(Row, Deserialize)]
+struct TelemetryHours {
+    total: u64,
+    first_hour: u32,
+    last_hour: u32,
+}
+
+/// The first and last event times within those hours, in epoch milliseconds (0 when none).
+#[derive(Row, Deserialize)]
+struct TelemetryEdges {
+    first_ms: u64,
+    last_ms: u64,
+}
+
 /// What the org's SDKs have sent so far.
 #[derive(Row, Deserialize)]
 pub struct Telemetry {
@@ -282,12 +297,55 @@ impl Store<'_> {
         Ok(parts.iter().map(|p| p.cost_nanos).sum())
     }
 
+    /// How many events the org has sent, and when its first and last arrived.
+    ///
+    /// The count and the first and last hours come from the hourly rollup (a few thousand small
+    /// rows for a month of an org); the events table is read only within those two hours, for
+    /// the milliseconds. Counting the org's raw rows instead read every one of them (~170 000 rows
+    /// per request for 50 000 events a month, which saturated a two-core ClickHouse at 200
+    /// requests/s). The rollups keep the months the archiver dropped from the events table, so the
+    /// total counts them too; when the first hour is in such a month its event is no longer in the
+    /// table and the first event is given as the start of its hour.
     pub async fn telemetry(&self, org_id: &str) -> Result<Telemetry, Error> {
+        let hours: TelemetryHours = self
+            .client
+            .query(&format!(
+                "SELECT toUInt64(countMerge(events)) AS total, toUInt32(min(hour)) AS first_hour, \
+                 toUInt32(max(hour)) AS last_hour FROM {} WHERE org_id = ?",
+                self.tables.rollup_hourly
+            ))
+            .bind(org_id)
+            .fetch_one()
+            .await?;
+        if hours.total == 0 {
+            return Ok(Telemetry { total: 0, first_ms: 0, last_ms: 0 });
+        }
+        let (first_end, last_hour) = (hours.first_hour + 3600, hours.last_hour);
         let sql = format!(
-            "SELECT count() AS total, min({EVENT_MS}) AS first_ms, max({EVENT_MS}) AS last_ms FROM {} WHERE org_id = ?",
+            "SELECT minIf({EVENT_MS}, timestamp < toDateTime(?, 'UTC')) AS first_ms, \
+             maxIf({EVENT_MS}, timestamp >= toDateTime(?, 'UTC')) AS last_ms FROM {} \
+             WHERE org_id = ? AND timestamp >= toDateTime(?, 'UTC') \
+             AND (timestamp < toDateTime(?, 'UTC') OR timestamp >= toDateTime(?, 'UTC'))",
             self.tables.events
         );
-        self.client.query(&sql).bind(org_id).fetch_one().await
+        let edges: TelemetryEdges = self
+            .client
+            .query(&sql)
+            .bind(first_end)
+            .bind(last_hour)
+            .bind(org_id)
+            .bind(hours.first_hour)
+            .bind(first_end)
+            .bind(last_hour)
+            .fetch_one()
+            .await?;
+        let hour_ms = |hour: u32| u64::from(hour) * 1000;
+        Ok(Telemetry {
+            total: hours.total,
+            // 0: no row of that hour left in the events table (an archived month): its hour.
+            first_ms: if edges.first_ms == 0 { hour_ms(hours.first_hour) } else { edges.first_ms },
+            last_ms: if edges.last_ms == 0 { hour_ms(last_hour) } else { edges.last_ms },
+        })
     }
 
     /// A page of the org's events in `range`, newest first. Without reading and sorting the whole
