@@ -462,6 +462,7 @@ mod tests {
             offset,
             kafka_timestamp_ms: 0,
             original: lines.into_bytes().into(),
+            format: Ok(tally_schemas::record::RecordFormat::JsonEachRow),
         })
     }
 

@@ -11,7 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
-use tally_schemas::record::{DeadLetter, Stage};
+use tally_schemas::record::{DeadLetter, RecordFormat, Stage};
 
 use crate::batch::{rows_of, Pending, RawRecord};
 use crate::config::ConsumerConfig;
@@ -108,6 +108,11 @@ pub fn list(config: &ConsumerConfig, limit: usize) -> Result<Vec<Listed>, Consum
         .collect())
 }
 
+/// The format of a dead letter's record, as `RecordFormat::of_header` reads the header it had.
+fn format_of(name: Option<&str>) -> Result<RecordFormat, String> {
+    RecordFormat::of_header(name.map(str::as_bytes)).ok_or_else(|| name.unwrap_or_default().to_owned())
+}
+
 /// Stores again every consume-stage dead letter of the events topic whose record decodes now.
 pub async fn replay(config: &ConsumerConfig) -> Result<ReplayReport, ConsumerError> {
     let letters = tokio::task::block_in_place(|| read_letters(config))?;
@@ -126,6 +131,7 @@ pub async fn replay(config: &ConsumerConfig) -> Result<ReplayReport, ConsumerErr
             offset: source.offset,
             kafka_timestamp_ms: letter.received_at_ms,
             original: letter.original_bytes().unwrap_or_default().into(),
+            format: format_of(letter.format.as_deref()),
         });
         let Ok(rows) = &mut record.decoded else {
             report.still_undecodable += 1;

@@ -14,7 +14,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_common::server;
-use tally_schemas::record::{DeadLetter, SourcePosition, Stage};
+use tally_schemas::record::{DeadLetter, RecordFormat, SourcePosition, Stage};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{next_offsets, Pending};
@@ -140,7 +140,7 @@ fn sample_lag(consumer: &KafkaConsumer, lag: &prometheus::IntGaugeVec) {
 /// Why the consumer dead-letters a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterReason {
-    /// The record is not Tally's JSONEachRow.
+    /// The record is not Tally's JSONEachRow or RowBinary (or names a format Tally does not read).
     UndecodableRecord,
     /// ClickHouse refused its rows with a permanent error.
     RejectedByClickHouse,
@@ -220,6 +220,11 @@ impl DeadLetters {
             }),
             original: None,
             original_hex: None,
+            format: match &pending.format {
+                Ok(RecordFormat::JsonEachRow) => None,
+                Ok(format) => Some(format.name().to_owned()),
+                Err(name) => Some(name.clone()),
+            },
         }
         .with_original(&pending.original);
         let payload = serde_json::to_vec(&letter).unwrap_or_default();

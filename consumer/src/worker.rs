@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Headers;
 use rdkafka::Message;
-use tally_schemas::record::{event_count, HEADER_EVENTS};
+use tally_schemas::record::{event_count, RecordFormat, HEADER_EVENTS, HEADER_FORMAT};
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -106,6 +106,27 @@ fn announced_rows(message: &impl Message) -> Option<usize> {
     headers.iter().find(|header| header.key == HEADER_EVENTS).and_then(|header| event_count(header.value?))
 }
 
+/// The record's format by its `tally-format` header (JSONEachRow without one); Err names a format
+/// this consumer does not read (the record is dead-lettered).
+fn record_format(message: &impl Message) -> Result<RecordFormat, String> {
+    let value = message
+        .headers()
+        .and_then(|headers| headers.iter().find(|header| header.key == HEADER_FORMAT))
+        .map(|header| header.value.unwrap_or_default());
+    RecordFormat::of_header(value)
+        .ok_or_else(|| String::from_utf8_lossy(value.unwrap_or_default()).into_owned())
+}
+
+/// The rows of a record that does not announce its count, for sizing the batch only: the lines of
+/// a JSONEachRow record, a RowBinary record's bytes at 200 per row (rows are rarely smaller).
+fn counted_rows(format: &Result<RecordFormat, String>, payload: &[u8]) -> usize {
+    match format {
+        Ok(RecordFormat::RowBinary) => payload.len() / 200,
+        _ => memchr::memchr_iter(b'\n', payload).count(),
+    }
+    .max(1)
+}
+
 fn epoch_now() -> u32 {
     u32::try_from(chrono::Utc::now().timestamp()).unwrap_or(u32::MAX)
 }
@@ -192,9 +213,10 @@ impl Worker {
             deadline.get_or_insert_with(|| batch_deadline(kafka_timestamp_ms, self.config.batch_max_wait));
             let (partition, offset) = (message.partition(), message.offset());
             let counted = announced_rows(&message);
+            let format = record_format(&message);
             let original = Payload::Kafka(KafkaPayload::new(message, &self.consumer));
-            rows += counted.unwrap_or_else(|| memchr::memchr_iter(b'\n', &original).count().max(1));
-            batch.push(RawRecord { partition, offset, kafka_timestamp_ms, original });
+            rows += counted.unwrap_or_else(|| counted_rows(&format, &original));
+            batch.push(RawRecord { partition, offset, kafka_timestamp_ms, original, format });
         }
         (batch, rows >= self.config.batch_max_rows)
     }

@@ -15,7 +15,9 @@ use serde::Deserialize;
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
 use tally_consumer::config::ConsumerConfig;
-use tally_schemas::record::{encode_event, DeadLetter, Stage, HEADER_EVENTS};
+use tally_schemas::record::{
+    binary, encode_event, DeadLetter, RecordFormat, Stage, HEADER_EVENTS, HEADER_FORMAT,
+};
 use tally_schemas::{CostSource, Event, Status};
 use tally_testkit::{
     create_topic, delete_topics, drop_database, kafka_brokers, migrated_database, unique_name,
@@ -294,6 +296,15 @@ fn record(events: &[&Event]) -> Vec<u8> {
     payload
 }
 
+/// `events` as a RowBinary record (`tally-format: RowBinary`).
+fn binary_record(events: &[&Event]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for event in events {
+        binary::encode_row(&event.borrowed(), &mut payload);
+    }
+    payload
+}
+
 #[tokio::test]
 async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restart() {
     let clickhouse = migrated_database("dedup").await;
@@ -375,6 +386,88 @@ async fn duplicates_are_dropped_when_batches_are_checked_ahead_of_their_insert()
         "the backlog was checked ahead"
     );
     rollups_match_raw(&clickhouse, &totals).await;
+    consumer.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
+    drop_database(&clickhouse).await;
+}
+
+/// Records in RowBinary (`tally-format: RowBinary`) are stored as JSONEachRow records are, in the
+/// same batches; a damaged one, and one in a format the consumer does not read, are dead-lettered
+/// with the reason, the failing row and column, and the format they came in (for `dlq replay`).
+#[tokio::test]
+async fn row_binary_records_are_stored_and_bad_ones_dead_lettered_with_their_format() {
+    let clickhouse = migrated_database("rowbinary").await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
+    let send = |payload: Vec<u8>, format: Option<&'static str>| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            let mut headers = OwnedHeaders::new();
+            if let Some(format) = format {
+                headers = headers.insert(Header { key: HEADER_FORMAT, value: Some(format) });
+            }
+            producer
+                .send(
+                    FutureRecord::to(&topic).key("org-rb").payload(&payload).headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let events: Vec<Event> = (0..6).map(|n| sample_event("org-rb", n)).collect();
+    let all: Vec<&Event> = events.iter().collect();
+    send(binary_record(&all[..3]), Some("RowBinary")).await;
+    send(record(&all[3..5]), None).await;
+    let mut damaged = binary_record(&all[5..]);
+    damaged.truncate(damaged.len() - 3);
+    send(damaged.clone(), Some("RowBinary")).await;
+    send(record(&all[5..]), Some("Avro")).await;
+    send(binary_record(&all[5..]), Some("RowBinary")).await;
+
+    let consumer = start_consumer(&clickhouse, &topic, &dlq, &group).await;
+    wait_for_rows(&clickhouse, 6).await;
+    let totals = raw_totals(&clickhouse).await;
+    assert_eq!((totals.rows, totals.ids, totals.positions), (6, 6, 6));
+    let expected_tokens: u64 = (0..6).map(|n| 150 + 2 * n).sum();
+    assert_eq!((totals.tokens, totals.errors), (expected_tokens, 2));
+    rollups_match_raw(&clickhouse, &totals).await;
+    // Each row at its own position: RowBinary rows get the record's offset and their index.
+    let positions: Vec<(u64, u32)> = clickhouse
+        .client()
+        .query(&format!(
+            "SELECT kafka_offset, kafka_index FROM {} ORDER BY kafka_offset, kafka_index",
+            clickhouse.table("events")
+        ))
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(positions, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (4, 0)]);
+
+    let reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dlq]).unwrap();
+    let mut letters = Vec::new();
+    while letters.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(20), reader.recv()).await.unwrap().unwrap();
+        letters.push(serde_json::from_slice::<DeadLetter>(message.payload().unwrap()).unwrap());
+    }
+    letters.sort_by_key(|l| l.source.as_ref().map(|s| s.offset));
+    let (cut, avro) = (&letters[0], &letters[1]);
+    assert_eq!((cut.reason.as_str(), cut.format.as_deref()), ("undecodable_record", Some("RowBinary")));
+    assert!(cut.detail.contains("row 0, column metadata_values"), "{}", cut.detail);
+    assert_eq!(cut.original_bytes().unwrap(), damaged);
+    assert_eq!(cut.source.as_ref().unwrap().offset, 2);
+    assert_eq!((avro.reason.as_str(), avro.format.as_deref()), ("undecodable_record", Some("Avro")));
+    assert!(avro.detail.contains("\"Avro\", a format this consumer does not read"), "{}", avro.detail);
     consumer.stop().await;
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
@@ -734,7 +827,13 @@ async fn a_reconcile_that_fails_half_way_leaves_the_batch_as_it_was() {
         for event in events {
             encode_event(event, &mut original);
         }
-        Pending::decode(RawRecord { partition, offset, kafka_timestamp_ms, original: original.into() })
+        Pending::decode(RawRecord {
+            partition,
+            offset,
+            kafka_timestamp_ms,
+            original: original.into(),
+            format: Ok(RecordFormat::JsonEachRow),
+        })
     };
     let batch = || vec![record(0, 5, &events_0), record(1, 7, &events_1)];
     let rows = |batch: &[Pending]| batch.iter().map(Pending::row_count).collect::<Vec<_>>();
@@ -770,8 +869,9 @@ async fn a_reconcile_that_fails_half_way_leaves_the_batch_as_it_was() {
 
 /// The consumer writes its inserts' RowBinary by hand, straight from the records' bytes: every
 /// column ClickHouse stores must be what the event says, for lines in the shape the ingest writes
-/// (read in place) and for lines that need escapes (read through serde), with and without
-/// metadata, at each position.
+/// (read in place) and for lines that need escapes (read through serde), for the same events in
+/// RowBinary records (copied, their position appended), with and without metadata, at each
+/// position.
 #[tokio::test]
 async fn every_column_is_stored_as_the_event_says() {
     use tally_consumer::batch::{rows_of, Pending, RawRecord};
@@ -798,24 +898,35 @@ async fn every_column_is_stored_as_the_event_says() {
     let mut computed = sample_event("org-columns", 4);
     computed.cost_source = CostSource::Computed;
     computed.metadata = vec![("a".into(), "1".into()), ("b".into(), "2".into()), ("c".into(), "3".into())];
-    let records = [(3, 17, vec![&plain, &escaped]), (5, 2, vec![&other, &computed])];
+    // The same events again in RowBinary records, at other positions.
+    let records = [
+        (3, 17, vec![&plain, &escaped], RecordFormat::JsonEachRow),
+        (5, 2, vec![&other, &computed], RecordFormat::JsonEachRow),
+        (6, 40, vec![&plain, &escaped, &other], RecordFormat::RowBinary),
+        (7, 1, vec![&computed], RecordFormat::RowBinary),
+    ];
     let batch: Vec<Pending> = records
         .iter()
-        .map(|(partition, offset, events)| {
-            let original = record(events).into();
+        .map(|(partition, offset, events, format)| {
+            let original = match format {
+                RecordFormat::JsonEachRow => record(events),
+                RecordFormat::RowBinary => binary_record(events),
+            };
             Pending::decode(RawRecord {
                 partition: *partition,
                 offset: *offset,
                 kafka_timestamp_ms: 0,
-                original,
+                original: original.into(),
+                format: Ok(*format),
             })
         })
         .collect();
+    assert_eq!(batch.iter().map(Pending::row_count).collect::<Vec<_>>(), [2, 2, 3, 1]);
     EventStore::new(&clickhouse).insert(&rows_of(&batch)).await.unwrap();
 
     let expected: Vec<EventRow> = records
         .iter()
-        .flat_map(|(partition, offset, events)| {
+        .flat_map(|(partition, offset, events, _)| {
             events
                 .iter()
                 .enumerate()

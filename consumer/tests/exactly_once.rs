@@ -15,7 +15,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
 use tally_common::ch::ChConfig;
-use tally_schemas::record::{encode_event, DeadLetter, SourcePosition, Stage};
+use tally_schemas::record::{binary, encode_event, DeadLetter, SourcePosition, Stage};
 use tally_schemas::{CostSource, Event, Status};
 use tally_testkit::{
     create_topic_on, delete_topics_on, drop_database, kafka_brokers, migrated_database, unique_name,
@@ -466,6 +466,7 @@ async fn dead_letters_are_listed_and_replayed_once() {
             source: Some(SourcePosition { topic: setup.topic.clone(), partition: 0, offset }),
             original: None,
             original_hex: None,
+            format: None,
         }
         .with_original(original)
     };
@@ -484,20 +485,28 @@ async fn dead_letters_are_listed_and_replayed_once() {
     )
     .await;
     send_letter(&setup.brokers, &setup.dlq, &letter("invalid_timestamp", Stage::Ingest, 0, b"{}")).await;
+    // A RowBinary record ClickHouse refused: its letter names the format, so it is read as such.
+    let mut binary_rows = Vec::new();
+    for n in 5..8 {
+        binary::encode_row(&event(n).borrowed(), &mut binary_rows);
+    }
+    let mut binary_letter = letter("rejected_by_clickhouse", Stage::Consume, 44, &binary_rows);
+    binary_letter.format = Some("RowBinary".into());
+    send_letter(&setup.brokers, &setup.dlq, &binary_letter).await;
 
     let listed = run_dlq(&setup, &["dlq", "list"]);
-    assert_eq!(listed.len(), 3);
+    assert_eq!(listed.len(), 4);
     assert_eq!(listed[0]["reason"], "rejected_by_clickhouse");
     assert_eq!(listed[0]["source"]["offset"], 42);
 
     let first = run_dlq(&setup, &["dlq", "replay"]);
     assert_eq!(
         first[0],
-        serde_json::json!({"letters": 3, "replayable": 1, "rows_inserted": 5, "rows_already_stored": 0, "still_undecodable": 1})
+        serde_json::json!({"letters": 4, "replayable": 2, "rows_inserted": 8, "rows_already_stored": 0, "still_undecodable": 1})
     );
     let second = run_dlq(&setup, &["dlq", "replay"]);
     assert_eq!(second[0]["rows_inserted"], 0, "a second replay stores nothing twice");
-    assert_eq!(second[0]["rows_already_stored"], 5);
-    setup.assert_exactly_once(5, "dlq replay").await;
+    assert_eq!(second[0]["rows_already_stored"], 8);
+    setup.assert_exactly_once(8, "dlq replay").await;
     setup.cleanup().await;
 }

@@ -211,6 +211,7 @@ fn sort_events(
                     source: None,
                     original: None,
                     original_hex: None,
+                    format: None,
                 }
                 .with_original(batch.original(index).as_bytes());
                 sorted

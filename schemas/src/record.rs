@@ -20,6 +20,38 @@ pub const HEADER_REQUEST_ID: &str = "tally-request-id";
 /// bounds its batches by rows with it instead of scanning each payload for line ends between two
 /// inserts; a record without it (an older ingest, another producer) is counted by its lines.
 pub const HEADER_EVENTS: &str = "tally-events";
+/// How an events record's events are written, by ClickHouse's name of the format: `RowBinary`
+/// (`binary`), or JSONEachRow lines when the header is absent or says `JSONEachRow`.
+pub const HEADER_FORMAT: &str = "tally-format";
+
+/// The formats of an events record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecordFormat {
+    #[default]
+    JsonEachRow,
+    RowBinary,
+}
+
+impl RecordFormat {
+    /// The `HEADER_FORMAT` value naming it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordFormat::JsonEachRow => "JSONEachRow",
+            RecordFormat::RowBinary => binary::FORMAT_NAME,
+        }
+    }
+
+    /// The format a record's `HEADER_FORMAT` value names (JSONEachRow without one); None for a
+    /// value naming no format Tally reads.
+    pub fn of_header(value: Option<&[u8]>) -> Option<RecordFormat> {
+        match value {
+            None => Some(RecordFormat::JsonEachRow),
+            Some(name) => [RecordFormat::JsonEachRow, RecordFormat::RowBinary]
+                .into_iter()
+                .find(|format| format.name().as_bytes() == name),
+        }
+    }
+}
 
 /// The event count of a `HEADER_EVENTS` value: a positive decimal of at most 9 digits, else None.
 pub fn event_count(value: &[u8]) -> Option<usize> {
@@ -422,6 +454,7 @@ fn decode_line_serde(line: &str) -> Result<Event, RecordError> {
     })
 }
 
+pub mod binary;
 mod fast;
 
 /// Which stage refused the data.
@@ -467,6 +500,10 @@ pub struct DeadLetter {
     /// ... else as hex.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub original_hex: Option<String>,
+    /// The events record's `HEADER_FORMAT`, when it had one (consume stage): how to read
+    /// `original` again on replay. Absent: JSONEachRow.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub format: Option<String>,
 }
 
 impl DeadLetter {
@@ -517,6 +554,21 @@ mod json_str_tests {
             let mut out = Vec::new();
             super::json_str(&mut out, &text);
             prop_assert_eq!(out, serde_json::to_vec(&text).unwrap());
+        }
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::RecordFormat;
+
+    #[test]
+    fn a_record_without_the_header_is_json_and_unknown_formats_are_none() {
+        assert_eq!(RecordFormat::of_header(None), Some(RecordFormat::JsonEachRow));
+        assert_eq!(RecordFormat::of_header(Some(b"JSONEachRow")), Some(RecordFormat::JsonEachRow));
+        assert_eq!(RecordFormat::of_header(Some(b"RowBinary")), Some(RecordFormat::RowBinary));
+        for unknown in [&b""[..], b"rowbinary", b"Native", b"RowBinary "] {
+            assert_eq!(RecordFormat::of_header(Some(unknown)), None);
         }
     }
 }

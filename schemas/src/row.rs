@@ -184,6 +184,13 @@ fn put_strs<'a>(out: &mut Vec<u8>, len: usize, items: impl Iterator<Item = &'a s
 /// the events topic. Written by hand: the consumer writes every row it inserts this way, straight
 /// from the record's bytes, with no `EventRow` (and its dozen strings) in between.
 pub fn write_row_binary(event: &EventRef<'_>, position: (i32, i64, u32), out: &mut Vec<u8>) {
+    write_event_columns(event, out);
+    write_kafka_columns(position, out);
+}
+
+/// Appends the columns of `event`'s row before `kafka_partition` (those a RowBinary events record
+/// holds: `record::binary`).
+pub fn write_event_columns(event: &EventRef<'_>, out: &mut Vec<u8>) {
     // Every field by name: a field added to the event does not compile here until it is written
     // (its column's place: `consumer/tests/consumer_clickhouse.rs` reads every column back).
     let EventRef {
@@ -212,7 +219,6 @@ pub fn write_row_binary(event: &EventRef<'_>, position: (i32, i64, u32), out: &m
         output_bytes,
         metadata,
     } = event;
-    let (partition, offset, index) = kafka_columns(position);
     put_str(out, org_id);
     let (high, low) = event_id.as_u64_pair();
     out.extend_from_slice(&high.to_le_bytes());
@@ -237,6 +243,12 @@ pub fn write_row_binary(event: &EventRef<'_>, position: (i32, i64, u32), out: &m
     out.extend_from_slice(&output_bytes.to_le_bytes());
     put_strs(out, metadata.len(), metadata.keys());
     put_strs(out, metadata.len(), metadata.values());
+}
+
+/// Appends the `kafka_partition`, `kafka_offset` and `kafka_index` columns: where the row came
+/// from in the events topic (partition, offset, line or row of its record).
+pub fn write_kafka_columns(position: (i32, i64, u32), out: &mut Vec<u8>) {
+    let (partition, offset, index) = kafka_columns(position);
     out.extend_from_slice(&partition.to_le_bytes());
     out.extend_from_slice(&offset.to_le_bytes());
     out.extend_from_slice(&index.to_le_bytes());

@@ -106,7 +106,7 @@ pub(super) fn decode_line(line: &str) -> Option<EventRef<'_>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -142,7 +142,7 @@ mod tests {
     }
 
     /// Half of them in the fast reader's shape.
-    fn event() -> impl Strategy<Value = Event> {
+    pub(crate) fn event() -> impl Strategy<Value = Event> {
         prop_oneof![event_of(false), event_of(true)]
     }
 
