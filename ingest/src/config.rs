@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tally_common::config::{CommonConfig, ConfigError, Env};
 use tally_schemas::control::CONTROL_TOPIC;
-use tally_schemas::record::{DLQ_TOPIC, EVENTS_TOPIC};
+use tally_schemas::record::{RecordFormat, DLQ_TOPIC, EVENTS_TOPIC};
 
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
@@ -22,6 +22,9 @@ pub struct KafkaConfig {
     /// `TALLY_PRODUCER_STALL_MS` (5 s): a producer that has had nothing acknowledged for this long
     /// while records waited and the brokers answered (for as long) is replaced.
     pub stall_after: Duration,
+    /// `TALLY_RECORD_FORMAT`: how the events records are written, `JSONEachRow` or `RowBinary`
+    /// (`tally_schemas::record::binary`; the record then says so in its `tally-format` header).
+    pub record_format: RecordFormat,
 }
 
 /// Where accepted events go. `Discard` exists for the benchmark that measures the ingest minus Kafka.
@@ -74,6 +77,19 @@ pub struct IngestConfig {
     pub price_refresh_interval: Duration,
 }
 
+/// `TALLY_RECORD_FORMAT`, by ClickHouse's name of the format.
+fn record_format(env: &Env) -> Result<RecordFormat, ConfigError> {
+    let name = env.string("TALLY_RECORD_FORMAT", DEFAULT_RECORD_FORMAT.name());
+    RecordFormat::of_header(Some(name.as_bytes())).ok_or(ConfigError::Invalid {
+        key: "TALLY_RECORD_FORMAT".into(),
+        value: name,
+        reason: "expected JSONEachRow or RowBinary".into(),
+    })
+}
+
+/// The events records' format unless `TALLY_RECORD_FORMAT` says otherwise.
+pub const DEFAULT_RECORD_FORMAT: RecordFormat = RecordFormat::JsonEachRow;
+
 impl IngestConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let compression = env.string("TALLY_KAFKA_COMPRESSION", "lz4");
@@ -109,6 +125,7 @@ impl IngestConfig {
                 compression,
                 linger: env.millis("TALLY_KAFKA_LINGER_MS", 5)?,
                 stall_after: env.millis("TALLY_PRODUCER_STALL_MS", 5_000)?,
+                record_format: record_format(env)?,
             },
             max_body_bytes: env.parse("TALLY_MAX_BODY_BYTES", 8 * 1024 * 1024)?,
             max_compressed_bytes: env.parse("TALLY_MAX_COMPRESSED_BYTES", 2 * 1024 * 1024)?,
@@ -150,5 +167,21 @@ mod tests {
         assert_eq!(one.worker_threads, 1);
         let bad = IngestConfig::from_env(&Env::from_pairs([("TALLY_WORKER_THREADS", "many")]));
         assert!(matches!(bad, Err(ConfigError::Invalid { ref key, .. }) if key == "TALLY_WORKER_THREADS"));
+    }
+
+    #[test]
+    fn the_record_format_is_named_as_clickhouse_names_it() {
+        let format = |value: Option<&str>| {
+            let mut env = Env::from_pairs([("TALLY_SINK", "discard")]);
+            if let Some(value) = value {
+                env = env.with("TALLY_RECORD_FORMAT", value);
+            }
+            IngestConfig::from_env(&env).map(|c| c.kafka.record_format)
+        };
+        assert_eq!(format(None).ok(), Some(DEFAULT_RECORD_FORMAT));
+        assert_eq!(format(Some("RowBinary")).ok(), Some(RecordFormat::RowBinary));
+        assert_eq!(format(Some("JSONEachRow")).ok(), Some(RecordFormat::JsonEachRow));
+        let bad = format(Some("rowbinary"));
+        assert!(matches!(bad, Err(ConfigError::Invalid { ref key, .. }) if key == "TALLY_RECORD_FORMAT"));
     }
 }

@@ -36,6 +36,9 @@ pub enum IngestError {
     /// Tally could not write its own dead letter (a server fault, not the client's).
     #[error("internal error: dead letter not encodable: {0}")]
     DeadLetterEncoding(serde_json::Error),
+    /// The ingest could not read back the rows it had just written (a server fault, not the client's).
+    #[error("internal error: own record unreadable: {0}")]
+    Encoding(tally_schemas::record::RecordError),
     /// The blocking task that decompresses a large body died (a server fault, not the client's).
     #[error("internal error: decompression task failed: {0}")]
     DecompressionTask(tokio::task::JoinError),
@@ -102,7 +105,9 @@ impl IngestError {
             IngestError::Unavailable(_) | IngestError::NotReady => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "retry after the delay in Retry-After")
             }
-            IngestError::DeadLetterEncoding(_) | IngestError::DecompressionTask(_) => (
+            IngestError::DeadLetterEncoding(_)
+            | IngestError::Encoding(_)
+            | IngestError::DecompressionTask(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "retry; if it persists, report it with the request id",

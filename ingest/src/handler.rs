@@ -23,7 +23,7 @@ use tally_common::scratch;
 use tally_common::server::{key_of, RequestId};
 use tally_schemas::limits::MAX_IDEMPOTENCY_KEY_LEN;
 use tally_schemas::parse::{derived_event_id, parse_batch, sdk_rows, Batch, Dialect, RequestContext};
-use tally_schemas::record::{encode_event, DeadLetter, Stage};
+use tally_schemas::record::{DeadLetter, Stage};
 
 use crate::body;
 use crate::error::{IngestError, MalformedBody, RateLimitValues, UnsupportedMedia};
@@ -160,13 +160,8 @@ async fn accept_rows(
     let accepted = rows.min(admission.allowed as usize);
     let mut rejected = Vec::new();
     if accepted < rows {
-        // A row is one line: keep the payload up to the end of the last admitted one.
-        let end = payload
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'\n')
-            .nth(accepted - 1)
-            .map_or(0, |(i, _)| i + 1);
+        // Keep the payload up to the end of the last admitted row (the rows are this ingest's own).
+        let end = state.record_format.prefix_len(&payload, accepted).map_err(IngestError::Encoding)?;
         payload.truncate(end);
         rejected = (accepted..rows).map(|index| rate_limited(state, index, &admission)).collect();
     }
@@ -191,7 +186,7 @@ fn sort_events(
         match outcome {
             Ok(mut event) if sorted.accepted < admission.allowed as usize => {
                 prices.price(&mut event);
-                encode_event(&event, &mut sorted.payload);
+                state.record_format.encode(&event, &mut sorted.payload);
                 sorted.accepted += 1;
             }
             Ok(_) => sorted.rejected.push(rate_limited(state, index, admission)),
@@ -331,7 +326,7 @@ pub(crate) async fn handle(
     let mut payload = Vec::with_capacity(bytes.len() * 5 / 2 + 1024);
     if dialect == Dialect::Sdk {
         // The common request (valid events in the shape SDKs send) in one pass, straight to rows.
-        let rows = sdk_rows(&bytes, &context, &state.prices.current(), &mut payload);
+        let rows = sdk_rows(&bytes, &context, &state.prices.current(), state.record_format, &mut payload);
         if let Some(rows) = rows {
             return accept_rows(state, &org, &request_id, payload, rows).await;
         }

@@ -29,6 +29,7 @@ use crate::metrics::IngestMetrics;
 use crate::prices::Prices;
 use crate::sink::{DiscardSink, EventSink, KafkaSink};
 use tally_schemas::parse::Dialect;
+use tally_schemas::record::RecordFormat;
 
 /// Handler state: one `Arc`, so axum's per-request clone is a single reference count.
 #[derive(Clone)]
@@ -59,6 +60,8 @@ pub struct Shared {
     /// Largest body after decompression, and largest compressed body off the wire.
     pub max_body_bytes: usize,
     pub max_compressed_bytes: usize,
+    /// How accepted events are written into their Kafka record.
+    pub record_format: RecordFormat,
 }
 
 pub fn system_clock() -> i64 {
@@ -253,6 +256,7 @@ pub async fn run(
         limits: Arc::new(ratelimit::OrgLimits::new(config.replicas)),
         max_body_bytes: config.max_body_bytes,
         max_compressed_bytes: config.max_compressed_bytes,
+        record_format: config.kafka.record_format,
     });
     let ops = OpsState {
         registry,
@@ -306,6 +310,7 @@ mod tests {
             limits: Arc::new(ratelimit::OrgLimits::new(1)),
             max_body_bytes: 1 << 20,
             max_compressed_bytes: 1 << 20,
+            record_format: RecordFormat::JsonEachRow,
         });
         let http_metrics = HttpMetrics::register(registry).unwrap();
         (

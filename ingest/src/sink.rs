@@ -16,7 +16,9 @@ use rdkafka::util::Timeout;
 use tally_common::config::KafkaSecurity;
 use tally_common::kafka::BootstrapGuard;
 use tally_common::server::RequestId;
-use tally_schemas::record::{HEADER_EVENTS, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION};
+use tally_schemas::record::{
+    RecordFormat, HEADER_EVENTS, HEADER_FORMAT, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
@@ -72,6 +74,8 @@ pub struct KafkaSink {
     dlq_topic: Arc<str>,
     produce_timeout: Duration,
     stall_after: Duration,
+    /// Named in each events record's `tally-format` header unless JSONEachRow.
+    record_format: RecordFormat,
     acks: Arc<Acks>,
     metrics: IngestMetrics,
 }
@@ -186,6 +190,7 @@ impl KafkaSink {
             dlq_topic: Arc::from(config.dlq_topic.as_str()),
             produce_timeout: config.produce_timeout,
             stall_after: config.stall_after,
+            record_format: config.record_format,
             acks: Arc::new(Acks::new()),
             metrics,
         })
@@ -315,6 +320,7 @@ impl EventSink for KafkaSink {
         let deadline = self.produce_timeout;
         let metrics = self.metrics.clone();
         let acks = Arc::clone(&self.acks);
+        let format = self.record_format;
         Box::pin(async move {
             let started = Instant::now();
             let mut headers = OwnedHeaders::new()
@@ -323,6 +329,9 @@ impl EventSink for KafkaSink {
             if topic == Topic::Events {
                 let count = events.to_string();
                 headers = headers.insert(Header { key: HEADER_EVENTS, value: Some(count.as_str()) });
+                if format != RecordFormat::JsonEachRow {
+                    headers = headers.insert(Header { key: HEADER_FORMAT, value: Some(format.name()) });
+                }
             }
             let record = FutureRecord::to(&topic_name).key(key.as_ref()).payload(&payload).headers(headers);
             // Waiting for queue space is part of the deadline: a full queue (Kafka slow or down)
@@ -399,6 +408,7 @@ mod tests {
             compression: "lz4".into(),
             linger: Duration::from_millis(1),
             stall_after,
+            record_format: RecordFormat::JsonEachRow,
         }
     }
 

@@ -14,7 +14,7 @@ use tally_common::ch::ChConfig;
 use tally_common::config::Env;
 use tally_ingest::config::IngestConfig;
 use tally_schemas::record::{
-    decode_events, DeadLetter, HEADER_EVENTS, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION,
+    binary, decode_events, DeadLetter, HEADER_EVENTS, HEADER_FORMAT, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION,
 };
 use tally_testkit::{
     create_org_with_key, create_topic, create_topic_on, delete_topics, drop_database, kafka_brokers,
@@ -402,6 +402,66 @@ async fn plan_limits_count_events_and_admit_the_fitting_prefix() {
     assert_eq!(stored, 100, "exactly the plan's 100 events reached kafka");
     assert!(read_all(&ingest.dlq_topic).await.is_empty(), "rate-limited events are not dead letters");
     ingest.stop().await;
+}
+
+/// With `TALLY_RECORD_FORMAT=RowBinary` every events record says so in its header and holds the
+/// accepted events as RowBinary rows, on both paths (the one-pass one, and event by event when an
+/// event is invalid) and when the rate limit admits only a prefix of a request; JSONEachRow
+/// records carry no such header.
+#[tokio::test]
+async fn row_binary_records_hold_the_admitted_events_and_name_their_format() {
+    let ingest = Ingest::start_for_plan("FREE", 0, &[("TALLY_RECORD_FORMAT", "RowBinary")]).await;
+    let client = reqwest::Client::new();
+    wait_ready(&client, &ingest).await;
+    let_the_producer_warm_up().await;
+    assert_eq!(ingest.post(&client, 60).await.status(), 202);
+    let mut bad = event("gpt-4o");
+    bad["latency"] = json!(-1);
+    let mixed = client
+        .post(ingest.url("/v1/ingest"))
+        .header("X-API-Key", &ingest.key)
+        .header("Idempotency-Key", "mixed")
+        .json(&json!({"events": [event("gpt-4o"), bad, event("gpt-4o-mini")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mixed.json::<Value>().await.unwrap()["accepted"], 2);
+    let limited = ingest.post(&client, 60).await;
+    assert_eq!(limited.json::<Value>().await.unwrap()["accepted"], 38, "the plan's 100 less 62");
+
+    let records = read_all(&ingest.events_topic).await;
+    assert_eq!(records.len(), 3);
+    let mut rows_per_record = Vec::new();
+    for record in &records {
+        assert_eq!(header(record, HEADER_FORMAT).as_deref(), Some("RowBinary"));
+        let mut rows = Vec::new();
+        binary::read_rows(record.payload().unwrap(), |_, row| {
+            rows.push((row.org_id.to_owned(), row.event_id, row.bytes.len()))
+        })
+        .unwrap();
+        assert!(rows.iter().all(|(org, _, _)| *org == ingest.org_id), "the key's org on every row");
+        assert_eq!(header(record, HEADER_EVENTS), Some(rows.len().to_string()));
+        if rows.len() == 2 {
+            let derived = |index| tally_schemas::parse::derived_event_id(&ingest.org_id, "mixed", index);
+            assert_eq!((rows[0].1, rows[1].1), (derived(0), derived(2)), "ids from the Idempotency-Key");
+        }
+        rows_per_record.push(rows.len());
+    }
+    rows_per_record.sort_unstable();
+    assert_eq!(rows_per_record, [2, 38, 60]);
+    let letters = read_all(&ingest.dlq_topic).await;
+    assert_eq!(letters.len(), 1, "the invalid event");
+    assert_eq!(header(&letters[0], HEADER_FORMAT), None, "a dead letter is JSON whatever the records are");
+    ingest.stop().await;
+
+    // The default writes JSONEachRow records, without the header.
+    let json = Ingest::start(&[]).await;
+    wait_ready(&client, &json).await;
+    assert_eq!(json.post(&client, 2).await.status(), 202);
+    let records = read_all(&json.events_topic).await;
+    assert_eq!(header(&records[0], HEADER_FORMAT), None);
+    assert_eq!(decode_events(records[0].payload().unwrap()).unwrap().len(), 2);
+    json.stop().await;
 }
 
 #[tokio::test]

@@ -41,6 +41,27 @@ impl RecordFormat {
         }
     }
 
+    /// Appends `event` to a record in this format.
+    pub fn encode<S: AsRef<str>>(self, event: &Event<S>, out: &mut Vec<u8>) {
+        match self {
+            RecordFormat::JsonEachRow => encode_event(event, out),
+            RecordFormat::RowBinary => binary::encode_row(&event.borrowed(), out),
+        }
+    }
+
+    /// The bytes of the first `rows` events of a record `encode` wrote (all of it if it holds
+    /// fewer).
+    pub fn prefix_len(self, payload: &[u8], rows: usize) -> Result<usize, RecordError> {
+        match self {
+            RecordFormat::JsonEachRow => Ok(if rows == 0 {
+                0
+            } else {
+                memchr::memchr_iter(b'\n', payload).nth(rows - 1).map_or(payload.len(), |end| end + 1)
+            }),
+            RecordFormat::RowBinary => binary::prefix_len(payload, rows),
+        }
+    }
+
     /// The format a record's `HEADER_FORMAT` value names (JSONEachRow without one); None for a
     /// value naming no format Tally reads.
     pub fn of_header(value: Option<&[u8]>) -> Option<RecordFormat> {
@@ -569,6 +590,23 @@ mod format_tests {
         assert_eq!(RecordFormat::of_header(Some(b"RowBinary")), Some(RecordFormat::RowBinary));
         for unknown in [&b""[..], b"rowbinary", b"Native", b"RowBinary "] {
             assert_eq!(RecordFormat::of_header(Some(unknown)), None);
+        }
+    }
+
+    #[test]
+    fn a_prefix_of_rows_ends_where_the_next_row_starts() {
+        let events: Vec<crate::Event> = (0..3).map(super::binary::tests::numbered).collect();
+        for format in [RecordFormat::JsonEachRow, RecordFormat::RowBinary] {
+            let mut payload = Vec::new();
+            let mut ends = vec![0];
+            for event in &events {
+                format.encode(event, &mut payload);
+                ends.push(payload.len());
+            }
+            for (rows, end) in ends.iter().enumerate() {
+                assert_eq!(format.prefix_len(&payload, rows).ok(), Some(*end), "{format:?} {rows}");
+            }
+            assert_eq!(format.prefix_len(&payload, 7).ok(), Some(payload.len()), "{format:?}");
         }
     }
 }

@@ -298,6 +298,7 @@ mod tests {
 
     use super::*;
     use crate::limits::MAX_EVENTS_PER_REQUEST;
+    use crate::record::RecordFormat;
 
     #[derive(serde::Deserialize)]
     struct Batch<'a> {
@@ -327,24 +328,24 @@ mod tests {
         }])
     }
 
-    /// What the event-by-event path makes of a body: every event priced and encoded, when every
-    /// event was accepted.
-    fn rows_one_by_one(body: &str) -> Option<Vec<u8>> {
+    /// What the event-by-event path makes of a body: every event priced and encoded in `format`,
+    /// when every event was accepted.
+    fn rows_one_by_one(body: &str, format: RecordFormat) -> Option<Vec<u8>> {
         let batch = crate::parse::parse_batch(crate::parse::Dialect::Sdk, body.as_bytes(), &CTX).ok()?;
         let (book, mut out) = (book(), Vec::new());
         for outcome in batch.outcomes {
             let mut event = outcome.ok()?;
             book.price(&mut event);
-            crate::record::encode_event(&event, &mut out);
+            format.encode(&event, &mut out);
         }
         Some(out)
     }
 
     /// `sdk_rows` after a prefix already in the buffer: the rows it appended, or `None` with the
     /// prefix left as it was.
-    fn rows_in_one_pass(body: &str) -> Option<(usize, Vec<u8>)> {
+    fn rows_in_one_pass(body: &str, format: RecordFormat) -> Option<(usize, Vec<u8>)> {
         let mut out = b"prefix\n".to_vec();
-        let rows = crate::parse::sdk_rows(body.as_bytes(), &CTX, &book(), &mut out);
+        let rows = crate::parse::sdk_rows(body.as_bytes(), &CTX, &book(), format, &mut out);
         match rows {
             Some(rows) => Some((rows, out.split_off(7))),
             None => {
@@ -354,19 +355,23 @@ mod tests {
         }
     }
 
-    /// The one-pass path and the event-by-event path agree on `body`: the same rows when the
-    /// first takes it, and the first takes every body in the common shape whose events are valid.
+    /// The one-pass path and the event-by-event path agree on `body`, in both record formats: the
+    /// same rows when the first takes it, and the first takes every body in the common shape whose
+    /// events are valid.
     fn assert_paths_agree(body: &str) {
-        let one_by_one = rows_one_by_one(body);
-        match rows_in_one_pass(body) {
-            Some((rows, out)) => {
-                assert_eq!(Some(&out), one_by_one.as_ref(), "{body}");
-                assert_eq!(rows, out.iter().filter(|b| **b == b'\n').count());
+        for format in [RecordFormat::JsonEachRow, RecordFormat::RowBinary] {
+            let one_by_one = rows_one_by_one(body, format);
+            match rows_in_one_pass(body, format) {
+                Some((rows, out)) => {
+                    assert_eq!(Some(&out), one_by_one.as_ref(), "{format:?} {body}");
+                    assert_eq!(format.prefix_len(&out, rows).ok(), Some(out.len()), "{format:?} {body}");
+                    assert!(rows == 0 || format.prefix_len(&out, rows - 1).ok() < Some(out.len()));
+                }
+                None => assert!(
+                    one_by_one.is_none() || sdk_batch(body).is_none_or(|e| e.len() > MAX_EVENTS_PER_REQUEST),
+                    "valid batch in the common shape not taken: {body}"
+                ),
             }
-            None => assert!(
-                one_by_one.is_none() || sdk_batch(body).is_none_or(|e| e.len() > MAX_EVENTS_PER_REQUEST),
-                "valid batch in the common shape not taken: {body}"
-            ),
         }
     }
 
@@ -393,18 +398,23 @@ mod tests {
         let unpriced = event.replace(",\"cost\":0.0062", ""); // priced from the book
         let invalid = event.replace("success", "maybe");
         let one = format!(r#"{{"events":[{event}]}}"#);
-        let (rows, out) = rows_in_one_pass(&one).expect("the load generator's batch");
+        let (rows, out) =
+            rows_in_one_pass(&one, RecordFormat::JsonEachRow).expect("the load generator's batch");
         assert_eq!(rows, 1);
         let decoded = crate::record::decode_events(&out).unwrap();
         assert_eq!((decoded[0].cost_nanos, decoded[0].org_id.as_str()), (6_200_000, "org-1"));
-        let (_, priced) = rows_in_one_pass(&format!(r#"{{"events":[{unpriced}]}}"#)).unwrap();
+        let (_, priced) =
+            rows_in_one_pass(&format!(r#"{{"events":[{unpriced}]}}"#), RecordFormat::JsonEachRow).unwrap();
         let decoded = crate::record::decode_events(&priced).unwrap();
         assert_eq!(
             (decoded[0].cost_nanos, decoded[0].cost_source),
             (6_200_000, crate::event::CostSource::Computed)
         );
         let many = vec![unpriced.as_str(); MAX_EVENTS_PER_REQUEST].join(",");
-        assert_eq!(rows_in_one_pass(&format!(r#"{{"events":[{many}]}}"#)).map(|r| r.0), Some(1000));
+        assert_eq!(
+            rows_in_one_pass(&format!(r#"{{"events":[{many}]}}"#), RecordFormat::JsonEachRow).map(|r| r.0),
+            Some(1000)
+        );
         for body in [
             one.clone(),
             format!(r#"{{"events":[{event},{unpriced},{event}]}}"#),
@@ -416,9 +426,14 @@ mod tests {
         ] {
             assert_paths_agree(&body);
         }
-        assert!(rows_in_one_pass(&format!(r#"{{"events":[{event},{invalid}]}}"#)).is_none());
-        assert!(rows_in_one_pass(&format!(r#"{{"events":[{many},{event}]}}"#)).is_none(), "1001 events");
-        assert_eq!(rows_in_one_pass(r#"{"events":[]}"#).map(|r| r.0), Some(0));
+        assert!(rows_in_one_pass(&format!(r#"{{"events":[{event},{invalid}]}}"#), RecordFormat::JsonEachRow)
+            .is_none());
+        assert!(
+            rows_in_one_pass(&format!(r#"{{"events":[{many},{event}]}}"#), RecordFormat::JsonEachRow)
+                .is_none(),
+            "1001 events"
+        );
+        assert_eq!(rows_in_one_pass(r#"{"events":[]}"#, RecordFormat::JsonEachRow).map(|r| r.0), Some(0));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use crate::event::Event;
 use crate::limits::*;
 use crate::pricing::PriceBook;
-use crate::record::encode_event;
+use crate::record::RecordFormat;
 pub use crate::time::{fast_datetime_text_seconds, fast_rfc3339_ms};
 use dialects::{analytics_fields, sdk_event_fields, sdk_fields, SdkEvent};
 pub use validate::{derived_event_id, new_v7, truncate_utf8, usd_to_nanos};
@@ -215,7 +215,7 @@ pub fn parse_batch<'a>(
 
 /// The common request in one pass: an SDK batch in the shape the hand-written reader takes whose
 /// events are all valid, each validated, priced and appended to `out` as its Kafka row (what
-/// `parse_batch`, `PriceBook::price` and `encode_event` make of it, byte for byte) as it is read,
+/// `parse_batch`, `PriceBook::price` and `RecordFormat::encode` make of it, byte for byte) as it is read,
 /// with no list of events in between. Returns how many rows it appended; `None`, with `out` as it
 /// was, for any other body (a shape it does not read, an invalid event, too many events), which
 /// `parse_batch` then answers event by event.
@@ -223,6 +223,7 @@ pub fn sdk_rows(
     body: &[u8],
     ctx: &RequestContext<'_>,
     prices: &PriceBook,
+    format: RecordFormat,
     out: &mut Vec<u8>,
 ) -> Option<usize> {
     let text = std::str::from_utf8(body).ok()?;
@@ -234,7 +235,7 @@ pub fn sdk_rows(
         }
         let mut event = sdk_event_fields(event).ok()?.into_event(rows, ctx).ok()?;
         prices.price(&mut event);
-        encode_event(&event, out);
+        format.encode(&event, out);
         rows += 1;
         Some(())
     });

@@ -174,14 +174,35 @@ pub fn read_rows<'a>(payload: &'a [u8], mut each: impl FnMut(u32, RowRef<'a>)) -
     Ok(())
 }
 
+/// The bytes of the first `rows` rows of a RowBinary record (all of it if it holds fewer).
+pub fn prefix_len(payload: &[u8], rows: usize) -> Result<usize, RecordError> {
+    let mut reader = Reader { data: payload, at: 0, row: 0, column: "" };
+    while (reader.row as usize) < rows && reader.at < payload.len() {
+        reader.row()?;
+        reader.row += 1;
+    }
+    Ok(reader.at)
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
     use crate::record::fast::tests::event;
     use crate::row::write_row_binary;
     use crate::Event;
+
+    /// Event `n`: a few strings and numbers that differ with `n`.
+    pub(crate) fn numbered(n: u32) -> Event {
+        let mut event = blank();
+        event.event_id = Uuid::from_u128(u128::from(n) + 1);
+        event.org_id = format!("org-{n}");
+        event.model = "m".repeat(n as usize);
+        event.prompt_tokens = n;
+        event.metadata = (0..n).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+        event
+    }
 
     /// An event whose strings are all empty.
     fn blank() -> Event {
