@@ -2,25 +2,28 @@
 """`make bench-consumer`: the consumer benchmark, in one run on this machine.
 
 1. Preloads a fresh topic (8 partitions) with --events synthetic events, as the ingest writes them
-   (one record per request of --per-record events of one org, 1000 orgs, keyed by org, lz4).
+   (one record per request of --per-record events of one org, 1000 orgs, keyed by org, lz4), in
+   each record format of --formats (JSONEachRow, RowBinary: one topic each, the same events).
 2. Drains the same rows into ClickHouse three ways, each into its own freshly migrated database
    (the events table with its two rollup views):
    ceiling  the preloaded rows themselves (same ids, times and values), written in RowBinary as the
             consumer writes them before the clock starts, then inserted as the consumer inserts
             (100 000 rows per INSERT, streamed in 256 KiB chunks): no Kafka, no decoding
-   tally    tally-consumer draining the topic (its own group; reconciliation and dedup on)
-   engine   ClickHouse's Kafka table engine (JSONEachRow, the record format) with a materialized
-            view into the events table, draining the same topic with its own group
+   tally    tally-consumer draining the topic (its own group; reconciliation and dedup on);
+            `tally-rowbinary` drains the RowBinary topic
+   engine   ClickHouse's Kafka table engine reading the records in their format (`engine`:
+            JSONEachRow, `engine-rowbinary`: RowBinary) with a materialized view into the events
+            table, draining the same topic with its own group
    and prints rows/s, CPU seconds per million rows of the client process and of clickhouse-server,
    the client's peak RSS, and "CH busy": the share of the drain ClickHouse spent in INSERTs (the
    rest it waited for the client between inserts; see insert_busy).
-3. Freshness: the whole pipeline (ingest with the Kafka sink, consumer) under a steady
+3. Freshness: the whole pipeline (ingest with the Kafka sink writing the first of --formats, consumer) under a steady
    --fresh-rate events/s (open model, 100 events/request); a marker event is sent every
    ~100 ms and the time from its 2xx to its row being visible in ClickHouse is measured by
    polling a point lookup every 10 ms. Prints p50/p95/p99/max.
 
 Usage: loadtest/bench_consumer.py [--events 20000000] [--per-record 100] [--skip engine,...]
-                                  [--rounds N] [--baseline DIR]
+                                  [--formats JSONEachRow,RowBinary] [--rounds N] [--baseline DIR]
                                   [--fresh-rate 50000] [--fresh-seconds 60]
 Needs the local stack (dev/stack.sh infra-up) and release binaries (cargo build --release).
 """
@@ -116,6 +119,7 @@ def run_ceiling(database, events, per_record, now_ms):
 
 
 def run_tally(database, topic, events, binary="tally-consumer"):
+    """The consumer reads each record in the format its `tally-format` header names."""
     ch_before = bi.cpu_seconds(clickhouse_pid())
     started = time.time()
     process = bi.start(binary, {
@@ -131,11 +135,13 @@ def run_tally(database, topic, events, binary="tally-consumer"):
             "clickhouse_cpu_s": bi.cpu_seconds(clickhouse_pid()) - ch_before, "client_rss_mib": rss}
 
 
-def run_engine(database, topic, events):
+def run_engine(database, topic, events, record_format="JSONEachRow"):
     ch_before = bi.cpu_seconds(clickhouse_pid())
     started = time.time()
-    ch("CREATE TABLE %s.events_queue (%s) ENGINE = Kafka('127.0.0.1:9092', '%s', '%s', 'JSONEachRow')"
-       % (database, RECORD_COLUMNS, topic, "bench-engine-" + topic))
+    # The engine reads the records in their own format: RowBinary records hold the same columns,
+    # in this order, as binary rows.
+    ch("CREATE TABLE %s.events_queue (%s) ENGINE = Kafka('127.0.0.1:9092', '%s', '%s', '%s')"
+       % (database, RECORD_COLUMNS, topic, "bench-engine-" + topic, record_format))
     ch("CREATE MATERIALIZED VIEW %s.events_from_kafka TO %s.events AS SELECT *, toUInt16(0) AS kafka_partition, toUInt64(0) AS kafka_offset, toUInt32(0) AS kafka_index FROM %s.events_queue"
        % (database, database, database))
     try:
@@ -178,14 +184,14 @@ def table_sums(database):
               % database)
 
 
-def freshness(rate, seconds):
+def freshness(rate, seconds, record_format="JSONEachRow"):
     database = "tally_bench_%08x" % random.getrandbits(32)
     key = bi.bench_org(database)
     org = ch("SELECT org_id FROM %s_admin.orgs LIMIT 1" % database)
     topic = "tally.bench.fresh.%08x" % random.getrandbits(32)
     bi.create_topic(topic, 8)
     env = {"TALLY_CLICKHOUSE_DATABASE": database, "TALLY_EVENTS_TOPIC": topic}
-    ingest = bi.start("tally-ingest", dict(env, TALLY_LISTEN_ADDR="127.0.0.1:18080"))
+    ingest = bi.start("tally-ingest", dict(env, TALLY_LISTEN_ADDR="127.0.0.1:18080", TALLY_RECORD_FORMAT=record_format))
     consumer = bi.start("tally-consumer", dict(env, TALLY_LISTEN_ADDR="127.0.0.1:18082",
                                               TALLY_CONSUMER_GROUP="bench-" + topic))
     samples, errors = [], []
@@ -232,7 +238,7 @@ def freshness(rate, seconds):
         return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] * 1000
 
     # Without TALLY_BATCH_MAX_WAIT_MS the consumer waits its default, 250 ms.
-    return {"rate": rate, "seconds": seconds, "markers": len(samples), "p50_ms": pct(50), "p95_ms": pct(95),
+    return {"rate": rate, "seconds": seconds, "record_format": record_format, "markers": len(samples), "p50_ms": pct(50), "p95_ms": pct(95),
             "p99_ms": pct(99), "max_ms": samples[-1] * 1000, "load_events_per_s": load.get("accepted_events_per_s"),
             "load_statuses": load.get("statuses"), "batch_max_wait_ms": os.environ.get("TALLY_BATCH_MAX_WAIT_MS", "250"),
             "samples_ms": [round(x * 1000, 1) for x in samples]}
@@ -253,13 +259,25 @@ def main():
                              "each round starting one later; the engine once): on a shared machine whose speed "
                              "drifts, each round's ratio compares runs a minute apart, and the median of the "
                              "rounds is the figure")
+    parser.add_argument("--formats", default="JSONEachRow",
+                        help="comma list of record formats (JSONEachRow, RowBinary): a topic of the same events in "
+                             "each, drained by tally and the engine in the same rounds")
     parser.add_argument("--baseline", metavar="DIR",
                         help="each round also drains with DIR/tally-consumer (another build, e.g. from a git "
                              "worktree): an A/B of two consumers in one sitting, on the same records")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    formats = list(filter(None, args.formats.split(",")))
+    unknown = set(formats) - {"JSONEachRow", "RowBinary"}
+    if unknown or not formats:
+        raise SystemExit("--formats takes JSONEachRow and/or RowBinary, not %s" % ", ".join(sorted(unknown)))
     suffix = "%08x" % random.getrandbits(32)
-    topic = "tally.bench.consumer." + suffix
+    topics = {f: "tally.bench.consumer.%s.%s" % (f.lower(), suffix) for f in formats}
+
+    def kind(base, record_format):
+        """`tally`/`engine` for JSONEachRow records, `tally-rowbinary`/`engine-rowbinary` for RowBinary."""
+        return base if record_format == "JSONEachRow" else base + "-" + record_format.lower()
+
     runs = []  # (round, name, run function)
     for number in range(1, args.rounds + 1):
         round_runs = []
@@ -267,31 +285,38 @@ def main():
             round_runs.append((number, "ceiling",
                                lambda db: run_ceiling(db, args.events, args.per_record, loaded.get("now_ms"))))
         if "tally" not in skip:
-            round_runs.append((number, "tally", lambda db: run_tally(db, topic, args.events)))
+            for f in formats:
+                round_runs.append((number, kind("tally", f), lambda db, t=topics[f]: run_tally(db, t, args.events)))
         if args.baseline:
             binary = os.path.join(os.path.abspath(args.baseline), "tally-consumer")
-            round_runs.append((number, "baseline", lambda db, b=binary: run_tally(db, topic, args.events, b)))
+            round_runs.append((number, "baseline",
+                               lambda db, b=binary: run_tally(db, topics[formats[0]], args.events, b)))
         # Each round starts with another drain: whatever state one drain leaves for the next
         # is spread over all of them.
         shift = (number - 1) % max(1, len(round_runs))
         runs.extend(round_runs[shift:] + round_runs[:shift])
     if "engine" not in skip:
-        runs.append((1, "engine", lambda db: run_engine(db, topic, args.events)))
+        for f in formats:
+            runs.append((1, kind("engine", f), lambda db, f=f: run_engine(db, topics[f], args.events, f)))
     rows = []
     loaded = {}
     try:
         if {"tally", "engine"} - skip or args.baseline:
-            bi.create_topic(topic, 8)
-            loaded = tool("preload", topic, args.events, args.per_record)
-            print("preloaded %d events in %d records (%.1f MB of JSON) in %.1f s" % (
-                loaded["events"], loaded["records"], loaded["payload_bytes"] / 1e6, loaded["seconds"]))
+            for f in formats:
+                bi.create_topic(topics[f], 8)
+                # Every topic holds the same events: the first preload's clock for the others.
+                extra = [f] + ([loaded["now_ms"]] if loaded else [])
+                this = tool("preload", topics[f], args.events, args.per_record, *extra)
+                loaded = loaded or this
+                print("preloaded %d events in %d records (%.1f MB of %s) in %.1f s" % (
+                    this["events"], this["records"], this["payload_bytes"] / 1e6, f, this["seconds"]), flush=True)
         for number, name, run in runs:
             label = name if args.rounds == 1 else "%s.%d" % (name, number)
-            database = "tally_bench_%s_%s_%d" % (name, suffix, number)
+            database = "tally_bench_%s_%s_%d" % (name.replace("-", "_"), suffix, number)
             tool("migrate", database)
             try:
                 result = dict(run(database), scenario=label, round=number, kind=name)
-                if name != "engine":
+                if not name.startswith("engine"):
                     result.update(insert_busy(database))
                 rows.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
@@ -301,45 +326,52 @@ def main():
                 ch("DROP DATABASE IF EXISTS " + database + "_admin")
                 settle()
     finally:
-        bi.delete_topic(topic)
+        for t in topics.values():
+            bi.delete_topic(t)
     # The drains' topic (~12 GB) is gone before the freshness run, which measures the pipeline
     # alone. Session 22: with the topic still on the broker, the run after the drains measured p99
     # 668 ms; with it deleted first, 320 ms; the freshness run on its own, 381 and 438 ms.
     fresh = None
     if "freshness" not in skip:
         settle()
-        fresh = freshness(args.fresh_rate, args.fresh_seconds)
+        fresh = freshness(args.fresh_rate, args.fresh_seconds, formats[0])
 
     print("\nnproc=%d  events=%d  per record=%d  (everything on this machine)" % (
         os.cpu_count(), args.events, args.per_record))
-    print("%-10s %10s %9s %12s %16s %16s %10s %9s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
+    print("%-17s %10s %9s %12s %16s %16s %10s %9s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
                                                       "clickhouse cpu s/M", "rss MiB", "CH busy"))
     for r in rows:
         million = r["rows"] / 1e6
         busy = "%.0f%%" % (100 * r["insert_busy_s"] / r["insert_span_s"]) if "insert_span_s" in r else "-"
-        print("%-10s %10d %9.1f %12.0f %16.2f %16.2f %10.1f %9s%s" % (
+        print("%-17s %10d %9.1f %12.0f %16.2f %16.2f %10.1f %9s%s" % (
             r["scenario"], r["rows"], r["seconds"], r["rows"] / r["seconds"], r["client_cpu_s"] / million,
             r["clickhouse_cpu_s"] / million, r["client_rss_mib"], busy,
             "" if r["rows"] >= args.events else "  (stalled: %d rows missing)" % (args.events - r["rows"])))
     speed = {(r["round"], r["kind"]): r["rows"] / r["seconds"] for r in rows}
-    for kind in ("tally", "baseline"):
-        ratios = [speed[(n, kind)] / speed[(n, "ceiling")] for n in range(1, args.rounds + 1)
-                  if (n, kind) in speed and (n, "ceiling") in speed]
+    for name in [kind("tally", f) for f in formats] + ["baseline"]:
+        ratios = [speed[(n, name)] / speed[(n, "ceiling")] for n in range(1, args.rounds + 1)
+                  if (n, name) in speed and (n, "ceiling") in speed]
         if ratios:
-            print("%s / ceiling: %s%s" % (kind, ", ".join("%.1f%%" % (100 * x) for x in ratios),
+            print("%s / ceiling: %s%s" % (name, ", ".join("%.1f%%" % (100 * x) for x in ratios),
                                           "" if len(ratios) == 1 else "  (median %.1f%%)" % (100 * statistics.median(ratios))))
+    if len(formats) > 1 and "tally" not in skip:
+        ab = [speed[(n, "tally-rowbinary")] / speed[(n, "tally")] for n in range(1, args.rounds + 1)
+              if (n, "tally-rowbinary") in speed and (n, "tally") in speed]
+        print("tally-rowbinary / tally (rows/s, same round): %s" % ", ".join("%.3f" % x for x in ab))
     if args.baseline:
         ab = [speed[(n, "tally")] / speed[(n, "baseline")] for n in range(1, args.rounds + 1)
               if (n, "tally") in speed and (n, "baseline") in speed]
         print("tally / baseline (rows/s, same round): %s" % ", ".join("%.3f" % x for x in ab))
-    if (1, "tally") in speed and (1, "engine") in speed:
-        print("tally / kafka engine: %.2fx" % (speed[(1, "tally")] / speed[(1, "engine")]))
+    for f in formats:
+        if (1, kind("tally", f)) in speed and (1, kind("engine", f)) in speed:
+            print("%s / kafka engine on the same %s records: %.2fx" % (
+                kind("tally", f), f, speed[(1, kind("tally", f))] / speed[(1, kind("engine", f))]))
     sums = {r["scenario"]: r["sums"] for r in rows if "sums" in r}
     for name, value in sums.items():
-        print("%-8s count, distinct ids, tokens, cost_nanos: %s" % (name, value.replace("\t", ", ")))
+        print("%-17s count, distinct ids, tokens, cost_nanos: %s" % (name, value.replace("\t", ", ")))
     if fresh:
-        print("freshness at %.0f events/s for %.0f s (%d markers, load %s events/s %s): p50 %.0f ms, p95 %.0f ms, "
-              "p99 %.0f ms, max %.0f ms" % (fresh["rate"], fresh["seconds"], fresh["markers"],
+        print("freshness (%s records) at %.0f events/s for %.0f s (%d markers, load %s events/s %s): p50 %.0f ms, "
+              "p95 %.0f ms, p99 %.0f ms, max %.0f ms" % (fresh["record_format"], fresh["rate"], fresh["seconds"], fresh["markers"],
                                             fresh["load_events_per_s"], json.dumps(fresh["load_statuses"]),
                                             fresh["p50_ms"], fresh["p95_ms"], fresh["p99_ms"], fresh["max_ms"]))
         if args.record_freshness:

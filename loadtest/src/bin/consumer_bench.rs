@@ -1,8 +1,10 @@
 //! `tally-consumer-bench`: the tools `make bench-consumer` drives (loadtest/bench_consumer.py).
 //!
 //! - `migrate DATABASE`: applies Tally's migrations to DATABASE (events, rollups, admin tables).
-//! - `preload TOPIC EVENTS [PER_RECORD]`: produces EVENTS synthetic events to TOPIC as the ingest
-//!   does (one record per request of PER_RECORD events of one org, keyed by org, lz4, acks=all).
+//! - `preload TOPIC EVENTS [PER_RECORD] [FORMAT] [NOW_MS]`: produces EVENTS synthetic events to TOPIC
+//!   as the ingest does (one record per request of PER_RECORD events of one org, keyed by org, lz4,
+//!   acks=all), in FORMAT (`JSONEachRow`, the default, or `RowBinary`, as `TALLY_RECORD_FORMAT`),
+//!   their times before NOW_MS (default: now; give another preload's to write the same events).
 //! - `ceiling DATABASE EVENTS [BATCH] [PER_RECORD] [NOW_MS]`: the raw ceiling: the rows `preload`
 //!   wrote (given its PER_RECORD and the NOW_MS it printed), written in RowBinary as the consumer
 //!   writes them before the clock starts, then inserted into DATABASE.events as the consumer inserts
@@ -24,7 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tally_common::ch::ChConfig;
 use tally_common::config::Env;
 use tally_schemas::record::{
-    encode_event, HEADER_EVENTS, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION,
+    RecordFormat, HEADER_EVENTS, HEADER_FORMAT, HEADER_REQUEST_ID, HEADER_SCHEMA_VERSION, SCHEMA_VERSION,
 };
 use tally_schemas::row::write_row_binary;
 use tally_schemas::EventRow;
@@ -91,7 +93,14 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, default: Option<T>) 
     }
 }
 
-async fn preload(env: &Env, topic: &str, events: u64, per_record: u64) -> anyhow::Result<serde_json::Value> {
+async fn preload(
+    env: &Env,
+    topic: &str,
+    events: u64,
+    per_record: u64,
+    format: RecordFormat,
+    now_ms: Option<i64>,
+) -> anyhow::Result<serde_json::Value> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", env.string("TALLY_KAFKA_BROKERS", "127.0.0.1:9092"))
         .set("acks", "all")
@@ -101,7 +110,7 @@ async fn preload(env: &Env, topic: &str, events: u64, per_record: u64) -> anyhow
         .set("batch.size", "1048576")
         .set("queue.buffering.max.kbytes", "1048576")
         .create()?;
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now_ms = now_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
     let started = Instant::now();
     let records = events.div_ceil(per_record);
     let mut in_flight = futures::stream::FuturesUnordered::new();
@@ -110,7 +119,7 @@ async fn preload(env: &Env, topic: &str, events: u64, per_record: u64) -> anyhow
         let count = per_record.min(events - record * per_record);
         let mut payload = Vec::with_capacity(count as usize * 600);
         for index in 0..count {
-            encode_event(&synthetic_event(record, index, now_ms), &mut payload);
+            format.encode(&synthetic_event(record, index, now_ms), &mut payload);
         }
         bytes += payload.len();
         let key = format!("org-{:04}", record % ORGS);
@@ -119,10 +128,13 @@ async fn preload(env: &Env, topic: &str, events: u64, per_record: u64) -> anyhow
         in_flight.push(async move {
             // The headers the ingest writes on an events record.
             let (request_id, events) = (format!("bench-{record}"), count.to_string());
-            let headers = OwnedHeaders::new()
+            let mut headers = OwnedHeaders::new()
                 .insert(Header { key: HEADER_SCHEMA_VERSION, value: Some(SCHEMA_VERSION) })
                 .insert(Header { key: HEADER_REQUEST_ID, value: Some(request_id.as_str()) })
                 .insert(Header { key: HEADER_EVENTS, value: Some(events.as_str()) });
+            if format != RecordFormat::JsonEachRow {
+                headers = headers.insert(Header { key: HEADER_FORMAT, value: Some(format.name()) });
+            }
             let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
             producer.send(record, Duration::from_secs(60)).await.map(|_| ()).map_err(|(e, _)| e)
         });
@@ -140,7 +152,7 @@ async fn preload(env: &Env, topic: &str, events: u64, per_record: u64) -> anyhow
     producer.flush(Duration::from_secs(60))?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(serde_json::json!({"events": events, "records": records, "payload_bytes": bytes, "seconds": seconds,
-        "now_ms": now_ms}))
+        "now_ms": now_ms, "format": format.name()}))
 }
 
 /// The raw insert ceiling for the rows `preload` wrote: the very same rows (its `now_ms` and
@@ -273,7 +285,17 @@ async fn main() -> anyhow::Result<()> {
             let applied = tally_common::migrate::migrate(&config).await?;
             serde_json::json!({ "applied": applied })
         }
-        "preload" => preload(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, arg(&args, 4, Some(100))?).await?,
+        "preload" => {
+            let format = args.get(5).map_or("JSONEachRow", String::as_str);
+            let format = RecordFormat::of_header(Some(format.as_bytes()))
+                .ok_or_else(|| anyhow::anyhow!("FORMAT is JSONEachRow or RowBinary, not {format:?}"))?;
+            let now_ms = match args.get(6) {
+                Some(_) => Some(arg::<i64>(&args, 6, None)?),
+                None => None,
+            };
+            let (topic, events) = (arg::<String>(&args, 2, None)?, arg(&args, 3, None)?);
+            preload(&env, &topic, events, arg(&args, 4, Some(100))?, format, now_ms).await?
+        }
         "ceiling" => {
             let now_ms = match args.get(6) {
                 Some(_) => Some(arg::<i64>(&args, 6, None)?),
@@ -286,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
         "load-month" => {
             load_month(&env, &arg::<String>(&args, 2, None)?, arg(&args, 3, None)?, &arg::<String>(&args, 4, None)?).await?
         }
-        _ => anyhow::bail!("usage: tally-consumer-bench migrate DB | preload TOPIC EVENTS [PER_RECORD] | ceiling DB EVENTS [BATCH] [PER_RECORD] [NOW_MS] | load DB EVENTS [DAYS] | load-month DB EVENTS YYYY-MM"),
+        _ => anyhow::bail!("usage: tally-consumer-bench migrate DB | preload TOPIC EVENTS [PER_RECORD] [FORMAT] [NOW_MS] | ceiling DB EVENTS [BATCH] [PER_RECORD] [NOW_MS] | load DB EVENTS [DAYS] | load-month DB EVENTS YYYY-MM"),
     };
     println!("{result}");
     Ok(())
