@@ -43,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_ingest as bi  # noqa: E402  (shared helpers: start/stop/wait_http/cpu/loadgen/bench_org)
 
 CH = os.environ.get("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:8123")
+# The consumer's default TALLY_BATCH_MAX_ROWS (consumer/src/config.rs).
+CONSUMER_BATCH_ROWS = 100_000
 TOOL = os.path.join(bi.BIN, "tally-consumer-bench")
 
 # The record's JSON keys: every column of tally.events but the Kafka position.
@@ -99,13 +101,13 @@ def wait_rows(database, expected, timeout, stall=60):
     raise SystemExit("%s.events never reached %d rows (has %d)" % (database, expected, count_rows(database)))
 
 
-def run_ceiling(database, events, per_record, now_ms):
+def run_ceiling(database, events, per_record, now_ms, batch_rows):
     """The preload's own rows (its per-record count and clock), RowBinary built before the clock
     starts, inserted as the consumer inserts; without a preload (tally and engine skipped) rows of
     the same shape."""
     ch_before = bi.cpu_seconds(clickhouse_pid())
     started = time.time()
-    command = [TOOL, "ceiling", database, str(events), "100000", str(per_record)] + ([str(now_ms)] if now_ms else [])
+    command = [TOOL, "ceiling", database, str(events), str(batch_rows), str(per_record)] + ([str(now_ms)] if now_ms else [])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = status
@@ -118,13 +120,14 @@ def run_ceiling(database, events, per_record, now_ms):
             "client_rss_mib": usage.ru_maxrss / 1024, "wall_incl_build_s": time.time() - started}
 
 
-def run_tally(database, topic, events, binary="tally-consumer"):
+def run_tally(database, topic, events, batch_rows, binary="tally-consumer"):
     """The consumer reads each record in the format its `tally-format` header names."""
     ch_before = bi.cpu_seconds(clickhouse_pid())
     started = time.time()
     process = bi.start(binary, {
         "TALLY_CLICKHOUSE_DATABASE": database, "TALLY_EVENTS_TOPIC": topic, "TALLY_MIGRATE": "false",
-        "TALLY_CONSUMER_GROUP": "bench-" + database, "TALLY_LISTEN_ADDR": "127.0.0.1:18082"})
+        "TALLY_CONSUMER_GROUP": "bench-" + database, "TALLY_LISTEN_ADDR": "127.0.0.1:18082",
+        "TALLY_BATCH_MAX_ROWS": str(batch_rows)})
     try:
         finished, _ = wait_rows(database, events, 3600)
         cpu = bi.cpu_seconds(process.pid)
@@ -259,6 +262,9 @@ def main():
                              "each round starting one later; the engine once): on a shared machine whose speed "
                              "drifts, each round's ratio compares runs a minute apart, and the median of the "
                              "rounds is the figure")
+    parser.add_argument("--batch-rows", type=int, default=CONSUMER_BATCH_ROWS,
+                        help="rows per INSERT of the ceiling, and the consumer's TALLY_BATCH_MAX_ROWS (default: the "
+                             "consumer's default): the two insert alike")
     parser.add_argument("--formats", default="JSONEachRow",
                         help="comma list of record formats (JSONEachRow, RowBinary): a topic of the same events in "
                              "each, drained by tally and the engine in the same rounds")
@@ -283,14 +289,14 @@ def main():
         round_runs = []
         if "ceiling" not in skip:
             round_runs.append((number, "ceiling",
-                               lambda db: run_ceiling(db, args.events, args.per_record, loaded.get("now_ms"))))
+                               lambda db: run_ceiling(db, args.events, args.per_record, loaded.get("now_ms"), args.batch_rows)))
         if "tally" not in skip:
             for f in formats:
-                round_runs.append((number, kind("tally", f), lambda db, t=topics[f]: run_tally(db, t, args.events)))
+                round_runs.append((number, kind("tally", f), lambda db, t=topics[f]: run_tally(db, t, args.events, args.batch_rows)))
         if args.baseline:
             binary = os.path.join(os.path.abspath(args.baseline), "tally-consumer")
             round_runs.append((number, "baseline",
-                               lambda db, b=binary: run_tally(db, topics[formats[0]], args.events, b)))
+                               lambda db, b=binary: run_tally(db, topics[formats[0]], args.events, args.batch_rows, b)))
         # Each round starts with another drain: whatever state one drain leaves for the next
         # is spread over all of them.
         shift = (number - 1) % max(1, len(round_runs))
@@ -336,8 +342,8 @@ def main():
         settle()
         fresh = freshness(args.fresh_rate, args.fresh_seconds, formats[0])
 
-    print("\nnproc=%d  events=%d  per record=%d  (everything on this machine)" % (
-        os.cpu_count(), args.events, args.per_record))
+    print("\nnproc=%d  events=%d  per record=%d  rows per insert=%d  (everything on this machine)" % (
+        os.cpu_count(), args.events, args.per_record, args.batch_rows))
     print("%-17s %10s %9s %12s %16s %16s %10s %9s" % ("scenario", "rows", "seconds", "rows/s", "client cpu s/M",
                                                       "clickhouse cpu s/M", "rss MiB", "CH busy"))
     for r in rows:
