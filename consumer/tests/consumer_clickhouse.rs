@@ -83,6 +83,20 @@ async fn produce_all(topic: &str, key: &str, payloads: &[Vec<u8>]) {
     }
 }
 
+/// Produces `payload` to `topic` under `key` with `headers` (name, value), acknowledged by the broker.
+async fn produce_with_headers(topic: &str, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
+    let mut owned = OwnedHeaders::new();
+    for (name, value) in headers {
+        owned = owned.insert(Header { key: name, value: Some(*value) });
+    }
+    producer
+        .send(FutureRecord::to(topic).key(key).payload(payload).headers(owned), Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
 struct Consumer_ {
     metrics_url: String,
     shutdown: CancellationToken,
@@ -400,23 +414,11 @@ async fn row_binary_records_are_stored_and_bad_ones_dead_lettered_with_their_for
     let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
     create_topic(&topic, 1).await;
     create_topic(&dlq, 1).await;
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
     let send = |payload: Vec<u8>, format: Option<&'static str>| {
-        let producer = producer.clone();
         let topic = topic.clone();
         async move {
-            let mut headers = OwnedHeaders::new();
-            if let Some(format) = format {
-                headers = headers.insert(Header { key: HEADER_FORMAT, value: Some(format) });
-            }
-            producer
-                .send(
-                    FutureRecord::to(&topic).key("org-rb").payload(&payload).headers(headers),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
+            let headers: Vec<(&str, &str)> = format.map(|f| (HEADER_FORMAT, f)).into_iter().collect();
+            produce_with_headers(&topic, "org-rb", &payload, &headers).await;
         }
     };
     let events: Vec<Event> = (0..6).map(|n| sample_event("org-rb", n)).collect();
@@ -482,18 +484,9 @@ async fn a_batch_is_bounded_by_the_rows_its_records_announce() {
     let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
     create_topic(&topic, 1).await;
     create_topic(&dlq, 1).await;
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).set("acks", "all").create().unwrap();
     for n in 0..6 {
         let payload = record(&[&sample_event("org-x", n)]);
-        let headers = OwnedHeaders::new().insert(Header { key: HEADER_EVENTS, value: Some("4") });
-        producer
-            .send(
-                FutureRecord::to(&topic).key("org-x").payload(&payload).headers(headers),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        produce_with_headers(&topic, "org-x", &payload, &[(HEADER_EVENTS, "4")]).await;
     }
     let consumer =
         start_consumer_with(&clickhouse, &topic, &dlq, &group, &[("TALLY_BATCH_MAX_ROWS", "4")]).await;
