@@ -56,6 +56,11 @@ fn sample_event(org: &str, n: u32) -> Event {
 
 /// The first dead letter of `dlq` (waits up to 20 s for it).
 async fn first_dead_letter(dlq: &str) -> DeadLetter {
+    dead_letters(dlq, 1).await.remove(0)
+}
+
+/// The first `count` dead letters of `dlq` (waits up to 20 s for each).
+async fn dead_letters(dlq: &str, count: usize) -> Vec<DeadLetter> {
     let reader: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_brokers())
         .set("group.id", unique_name("reader"))
@@ -63,8 +68,12 @@ async fn first_dead_letter(dlq: &str) -> DeadLetter {
         .create()
         .unwrap();
     reader.subscribe(&[dlq]).unwrap();
-    let message = tokio::time::timeout(Duration::from_secs(20), reader.recv()).await.unwrap().unwrap();
-    serde_json::from_slice(message.payload().unwrap()).unwrap()
+    let mut letters = Vec::new();
+    while letters.len() < count {
+        let message = tokio::time::timeout(Duration::from_secs(20), reader.recv()).await.unwrap().unwrap();
+        letters.push(serde_json::from_slice(message.payload().unwrap()).unwrap());
+    }
+    letters
 }
 
 async fn produce(topic: &str, key: &str, payload: &[u8]) {
@@ -95,6 +104,16 @@ async fn produce_with_headers(topic: &str, key: &str, payload: &[u8], headers: &
         .send(FutureRecord::to(topic).key(key).payload(payload).headers(owned), Duration::from_secs(10))
         .await
         .unwrap();
+}
+
+/// A migrated database of its own, an events topic of `partitions`, a dead-letter topic and a
+/// consumer group name, all fresh.
+async fn fresh_pipeline(name: &str, partitions: i32) -> (ChConfig, String, String, String) {
+    let clickhouse = migrated_database(name).await;
+    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
+    create_topic(&topic, partitions).await;
+    create_topic(&dlq, 1).await;
+    (clickhouse, topic, dlq, group)
 }
 
 struct Consumer_ {
@@ -219,10 +238,7 @@ async fn wait_for_rows(clickhouse: &ChConfig, expected: u64) {
 
 #[tokio::test]
 async fn stores_records_once_dead_letters_poison_and_commits_after_insert() {
-    let clickhouse = migrated_database("consumer").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 2).await;
-    create_topic(&dlq, 1).await;
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("consumer", 2).await;
     for (record, org) in ["org-a", "org-b", "org-c"].iter().enumerate() {
         let mut payload = Vec::new();
         for n in 0..5 {
@@ -321,10 +337,7 @@ fn binary_record(events: &[&Event]) -> Vec<u8> {
 
 #[tokio::test]
 async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restart() {
-    let clickhouse = migrated_database("dedup").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 2).await;
-    create_topic(&dlq, 1).await;
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("dedup", 2).await;
     let now = chrono::Utc::now().timestamp_millis();
     let [a, b, c, d, e] = [0, 1, 2, 3, 4].map(|n| sample_event("org-x", n));
     // The same id in another org is another event.
@@ -379,10 +392,7 @@ async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restar
 /// insert is done), and so are repeats inside a batch checked ahead.
 #[tokio::test]
 async fn duplicates_are_dropped_when_batches_are_checked_ahead_of_their_insert() {
-    let clickhouse = migrated_database("dedup_ahead").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 1).await;
-    create_topic(&dlq, 1).await;
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("dedup_ahead", 1).await;
     let events: Vec<Event> = (0..12).map(|n| sample_event("org-x", n)).collect();
     // One event per record, four rows per batch: [0 1 2 3] [1 4 4 5] [6 6 7 8] [9 10 11 7] [3 11].
     let order = [0, 1, 2, 3, 1, 4, 4, 5, 6, 6, 7, 8, 9, 10, 11, 7, 3, 11];
@@ -410,10 +420,7 @@ async fn duplicates_are_dropped_when_batches_are_checked_ahead_of_their_insert()
 /// with the reason, the failing row and column, and the format they came in (for `dlq replay`).
 #[tokio::test]
 async fn row_binary_records_are_stored_and_bad_ones_dead_lettered_with_their_format() {
-    let clickhouse = migrated_database("rowbinary").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 1).await;
-    create_topic(&dlq, 1).await;
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("rowbinary", 1).await;
     let send = |payload: Vec<u8>, format: Option<&'static str>| {
         let topic = topic.clone();
         async move {
@@ -450,18 +457,7 @@ async fn row_binary_records_are_stored_and_bad_ones_dead_lettered_with_their_for
         .unwrap();
     assert_eq!(positions, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (4, 0)]);
 
-    let reader: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", unique_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    reader.subscribe(&[&dlq]).unwrap();
-    let mut letters = Vec::new();
-    while letters.len() < 2 {
-        let message = tokio::time::timeout(Duration::from_secs(20), reader.recv()).await.unwrap().unwrap();
-        letters.push(serde_json::from_slice::<DeadLetter>(message.payload().unwrap()).unwrap());
-    }
+    let mut letters = dead_letters(&dlq, 2).await;
     letters.sort_by_key(|l| l.source.as_ref().map(|s| s.offset));
     let (cut, avro) = (&letters[0], &letters[1]);
     assert_eq!((cut.reason.as_str(), cut.format.as_deref()), ("undecodable_record", Some("RowBinary")));
@@ -480,10 +476,7 @@ async fn row_binary_records_are_stored_and_bad_ones_dead_lettered_with_their_for
 /// (counted by their lines, a backlog of six would go in two batches).
 #[tokio::test]
 async fn a_batch_is_bounded_by_the_rows_its_records_announce() {
-    let clickhouse = migrated_database("announced").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 1).await;
-    create_topic(&dlq, 1).await;
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("announced", 1).await;
     for n in 0..6 {
         let payload = record(&[&sample_event("org-x", n)]);
         produce_with_headers(&topic, "org-x", &payload, &[(HEADER_EVENTS, "4")]).await;
@@ -510,10 +503,7 @@ async fn a_batch_is_bounded_by_the_rows_its_records_announce() {
 
 #[tokio::test]
 async fn a_record_clickhouse_refuses_is_dead_lettered_and_the_rest_of_its_batch_stored() {
-    let clickhouse = migrated_database("poison").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 1).await;
-    create_topic(&dlq, 1).await;
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("poison", 1).await;
     // A guard the operator added: ClickHouse itself refuses rows of one org (code 395, permanent).
     clickhouse
         .client()
@@ -726,10 +716,7 @@ async fn counter(metrics_url: &str, name: &str) -> u64 {
 /// take its partitions back and go on storing, exactly once.
 #[tokio::test]
 async fn a_fenced_static_member_replaces_its_kafka_client_and_goes_on() {
-    let clickhouse = migrated_database("fenced").await;
-    let (topic, dlq, group) = (unique_name("events"), unique_name("dlq"), unique_name("group"));
-    create_topic(&topic, 2).await;
-    create_topic(&dlq, 1).await;
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("fenced", 2).await;
     let instance = unique_name("instance");
     let consumer =
         start_consumer_with(&clickhouse, &topic, &dlq, &group, &[("TALLY_CONSUMER_INSTANCE_ID", &instance)])
