@@ -10,8 +10,7 @@ use clickhouse::Row;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::event::{CostSource, Event, Status};
-use crate::record::EventRef;
+use crate::event::{CostSource, Event, EventRef, Status};
 
 /// A column of `tally.events` as ClickHouse describes it (`system.columns`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
