@@ -29,6 +29,9 @@ pub struct ConsumerConfig {
     pub control_interval: Duration,
     /// How long an event id is remembered for duplicate removal, in hours of arrival time.
     pub dedup_window_hours: u16,
+    /// The most event ids a replica's dedup window holds (about 15 bytes each); past it the
+    /// oldest are forgotten and the window is shorter than `dedup_window_hours`.
+    pub dedup_max_ids: usize,
     /// Test-only faults (the `failpoints` feature).
     #[cfg(feature = "failpoints")]
     pub failpoints: crate::failpoints::Failpoints,
@@ -48,6 +51,7 @@ impl ConsumerConfig {
             session_timeout: env.millis("TALLY_KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
             dedup_window_hours: env.parse("TALLY_DEDUP_WINDOW_HOURS", 24)?,
+            dedup_max_ids: env.parse("TALLY_DEDUP_MAX_IDS", 10_000_000)?,
             control_topic: env.optional("TALLY_CONTROL_TOPIC"),
             control_interval: env.millis("TALLY_CONTROL_INTERVAL_MS", 5000)?,
             #[cfg(feature = "failpoints")]
@@ -74,6 +78,13 @@ impl ConsumerConfig {
                 reason: "must be 1..=720 (hours of arrival time an event id is remembered)".into(),
             });
         }
+        if !(1_000..=2_000_000_000).contains(&config.dedup_max_ids) {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_DEDUP_MAX_IDS".into(),
+                value: config.dedup_max_ids.to_string(),
+                reason: "must be 1000..=2000000000 (event ids the dedup window holds, ~15 bytes each)".into(),
+            });
+        }
         Ok(config)
     }
 }
@@ -89,6 +100,18 @@ mod tests {
         for (value, ok) in [("1", true), ("720", true), ("0", false), ("721", false)] {
             let result = ConsumerConfig::from_env(&Env::from_pairs([("TALLY_DEDUP_WINDOW_HOURS", value)]));
             assert_eq!(result.is_ok(), ok, "TALLY_DEDUP_WINDOW_HOURS={value}");
+        }
+    }
+
+    #[test]
+    fn the_dedup_window_holds_ten_million_ids_by_default_and_is_bounded() {
+        let config = ConsumerConfig::from_env(&Env::from_pairs::<&str, &str>([])).expect("valid");
+        assert_eq!(config.dedup_max_ids, 10_000_000);
+        for (value, ok) in
+            [("1000", true), ("2000000000", true), ("999", false), ("2000000001", false), ("x", false)]
+        {
+            let result = ConsumerConfig::from_env(&Env::from_pairs([("TALLY_DEDUP_MAX_IDS", value)]));
+            assert_eq!(result.is_ok(), ok, "TALLY_DEDUP_MAX_IDS={value}");
         }
     }
 }

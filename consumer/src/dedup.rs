@@ -3,8 +3,16 @@
 //! records: the exactly-once reconciliation, which works on Kafka positions, cannot see them.
 //!
 //! Rule: a row whose (org_id, event_id) was already stored with a `received_at` within the
-//! window (default 24 h, `TALLY_DEDUP_WINDOW_HOURS`; ages are counted in whole hours, so an id is
+//! window (default 24 h, `TALLY_DEDUP_WINDOW_HOURS`; old ids are let go once an hour, so an id is
 //! remembered between `window` and `window + 1` hours) is dropped; the first one stored wins.
+//!
+//! Memory is bounded: the window holds at most `TALLY_DEDUP_MAX_IDS` ids per replica (default
+//! 10 million, about 150 MB). A replica that receives more within the window (10 million ids in
+//! 24 h is 116 events/s) forgets its oldest arrivals, two minutes of arrivals at a time, down to
+//! 7/8 of the bound: the window it really remembers is shorter than configured, which the replica
+//! logs and exports (`tally_consumer_dedup_window_seconds`, `tally_consumer_dedup_evicted_total`)
+//! instead of growing until the kernel kills it. Retries arriving after that shorter window are
+//! stored again; Kafka-position reconciliation (the exactly-once path) does not depend on it.
 //!
 //! How: the ingest keys every record by org, so all of an org's events are in one partition and
 //! the owner of that partition sees all of them. Per partition the consumer keeps an in-memory
@@ -51,14 +59,23 @@ fn spread(fingerprint: u64) -> u64 {
     fingerprint.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-fn hour_tag(epoch_seconds: u32) -> u16 {
-    (epoch_seconds / 3600) as u16
+/// The arrival slot an id is tagged with: two minutes, the step in which the oldest ids are
+/// forgotten when the window outgrows its bound. Tags wrap every 65 536 slots (91 days).
+const SLOT_SECONDS: u32 = 120;
+const SLOTS_PER_HOUR: u16 = 30;
+
+fn slot_tag(epoch_seconds: u32) -> u16 {
+    (epoch_seconds / SLOT_SECONDS) as u16
 }
 
-/// Whole hours from `tag` to `now`, 0 for a tag in the future (clock skew between ingest and
-/// consumer). Tags wrap every 65 536 hours; windows are far shorter.
-fn age_hours(now: u16, tag: u16) -> u16 {
+/// Whole slots from `tag` to `now`, 0 for a tag in the future (clock skew between ingest and
+/// consumer). Windows (at most 720 h, 21 600 slots) are far shorter than the wrap.
+fn age_slots(now: u16, tag: u16) -> u16 {
     u16::try_from(now.wrapping_sub(tag) as i16).unwrap_or(0)
+}
+
+fn tag_of(entry: u64) -> u16 {
+    (entry >> FINGERPRINT_BITS) as u16
 }
 
 /// The ids of one partition seen within the window.
@@ -74,7 +91,7 @@ impl IdWindow {
 
     /// Remembers `fingerprint` as arrived at `received_at` (epoch seconds); the later arrival wins.
     pub fn insert(&mut self, fingerprint: u64, received_at: u32) {
-        let tag = hour_tag(received_at);
+        let tag = slot_tag(received_at);
         let entry = fingerprint | (u64::from(tag) << FINGERPRINT_BITS);
         // One probe for both outcomes (a lookup, then an insert, probed twice per new id).
         match self.entries.entry(
@@ -84,8 +101,7 @@ impl IdWindow {
         ) {
             Entry::Occupied(mut existing) => {
                 let existing = existing.get_mut();
-                let existing_tag = (*existing >> FINGERPRINT_BITS) as u16;
-                if age_hours(tag, existing_tag) > 0 {
+                if age_slots(tag, tag_of(*existing)) > 0 {
                     *existing = entry;
                 }
             }
@@ -95,11 +111,23 @@ impl IdWindow {
         }
     }
 
-    /// Forgets ids that arrived `window_hours` or more whole hours before `now` (epoch seconds).
+    /// Forgets ids that arrived `window_hours` or more before `now` (epoch seconds).
     pub fn expire(&mut self, now: u32, window_hours: u16) {
-        let now = hour_tag(now);
-        self.entries.retain(|e| age_hours(now, (*e >> FINGERPRINT_BITS) as u16) < window_hours);
+        self.forget_from(slot_tag(now), window_hours * SLOTS_PER_HOUR);
         self.entries.shrink_to_fit(|e| spread(*e & FINGERPRINT_MASK));
+    }
+
+    /// Forgets ids `max_age` or more slots old at slot `now`.
+    fn forget_from(&mut self, now: u16, max_age: u16) {
+        self.entries.retain(|e| age_slots(now, tag_of(*e)) < max_age);
+    }
+
+    /// Adds to `counts[age]` the ids `age` slots old at slot `now` (older ones in the last).
+    fn count_ages(&self, now: u16, counts: &mut [usize]) {
+        let last = counts.len() - 1;
+        for entry in &self.entries {
+            counts[usize::from(age_slots(now, tag_of(*entry))).min(last)] += 1;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -133,26 +161,100 @@ pub struct Outcome {
     pub rebuilt: usize,
 }
 
+/// The bound on the ids a replica's window holds, over all its partitions.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    max_ids: usize,
+    window_slots: u16,
+}
+
+/// What keeping the window within its bound did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eviction {
+    /// Ids forgotten before their window ended.
+    pub ids: usize,
+    /// Every id that arrived from this time on (epoch seconds) is still remembered.
+    pub remembered_since: u32,
+}
+
+impl Budget {
+    pub fn new(max_ids: usize, window_hours: u16) -> Self {
+        Budget { max_ids, window_slots: window_hours.saturating_mul(SLOTS_PER_HOUR) }
+    }
+
+    /// When `windows` hold more than the bound: forgets their oldest slots of arrivals until they
+    /// hold at most 7/8 of it (so that the pass, which reads every entry twice, is not repeated at
+    /// every batch). None while within the bound.
+    fn enforce(&self, windows: &mut [&mut IdWindow], now: u32) -> Option<Eviction> {
+        let held: usize = windows.iter().map(|w| w.len()).sum();
+        if held <= self.max_ids {
+            return None;
+        }
+        let target = self.max_ids - self.max_ids / 8;
+        let now_tag = slot_tag(now);
+        // Ages 0..=window_slots, then everything older (not expired yet) in the last count.
+        let mut counts = vec![0usize; usize::from(self.window_slots) + 2];
+        for window in windows.iter() {
+            window.count_ages(now_tag, &mut counts);
+        }
+        let (mut kept, mut max_age) = (0usize, 0u16);
+        for count in &counts {
+            if kept + count > target {
+                break;
+            }
+            kept += count;
+            max_age += 1;
+        }
+        for window in windows.iter_mut() {
+            window.forget_from(now_tag, max_age);
+        }
+        let remembered_since = (now / SLOT_SECONDS + 1).saturating_sub(u32::from(max_age)) * SLOT_SECONDS;
+        Some(Eviction { ids: held - kept, remembered_since })
+    }
+}
+
+/// Evictions not reported yet, and how far back the window still reaches after them.
+#[derive(Debug, Default)]
+struct Evicted {
+    unreported: usize,
+    /// None: the whole configured window is remembered.
+    remembered_since: Option<u32>,
+}
+
+impl Evicted {
+    fn note(&mut self, eviction: Option<Eviction>) {
+        if let Some(eviction) = eviction {
+            self.unreported += eviction.ids;
+            self.remembered_since = self.remembered_since.max(Some(eviction.remembered_since));
+        }
+    }
+}
+
 pub struct Deduplicator {
     store: EventStore,
     window_hours: u16,
+    budget: Budget,
     partitions: HashMap<i32, IdWindow>,
-    expired_at_hour: u16,
+    expired_at_hour: u32,
     /// The rows the last `filter` kept, recorded once stored.
     kept: Kept,
     /// Counts resets: a check made ahead with the windows of an earlier epoch no longer holds.
     epoch: u64,
+    evicted: Evicted,
 }
 
 impl Deduplicator {
-    pub fn new(store: EventStore, window_hours: u16) -> Self {
+    /// A window of `window_hours` holding at most `max_ids` ids.
+    pub fn new(store: EventStore, window_hours: u16, max_ids: usize) -> Self {
         Deduplicator {
             store,
             window_hours,
+            budget: Budget::new(max_ids, window_hours),
             partitions: HashMap::new(),
             expired_at_hour: 0,
             kept: Vec::new(),
             epoch: 0,
+            evicted: Evicted::default(),
         }
     }
 
@@ -161,6 +263,7 @@ impl Deduplicator {
         self.partitions.clear();
         self.kept.clear();
         self.epoch += 1;
+        self.evicted.remembered_since = None;
     }
 
     pub fn ids(&self) -> usize {
@@ -171,11 +274,25 @@ impl Deduplicator {
         self.partitions.values().map(IdWindow::heap_bytes).sum()
     }
 
+    /// Ids forgotten before their window ended since the last call (to keep within the bound).
+    pub fn take_evicted(&mut self) -> usize {
+        std::mem::take(&mut self.evicted.unreported)
+    }
+
+    /// How far back, in seconds from `now`, every arrival is remembered: the configured window,
+    /// or less after the bound made the window forget its oldest ids.
+    pub fn remembered_seconds(&self, now: u32) -> u32 {
+        let configured = u32::from(self.window_hours) * 3600;
+        self.evicted.remembered_since.map_or(configured, |since| now.saturating_sub(since).min(configured))
+    }
+
     fn window_start(&self, now: u32) -> u32 {
         (now / 3600).saturating_sub(u32::from(self.window_hours)) * 3600
     }
 
-    /// Loads the ids stored within the window for every partition of `partitions` not loaded yet.
+    /// Loads the ids stored within the window for every partition of `partitions` not loaded yet,
+    /// within the bound: when the loaded ids outgrow it the oldest are forgotten and older rows
+    /// still streaming are skipped.
     async fn rebuild(&mut self, partitions: &BTreeSet<i32>, now: u32) -> Result<usize, ClickHouseError> {
         let missing: Vec<i32> =
             partitions.iter().copied().filter(|p| !self.partitions.contains_key(p)).collect();
@@ -188,14 +305,26 @@ impl Deduplicator {
         // retry rebuilds it from scratch.
         let mut rebuilt: HashMap<i32, IdWindow> = missing.iter().map(|p| (*p, IdWindow::default())).collect();
         let mut loaded = 0;
-        self.store
+        let Deduplicator { store, budget, partitions: loaded_before, evicted, .. } = self;
+        let mut held = loaded_before.values().map(IdWindow::len).sum::<usize>();
+        let result = store
             .for_each_id_since(&missing, since, |stored| {
-                if let Some(window) = rebuilt.get_mut(&i32::from(stored.kafka_partition)) {
-                    window.insert(fingerprint(&stored.org_id, &stored.event_id), stored.received_at);
-                    loaded += 1;
+                if evicted.remembered_since.is_some_and(|floor| stored.received_at < floor) {
+                    return;
+                }
+                let Some(window) = rebuilt.get_mut(&i32::from(stored.kafka_partition)) else { return };
+                window.insert(fingerprint(&stored.org_id, &stored.event_id), stored.received_at);
+                loaded += 1;
+                held += 1;
+                if held > budget.max_ids {
+                    let mut windows: Vec<&mut IdWindow> =
+                        loaded_before.values_mut().chain(rebuilt.values_mut()).collect();
+                    evicted.note(budget.enforce(&mut windows, now));
+                    held = windows.iter().map(|w| w.len()).sum();
                 }
             })
-            .await?;
+            .await;
+        result?;
         self.partitions.extend(rebuilt);
         Ok(loaded)
     }
@@ -228,15 +357,17 @@ impl Deduplicator {
     }
 
     /// After a successful store: the ids the last `filter` kept count as stored. Expires old ids
-    /// once an hour.
+    /// once an hour, and keeps the window within its bound.
     pub fn record_stored(&mut self, now: u32) {
         insert_ids(&mut self.partitions, self.kept.drain(..));
-        if hour_tag(now) != self.expired_at_hour {
-            self.expired_at_hour = hour_tag(now);
+        if now / 3600 != self.expired_at_hour {
+            self.expired_at_hour = now / 3600;
             for window in self.partitions.values_mut() {
                 window.expire(now, self.window_hours);
             }
         }
+        let mut windows: Vec<&mut IdWindow> = self.partitions.values_mut().collect();
+        self.evicted.note(self.budget.enforce(&mut windows, now));
     }
 
     /// Lends the windows, with the ids of the batch about to be stored, to a thread that checks
@@ -247,11 +378,15 @@ impl Deduplicator {
             partitions: std::mem::take(&mut self.partitions),
             recorded: std::mem::take(&mut self.kept),
             epoch: self.epoch,
+            budget: self.budget,
+            evicted: Evicted::default(),
         }
     }
 
     pub fn give_back(&mut self, lent: Lent) {
         self.partitions = lent.partitions;
+        self.evicted.unreported += lent.evicted.unreported;
+        self.evicted.remembered_since = self.evicted.remembered_since.max(lent.evicted.remembered_since);
     }
 
     /// Applies a check made ahead, if it still holds: no rebalance since (the windows it saw were
@@ -272,6 +407,9 @@ pub struct Lent {
     partitions: HashMap<i32, IdWindow>,
     recorded: Kept,
     epoch: u64,
+    budget: Budget,
+    /// What keeping the windows within their bound did while lent.
+    evicted: Evicted,
 }
 
 /// The outcome of `Lent::precheck` for a batch none of whose ids the window held.
@@ -288,9 +426,12 @@ impl Lent {
     /// candidate, which a query confirms against ClickHouse once the insert is done, so an id
     /// recorded for an insert that then fails costs a query, never an event. Returns None, and
     /// `filter` runs after the insert, when a row's id is a candidate (the confirming query must
-    /// see that insert) or a partition's window is not loaded yet.
-    pub fn precheck(&mut self, batch: &[Pending], assigned: &BTreeSet<i32>) -> Option<Prechecked> {
+    /// see that insert) or a partition's window is not loaded yet. Under a backlog this is where
+    /// the windows are kept within their bound (`now`, epoch seconds), off the inserts' path.
+    pub fn precheck(&mut self, batch: &[Pending], assigned: &BTreeSet<i32>, now: u32) -> Option<Prechecked> {
         insert_ids(&mut self.partitions, self.recorded.drain(..));
+        let mut windows: Vec<&mut IdWindow> = self.partitions.values_mut().collect();
+        self.evicted.note(self.budget.enforce(&mut windows, now));
         let mut partitions = batch.iter().map(|p| &p.partition).chain(assigned);
         if !partitions.all(|p| self.partitions.contains_key(p)) {
             return None;
@@ -479,7 +620,7 @@ mod tests {
             password: String::new(),
             cluster: None,
         };
-        Deduplicator::new(EventStore::new(&unreachable), 24)
+        Deduplicator::new(EventStore::new(&unreachable), 24, 10_000_000)
     }
 
     /// Partition 0's window loaded (empty), so checks need no query.
@@ -501,12 +642,12 @@ mod tests {
         let mut lent = dedup.lend();
         assert_eq!(dedup.ids(), 0, "lent out");
         let repeats_inserted = [record(10, &[("org", 2), ("org", 1)])];
-        assert!(lent.precheck(&repeats_inserted, &assigned).is_none());
+        assert!(lent.precheck(&repeats_inserted, &assigned, 1_798_761_601).is_none());
         assert!(lent.partitions[&0].contains(fingerprint("org", &uuid::Uuid::from_u128(1))));
 
         let mut own_repeats =
             vec![record(11, &[("org", 3), ("other", 3)]), record(12, &[("org", 3), ("org", 4)])];
-        let prechecked = lent.precheck(&own_repeats, &assigned).expect("no id in the window");
+        let prechecked = lent.precheck(&own_repeats, &assigned, 1_798_761_601).expect("no id in the window");
         dedup.give_back(lent);
         assert_eq!(dedup.ids(), 1);
         let outcome = dedup.apply_prechecked(&mut own_repeats, prechecked).expect("still valid");
@@ -525,14 +666,14 @@ mod tests {
         let batch = || vec![record(1, &[("org", 1), ("org", 1)]), record(2, &[("org", 2)])];
         let mut dedup = loaded_dedup();
         let mut lent = dedup.lend();
-        let prechecked = lent.precheck(&batch(), &assigned).unwrap();
+        let prechecked = lent.precheck(&batch(), &assigned, 1_798_761_601).unwrap();
         dedup.give_back(lent);
         dedup.reset();
         assert!(dedup.apply_prechecked(&mut batch(), prechecked).is_none());
 
         let mut dedup = loaded_dedup();
         let mut lent = dedup.lend();
-        let prechecked = lent.precheck(&batch(), &assigned).unwrap();
+        let prechecked = lent.precheck(&batch(), &assigned, 1_798_761_601).unwrap();
         dedup.give_back(lent);
         let mut changed = batch();
         changed.pop();
@@ -541,7 +682,7 @@ mod tests {
 
         // A partition whose window is not loaded (assigned, not rebuilt yet) needs the rebuild.
         let mut lent = loaded_dedup().lend();
-        assert!(lent.precheck(&batch(), &BTreeSet::from([0, 1])).is_none());
+        assert!(lent.precheck(&batch(), &BTreeSet::from([0, 1]), 1_798_761_601).is_none());
     }
 
     #[test]
@@ -579,6 +720,73 @@ mod tests {
         window.insert(skewed, t0 + 40 * 3600);
         window.expire(t0 + 30 * 3600, 24);
         assert!(window.contains(skewed));
+    }
+
+    /// Ids of `n` distinct events of one org, from `first`.
+    fn prints(first: u128, n: u128) -> Vec<u64> {
+        (first..first + n).map(|i| fingerprint("org", &uuid::Uuid::from_u128(i))).collect()
+    }
+
+    /// Past its bound the window forgets its oldest two-minute slots of arrivals, over all its
+    /// partitions, down to 7/8 of the bound; the newest arrivals are all kept and the time from
+    /// which every arrival is remembered is reported.
+    #[test]
+    fn past_its_bound_the_window_forgets_its_oldest_arrivals_first() {
+        let now = 1_800_000_000 / SLOT_SECONDS * SLOT_SECONDS + 30;
+        let budget = Budget::new(1_000, 24);
+        let (hour_ago, ten_min_ago) = (prints(0, 300), prints(1_000, 300));
+        let (just_now, future) = (prints(2_000, 300), prints(3_000, 100));
+        let mut a = IdWindow::default();
+        let mut b = IdWindow::default();
+        hour_ago.iter().for_each(|&p| a.insert(p, now - 3600));
+        ten_min_ago.iter().for_each(|&p| b.insert(p, now - 600));
+        just_now.iter().for_each(|&p| a.insert(p, now));
+        assert_eq!(budget.enforce(&mut [&mut a, &mut b], now), None, "900 ids: within the bound");
+        // An ingest clock ahead of the consumer's counts as just arrived.
+        future.iter().for_each(|&p| b.insert(p, now + 300));
+        b.insert(prints(5_000, 1)[0], now - 25 * 3600); // past the window, not expired yet
+
+        let eviction = budget.enforce(&mut [&mut a, &mut b], now).expect("1001 ids: over");
+        // 875 may stay: the 400 of the current slot and the 300 of ten minutes ago fit, the hour-old
+        // ones and the expired one do not. Every arrival after the hour-old slot is remembered.
+        assert_eq!(eviction, Eviction { ids: 301, remembered_since: now - 30 - 3600 + SLOT_SECONDS });
+        assert!(hour_ago.iter().all(|&p| !a.contains(p)));
+        assert!(ten_min_ago.iter().all(|&p| b.contains(p)));
+        assert!(just_now.iter().all(|&p| a.contains(p)) && future.iter().all(|&p| b.contains(p)));
+        assert_eq!(a.len() + b.len(), 700);
+
+        // Were the newest slot alone over 7/8 of the bound, it would go too: the bound holds.
+        let mut c = IdWindow::default();
+        prints(10_000, 1_001).iter().for_each(|&p| c.insert(p, now));
+        let eviction = budget.enforce(&mut [&mut c], now).expect("over");
+        assert_eq!((eviction.ids, c.len()), (1_001, 0));
+        assert_eq!(eviction.remembered_since, now - 30 + SLOT_SECONDS, "nothing is remembered");
+    }
+
+    /// The deduplicator reports the ids its bound evicted once, and how far back it still
+    /// remembers: growing back to the configured window as time passes; a reset (rebalance)
+    /// forgets the eviction (the rebuild applies the bound again).
+    #[test]
+    fn the_deduplicator_reports_what_its_bound_forgot() {
+        let now = 1_800_000_000 / SLOT_SECONDS * SLOT_SECONDS;
+        let mut dedup = loaded_dedup();
+        dedup.budget = Budget::new(1_000, 24);
+        assert_eq!(dedup.remembered_seconds(now), 24 * 3600);
+        dedup.kept = prints(0, 600).into_iter().map(|p| (0, p, now - 7200)).collect();
+        dedup.record_stored(now);
+        assert_eq!((dedup.take_evicted(), dedup.ids()), (0, 600));
+        // Checked ahead while lent: the lent windows are kept within the bound too.
+        dedup.kept = prints(1_000, 600).into_iter().map(|p| (0, p, now)).collect();
+        let mut lent = dedup.lend();
+        assert!(lent.precheck(&[], &BTreeSet::from([0]), now).is_some());
+        dedup.give_back(lent);
+        assert_eq!((dedup.take_evicted(), dedup.take_evicted(), dedup.ids()), (600, 0, 600));
+        // The two-hour-old slot went: every arrival since the slot after it is remembered.
+        assert_eq!(dedup.remembered_seconds(now), 7200 - SLOT_SECONDS);
+        assert_eq!(dedup.remembered_seconds(now + 3600), 3 * 3600 - SLOT_SECONDS);
+        assert_eq!(dedup.remembered_seconds(now + 30 * 3600), 24 * 3600);
+        dedup.reset();
+        assert_eq!(dedup.remembered_seconds(now), 24 * 3600);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct ConsumerMetrics {
     pub duplicates_dropped: IntCounter,
     pub dedup_ids: IntGauge,
     pub dedup_bytes: IntGauge,
+    pub dedup_window_seconds: IntGauge,
+    pub dedup_evicted: IntCounter,
 }
 
 impl ConsumerMetrics {
@@ -91,10 +93,21 @@ impl ConsumerMetrics {
                 "tally_consumer_dedup_bytes",
                 "heap bytes of the dedup window tables",
             )?,
+            dedup_window_seconds: IntGauge::new(
+                "tally_consumer_dedup_window_seconds",
+                "how far back every event id is remembered: TALLY_DEDUP_WINDOW_HOURS, less once \
+                 TALLY_DEDUP_MAX_IDS made the window forget its oldest ids",
+            )?,
+            dedup_evicted: IntCounter::new(
+                "tally_consumer_dedup_evicted_total",
+                "event ids forgotten before their window ended, to keep within TALLY_DEDUP_MAX_IDS",
+            )?,
         };
         registry.register(Box::new(metrics.duplicates_dropped.clone()))?;
         registry.register(Box::new(metrics.dedup_ids.clone()))?;
         registry.register(Box::new(metrics.dedup_bytes.clone()))?;
+        registry.register(Box::new(metrics.dedup_window_seconds.clone()))?;
+        registry.register(Box::new(metrics.dedup_evicted.clone()))?;
         registry.register(Box::new(metrics.lag.clone()))?;
         registry.register(Box::new(metrics.reconciled_rows_skipped.clone()))?;
         registry.register(Box::new(metrics.rollup_buckets_repaired.clone()))?;

@@ -39,6 +39,8 @@ struct LoopState {
     reconciler: Reconciler,
     dedup: Deduplicator,
     generation_seen: u64,
+    /// When the window's last eviction was logged (at most one warning in ten minutes).
+    evictions_logged: Option<Instant>,
 }
 
 /// A decoded batch, and its dedup check if that was made while the previous batch was inserted.
@@ -61,7 +63,7 @@ fn check_ahead(
     tokio::spawn(async move {
         let batch = decoding.await?;
         tokio::task::spawn_blocking(move || {
-            let prechecked = lent.precheck(&batch, &assigned);
+            let prechecked = lent.precheck(&batch, &assigned, epoch_now());
             (lent, Ready { batch, prechecked })
         })
         .await
@@ -141,7 +143,12 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let mut state = LoopState {
             reconciler: Reconciler::new(self.store.clone()),
-            dedup: Deduplicator::new(self.store.clone(), self.config.dedup_window_hours),
+            dedup: Deduplicator::new(
+                self.store.clone(),
+                self.config.dedup_window_hours,
+                self.config.dedup_max_ids,
+            ),
+            evictions_logged: None,
             generation_seen: u64::MAX,
         };
         let mut ready: Option<Ready> = None;
@@ -254,9 +261,9 @@ impl Worker {
             return Ok(Some(next));
         }
         state.reconciler.record_stored(&batch);
-        state.dedup.record_stored(epoch_now());
-        self.metrics.dedup_ids.set(state.dedup.ids() as i64);
-        self.metrics.dedup_bytes.set(state.dedup.heap_bytes() as i64);
+        let now = epoch_now();
+        state.dedup.record_stored(now);
+        self.report_window(state, now);
         #[cfg(feature = "failpoints")]
         self.config.failpoints.crash_before_commit();
         // A failed commit is safe: the batch is read again and reconciled. (The commit is
@@ -269,6 +276,32 @@ impl Worker {
         Ok(Some(next))
     }
 
+    /// The dedup window's size, and what its bound made it forget.
+    fn report_window(&self, state: &mut LoopState, now: u32) {
+        let dedup = &mut state.dedup;
+        self.metrics.dedup_ids.set(dedup.ids() as i64);
+        self.metrics.dedup_bytes.set(dedup.heap_bytes() as i64);
+        let remembered = dedup.remembered_seconds(now);
+        self.metrics.dedup_window_seconds.set(i64::from(remembered));
+        let evicted = dedup.take_evicted();
+        if evicted == 0 {
+            return;
+        }
+        self.metrics.dedup_evicted.inc_by(evicted as u64);
+        if state.evictions_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(600)) {
+            state.evictions_logged = Some(Instant::now());
+            tracing::warn!(
+                evicted,
+                remembered_seconds = remembered,
+                window_hours = self.config.dedup_window_hours,
+                max_ids = self.config.dedup_max_ids,
+                "the dedup window reached TALLY_DEDUP_MAX_IDS and forgot its oldest event ids: a retry \
+                 arriving more than remembered_seconds after its first copy is stored again; raise \
+                 TALLY_DEDUP_MAX_IDS (about 15 bytes per id), add replicas or shorten TALLY_DEDUP_WINDOW_HOURS"
+            );
+        }
+    }
+
     /// Runs the stages over `batch`: drops what must not be inserted (records of revoked
     /// partitions, rows already stored, event ids seen already). Returns the partitions owned, or
     /// None on shutdown.
@@ -279,7 +312,7 @@ impl Worker {
         state: &mut LoopState,
         shutdown: &CancellationToken,
     ) -> Option<BTreeSet<i32>> {
-        let LoopState { reconciler, dedup, generation_seen } = state;
+        let LoopState { reconciler, dedup, generation_seen, .. } = state;
         let generation = self.consumer.context().generation();
         if generation != *generation_seen {
             reconciler.reset();

@@ -387,6 +387,64 @@ async fn retried_event_ids_are_stored_once_within_the_window_even_after_a_restar
     drop_database(&clickhouse).await;
 }
 
+/// A window bounded by `TALLY_DEDUP_MAX_IDS` forgets its oldest arrivals instead of growing, and
+/// says so: a retry of an event that arrived before what it still remembers is stored again, a
+/// retry of a recent one is dropped. A restarted consumer rebuilds the window within the bound.
+#[tokio::test]
+async fn a_bounded_dedup_window_forgets_its_oldest_ids_first_and_says_so() {
+    let (clickhouse, topic, dlq, group) = fresh_pipeline("dedup_bound", 1).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let three_hours_ago = |n: u32| {
+        let mut event = sample_event("org-x", n % 50);
+        event.received_at_ms = now - 3 * 3600 * 1000;
+        event.timestamp_ms = event.received_at_ms - 1000;
+        event
+    };
+    let old: Vec<Event> = (0..700).map(three_hours_ago).collect();
+    let recent: Vec<Event> = (0..700).map(|n| sample_event("org-x", n % 50)).collect();
+    let bound = [("TALLY_DEDUP_MAX_IDS", "1000")];
+    produce(&topic, "org-x", &record(&old.iter().collect::<Vec<_>>())).await;
+    produce(&topic, "org-x", &record(&recent.iter().collect::<Vec<_>>())).await;
+    let consumer = start_consumer_with(&clickhouse, &topic, &dlq, &group, &bound).await;
+    wait_for_rows(&clickhouse, 1400).await;
+    // Retries, stamped now by the ingest as a client's retry would be.
+    let retry = |event: &Event| {
+        let mut again = event.clone();
+        again.received_at_ms = chrono::Utc::now().timestamp_millis();
+        again
+    };
+    produce(&topic, "org-x", &record(&[&retry(&old[0]), &retry(&recent[0])])).await;
+    wait_for_rows(&clickhouse, 1401).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stored = |event: &Event| {
+        let clickhouse = clickhouse.clone();
+        let condition = format!("event_id = toUUID('{}')", event.event_id);
+        async move { count_where(&clickhouse, &condition).await }
+    };
+    assert_eq!((stored(&old[0]).await, stored(&recent[0]).await), (2, 1));
+    assert_eq!(metric(&consumer.metrics_url, "tally_consumer_dedup_evicted_total").await, 700.0);
+    assert!(metric(&consumer.metrics_url, "tally_consumer_dedup_ids").await <= 1000.0);
+    let remembered = metric(&consumer.metrics_url, "tally_consumer_dedup_window_seconds").await;
+    assert!((3.0 * 3600.0 - 300.0..3.0 * 3600.0).contains(&remembered), "{remembered}");
+    consumer.stop().await;
+
+    // Restarted: the rebuild loads 1 401 ids into a window of 1 000 and keeps the newest.
+    let consumer = start_consumer_with(&clickhouse, &topic, &dlq, &group, &bound).await;
+    produce(&topic, "org-x", &record(&[&retry(&old[1]), &retry(&recent[1]), &retry(&old[0])])).await;
+    wait_for_rows(&clickhouse, 1402).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!((stored(&old[1]).await, stored(&recent[1]).await, stored(&old[0]).await), (2, 1, 2));
+    assert_eq!(raw_totals(&clickhouse).await.rows, 1402);
+    // 699 old ids, and old[0]'s first arrival too when the rebuild streamed it before the bound
+    // was reached and its retry after.
+    let evicted = metric(&consumer.metrics_url, "tally_consumer_dedup_evicted_total").await;
+    assert!((699.0..=700.0).contains(&evicted), "{evicted}");
+    assert!(metric(&consumer.metrics_url, "tally_consumer_dedup_ids").await <= 1000.0);
+    consumer.stop().await;
+    delete_topics(&[&topic, &dlq]).await;
+    drop_database(&clickhouse).await;
+}
+
 /// Under a backlog each batch is checked against the dedup window while the previous one is
 /// inserted. A retry of an id of the batch being inserted is still dropped (confirmed once that
 /// insert is done), and so are repeats inside a batch checked ahead.
