@@ -29,7 +29,7 @@ pub struct ConsumerConfig {
     pub control_interval: Duration,
     /// How long an event id is remembered for duplicate removal, in hours of arrival time.
     pub dedup_window_hours: u16,
-    /// The most event ids a replica's dedup window holds (about 15 bytes each); past it the
+    /// The most event ids a replica's dedup window holds (10 to 21 bytes each); past it the
     /// oldest are forgotten and the window is shorter than `dedup_window_hours`.
     pub dedup_max_ids: usize,
     /// Test-only faults (the `failpoints` feature).
@@ -82,7 +82,7 @@ impl ConsumerConfig {
             return Err(ConfigError::Invalid {
                 key: "TALLY_DEDUP_MAX_IDS".into(),
                 value: config.dedup_max_ids.to_string(),
-                reason: "must be 1000..=2000000000 (event ids the dedup window holds, ~15 bytes each)".into(),
+                reason: "must be 1000..=2000000000 (event ids the dedup window holds, 10-21 bytes each)".into(),
             });
         }
         Ok(config)

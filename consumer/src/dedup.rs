@@ -7,7 +7,7 @@
 //! remembered between `window` and `window + 1` hours) is dropped; the first one stored wins.
 //!
 //! Memory is bounded: the window holds at most `TALLY_DEDUP_MAX_IDS` ids per replica (default
-//! 10 million, about 150 MB). A replica that receives more within the window (10 million ids in
+//! 10 million, at most ~210 MB). A replica that receives more within the window (10 million ids in
 //! 24 h is 116 events/s) forgets its oldest arrivals, two minutes of arrivals at a time, down to
 //! 7/8 of the bound: the window it really remembers is shorter than configured, which the replica
 //! logs and exports (`tally_consumer_dedup_window_seconds`, `tally_consumer_dedup_evicted_total`)

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Headers;
 use rdkafka::Message;
+use tally_schemas::parse::truncate_utf8;
 use tally_schemas::record::{event_count, RecordFormat, HEADER_EVENTS, HEADER_FORMAT};
 use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -108,15 +109,20 @@ fn announced_rows(message: &impl Message) -> Option<usize> {
     headers.iter().find(|header| header.key == HEADER_EVENTS).and_then(|header| event_count(header.value?))
 }
 
+/// How much of an unknown `tally-format` value a dead letter repeats (a header may be far longer).
+const MAX_FORMAT_NAME: usize = 64;
+
 /// The record's format by its `tally-format` header (JSONEachRow without one); Err names a format
-/// this consumer does not read (the record is dead-lettered).
+/// this consumer does not read (the record is dead-lettered), cut to `MAX_FORMAT_NAME` bytes.
 fn record_format(message: &impl Message) -> Result<RecordFormat, String> {
     let value = message
         .headers()
         .and_then(|headers| headers.iter().find(|header| header.key == HEADER_FORMAT))
         .map(|header| header.value.unwrap_or_default());
-    RecordFormat::of_header(value)
-        .ok_or_else(|| String::from_utf8_lossy(value.unwrap_or_default()).into_owned())
+    RecordFormat::of_header(value).ok_or_else(|| {
+        let name = String::from_utf8_lossy(value.unwrap_or_default());
+        truncate_utf8(&name, MAX_FORMAT_NAME).to_owned()
+    })
 }
 
 /// The rows of a record that does not announce its count, for sizing the batch only: the lines of
@@ -297,7 +303,7 @@ impl Worker {
                 max_ids = self.config.dedup_max_ids,
                 "the dedup window reached TALLY_DEDUP_MAX_IDS and forgot its oldest event ids: a retry \
                  arriving more than remembered_seconds after its first copy is stored again; raise \
-                 TALLY_DEDUP_MAX_IDS (about 15 bytes per id), add replicas or shorten TALLY_DEDUP_WINDOW_HOURS"
+                 TALLY_DEDUP_MAX_IDS (10-21 bytes per id), add replicas or shorten TALLY_DEDUP_WINDOW_HOURS"
             );
         }
     }
@@ -528,6 +534,20 @@ mod tests {
         assert_eq!(announced_rows(&record(None)), None);
         let other = OwnedHeaders::new().insert(Header { key: "tally-schema-version", value: Some("1") });
         assert_eq!(announced_rows(&record(Some(other))), None);
+    }
+
+    /// A record's format from its header; an unknown one is named (cut short) for its dead letter.
+    #[test]
+    fn a_record_names_its_format_and_an_unknown_one_is_cut_short() {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let with = |value: &[u8]| Some(OwnedHeaders::new().insert(Header { key: HEADER_FORMAT, value: Some(value) }));
+        assert_eq!(record_format(&record(None)), Ok(RecordFormat::JsonEachRow));
+        assert_eq!(record_format(&record(with(b"RowBinary"))), Ok(RecordFormat::RowBinary));
+        assert_eq!(record_format(&record(with(b"Avro"))), Err("Avro".to_owned()));
+        let long = "é".repeat(5_000);
+        let named = record_format(&record(with(long.as_bytes()))).unwrap_err();
+        assert_eq!(named, "é".repeat(MAX_FORMAT_NAME / 2), "cut at a character boundary");
+        assert_eq!(record_format(&record(with(b"\xffAvro"))), Err("\u{fffd}Avro".to_owned()));
     }
 
     #[test]

@@ -180,29 +180,58 @@ fn uuid_of(bytes: [u8; 16]) -> Uuid {
     Uuid::from_u64_pair(half(&bytes[..8]), half(&bytes[8..]))
 }
 
+/// The rows of a RowBinary record, each checked, with their index; stops after the first bad one.
+pub struct Rows<'a> {
+    reader: Reader<'a>,
+    failed: bool,
+}
+
+impl<'a> Rows<'a> {
+    pub fn new(payload: &'a [u8]) -> Self {
+        Rows { reader: Reader { data: payload, at: 0, row: 0 }, failed: false }
+    }
+
+    /// The bytes of the rows read so far.
+    pub fn bytes_read(&self) -> usize {
+        self.reader.at
+    }
+}
+
+impl<'a> Iterator for Rows<'a> {
+    type Item = Result<(u32, RowRef<'a>), RecordError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.reader.at >= self.reader.data.len() {
+            return None;
+        }
+        let index = self.reader.row;
+        let row = self.reader.row();
+        self.failed = row.is_err();
+        self.reader.row += 1;
+        Some(row.map(|row| (index, row)))
+    }
+}
+
 /// Calls `each` with every row of a RowBinary record and its index. Fails on the first bad row
 /// (`each` has then seen the rows before it) and on an empty record.
 pub fn read_rows<'a>(payload: &'a [u8], mut each: impl FnMut(u32, RowRef<'a>)) -> Result<(), RecordError> {
     if payload.is_empty() {
         return Err(RecordError::Invalid("RowBinary record: no rows".into()));
     }
-    let mut reader = Reader { data: payload, at: 0, row: 0 };
-    while reader.at < payload.len() {
-        let row = reader.row()?;
-        each(reader.row, row);
-        reader.row += 1;
+    for row in Rows::new(payload) {
+        let (index, row) = row?;
+        each(index, row);
     }
     Ok(())
 }
 
 /// The bytes of the first `rows` rows of a RowBinary record (all of it if it holds fewer).
 pub fn prefix_len(payload: &[u8], rows: usize) -> Result<usize, RecordError> {
-    let mut reader = Reader { data: payload, at: 0, row: 0 };
-    while (reader.row as usize) < rows && reader.at < payload.len() {
-        reader.row()?;
-        reader.row += 1;
+    let mut walk = Rows::new(payload);
+    for row in walk.by_ref().take(rows) {
+        row?;
     }
-    Ok(reader.at)
+    Ok(walk.bytes_read())
 }
 
 #[cfg(test)]
