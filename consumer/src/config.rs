@@ -82,7 +82,8 @@ impl ConsumerConfig {
             return Err(ConfigError::Invalid {
                 key: "TALLY_DEDUP_MAX_IDS".into(),
                 value: config.dedup_max_ids.to_string(),
-                reason: "must be 1000..=2000000000 (event ids the dedup window holds, 10-21 bytes each)".into(),
+                reason: "must be 1000..=2000000000 (event ids the dedup window holds, 10-21 bytes each)"
+                    .into(),
             });
         }
         Ok(config)

@@ -540,7 +540,9 @@ mod tests {
     #[test]
     fn a_record_names_its_format_and_an_unknown_one_is_cut_short() {
         use rdkafka::message::{Header, OwnedHeaders};
-        let with = |value: &[u8]| Some(OwnedHeaders::new().insert(Header { key: HEADER_FORMAT, value: Some(value) }));
+        let with = |value: &[u8]| {
+            Some(OwnedHeaders::new().insert(Header { key: HEADER_FORMAT, value: Some(value) }))
+        };
         assert_eq!(record_format(&record(None)), Ok(RecordFormat::JsonEachRow));
         assert_eq!(record_format(&record(with(b"RowBinary"))), Ok(RecordFormat::RowBinary));
         assert_eq!(record_format(&record(with(b"Avro"))), Err("Avro".to_owned()));
