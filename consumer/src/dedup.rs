@@ -16,8 +16,8 @@
 //!
 //! How: the ingest keys every record by org, so all of an org's events are in one partition and
 //! the owner of that partition sees all of them. Per partition the consumer keeps an in-memory
-//! table of 64-bit entries, a 48-bit fingerprint of (org_id, event_id) and the 16-bit hour it
-//! arrived, in an open-addressing table (about 10 to 21 bytes per id). A row whose fingerprint is
+//! table of 64-bit entries, a 48-bit fingerprint of (org_id, event_id) and the 16-bit two-minute
+//! slot it arrived in, in an open-addressing table (about 10 to 21 bytes per id). A row whose fingerprint is
 //! absent is new: the common case costs one hash and one probe, no query. A row whose fingerprint
 //! is present is only a candidate: one query per batch confirms candidates against ClickHouse, so
 //! a fingerprint collision can never drop an event. Rows repeated inside one batch are compared
