@@ -24,7 +24,7 @@
 //! exactly. The table is rebuilt from ClickHouse after every rebalance (a previous owner may have
 //! written), with one query over the assigned partitions and the window.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use foldhash::fast::FixedState;
@@ -213,7 +213,30 @@ impl Budget {
     }
 }
 
-/// Evictions not reported yet, and how far back the window still reaches after them.
+impl Budget {
+    /// For a rebuild: given the ids to load counted by slot (start, epoch seconds) and the ids
+    /// `held` already, the arrival time from which the newest slots fit 7/8 of the bound, with
+    /// the ids left out; None when all of them fit the bound.
+    fn newest_that_fit(&self, slots: &BTreeMap<u32, u64>, held: usize) -> Option<Eviction> {
+        let total = held as u64 + slots.values().sum::<u64>();
+        if total <= self.max_ids as u64 {
+            return None;
+        }
+        let room = (self.max_ids - self.max_ids / 8).saturating_sub(held) as u64;
+        let mut kept = 0u64;
+        let mut remembered_since = slots.keys().next_back().map_or(0, |newest| newest + SLOT_SECONDS);
+        for (&slot, &ids) in slots.iter().rev() {
+            if kept + ids > room {
+                break;
+            }
+            kept += ids;
+            remembered_since = slot;
+        }
+        Some(Eviction { ids: (total - held as u64 - kept) as usize, remembered_since })
+    }
+}
+
+/// Evictions not reported yet, and how far back the window still reaches after them./// Evictions not reported yet, and how far back the window still reaches after them.
 #[derive(Debug, Default)]
 struct Evicted {
     unreported: usize,
@@ -291,23 +314,30 @@ impl Deduplicator {
     }
 
     /// Loads the ids stored within the window for every partition of `partitions` not loaded yet,
-    /// within the bound: when the loaded ids outgrow it the oldest are forgotten and older rows
-    /// still streaming are skipped.
+    /// within the bound. The ids are counted by arrival slot first: when they outnumber what the
+    /// bound leaves, only the newest slots that fit are loaded (a restart after a day at a high
+    /// rate reads what it keeps, not the whole day); should more arrive meanwhile, the oldest loaded
+    /// are forgotten as the rows stream.
     async fn rebuild(&mut self, partitions: &BTreeSet<i32>, now: u32) -> Result<usize, ClickHouseError> {
         let missing: Vec<i32> =
             partitions.iter().copied().filter(|p| !self.partitions.contains_key(p)).collect();
         if missing.is_empty() {
             return Ok(0);
         }
-        let since = self.window_start(now);
+        let mut since = self.window_start(now);
+        let mut held = self.ids();
+        let slots = self.store.ids_by_slot(&missing, since, SLOT_SECONDS).await?;
+        if let Some(eviction) = self.budget.newest_that_fit(&slots, held) {
+            since = eviction.remembered_since;
+            self.evicted.note(Some(eviction));
+        }
         // Filled aside and kept only once the whole query succeeded: a partition whose rebuild
         // failed half-way must not count as loaded (it would let duplicates through), so the
         // retry rebuilds it from scratch.
         let mut rebuilt: HashMap<i32, IdWindow> = missing.iter().map(|p| (*p, IdWindow::default())).collect();
         let mut loaded = 0;
         let Deduplicator { store, budget, partitions: loaded_before, evicted, .. } = self;
-        let mut held = loaded_before.values().map(IdWindow::len).sum::<usize>();
-        let result = store
+        store
             .for_each_id_since(&missing, since, |stored| {
                 if evicted.remembered_since.is_some_and(|floor| stored.received_at < floor) {
                     return;
@@ -323,8 +353,7 @@ impl Deduplicator {
                     held = windows.iter().map(|w| w.len()).sum();
                 }
             })
-            .await;
-        result?;
+            .await?;
         self.partitions.extend(rebuilt);
         Ok(loaded)
     }
@@ -761,6 +790,21 @@ mod tests {
         let eviction = budget.enforce(&mut [&mut c], now).expect("over");
         assert_eq!((eviction.ids, c.len()), (1_001, 0));
         assert_eq!(eviction.remembered_since, now - 30 + SLOT_SECONDS, "nothing is remembered");
+    }
+
+    /// A rebuild counts the window's ids by slot first and loads only the newest slots that fit
+    /// 7/8 of the bound beside the ids already held.
+    #[test]
+    fn a_rebuild_loads_only_the_newest_slots_that_fit() {
+        let budget = Budget::new(1_000, 24);
+        let slots = BTreeMap::from([(3_600, 500), (7_200, 300), (7_320, 200), (7_440, 100)]);
+        assert_eq!(budget.newest_that_fit(&slots, 0), Some(Eviction { ids: 500, remembered_since: 7_200 }));
+        // 475 of the 875 already held: only the two newest slots fit.
+        assert_eq!(budget.newest_that_fit(&slots, 475), Some(Eviction { ids: 800, remembered_since: 7_320 }));
+        assert_eq!(budget.newest_that_fit(&BTreeMap::from([(0, 600), (120, 400)]), 0), None, "1000 fit");
+        // Not even the newest slot fits: nothing is loaded.
+        let one = BTreeMap::from([(240, 1_200)]);
+        assert_eq!(budget.newest_that_fit(&one, 0), Some(Eviction { ids: 1_200, remembered_since: 360 }));
     }
 
     /// The deduplicator reports the ids its bound evicted once, and how far back it still

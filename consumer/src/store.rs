@@ -51,6 +51,12 @@ pub struct StoredId {
 }
 
 #[derive(Row, Deserialize)]
+struct SlotCount {
+    slot: u32,
+    ids: u64,
+}
+
+#[derive(Row, Deserialize)]
 struct FoundId {
     org_id: String,
     #[serde(with = "clickhouse::serde::uuid")]
@@ -541,6 +547,37 @@ impl EventStore {
             .flatten()
             .map(|p| (i64::try_from(p.kafka_offset).unwrap_or(-1), p.kafka_index))
             .collect())
+    }
+
+    /// The ids of `partitions` that arrived from `since` on (epoch seconds), counted by slot of
+    /// `slot_seconds` (the slot's start, epoch seconds), over every shard.
+    pub async fn ids_by_slot(
+        &self,
+        partitions: &[i32],
+        since: u32,
+        slot_seconds: u32,
+    ) -> Result<BTreeMap<u32, u64>, ClickHouseError> {
+        let event_floor = (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0);
+        let sql = format!(
+            "SELECT toUInt32(intDiv(toUInt32(received_at), ?) * ?) AS slot, count() AS ids FROM {} \
+             WHERE timestamp >= toDateTime(?) AND received_at >= toDateTime(?) AND kafka_partition IN ({}) \
+             GROUP BY slot",
+            self.table,
+            ch::placeholders(partitions.len(), "?")
+        );
+        let sql = &sql;
+        let counted = self
+            .on_each_shard(0..self.shards.len(), |_, client| {
+                let query =
+                    client.query(sql).bind(slot_seconds).bind(slot_seconds).bind(event_floor).bind(since);
+                Box::pin(ch::bind_all(query, partitions.iter().copied()).fetch_all::<SlotCount>())
+            })
+            .await?;
+        let mut slots = BTreeMap::new();
+        for count in counted.into_iter().flatten() {
+            *slots.entry(count.slot).or_insert(0) += count.ids;
+        }
+        Ok(slots)
     }
 
     /// Streams every id of `partitions` that arrived from `since` on (epoch seconds) to `each`.

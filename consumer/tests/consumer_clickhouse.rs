@@ -428,18 +428,17 @@ async fn a_bounded_dedup_window_forgets_its_oldest_ids_first_and_says_so() {
     assert!((3.0 * 3600.0 - 300.0..3.0 * 3600.0).contains(&remembered), "{remembered}");
     consumer.stop().await;
 
-    // Restarted: the rebuild loads 1 401 ids into a window of 1 000 and keeps the newest.
+    // Restarted: the rebuild counts 1 401 ids by arrival slot and loads only the newest slot's 701
+    // (recent, and old[0]'s retry): the 700 of three hours ago are not read.
     let consumer = start_consumer_with(&clickhouse, &topic, &dlq, &group, &bound).await;
     produce(&topic, "org-x", &record(&[&retry(&old[1]), &retry(&recent[1]), &retry(&old[0])])).await;
     wait_for_rows(&clickhouse, 1402).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!((stored(&old[1]).await, stored(&recent[1]).await, stored(&old[0]).await), (2, 1, 2));
     assert_eq!(raw_totals(&clickhouse).await.rows, 1402);
-    // 699 old ids, and old[0]'s first arrival too when the rebuild streamed it before the bound
-    // was reached and its retry after.
-    let evicted = metric(&consumer.metrics_url, "tally_consumer_dedup_evicted_total").await;
-    assert!((699.0..=700.0).contains(&evicted), "{evicted}");
-    assert!(metric(&consumer.metrics_url, "tally_consumer_dedup_ids").await <= 1000.0);
+    assert_eq!(metric(&consumer.metrics_url, "tally_consumer_dedup_evicted_total").await, 700.0);
+    // The 701 loaded and old[1]'s retry.
+    assert_eq!(metric(&consumer.metrics_url, "tally_consumer_dedup_ids").await, 702.0);
     consumer.stop().await;
     delete_topics(&[&topic, &dlq]).await;
     drop_database(&clickhouse).await;
