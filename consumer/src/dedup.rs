@@ -247,9 +247,13 @@ struct Evicted {
 impl Evicted {
     fn note(&mut self, eviction: Option<Eviction>) {
         if let Some(eviction) = eviction {
-            self.unreported += eviction.ids;
-            self.remembered_since = self.remembered_since.max(Some(eviction.remembered_since));
+            self.add(Evicted { unreported: eviction.ids, remembered_since: Some(eviction.remembered_since) });
         }
+    }
+
+    fn add(&mut self, other: Evicted) {
+        self.unreported += other.unreported;
+        self.remembered_since = self.remembered_since.max(other.remembered_since);
     }
 }
 
@@ -414,8 +418,7 @@ impl Deduplicator {
 
     pub fn give_back(&mut self, lent: Lent) {
         self.partitions = lent.partitions;
-        self.evicted.unreported += lent.evicted.unreported;
-        self.evicted.remembered_since = self.evicted.remembered_since.max(lent.evicted.remembered_since);
+        self.evicted.add(lent.evicted);
     }
 
     /// Applies a check made ahead, if it still holds: no rebalance since (the windows it saw were

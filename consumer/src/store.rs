@@ -56,6 +56,22 @@ struct SlotCount {
     ids: u64,
 }
 
+/// The earliest event time of an event that arrived from `since` on (epoch seconds): an event's
+/// time is at most MAX_EVENT_AGE before its arrival, so this prunes older months.
+fn event_floor(since: u32) -> i64 {
+    (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0)
+}
+
+/// The condition on `events` of the ids of some partitions (one `?` each, after `event_floor`
+/// and `since`) that arrived from `since` on: the dedup window's rebuild counts and then reads
+/// the same rows.
+fn arrived_since(partitions: usize) -> String {
+    format!(
+        "timestamp >= toDateTime(?) AND received_at >= toDateTime(?) AND kafka_partition IN ({})",
+        ch::placeholders(partitions, "?")
+    )
+}
+
 #[derive(Row, Deserialize)]
 struct FoundId {
     org_id: String,
@@ -557,19 +573,21 @@ impl EventStore {
         since: u32,
         slot_seconds: u32,
     ) -> Result<BTreeMap<u32, u64>, ClickHouseError> {
-        let event_floor = (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0);
         let sql = format!(
             "SELECT toUInt32(intDiv(toUInt32(received_at), ?) * ?) AS slot, count() AS ids FROM {} \
-             WHERE timestamp >= toDateTime(?) AND received_at >= toDateTime(?) AND kafka_partition IN ({}) \
-             GROUP BY slot",
+             WHERE {} GROUP BY slot",
             self.table,
-            ch::placeholders(partitions.len(), "?")
+            arrived_since(partitions.len())
         );
         let sql = &sql;
         let counted = self
             .on_each_shard(0..self.shards.len(), |_, client| {
-                let query =
-                    client.query(sql).bind(slot_seconds).bind(slot_seconds).bind(event_floor).bind(since);
+                let query = client
+                    .query(sql)
+                    .bind(slot_seconds)
+                    .bind(slot_seconds)
+                    .bind(event_floor(since))
+                    .bind(since);
                 Box::pin(ch::bind_all(query, partitions.iter().copied()).fetch_all::<SlotCount>())
             })
             .await?;
@@ -587,18 +605,15 @@ impl EventStore {
         since: u32,
         mut each: impl FnMut(StoredId),
     ) -> Result<(), ClickHouseError> {
-        // An event's time is at most MAX_EVENT_AGE before its arrival: prunes older months.
-        let event_floor = (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0);
         let sql = format!(
-            "SELECT kafka_partition, org_id, event_id, received_at FROM {} \
-             WHERE timestamp >= toDateTime(?) AND received_at >= toDateTime(?) AND kafka_partition IN ({})",
+            "SELECT kafka_partition, org_id, event_id, received_at FROM {} WHERE {}",
             self.table,
-            ch::placeholders(partitions.len(), "?")
+            arrived_since(partitions.len())
         );
         for shard in self.shards.iter() {
             let streamed = async {
                 self.caught_up(shard).await?;
-                let query = shard.client().query(&sql).bind(event_floor).bind(since);
+                let query = shard.client().query(&sql).bind(event_floor(since)).bind(since);
                 let mut cursor = ch::bind_all(query, partitions.iter().copied()).fetch::<StoredId>()?;
                 while let Some(stored) = cursor.next().await? {
                     each(stored);
@@ -622,7 +637,7 @@ impl EventStore {
         let orgs: BTreeSet<&str> = candidates.iter().map(|(org, _)| *org).collect();
         let by_shard = self.orgs_by_shard(orgs).await?;
         let by_shard = &by_shard;
-        let event_floor = (i64::from(since) - MAX_EVENT_AGE_MS / 1000).max(0);
+        let event_floor = event_floor(since);
         let found = self
             .on_each_shard(by_shard.keys().copied(), |index, client| {
                 let orgs = &by_shard[&index];
