@@ -32,6 +32,9 @@ pub struct ConsumerConfig {
     /// The most event ids a replica's dedup window holds (10 to 21 bytes each); past it the
     /// oldest are forgotten and the window is shorter than `dedup_window_hours`.
     pub dedup_max_ids: usize,
+    /// `TALLY_KAFKA_PREFETCH_MIB`: how many MiB of records librdkafka may fetch ahead of the loop
+    /// (`queued.max.messages.kbytes`): the drain's speed under a backlog against the replica's memory.
+    pub prefetch_mib: u32,
     /// Test-only faults (the `failpoints` feature).
     #[cfg(feature = "failpoints")]
     pub failpoints: crate::failpoints::Failpoints,
@@ -52,6 +55,7 @@ impl ConsumerConfig {
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
             dedup_window_hours: env.parse("TALLY_DEDUP_WINDOW_HOURS", 24)?,
             dedup_max_ids: env.parse("TALLY_DEDUP_MAX_IDS", 10_000_000)?,
+            prefetch_mib: env.parse("TALLY_KAFKA_PREFETCH_MIB", 128)?,
             control_topic: env.optional("TALLY_CONTROL_TOPIC"),
             control_interval: env.millis("TALLY_CONTROL_INTERVAL_MS", 5000)?,
             #[cfg(feature = "failpoints")]
@@ -86,6 +90,14 @@ impl ConsumerConfig {
                     .into(),
             });
         }
+        if !(8..=1024).contains(&config.prefetch_mib) {
+            return Err(ConfigError::Invalid {
+                key: "TALLY_KAFKA_PREFETCH_MIB".into(),
+                value: config.prefetch_mib.to_string(),
+                reason: "must be 8..=1024 (MiB of records fetched ahead; one partition's fetch is 8 MiB)"
+                    .into(),
+            });
+        }
         Ok(config)
     }
 }
@@ -113,6 +125,16 @@ mod tests {
         {
             let result = ConsumerConfig::from_env(&Env::from_pairs([("TALLY_DEDUP_MAX_IDS", value)]));
             assert_eq!(result.is_ok(), ok, "TALLY_DEDUP_MAX_IDS={value}");
+        }
+    }
+
+    #[test]
+    fn the_prefetch_is_128_mib_by_default_and_bounded() {
+        let config = ConsumerConfig::from_env(&Env::from_pairs::<&str, &str>([])).expect("valid");
+        assert_eq!(config.prefetch_mib, 128);
+        for (value, ok) in [("8", true), ("1024", true), ("7", false), ("1025", false), ("lots", false)] {
+            let result = ConsumerConfig::from_env(&Env::from_pairs([("TALLY_KAFKA_PREFETCH_MIB", value)]));
+            assert_eq!(result.is_ok(), ok, "TALLY_KAFKA_PREFETCH_MIB={value}");
         }
     }
 }

@@ -56,6 +56,11 @@ impl rdkafka::consumer::ConsumerContext for RebalanceCounter {
 pub type KafkaConsumer = StreamConsumer<RebalanceCounter>;
 
 pub fn consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, KafkaError> {
+    client_config(config).create_with_context(RebalanceCounter::default())
+}
+
+/// The consumer's librdkafka settings.
+fn client_config(config: &ConsumerConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     config.common.kafka_security.apply(&mut client);
     client
@@ -69,17 +74,17 @@ pub fn consumer(config: &ConsumerConfig) -> Result<KafkaConsumer, KafkaError> {
         .set("fetch.max.bytes", "52428800")
         // Prefetch enough to keep the loop fed: a batch of 100 000 rows is about 60 MB of JSON,
         // and with librdkafka's defaults (1 MiB per partition per fetch, a 64 MiB queue) polling
-        // waited on the broker for up to 0.8 s per batch; with these, polling a batch takes ~12 ms
-        // and the drain went from 200 000 to 370 000 rows/s (loadtest/RESULTS.md). Costs up to
-        // 128 MiB of queued records per replica.
+        // waited on the broker for up to 0.8 s per batch; with 8 MiB and the default 128 MiB
+        // queue, polling a batch takes ~12 ms and the drain went from 200 000 to 370 000 rows/s
+        // (loadtest/RESULTS.md). The queue is the replica's memory: TALLY_KAFKA_PREFETCH_MIB.
         .set("max.partition.fetch.bytes", "8388608")
-        .set("queued.max.messages.kbytes", "131072");
+        .set("queued.max.messages.kbytes", (u64::from(config.prefetch_mib) * 1024).to_string());
     // Static membership: a replica restarted with the same id takes its partitions back at once,
     // without a rebalance of the whole group.
     if let Some(instance) = &config.instance_id {
         client.set("group.instance.id", instance);
     }
-    client.create_with_context(RebalanceCounter::default())
+    client
 }
 
 /// Commits one past the last record of each partition of `batch`, asynchronously: the outcome
@@ -239,5 +244,22 @@ impl DeadLetters {
             }
         }
         self.counter.with_label_values(&[reason.code()]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tally_common::config::Env;
+
+    use super::*;
+
+    #[test]
+    fn the_prefetch_setting_sizes_librdkafkas_queue() {
+        let queue = |pairs: &[(&str, &str)]| {
+            let config = ConsumerConfig::from_env(&Env::from_pairs(pairs.iter().copied())).expect("valid");
+            client_config(&config).get("queued.max.messages.kbytes").map(str::to_owned)
+        };
+        assert_eq!(queue(&[]).as_deref(), Some("131072"));
+        assert_eq!(queue(&[("TALLY_KAFKA_PREFETCH_MIB", "32")]).as_deref(), Some("32768"));
     }
 }
