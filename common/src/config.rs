@@ -97,6 +97,29 @@ impl Env {
         }
     }
 
+    /// A number that must lie within `range`; `what` says what it counts, for the error.
+    pub fn parse_within<T>(
+        &self,
+        key: &str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+        what: &str,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + std::fmt::Display,
+        T::Err: std::fmt::Display,
+    {
+        let value = self.parse(key, default)?;
+        if range.contains(&value) {
+            return Ok(value);
+        }
+        Err(ConfigError::Invalid {
+            key: key.to_owned(),
+            value: value.to_string(),
+            reason: format!("must be {}..={} ({what})", range.start(), range.end()),
+        })
+    }
+
     /// A duration given in milliseconds.
     pub fn millis(&self, key: &str, default_ms: u64) -> Result<std::time::Duration, ConfigError> {
         Ok(std::time::Duration::from_millis(self.parse(key, default_ms)?))
@@ -399,5 +422,21 @@ mod tests {
         assert_eq!(with(&[shards]).unwrap().cluster.unwrap().insert_quorum, 1);
         assert!(ChConfig::from_env(&Env::from_pairs([("TALLY_CLICKHOUSE_CLUSTER", "x; DROP")])).is_err());
         let _ = Cluster::parse_shards("http://a:1").unwrap();
+    }
+
+    #[test]
+    fn a_bounded_number_says_its_range_and_what_it_counts() {
+        let read = |pairs: &[(&str, &str)]| {
+            Env::from_pairs(pairs.iter().copied()).parse_within("TALLY_N", 5u32, 1..=10, "things")
+        };
+        assert_eq!(read(&[]).unwrap(), 5);
+        assert_eq!(read(&[("TALLY_N", "10")]).unwrap(), 10);
+        let over = read(&[("TALLY_N", "11")]).unwrap_err().to_string();
+        assert_eq!(over, "TALLY_N=\"11\" is invalid: must be 1..=10 (things)");
+        assert!(read(&[("TALLY_N", "0")]).is_err());
+        assert!(read(&[("TALLY_N", "ten")])
+            .unwrap_err()
+            .to_string()
+            .starts_with("TALLY_N=\"ten\" is invalid"));
     }
 }

@@ -48,54 +48,44 @@ impl ConsumerConfig {
             events_topic: env.string("TALLY_EVENTS_TOPIC", EVENTS_TOPIC),
             dlq_topic: env.string("TALLY_DLQ_TOPIC", DLQ_TOPIC),
             group_id: env.string("TALLY_CONSUMER_GROUP", "tally-consumer"),
-            batch_max_rows: env.parse("TALLY_BATCH_MAX_ROWS", 100_000)?,
+            batch_max_rows: env.parse_within(
+                "TALLY_BATCH_MAX_ROWS",
+                100_000,
+                1..=1_000_000,
+                "rows per insert, so a batch stays one insert block",
+            )?,
             batch_max_wait: env.millis("TALLY_BATCH_MAX_WAIT_MS", 250)?,
             migrate: env.parse("TALLY_MIGRATE", true)?,
             session_timeout: env.millis("TALLY_KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             instance_id: env.optional("TALLY_CONSUMER_INSTANCE_ID"),
-            dedup_window_hours: env.parse("TALLY_DEDUP_WINDOW_HOURS", 24)?,
-            dedup_max_ids: env.parse("TALLY_DEDUP_MAX_IDS", 10_000_000)?,
-            prefetch_mib: env.parse("TALLY_KAFKA_PREFETCH_MIB", 128)?,
+            dedup_window_hours: env.parse_within(
+                "TALLY_DEDUP_WINDOW_HOURS",
+                24,
+                1..=720,
+                "hours of arrival time an event id is remembered",
+            )?,
+            dedup_max_ids: env.parse_within(
+                "TALLY_DEDUP_MAX_IDS",
+                10_000_000,
+                1_000..=2_000_000_000,
+                "event ids the dedup window holds, 10-21 bytes each",
+            )?,
+            prefetch_mib: env.parse_within(
+                "TALLY_KAFKA_PREFETCH_MIB",
+                128,
+                8..=1024,
+                "MiB of records fetched ahead; one partition's fetch is 8 MiB",
+            )?,
             control_topic: env.optional("TALLY_CONTROL_TOPIC"),
             control_interval: env.millis("TALLY_CONTROL_INTERVAL_MS", 5000)?,
             #[cfg(feature = "failpoints")]
             failpoints: crate::failpoints::Failpoints::from_env(env)?,
         };
-        if config.batch_max_rows == 0 || config.batch_max_rows > 1_000_000 {
-            return Err(ConfigError::Invalid {
-                key: "TALLY_BATCH_MAX_ROWS".into(),
-                value: config.batch_max_rows.to_string(),
-                reason: "must be 1..=1000000 so a batch stays one insert block".into(),
-            });
-        }
         if !(100..=30_000).contains(&config.control_interval.as_millis()) {
             return Err(ConfigError::Invalid {
                 key: "TALLY_CONTROL_INTERVAL_MS".into(),
                 value: config.control_interval.as_millis().to_string(),
                 reason: "must be 100..=30000: a revoked key must stop working within seconds".into(),
-            });
-        }
-        if !(1..=720).contains(&config.dedup_window_hours) {
-            return Err(ConfigError::Invalid {
-                key: "TALLY_DEDUP_WINDOW_HOURS".into(),
-                value: config.dedup_window_hours.to_string(),
-                reason: "must be 1..=720 (hours of arrival time an event id is remembered)".into(),
-            });
-        }
-        if !(1_000..=2_000_000_000).contains(&config.dedup_max_ids) {
-            return Err(ConfigError::Invalid {
-                key: "TALLY_DEDUP_MAX_IDS".into(),
-                value: config.dedup_max_ids.to_string(),
-                reason: "must be 1000..=2000000000 (event ids the dedup window holds, 10-21 bytes each)"
-                    .into(),
-            });
-        }
-        if !(8..=1024).contains(&config.prefetch_mib) {
-            return Err(ConfigError::Invalid {
-                key: "TALLY_KAFKA_PREFETCH_MIB".into(),
-                value: config.prefetch_mib.to_string(),
-                reason: "must be 8..=1024 (MiB of records fetched ahead; one partition's fetch is 8 MiB)"
-                    .into(),
             });
         }
         Ok(config)
