@@ -71,7 +71,11 @@ fn client_config(config: &ConsumerConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
-        .set("fetch.max.bytes", "52428800")
+        // One fetch response at most 8 MiB (librdkafka's default is 50 MB): the queue's limit below
+        // is checked before a fetch is sent, so a response lands on top of a full queue, and 50 MB
+        // of lz4 records is several times that once decompressed. At 50 MB a replica draining a
+        // backlog peaked at ~800 MiB, at 8 MiB ~520 MiB, as fast (loadtest/RESULTS.md, session 26).
+        .set("fetch.max.bytes", "8388608")
         // Prefetch enough to keep the loop fed: a batch of 100 000 rows is about 60 MB of JSON,
         // and with librdkafka's defaults (1 MiB per partition per fetch, a 64 MiB queue) polling
         // waited on the broker for up to 0.8 s per batch; with 8 MiB and the default 128 MiB
