@@ -182,6 +182,11 @@ impl Budget {
         Budget { max_ids, window_slots: window_hours.saturating_mul(SLOTS_PER_HOUR) }
     }
 
+    /// What an eviction leaves: 7/8 of the bound.
+    fn target(&self) -> usize {
+        self.max_ids - self.max_ids / 8
+    }
+
     /// When `windows` hold more than the bound: forgets their oldest slots of arrivals until they
     /// hold at most 7/8 of it (so that the pass, which reads every entry twice, is not repeated at
     /// every batch). None while within the bound.
@@ -190,7 +195,7 @@ impl Budget {
         if held <= self.max_ids {
             return None;
         }
-        let target = self.max_ids - self.max_ids / 8;
+        let target = self.target();
         let now_tag = slot_tag(now);
         // Ages 0..=window_slots, then everything older (not expired yet) in the last count.
         let mut counts = vec![0usize; usize::from(self.window_slots) + 2];
@@ -211,9 +216,7 @@ impl Budget {
         let remembered_since = (now / SLOT_SECONDS + 1).saturating_sub(u32::from(max_age)) * SLOT_SECONDS;
         Some(Eviction { ids: held - kept, remembered_since })
     }
-}
 
-impl Budget {
     /// For a rebuild: given the ids to load counted by slot (start, epoch seconds) and the ids
     /// `held` already, the arrival time from which the newest slots fit 7/8 of the bound, with
     /// the ids left out; None when all of them fit the bound.
@@ -222,7 +225,7 @@ impl Budget {
         if total <= self.max_ids as u64 {
             return None;
         }
-        let room = (self.max_ids - self.max_ids / 8).saturating_sub(held) as u64;
+        let room = self.target().saturating_sub(held) as u64;
         let mut kept = 0u64;
         let mut remembered_since = slots.keys().next_back().map_or(0, |newest| newest + SLOT_SECONDS);
         for (&slot, &ids) in slots.iter().rev() {
@@ -236,7 +239,7 @@ impl Budget {
     }
 }
 
-/// Evictions not reported yet, and how far back the window still reaches after them./// Evictions not reported yet, and how far back the window still reaches after them.
+/// Evictions not reported yet, and how far back the window still reaches after them.
 #[derive(Debug, Default)]
 struct Evicted {
     unreported: usize,

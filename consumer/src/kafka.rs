@@ -72,8 +72,9 @@ fn client_config(config: &ConsumerConfig) -> ClientConfig {
         .set("enable.partition.eof", "false")
         .set("session.timeout.ms", config.session_timeout.as_millis().to_string())
         // One fetch response at most 8 MiB (librdkafka's default is 50 MB): the queue's limit below
-        // is checked before a fetch is sent, so a response lands on top of a full queue, and 50 MB
-        // of lz4 records is several times that once decompressed. At 50 MB a replica draining a
+        // is checked before a fetch is sent, so a response can land on top of a full queue, and 50 MB
+        // of lz4 records can be several times that once decompressed (the likely cause, measured
+        // by its effect, not traced in librdkafka). At 50 MB a replica draining a
         // backlog peaked at ~800 MiB, at 8 MiB ~520 MiB, as fast (loadtest/RESULTS.md, session 26).
         .set("fetch.max.bytes", "8388608")
         // Prefetch enough to keep the loop fed: a batch of 100 000 rows is about 60 MB of JSON,
