@@ -35,6 +35,9 @@ pub struct ConsumerConfig {
     /// `TALLY_KAFKA_PREFETCH_MIB`: how many MiB of records librdkafka may fetch ahead of the loop
     /// (`queued.max.messages.kbytes`): the drain's speed under a backlog against the replica's memory.
     pub prefetch_mib: u32,
+    /// `TALLY_RESTART_REREAD_SECONDS`: after ClickHouse restarted, how far before its start every
+    /// assigned partition is read again, to store what the restart lost (`restart`); 0: never.
+    pub restart_reread: Duration,
     /// Test-only faults (the `failpoints` feature).
     #[cfg(feature = "failpoints")]
     pub failpoints: crate::failpoints::Failpoints,
@@ -76,6 +79,12 @@ impl ConsumerConfig {
                 8..=1024,
                 "MiB of records fetched ahead; one partition's fetch is 8 MiB",
             )?,
+            restart_reread: Duration::from_secs(env.parse_within(
+                "TALLY_RESTART_REREAD_SECONDS",
+                120,
+                0..=3600,
+                "seconds before a ClickHouse restart read again (0: never)",
+            )?),
             control_topic: env.optional("TALLY_CONTROL_TOPIC"),
             control_interval: env.millis("TALLY_CONTROL_INTERVAL_MS", 5000)?,
             #[cfg(feature = "failpoints")]
@@ -115,6 +124,17 @@ mod tests {
         {
             let result = ConsumerConfig::from_env(&Env::from_pairs([("TALLY_DEDUP_MAX_IDS", value)]));
             assert_eq!(result.is_ok(), ok, "TALLY_DEDUP_MAX_IDS={value}");
+        }
+    }
+
+    #[test]
+    fn a_clickhouse_restart_rereads_two_minutes_by_default_and_is_bounded() {
+        let config = ConsumerConfig::from_env(&Env::from_pairs::<&str, &str>([])).expect("valid");
+        assert_eq!(config.restart_reread, Duration::from_secs(120));
+        for (value, ok) in [("0", true), ("3600", true), ("3601", false), ("-1", false), ("2m", false)] {
+            let result =
+                ConsumerConfig::from_env(&Env::from_pairs([("TALLY_RESTART_REREAD_SECONDS", value)]));
+            assert_eq!(result.is_ok(), ok, "TALLY_RESTART_REREAD_SECONDS={value}");
         }
     }
 

@@ -109,6 +109,63 @@ pub fn commit(consumer: &KafkaConsumer, topic: &str, batch: &[Pending]) -> Resul
     consumer.commit(&list, CommitMode::Async)
 }
 
+/// A partition moved back for a re-read: from `from` up to `until`, its committed offset (what
+/// was stored before the re-read; records the loop holds past it are new).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewound {
+    pub partition: i32,
+    pub from: i64,
+    pub until: i64,
+}
+
+/// Moves every assigned partition of `topic` back to its first record produced at or after
+/// `since_ms` (epoch milliseconds), where that is before its committed offset (a partition without
+/// one has stored nothing that reconciliation would not find: it is left as it is). Records fetched before the move are not delivered again by the client
+/// (librdkafka drops them at the seek), but the ones the loop already holds are still stored: the
+/// re-read reaches them again and reconciliation skips them. Blocking (broker round trips): call
+/// it on a blocking thread.
+pub fn rewind(consumer: &KafkaConsumer, topic: &str, since_ms: i64) -> Result<Vec<Rewound>, KafkaError> {
+    let timeout = Duration::from_secs(10);
+    let mut wanted = TopicPartitionList::new();
+    for element in consumer.assignment()?.elements_for_topic(topic) {
+        wanted.add_partition_offset(topic, element.partition(), Offset::Offset(since_ms))?;
+    }
+    if wanted.count() == 0 {
+        return Ok(Vec::new());
+    }
+    let targets = consumer.offsets_for_times(wanted, timeout)?;
+    let committed = consumer.committed(timeout)?;
+    let until = |partition: i32| match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    };
+    let mut seek = TopicPartitionList::new();
+    let mut moved = Vec::new();
+    for element in targets.elements() {
+        let (Offset::Offset(from), Some(until)) = (element.offset(), until(element.partition())) else {
+            continue;
+        };
+        if from < until {
+            seek.add_partition_offset(topic, element.partition(), Offset::Offset(from))?;
+            moved.push(Rewound { partition: element.partition(), from, until });
+        }
+    }
+    if moved.is_empty() {
+        return Ok(moved);
+    }
+    let sought = consumer.seek_partitions(seek, timeout)?;
+    let failed: Vec<i32> =
+        sought.elements().iter().filter(|e| e.error().is_err()).map(|e| e.partition()).collect();
+    if !failed.is_empty() {
+        tracing::warn!(
+            ?failed,
+            "these partitions could not be moved back for the re-read; they are not read again"
+        );
+        moved.retain(|r| !failed.contains(&r.partition));
+    }
+    Ok(moved)
+}
+
 /// The partitions this replica owns now (None when the client cannot tell).
 pub fn assigned(consumer: &KafkaConsumer) -> Option<BTreeSet<i32>> {
     let list = consumer.assignment().ok()?;

@@ -15,6 +15,7 @@ pub mod failpoints;
 pub mod kafka;
 pub mod metrics;
 pub mod reconcile;
+pub mod restart;
 pub mod retry;
 pub mod store;
 pub mod views;

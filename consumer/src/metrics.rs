@@ -24,6 +24,8 @@ pub struct ConsumerMetrics {
     pub dedup_bytes: IntGauge,
     pub dedup_window_seconds: IntGauge,
     pub dedup_evicted: IntCounter,
+    pub clickhouse_restarts: IntCounter,
+    pub reread_rows_stored: IntCounter,
 }
 
 impl ConsumerMetrics {
@@ -102,7 +104,17 @@ impl ConsumerMetrics {
                 "tally_consumer_dedup_evicted_total",
                 "event ids forgotten before their window ended, to keep within TALLY_DEDUP_MAX_IDS",
             )?,
+            clickhouse_restarts: IntCounter::new(
+                "tally_consumer_clickhouse_restarts_total",
+                "ClickHouse restarts seen, each followed by a re-read of TALLY_RESTART_REREAD_SECONDS of every assigned partition",
+            )?,
+            reread_rows_stored: IntCounter::new(
+                "tally_consumer_reread_rows_stored_total",
+                "rows the re-read after a ClickHouse restart stored again: confirmed inserts the restart had lost",
+            )?,
         };
+        registry.register(Box::new(metrics.clickhouse_restarts.clone()))?;
+        registry.register(Box::new(metrics.reread_rows_stored.clone()))?;
         registry.register(Box::new(metrics.duplicates_dropped.clone()))?;
         registry.register(Box::new(metrics.dedup_ids.clone()))?;
         registry.register(Box::new(metrics.dedup_bytes.clone()))?;

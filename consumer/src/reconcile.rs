@@ -34,6 +34,9 @@ pub struct Reconciler {
     /// Per partition: the largest offset already stored when the partition was (re)assigned, or
     /// -1 when none was.
     high: HashMap<i32, i64>,
+    /// Per partition being read again after a ClickHouse restart (`restart`): the offset where
+    /// the re-read meets what was read before it. Kept across rebalances.
+    reread: HashMap<i32, i64>,
 }
 
 /// What one reconciliation pass did.
@@ -44,11 +47,22 @@ pub struct Outcome {
     pub duplicate_records: usize,
     /// (partition, offset) of the records that had rows already stored.
     pub stored_records: BTreeSet<(i32, i64)>,
+    /// The (org, hour) buckets of the rows of records read again after a ClickHouse restart that
+    /// it does not hold (lost in the restart, or never stored: a retry's duplicate), settled after
+    /// the insert (`views::settle`).
+    pub reread_hours: BTreeSet<(String, u32)>,
 }
 
 impl Reconciler {
     pub fn new(store: EventStore) -> Self {
-        Reconciler { store, high: HashMap::new() }
+        Reconciler { store, high: HashMap::new(), reread: HashMap::new() }
+    }
+
+    /// `partition` is read again from an earlier offset up to `until` (exclusive): the missing
+    /// rows of those records are reported in `Outcome::reread_hours`.
+    pub fn reread(&mut self, partition: i32, until: i64) {
+        let until = self.reread.get(&partition).map_or(until, |&known| known.max(until));
+        self.reread.insert(partition, until);
     }
 
     /// Forgets what was known: called after every rebalance, as another replica may have written.
@@ -122,6 +136,7 @@ impl Reconciler {
             let stored = self.stored_positions(batch, partition, &suspects).await?;
             found.push(Found { partition, suspects, stored });
         }
+        self.note_reread(batch, &found, &mut outcome);
         for Found { partition, suspects, stored } in found {
             outcome.checked_records += suspects.len();
             for &i in &suspects {
@@ -137,6 +152,33 @@ impl Reconciler {
             }
         }
         Ok(outcome)
+    }
+
+    /// Whether the record at `offset` of `partition` is one a re-read reads again.
+    pub fn rereading(&self, partition: i32, offset: i64) -> bool {
+        self.reread.get(&partition).is_some_and(|&until| offset < until)
+    }
+
+    /// The rows of re-read records that ClickHouse does not hold, by (org, hour).
+    fn note_reread(&self, batch: &[Pending], found: &[Found], outcome: &mut Outcome) {
+        if self.reread.is_empty() {
+            return;
+        }
+        let stored: HashMap<i32, &HashSet<(i64, u32)>> =
+            found.iter().map(|f| (f.partition, &f.stored)).collect();
+        for pending in batch {
+            let Ok(rows) = &pending.decoded else { continue };
+            if !self.rereading(pending.partition, pending.offset) {
+                continue;
+            }
+            let held = stored.get(&pending.partition);
+            for row in rows {
+                if held.is_some_and(|held| held.contains(&(pending.offset, row.kafka_index))) {
+                    continue;
+                }
+                outcome.reread_hours.insert((row.org_id.to_string(), row.timestamp - row.timestamp % 3600));
+            }
+        }
     }
 
     /// The (offset, index) pairs of the `suspects` records that are already stored.

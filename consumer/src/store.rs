@@ -492,6 +492,33 @@ impl EventStore {
         Ok(outcomes.into_iter().fold(views::Repair::default(), |sum, r| sum + r))
     }
 
+    /// When the server started (epoch seconds, `now() - uptime()`), for `restart`; None on a
+    /// cluster, whose replicas fetch a lost part again from each other.
+    pub async fn server_started(&self) -> Result<Option<i64>, ClickHouseError> {
+        if self.cluster {
+            return Ok(None);
+        }
+        let sql = "SELECT toInt64(now()) - toInt64(uptime())";
+        let started = self.shards[0].client().query(sql).fetch_one::<i64>().await?;
+        Ok(Some(started))
+    }
+
+    /// Compares the rollups with `events` in the (org, hour) buckets of `hours` and their days,
+    /// rebuilding those that differ (`views::settle`).
+    pub async fn settle_views(
+        &self,
+        hours: &BTreeSet<(String, u32)>,
+    ) -> Result<views::Repair, ClickHouseError> {
+        if hours.is_empty() {
+            return Ok(views::Repair::default());
+        }
+        let table = &self.table;
+        let outcomes = self
+            .on_each_shard(0..self.shards.len(), |_, client| Box::pin(views::settle(client, table, hours)))
+            .await?;
+        Ok(outcomes.into_iter().fold(views::Repair::default(), |sum, r| sum + r))
+    }
+
     /// The largest offset of `partition` stored with an event time from `since_s` on (epoch
     /// seconds), or None when nothing is.
     pub async fn high_offset(&self, partition: i32, since_s: i64) -> Result<Option<u64>, ClickHouseError> {

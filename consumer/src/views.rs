@@ -27,12 +27,24 @@ use serde::Deserialize;
 use tally_common::ch::{bind_all, placeholders};
 use tally_schemas::migrations::MIGRATIONS;
 
-/// A rollup fed by a view on `events`: its table, the bucket column and how raw rows map to it.
+/// A rollup fed by a view on `events`: its table, the bucket column and how raw rows map to it
+/// (in SQL, and from the start of an hour as `toUInt32` of the bucket gives it).
 struct Rollup {
     table: &'static str,
     view: &'static str,
     column: &'static str,
     raw_bucket: &'static str,
+    bucket_of_hour: fn(u32) -> u32,
+}
+
+/// `toUInt32(toStartOfHour(t))` of an hour's start: itself.
+fn same_hour(hour: u32) -> u32 {
+    hour
+}
+
+/// `toUInt32(toDate(t))` (UTC) of an hour's start: its day number.
+fn day_of_hour(hour: u32) -> u32 {
+    hour / 86_400
 }
 
 const ROLLUPS: [Rollup; 2] = [
@@ -41,8 +53,15 @@ const ROLLUPS: [Rollup; 2] = [
         view: "rollup_hourly_mv",
         column: "hour",
         raw_bucket: "toStartOfHour(timestamp)",
+        bucket_of_hour: same_hour,
     },
-    Rollup { table: "rollup_daily", view: "rollup_daily_mv", column: "day", raw_bucket: "toDate(timestamp)" },
+    Rollup {
+        table: "rollup_daily",
+        view: "rollup_daily_mv",
+        column: "day",
+        raw_bucket: "toDate(timestamp)",
+        bucket_of_hour: day_of_hour,
+    },
 ];
 
 /// What a repair found, summed over the rollups.
@@ -176,6 +195,45 @@ pub async fn repair(
 }
 
 const RUNS_PER_QUERY: usize = 400;
+
+/// After a re-read stored again rows ClickHouse had lost in a restart (`restart`): the rollups
+/// may still count those rows (their parts survived the restart) or not (lost too), and a retry of
+/// one of them stored meanwhile from another record counts as well. So each (org, hour) of
+/// `hours`, and its (org, day), is compared with `events` on every measure, as a whole bucket:
+/// equal is complete, an empty rollup bucket gets the bucket, anything else is rebuilt from
+/// `events`.
+pub async fn settle(
+    client: &clickhouse::Client,
+    events_table: &str,
+    hours: &BTreeSet<(String, u32)>,
+) -> Result<Repair, clickhouse::error::Error> {
+    let mut outcome = Repair::default();
+    let hours: Vec<&(String, u32)> = hours.iter().collect();
+    for chunk in hours.chunks(RUNS_PER_QUERY) {
+        let orgs: BTreeSet<&str> = chunk.iter().map(|(org, _)| org.as_str()).collect();
+        for rollup in &ROLLUPS {
+            let buckets: BTreeSet<(&str, u32)> =
+                chunk.iter().map(|(org, hour)| (org.as_str(), (rollup.bucket_of_hour)(*hour))).collect();
+            let list: Vec<String> =
+                buckets.iter().map(|(org, bucket)| format!("({}, {bucket})", literal(org))).collect();
+            let records = Records {
+                client,
+                events_table,
+                database: events_table.split('.').next().unwrap_or_default(),
+                orgs: orgs.iter().copied().collect(),
+                min_ts: chunk.iter().map(|(_, hour)| *hour).min().unwrap_or(0),
+                ours: format!("((org_id, toUInt32({})) IN ({}))", rollup.raw_bucket, list.join(", ")),
+            };
+            records.repair_rollup(rollup, &mut outcome).await?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// A ClickHouse string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
 
 /// `repair` for the records of `runs`.
 async fn repair_runs(
@@ -474,6 +532,15 @@ mod tests {
             "((kafka_partition = 1 AND kafka_offset BETWEEN 10 AND 12) OR (kafka_partition = 1 AND kafka_offset BETWEEN 14 AND 14) \
              OR (kafka_partition = 2 AND kafka_offset BETWEEN 15 AND 16) OR (kafka_partition = 3 AND kafka_offset BETWEEN 100 AND 5099))"
         );
+    }
+
+    #[test]
+    fn a_bucket_of_an_hour_is_what_clickhouse_gives_for_its_rows() {
+        // 2026-12-03 10:00:00 UTC.
+        let hour = 1_796_292_000;
+        assert_eq!((ROLLUPS[0].bucket_of_hour)(hour), hour);
+        assert_eq!((ROLLUPS[1].bucket_of_hour)(hour), 20_790, "days since 1970-01-01");
+        assert_eq!(literal("o'r\\g"), "'o\\'r\\\\g'");
     }
 
     #[test]

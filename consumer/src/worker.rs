@@ -23,6 +23,7 @@ use crate::error::ConsumerError;
 use crate::kafka::{self, DeadLetterReason, DeadLetters, KafkaConsumer};
 use crate::metrics::ConsumerMetrics;
 use crate::reconcile::Reconciler;
+use crate::restart::RestartWatch;
 use crate::retry::{until_ok, Backoff};
 use crate::store::{is_permanent, ClickHouseError, EventStore};
 use crate::views;
@@ -42,6 +43,14 @@ struct LoopState {
     generation_seen: u64,
     /// When the window's last eviction was logged (at most one warning in ten minutes).
     evictions_logged: Option<Instant>,
+    restarts: RestartWatch,
+}
+
+/// A batch checked by the stages: the partitions owned, and the (org, hour) buckets of the rows of
+/// a re-read that ClickHouse did not hold, to settle after the insert.
+struct Checked {
+    assigned: BTreeSet<i32>,
+    reread_hours: BTreeSet<(String, u32)>,
 }
 
 /// A decoded batch, and its dedup check if that was made while the previous batch was inserted.
@@ -156,6 +165,7 @@ impl Worker {
             ),
             evictions_logged: None,
             generation_seen: u64::MAX,
+            restarts: RestartWatch::new(self.config.restart_reread),
         };
         let mut ready: Option<Ready> = None;
         loop {
@@ -245,13 +255,21 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<Option<Ready>, ConsumerError> {
         let Ready { mut batch, prechecked } = current;
-        let Some(assigned) = self.check(&mut batch, prechecked, state, shutdown).await else {
+        self.watch_restarts(state).await;
+        let Some(Checked { assigned, reread_hours }) =
+            self.check(&mut batch, prechecked, state, shutdown).await
+        else {
             return Ok(None);
         };
         let ahead = next.map(|decoding| check_ahead(decoding, state.dedup.lend(), assigned));
         let stored = batch.is_empty() || self.store_batch(&mut batch, &mut state.reconciler, shutdown).await;
         if !stored {
             tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
+            return Ok(None);
+        }
+        if !reread_hours.is_empty()
+            && !self.settle_reread(&batch, &reread_hours, &state.reconciler, shutdown).await
+        {
             return Ok(None);
         }
         let next = match ahead {
@@ -308,16 +326,101 @@ impl Worker {
         }
     }
 
+    /// Between batches, at most once a second: has ClickHouse restarted? Then every assigned
+    /// partition is read again from `TALLY_RESTART_REREAD_SECONDS` before the server's start
+    /// (`restart`).
+    async fn watch_restarts(&self, state: &mut LoopState) {
+        if !state.restarts.due() {
+            return;
+        }
+        let started = match self.store.server_started().await {
+            Ok(Some(started)) => started,
+            Ok(None) => return state.restarts.turn_off(),
+            Err(_) => return state.restarts.missed(),
+        };
+        let Some(since_ms) = state.restarts.observe(started, chrono::Utc::now().timestamp()) else { return };
+        let (consumer, topic) = (self.consumer.clone(), self.config.events_topic.clone());
+        let rewound = tokio::task::spawn_blocking(move || kafka::rewind(&consumer, &topic, since_ms)).await;
+        let moved = match rewound {
+            Ok(Ok(moved)) => moved,
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(error)) => error.to_string(),
+                    Err(join) => join.to_string(),
+                    Ok(Ok(_)) => unreachable!(),
+                };
+                tracing::warn!(%error, "ClickHouse restarted but the partitions could not be moved back for the re-read; trying again");
+                return state.restarts.failed();
+            }
+        };
+        if moved.is_empty() {
+            tracing::info!(
+                server_started = started,
+                "ClickHouse started recently; nothing committed since then to read again"
+            );
+            return;
+        }
+        self.metrics.clickhouse_restarts.inc();
+        for rewound in &moved {
+            state.reconciler.reread(rewound.partition, rewound.until);
+        }
+        // Reconciliation asks ClickHouse again what it holds: the restart may have lost rows.
+        state.reconciler.reset();
+        let shown: Vec<String> =
+            moved.iter().map(|r| format!("{}:{}..{}", r.partition, r.from, r.until)).collect();
+        tracing::warn!(
+            server_started = started,
+            reread_seconds = self.config.restart_reread.as_secs(),
+            partitions = %shown.join(" "),
+            "ClickHouse (re)started: reading what was stored shortly before its start again, to store any \
+             confirmed insert the restart lost"
+        );
+    }
+
+    /// After the insert of a batch holding rows a re-read found missing: compares their rollup
+    /// buckets with `events` and rebuilds those that differ (`views::settle`). False on shutdown.
+    async fn settle_reread(
+        &self,
+        batch: &[Pending],
+        hours: &BTreeSet<(String, u32)>,
+        reconciler: &Reconciler,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let stored: usize = batch
+            .iter()
+            .filter(|p| reconciler.rereading(p.partition, p.offset))
+            .map(Pending::row_count)
+            .sum();
+        self.metrics.reread_rows_stored.inc_by(stored as u64);
+        let settled = until_ok(
+            &mut Backoff::default(),
+            shutdown,
+            "rollup settle",
+            &mut (&self.store, hours),
+            |(store, hours)| Box::pin(store.settle_views(hours)),
+        )
+        .await;
+        let Some(repair) = settled else { return false };
+        tracing::warn!(
+            rows_stored_again = stored,
+            buckets = hours.len(),
+            ?repair,
+            "re-read after a ClickHouse restart: the rows it had lost stored again, their rollup buckets settled"
+        );
+        self.metrics.rollup_buckets_repaired.inc_by((repair.repaired + repair.rebuilt) as u64);
+        true
+    }
+
     /// Runs the stages over `batch`: drops what must not be inserted (records of revoked
-    /// partitions, rows already stored, event ids seen already). Returns the partitions owned, or
-    /// None on shutdown.
+    /// partitions, rows already stored, event ids seen already). Returns the partitions owned and
+    /// what a re-read found missing, or None on shutdown.
     async fn check(
         &self,
         batch: &mut Vec<Pending>,
         prechecked: Option<Prechecked>,
         state: &mut LoopState,
         shutdown: &CancellationToken,
-    ) -> Option<BTreeSet<i32>> {
+    ) -> Option<Checked> {
         let LoopState { reconciler, dedup, generation_seen, .. } = state;
         let generation = self.consumer.context().generation();
         if generation != *generation_seen {
@@ -336,7 +439,7 @@ impl Worker {
             tracing::info!(records = revoked, "dropped records of revoked partitions before insert");
         }
         if batch.is_empty() {
-            return Some(context.assigned);
+            return Some(Checked { assigned: context.assigned, reread_hours: BTreeSet::new() });
         }
         // Never insert what may already be stored: the stages retry until ClickHouse answers.
         let reconciled = self.run_stage(reconciler, batch, &context, shutdown).await?;
@@ -364,7 +467,7 @@ impl Worker {
             self.metrics.duplicates_dropped.inc_by(removed.duplicates as u64);
             tracing::info!(rows = removed.duplicates, "dropped rows whose event id was already stored");
         }
-        Some(context.assigned)
+        Some(Checked { assigned: context.assigned, reread_hours: reconciled.reread_hours })
     }
 
     /// Runs `stage` over `batch` until its queries succeed; None on shutdown.

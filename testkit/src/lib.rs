@@ -306,6 +306,11 @@ impl ClickHouseServer {
         kill_now(&mut self.child);
     }
 
+    /// The directory of `table`'s parts (while the server is down, a test may damage them).
+    pub fn table_dir(&self, database: &str, table: &str) -> std::path::PathBuf {
+        self.dir.join("data").join("data").join(database).join(table)
+    }
+
     /// Config for a new database on this server, with every migration applied.
     pub async fn migrated_database(&self, prefix: &str) -> ChConfig {
         let config = ChConfig { url: self.url.clone(), ..new_database_config(prefix) };
