@@ -37,6 +37,8 @@ pub struct Reconciler {
     /// Per partition being read again after a ClickHouse restart (`restart`): the offset where
     /// the re-read meets what was read before it. Kept across rebalances.
     reread: HashMap<i32, i64>,
+    /// The re-read partitions whose last re-read record has not come yet.
+    reread_open: HashSet<i32>,
 }
 
 /// What one reconciliation pass did.
@@ -47,15 +49,16 @@ pub struct Outcome {
     pub duplicate_records: usize,
     /// (partition, offset) of the records that had rows already stored.
     pub stored_records: BTreeSet<(i32, i64)>,
-    /// The (org, hour) buckets of the rows of records read again after a ClickHouse restart that
-    /// it does not hold (lost in the restart, or never stored: a retry's duplicate), settled after
-    /// the insert (`views::settle`).
+    /// The (org, hour) buckets of the rows of records read again after a ClickHouse restart: once
+    /// the re-read is over they are compared with `events` (`views::settle`), which finds the rows
+    /// the restart took from `events` and stored again now (still counted by the rollups), and
+    /// those it took from a rollup only.
     pub reread_hours: BTreeSet<(String, u32)>,
 }
 
 impl Reconciler {
     pub fn new(store: EventStore) -> Self {
-        Reconciler { store, high: HashMap::new(), reread: HashMap::new() }
+        Reconciler { store, high: HashMap::new(), reread: HashMap::new(), reread_open: HashSet::new() }
     }
 
     /// `partition` is read again from an earlier offset up to `until` (exclusive): the missing
@@ -63,6 +66,12 @@ impl Reconciler {
     pub fn reread(&mut self, partition: i32, until: i64) {
         let until = self.reread.get(&partition).map_or(until, |&known| known.max(until));
         self.reread.insert(partition, until);
+        self.reread_open.insert(partition);
+    }
+
+    /// Whether a re-read partition has not reached its last re-read record yet.
+    pub fn rereading_any(&self) -> bool {
+        !self.reread_open.is_empty()
     }
 
     /// Forgets what was known: called after every rebalance, as another replica may have written.
@@ -136,7 +145,7 @@ impl Reconciler {
             let stored = self.stored_positions(batch, partition, &suspects).await?;
             found.push(Found { partition, suspects, stored });
         }
-        self.note_reread(batch, &found, &mut outcome);
+        self.note_reread(batch, &mut outcome);
         for Found { partition, suspects, stored } in found {
             outcome.checked_records += suspects.len();
             for &i in &suspects {
@@ -159,23 +168,21 @@ impl Reconciler {
         self.reread.get(&partition).is_some_and(|&until| offset < until)
     }
 
-    /// The rows of re-read records that ClickHouse does not hold, by (org, hour).
-    fn note_reread(&self, batch: &[Pending], found: &[Found], outcome: &mut Outcome) {
+    /// The (org, hour) of every row of the re-read records of `batch`; closes the re-read of a
+    /// partition at its last re-read record.
+    fn note_reread(&mut self, batch: &[Pending], outcome: &mut Outcome) {
         if self.reread.is_empty() {
             return;
         }
-        let stored: HashMap<i32, &HashSet<(i64, u32)>> =
-            found.iter().map(|f| (f.partition, &f.stored)).collect();
         for pending in batch {
-            let Ok(rows) = &pending.decoded else { continue };
-            if !self.rereading(pending.partition, pending.offset) {
+            let Some(&until) = self.reread.get(&pending.partition) else { continue };
+            if pending.offset >= until {
                 continue;
             }
-            let held = stored.get(&pending.partition);
-            for row in rows {
-                if held.is_some_and(|held| held.contains(&(pending.offset, row.kafka_index))) {
-                    continue;
-                }
+            if pending.offset + 1 == until {
+                self.reread_open.remove(&pending.partition);
+            }
+            for row in pending.decoded.iter().flatten() {
                 outcome.reread_hours.insert((row.org_id.to_string(), row.timestamp - row.timestamp % 3600));
             }
         }

@@ -6,7 +6,8 @@
 //! on a full disk — the error is swallowed where the file is closed — and then deletes that part
 //! as broken at its next start. The consumer had committed those records: without more, their rows
 //! are gone from `events` while the rollups, whose parts survived, still count them. `make chaos`
-//! caught it (a full disk, then ClickHouse killed: 155 events answered 202 and not stored).
+//! most likely caught it (a full disk, then ClickHouse killed: 155 events answered 202 missing
+//! from `events`, still counted by the rollups); the mechanism is reproduced by hand on a small tmpfs.
 //!
 //! So the consumer watches when the server started (`now() - uptime()`, checked between batches
 //! at most once a second). When it changed, or when this replica first sees a server that started
@@ -14,8 +15,8 @@
 //! partition is read again from its first record produced `TALLY_RESTART_REREAD_SECONDS` (default
 //! 120) before the server started. The re-read goes through reconciliation like any re-delivery:
 //! rows ClickHouse holds are skipped, the missing ones inserted. The rollups may still count what
-//! was lost (their parts survived) or not (they were lost too), so after the insert every
-//! (org, hour) and (org, day) bucket holding a re-read row that had been missing is compared with
+//! `events` lost (their parts survived), or have lost what `events` kept, so once the re-read is
+//! over every (org, hour) and (org, day) bucket holding a re-read row is compared whole with
 //! `events` and rebuilt where it differs (`views::settle`).
 //!
 //! On a cluster the check is off: a replica that loses a part fetches it again from another

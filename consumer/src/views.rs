@@ -196,12 +196,11 @@ pub async fn repair(
 
 const RUNS_PER_QUERY: usize = 400;
 
-/// After a re-read stored again rows ClickHouse had lost in a restart (`restart`): the rollups
-/// may still count those rows (their parts survived the restart) or not (lost too), and a retry of
-/// one of them stored meanwhile from another record counts as well. So each (org, hour) of
-/// `hours`, and its (org, day), is compared with `events` on every measure, as a whole bucket:
-/// equal is complete, an empty rollup bucket gets the bucket, anything else is rebuilt from
-/// `events`.
+/// After a re-read following a ClickHouse restart (`restart`): the rollups may still count rows
+/// the restart took from `events` (stored again by the re-read, or by a retry meanwhile), or have
+/// lost rows `events` kept. So each (org, hour) of `hours`, and its (org, day), is compared with
+/// `events` on every measure, as a whole bucket: equal is complete, an empty rollup bucket gets the
+/// bucket, anything else is rebuilt from `events`.
 pub async fn settle(
     client: &clickhouse::Client,
     events_table: &str,

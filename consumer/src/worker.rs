@@ -44,10 +44,19 @@ struct LoopState {
     /// When the window's last eviction was logged (at most one warning in ten minutes).
     evictions_logged: Option<Instant>,
     restarts: RestartWatch,
+    /// What a re-read after a ClickHouse restart went through so far: its rows' (org, hour)
+    /// buckets, settled once it is over, and the rows it stored again.
+    reread: Reread,
 }
 
-/// A batch checked by the stages: the partitions owned, and the (org, hour) buckets of the rows of
-/// a re-read that ClickHouse did not hold, to settle after the insert.
+#[derive(Default)]
+struct Reread {
+    hours: BTreeSet<(String, u32)>,
+    stored: usize,
+}
+
+/// A batch checked by the stages: the partitions owned, and the (org, hour) buckets of its rows
+/// that a re-read reads again.
 struct Checked {
     assigned: BTreeSet<i32>,
     reread_hours: BTreeSet<(String, u32)>,
@@ -166,6 +175,7 @@ impl Worker {
             evictions_logged: None,
             generation_seen: u64::MAX,
             restarts: RestartWatch::new(self.config.restart_reread),
+            reread: Reread::default(),
         };
         let mut ready: Option<Ready> = None;
         loop {
@@ -267,9 +277,7 @@ impl Worker {
             tracing::info!("shutdown during insert retries; the uncommitted batch will be read again");
             return Ok(None);
         }
-        if !reread_hours.is_empty()
-            && !self.settle_reread(&batch, &reread_hours, &state.reconciler, shutdown).await
-        {
+        if !self.after_reread(&batch, reread_hours, state, shutdown).await {
             return Ok(None);
         }
         let next = match ahead {
@@ -377,37 +385,48 @@ impl Worker {
         );
     }
 
-    /// After the insert of a batch holding rows a re-read found missing: compares their rollup
-    /// buckets with `events` and rebuilds those that differ (`views::settle`). False on shutdown.
-    async fn settle_reread(
+    /// After the insert of a batch: adds what it re-read to the re-read's account, and once the
+    /// re-read is over (every re-read partition reached its last re-read record, or a batch held
+    /// none) compares the rollup buckets of all the re-read rows with `events` and rebuilds those
+    /// that differ (`views::settle`). False on shutdown.
+    async fn after_reread(
         &self,
         batch: &[Pending],
-        hours: &BTreeSet<(String, u32)>,
-        reconciler: &Reconciler,
+        hours: BTreeSet<(String, u32)>,
+        state: &mut LoopState,
         shutdown: &CancellationToken,
     ) -> bool {
+        let reconciler = &state.reconciler;
         let stored: usize = batch
             .iter()
             .filter(|p| reconciler.rereading(p.partition, p.offset))
             .map(Pending::row_count)
             .sum();
         self.metrics.reread_rows_stored.inc_by(stored as u64);
+        let reread = &mut state.reread;
+        let this_batch_reread = !hours.is_empty();
+        reread.stored += stored;
+        reread.hours.extend(hours);
+        if reread.hours.is_empty() || (this_batch_reread && reconciler.rereading_any()) {
+            return true;
+        }
         let settled = until_ok(
             &mut Backoff::default(),
             shutdown,
             "rollup settle",
-            &mut (&self.store, hours),
+            &mut (&self.store, &reread.hours),
             |(store, hours)| Box::pin(store.settle_views(hours)),
         )
         .await;
         let Some(repair) = settled else { return false };
         tracing::warn!(
-            rows_stored_again = stored,
-            buckets = hours.len(),
+            rows_stored_again = reread.stored,
+            buckets = reread.hours.len(),
             ?repair,
-            "re-read after a ClickHouse restart: the rows it had lost stored again, their rollup buckets settled"
+            "re-read after a ClickHouse restart done: the rows it had lost stored again, the rollup buckets settled"
         );
         self.metrics.rollup_buckets_repaired.inc_by((repair.repaired + repair.rebuilt) as u64);
+        *reread = Reread::default();
         true
     }
 
@@ -450,8 +469,14 @@ impl Worker {
                 skipped_rows = reconciled.skipped_rows,
                 "reconciled rows already stored"
             );
-            // Their insert may have died with ClickHouse between `events` and the views.
-            self.check_views(&reconciled.stored_records, &mut Backoff::default(), shutdown).await?;
+            // Their insert may have died with ClickHouse between `events` and the views. (Not the
+            // records a re-read reads again: their inserts were confirmed, and their buckets are
+            // settled whole once the re-read is over.)
+            let mut stored = reconciled.stored_records;
+            stored.retain(|&(partition, offset)| !reconciler.rereading(partition, offset));
+            if !stored.is_empty() {
+                self.check_views(&stored, &mut Backoff::default(), shutdown).await?;
+            }
         }
         let removed = match prechecked.and_then(|p| dedup.apply_prechecked(batch, p)) {
             Some(removed) => {
