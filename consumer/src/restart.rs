@@ -70,6 +70,12 @@ impl RestartWatch {
         restarted.then(|| (started_s - self.window_s).saturating_mul(1000))
     }
 
+    /// Whether the re-read the last `observe` asked for is for a server this replica had not seen
+    /// before (it may have restarted with it), not for a restart it saw.
+    pub fn first_sight(&self) -> bool {
+        self.before.is_none()
+    }
+
     /// The check could not be made (ClickHouse not answering): tried again a second later.
     pub fn missed(&mut self) {
         self.checked = Some(Instant::now());
@@ -101,6 +107,7 @@ mod tests {
         assert_eq!(watch.observe(1_000_000, 1_003_800), None);
         // Restarted: from 120 s before the new start.
         assert_eq!(watch.observe(1_003_900, 1_003_905), Some((1_003_900 - 120) * 1000));
+        assert!(!watch.first_sight());
         // And only once.
         assert_eq!(watch.observe(1_003_900, 1_003_906), None);
         // Unless its re-read could not start: then it is seen again.
@@ -114,6 +121,7 @@ mod tests {
         // The consumer may have restarted with ClickHouse: what it committed before is unchecked.
         let mut watch = RestartWatch::new(Duration::from_secs(120));
         assert_eq!(watch.observe(5_000, 5_030), Some((5_000 - 120) * 1000));
+        assert!(watch.first_sight());
         assert_eq!(watch.observe(5_000, 5_031), None);
     }
 

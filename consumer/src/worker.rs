@@ -376,12 +376,16 @@ impl Worker {
         state.reconciler.reset();
         let shown: Vec<String> =
             moved.iter().map(|r| format!("{}:{}..{}", r.partition, r.from, r.until)).collect();
+        let why = if state.restarts.first_sight() {
+            "ClickHouse started less than TALLY_RESTART_REREAD_SECONDS before this consumer first saw it"
+        } else {
+            "ClickHouse restarted"
+        };
         tracing::warn!(
             server_started = started,
             reread_seconds = self.config.restart_reread.as_secs(),
             partitions = %shown.join(" "),
-            "ClickHouse (re)started: reading what was stored shortly before its start again, to store any \
-             confirmed insert the restart lost"
+            "{why}: reading what was stored shortly before its start again, to store any confirmed insert the restart lost"
         );
     }
 

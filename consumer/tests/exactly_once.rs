@@ -456,7 +456,7 @@ async fn inserts_clickhouse_lost_in_a_restart_are_stored_again() {
     setup.assert_exactly_once(expected, "parts lost in a restart").await;
     let log = std::fs::read_to_string(std::env::temp_dir().join(format!("{}-0.log", setup.group)))
         .unwrap_or_default();
-    assert!(log.contains("ClickHouse (re)started"), "the restart was seen");
+    assert!(log.contains("ClickHouse restarted: reading"), "the restart was seen");
     assert!(log.contains("re-read after a ClickHouse restart done"), "the re-read stored the lost rows");
     setup.cleanup().await;
     drop(server);
