@@ -535,6 +535,25 @@ class Run:
                     tail = f.readlines()[-15:]
                 log(f"  the last lines of {os.path.relpath(path, ROOT)}:\n    " + "    ".join(tail))
 
+    def restart_losses(self):
+        """What ClickHouse's restarts lost and the consumer's re-reads stored again: the parts 18.16
+        removed as broken at its starts (confirmed while the disk was full), and the consumer's count."""
+        path = os.path.join(DEV, "log", "clickhouse-server.err.log")
+        broken = 0
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                broken = sum("Considering to remove broken part" in line and "/tally/" in line for line in f)
+        stored = "unknown"
+        consumer = getattr(self, "services", {}).get("consumer")
+        try:
+            with urllib.request.urlopen(f"http://{consumer.addr}/metrics", timeout=2) as response:
+                stored = next((line.split()[-1] for line in response.read().decode().splitlines()
+                               if line.startswith("tally_consumer_reread_rows_stored_total")), "0")
+        except (OSError, AttributeError):
+            pass
+        log(f"ClickHouse removed {broken} broken part(s) of tally's tables at its starts; the consumer's re-reads "
+            f"after its restarts stored {stored} row(s) again (since the consumer last started)")
+
     def status(self, ledger):
         with ledger.lock:
             statuses = dict(ledger.statuses)
@@ -562,6 +581,7 @@ class Run:
             if stored >= len(expected):
                 break
             time.sleep(1)
+        self.restart_losses()
         rows = [tuple(line.split("\t")) for line in ch(
             f"SELECT org_id, toString(event_id) FROM {DB}.events WHERE org_id IN ({ours}) FORMAT TabSeparated",
             timeout=300).splitlines() if line]
