@@ -109,8 +109,8 @@ pub fn commit(consumer: &KafkaConsumer, topic: &str, batch: &[Pending]) -> Resul
     consumer.commit(&list, CommitMode::Async)
 }
 
-/// A partition moved back for a re-read: from `from` up to `until`, its committed offset (what
-/// was stored before the re-read; records the loop holds past it are new).
+/// A partition moved back for a re-read: from `from` up to `until`, one past what was stored
+/// before the re-read (records the loop holds past it are new).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewound {
     pub partition: i32,
@@ -119,12 +119,19 @@ pub struct Rewound {
 }
 
 /// Moves every assigned partition of `topic` back to its first record produced at or after
-/// `since_ms` (epoch milliseconds), where that is before its committed offset (a partition without
-/// one has stored nothing that reconciliation would not find: it is left as it is). Records fetched before the move are not delivered again by the client
+/// `since_ms` (epoch milliseconds), where that is before what was stored: its committed offset, or
+/// `confirmed` (one past the last record whose insert the loop saw confirmed, its commit perhaps
+/// still on its way), the later. A partition with neither has stored nothing reconciliation would
+/// not find: it is left as it is. Records fetched before the move are not delivered again by the client
 /// (librdkafka drops them at the seek), but the ones the loop already holds are still stored: the
 /// re-read reaches them again and reconciliation skips them. Blocking (broker round trips): call
 /// it on a blocking thread.
-pub fn rewind(consumer: &KafkaConsumer, topic: &str, since_ms: i64) -> Result<Vec<Rewound>, KafkaError> {
+pub fn rewind(
+    consumer: &KafkaConsumer,
+    topic: &str,
+    since_ms: i64,
+    confirmed: &std::collections::HashMap<i32, i64>,
+) -> Result<Vec<Rewound>, KafkaError> {
     let timeout = Duration::from_secs(10);
     let mut wanted = TopicPartitionList::new();
     for element in consumer.assignment()?.elements_for_topic(topic) {
@@ -135,9 +142,12 @@ pub fn rewind(consumer: &KafkaConsumer, topic: &str, since_ms: i64) -> Result<Ve
     }
     let targets = consumer.offsets_for_times(wanted, timeout)?;
     let committed = consumer.committed(timeout)?;
-    let until = |partition: i32| match committed.find_partition(topic, partition)?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
+    let until = |partition: i32| {
+        let committed = match committed.find_partition(topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(offset)) => Some(offset),
+            _ => None,
+        };
+        committed.max(confirmed.get(&partition).copied())
     };
     let mut seek = TopicPartitionList::new();
     let mut moved = Vec::new();

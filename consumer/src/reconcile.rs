@@ -39,6 +39,9 @@ pub struct Reconciler {
     reread: HashMap<i32, i64>,
     /// The re-read partitions whose last re-read record has not come yet.
     reread_open: HashSet<i32>,
+    /// Per partition: one past the last record whose insert this worker saw confirmed (kept
+    /// across rebalances; its commit may still be on its way).
+    confirmed: HashMap<i32, i64>,
 }
 
 /// What one reconciliation pass did.
@@ -58,7 +61,13 @@ pub struct Outcome {
 
 impl Reconciler {
     pub fn new(store: EventStore) -> Self {
-        Reconciler { store, high: HashMap::new(), reread: HashMap::new(), reread_open: HashSet::new() }
+        Reconciler {
+            store,
+            high: HashMap::new(),
+            reread: HashMap::new(),
+            reread_open: HashSet::new(),
+            confirmed: HashMap::new(),
+        }
     }
 
     /// `partition` is read again from an earlier offset up to `until` (exclusive): the missing
@@ -92,6 +101,20 @@ impl Reconciler {
             let high = self.high.entry(pending.partition).or_insert(-1);
             *high = (*high).max(pending.offset);
         }
+    }
+
+    /// After an insert ClickHouse confirmed (and before its asynchronous commit).
+    pub fn record_confirmed(&mut self, batch: &[Pending]) {
+        self.record_stored(batch);
+        for (partition, next) in crate::batch::next_offsets(batch) {
+            let known = self.confirmed.entry(partition).or_insert(next);
+            *known = (*known).max(next);
+        }
+    }
+
+    /// Per partition, one past the last record whose insert this worker saw confirmed.
+    pub fn confirmed(&self) -> HashMap<i32, i64> {
+        self.confirmed.clone()
     }
 
     /// Removes from `batch` every row ClickHouse already holds, and records delivered twice.

@@ -486,9 +486,17 @@ impl EventStore {
         }
         self.wait_for_inserts(&records.iter().map(|(p, _)| *p).collect()).await?;
         let table = &self.table;
-        let outcomes = self
-            .on_each_shard(0..self.shards.len(), |_, client| Box::pin(views::repair(client, table, records)))
-            .await?;
+        self.repair_on_every_shard(|client| Box::pin(views::repair(client, table, records))).await
+    }
+
+    /// A repair of the views on every shard, summed.
+    async fn repair_on_every_shard<'s>(
+        &'s self,
+        mut repair: impl FnMut(
+            &'s clickhouse::Client,
+        ) -> futures::future::BoxFuture<'s, Result<views::Repair, ClickHouseError>>,
+    ) -> Result<views::Repair, ClickHouseError> {
+        let outcomes = self.on_each_shard(0..self.shards.len(), |_, client| repair(client)).await?;
         Ok(outcomes.into_iter().fold(views::Repair::default(), |sum, r| sum + r))
     }
 
@@ -513,10 +521,7 @@ impl EventStore {
             return Ok(views::Repair::default());
         }
         let table = &self.table;
-        let outcomes = self
-            .on_each_shard(0..self.shards.len(), |_, client| Box::pin(views::settle(client, table, hours)))
-            .await?;
-        Ok(outcomes.into_iter().fold(views::Repair::default(), |sum, r| sum + r))
+        self.repair_on_every_shard(|client| Box::pin(views::settle(client, table, hours))).await
     }
 
     /// The largest offset of `partition` stored with an event time from `since_s` on (epoch

@@ -292,7 +292,7 @@ impl Worker {
         if batch.is_empty() {
             return Ok(Some(next));
         }
-        state.reconciler.record_stored(&batch);
+        state.reconciler.record_confirmed(&batch);
         let now = epoch_now();
         state.dedup.record_stored(now);
         self.report_window(state, now);
@@ -348,7 +348,9 @@ impl Worker {
         };
         let Some(since_ms) = state.restarts.observe(started, chrono::Utc::now().timestamp()) else { return };
         let (consumer, topic) = (self.consumer.clone(), self.config.events_topic.clone());
-        let rewound = tokio::task::spawn_blocking(move || kafka::rewind(&consumer, &topic, since_ms)).await;
+        let confirmed = state.reconciler.confirmed();
+        let rewound =
+            tokio::task::spawn_blocking(move || kafka::rewind(&consumer, &topic, since_ms, &confirmed)).await;
         let moved = match rewound {
             Ok(Ok(moved)) => moved,
             outcome => {

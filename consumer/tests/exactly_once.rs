@@ -158,6 +158,12 @@ impl Setup {
         ConsumerProcess(child)
     }
 
+    /// What consumer `instance` logged.
+    fn consumer_log(&self, instance: &str) -> String {
+        std::fs::read_to_string(std::env::temp_dir().join(format!("{}-{instance}.log", self.group)))
+            .unwrap_or_default()
+    }
+
     /// Each consumer process logs to `$TMPDIR/<group>-<instance>.log`, kept for a failing run.
     fn log_file(&self, instance: &str) -> Stdio {
         let path = std::env::temp_dir().join(format!("{}-{instance}.log", self.group));
@@ -454,8 +460,7 @@ async fn inserts_clickhouse_lost_in_a_restart_are_stored_again() {
     setup.drain(expected).await;
     stop(child);
     setup.assert_exactly_once(expected, "parts lost in a restart").await;
-    let log = std::fs::read_to_string(std::env::temp_dir().join(format!("{}-0.log", setup.group)))
-        .unwrap_or_default();
+    let log = setup.consumer_log("0");
     assert!(log.contains("ClickHouse restarted: reading"), "the restart was seen");
     assert!(log.contains("re-read after a ClickHouse restart done"), "the re-read stored the lost rows");
     setup.cleanup().await;
@@ -472,8 +477,7 @@ async fn inserts_whose_answer_is_lost_are_not_applied_twice() {
     setup.drain(expected).await;
     stop(child);
     setup.assert_exactly_once(expected, "answers lost after applied inserts").await;
-    let log = std::fs::read_to_string(std::env::temp_dir().join(format!("{}-0.log", setup.group)))
-        .unwrap_or_default();
+    let log = setup.consumer_log("0");
     assert!(log.contains("failpoint: reporting an applied insert as failed"), "the failpoint fired");
     assert!(log.contains("rollups checked"), "the rollup check ran");
     assert!(!log.contains("completed rollup buckets"), "the views had run: nothing to complete");
