@@ -86,11 +86,18 @@ async fn acquire_lock(config: &ChConfig) -> Result<(), MigrateError> {
             Err(e) if error_code(&e) == Some(CODE_UNKNOWN_TABLE) => {}
             Err(e) => return Err(e.into()),
         }
-        let age: Option<u32> = client
+        let age: Option<u32> = match client
             .query("SELECT toUInt32(now() - metadata_modification_time) FROM system.tables WHERE database = ? AND name = 'schema_migrations_lock'")
             .bind(db.as_str())
             .fetch_optional()
-            .await?;
+            .await
+        {
+            Ok(age) => age,
+            // 18.16 answers UNKNOWN_TABLE to this read of system.tables when the lock is dropped
+            // while it runs (seen in a fresh-clone CI run): the lock is being released, try again.
+            Err(e) if error_code(&e) == Some(CODE_UNKNOWN_TABLE) => None,
+            Err(e) => return Err(e.into()),
+        };
         if age.is_some_and(|seconds| seconds > STALE_LOCK_AFTER_S) {
             tracing::warn!(database = %db, "breaking a stale migration lock");
             drop_lock(config).await?;
