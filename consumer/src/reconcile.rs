@@ -112,6 +112,12 @@ impl Reconciler {
         }
     }
 
+    /// Whether this worker saw the insert of the record at `offset` of `partition` confirmed
+    /// (it is read again).
+    pub fn confirmed_before(&self, partition: i32, offset: i64) -> bool {
+        self.confirmed.get(&partition).is_some_and(|&next| offset < next)
+    }
+
     /// Per partition, one past the last record whose insert this worker saw confirmed.
     pub fn confirmed(&self) -> HashMap<i32, i64> {
         self.confirmed.clone()

@@ -484,6 +484,17 @@ impl Worker {
                 self.check_views(&stored, &mut Backoff::default(), shutdown).await?;
             }
         }
+        // Records this worker stored before and reads again (a re-read after a ClickHouse restart,
+        // a re-delivery after a rebalance) were deduplicated the first time: rows dropped again
+        // are not new duplicates.
+        let reread_rows = |batch: &[Pending], reconciler: &Reconciler| -> usize {
+            batch
+                .iter()
+                .filter(|p| reconciler.confirmed_before(p.partition, p.offset))
+                .map(Pending::row_count)
+                .sum()
+        };
+        let reread_before = reread_rows(batch, reconciler);
         let removed = match prechecked.and_then(|p| dedup.apply_prechecked(batch, p)) {
             Some(removed) => {
                 self.metrics.batches_prechecked.inc();
@@ -494,9 +505,11 @@ impl Worker {
         if removed.rebuilt > 0 {
             tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
         }
-        if removed.duplicates > 0 {
-            self.metrics.duplicates_dropped.inc_by(removed.duplicates as u64);
-            tracing::info!(rows = removed.duplicates, "dropped rows whose event id was already stored");
+        let dropped_again = reread_before - reread_rows(batch, reconciler);
+        let duplicates = removed.duplicates.saturating_sub(dropped_again);
+        if duplicates > 0 {
+            self.metrics.duplicates_dropped.inc_by(duplicates as u64);
+            tracing::info!(rows = duplicates, "dropped rows whose event id was already stored");
         }
         Some(Checked { assigned: context.assigned, reread_hours: reconciled.reread_hours })
     }
