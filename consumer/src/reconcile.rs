@@ -70,8 +70,8 @@ impl Reconciler {
         }
     }
 
-    /// `partition` is read again from an earlier offset up to `until` (exclusive): the missing
-    /// rows of those records are reported in `Outcome::reread_hours`.
+    /// `partition` is read again from an earlier offset up to `until` (exclusive): the (org, hour)
+    /// of every row of those records is reported in `Outcome::reread_hours`.
     pub fn reread(&mut self, partition: i32, until: i64) {
         let until = self.reread.get(&partition).map_or(until, |&known| known.max(until));
         self.reread.insert(partition, until);

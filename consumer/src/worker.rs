@@ -351,14 +351,10 @@ impl Worker {
         let confirmed = state.reconciler.confirmed();
         let rewound =
             tokio::task::spawn_blocking(move || kafka::rewind(&consumer, &topic, since_ms, &confirmed)).await;
-        let moved = match rewound {
-            Ok(Ok(moved)) => moved,
-            outcome => {
-                let error = match outcome {
-                    Ok(Err(error)) => error.to_string(),
-                    Err(join) => join.to_string(),
-                    Ok(Ok(_)) => unreachable!(),
-                };
+        let moved = match rewound.map_err(|join| join.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            Ok(moved) => moved,
+            Err(error) => {
                 tracing::warn!(%error, "ClickHouse restarted but the partitions could not be moved back for the re-read; trying again");
                 return state.restarts.failed();
             }
@@ -487,14 +483,14 @@ impl Worker {
         // Records this worker stored before and reads again (a re-read after a ClickHouse restart,
         // a re-delivery after a rebalance) were deduplicated the first time: rows dropped again
         // are not new duplicates.
-        let reread_rows = |batch: &[Pending], reconciler: &Reconciler| -> usize {
+        let seen_rows = |batch: &[Pending], reconciler: &Reconciler| -> usize {
             batch
                 .iter()
                 .filter(|p| reconciler.confirmed_before(p.partition, p.offset))
                 .map(Pending::row_count)
                 .sum()
         };
-        let reread_before = reread_rows(batch, reconciler);
+        let seen_before = seen_rows(batch, reconciler);
         let removed = match prechecked.and_then(|p| dedup.apply_prechecked(batch, p)) {
             Some(removed) => {
                 self.metrics.batches_prechecked.inc();
@@ -505,7 +501,7 @@ impl Worker {
         if removed.rebuilt > 0 {
             tracing::info!(ids = removed.rebuilt, "dedup window rebuilt from clickhouse");
         }
-        let dropped_again = reread_before - reread_rows(batch, reconciler);
+        let dropped_again = seen_before - seen_rows(batch, reconciler);
         let duplicates = removed.duplicates.saturating_sub(dropped_again);
         if duplicates > 0 {
             self.metrics.duplicates_dropped.inc_by(duplicates as u64);
